@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 machine (root), idempotently:
+#   - Debian packages: libgloo-dev (c10d Gloo headers), openssh-server + iproute2 (multi-host rig),
+#     pdsh (benchmark baseline), ffmpeg (video decoding), pkg-config/libssl-dev (ssh2 build)
+#   - a project-local venv in .venv with torch==2.11.0 (the libtorch tch 0.24 links against)
+# Each part is skipped when already present, so a warm run takes about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PKGS=(libgloo-dev openssh-server openssh-client iproute2 pdsh ffmpeg pkg-config libssl-dev cmake)
+TORCH_VERSION=2.11.0
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: need root to install Debian packages: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION into .venv (about 4.6 GB)"
+  .venv/bin/pip install -q "torch==$TORCH_VERSION"
+fi
+echo "setup: ok"

@@ -1,0 +1,1 @@
+//! Cluster YAML (being written).

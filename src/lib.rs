@@ -1,0 +1,7 @@
+//! `launch`: plans, checks and runs multi-node InternVL3 fine-tunes.
+//!
+//! One module per stage of the flow: cluster spec → recipe → plan (pure) → checks →
+//! render (pure) → execute → events → report/logs.
+
+pub mod cluster;
+pub mod hostlist;
