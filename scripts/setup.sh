@@ -34,4 +34,12 @@ if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.spli
   echo "setup: installing torch==$TORCH_VERSION into .venv (about 4.6 GB)"
   .venv/bin/pip install -q "torch==$TORCH_VERSION"
 fi
+# The CUDA headers that ProcessGroupNCCL.hpp includes (crt/, nv/target) are not in the
+# runtime wheel torch pulls in; these two header-only wheels complete them, so the engine
+# compiles its NCCL path here and runs it on the GPU machine. Pinned to torch's CUDA 13.0.
+if [ ! -e .venv/lib/python*/site-packages/nvidia/cu13/include/nv/target ] \
+   || [ ! -e .venv/lib/python*/site-packages/nvidia/cu13/include/crt/host_config.h ]; then
+  echo "setup: installing CUDA 13.0 header wheels (cccl, crt) into .venv"
+  .venv/bin/pip install -q "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*"
+fi
 echo "setup: ok"

@@ -1,1 +1,26 @@
+//! mm-spec: the facts the launcher, the converter and the engine must agree on.
+//!
+//! Everything here is pure data and pure functions (no I/O, no processes, no tensors), so a
+//! login node without libtorch can plan a run with exactly the numbers the engine will use.
+//!
+//! - [`presets`]: InternVL3 architecture presets (HF `config.json` field names) and their
+//!   exact parameter counts.
+//! - [`layout`]: the one rank layout (Megatron order tp-cp-dp-pp), process groups, placement
+//!   over nodes, pipeline layer split, tensor-parallel partitions, model-vs-layout checks.
+//! - [`progress`]: the machine-readable progress line the engine prints and the launcher parses.
+//! - [`error`]: [`SpecError`], the error of the non-layout parts.
+//!
+//! The MM checkpoint format (names, manifest) will live in a `checkpoint` module next to these.
 
+pub mod error;
+pub mod layout;
+pub mod presets;
+pub mod progress;
+
+pub use error::SpecError;
+pub use layout::{
+    attention_partition, layer_owner, split_layers, stages_of, tp_partition, validate_model_layout, AttentionShard,
+    GroupKind, LayerOwner, LayoutError, LayoutOptions, ParallelDims, Placement, RankCoord, RankPlace, StageLayers,
+};
+pub use presets::{preset, LlmConfig, ModelPreset, NormType, ParamCounts, VisionConfig, PRESET_NAMES};
+pub use progress::{Progress, ProgressEvent, PROGRESS_PREFIX};

@@ -1,0 +1,32 @@
+# One entry point for everything: `make demo` runs the main job on the embedded default
+# cluster, `make test` runs every check CI runs. Both install what is missing first.
+SHELL := /bin/bash
+ROOT := $(abspath .)
+VENV := $(ROOT)/.venv
+# torch-sys finds libtorch through the venv's python (tch =0.24.0 <-> torch 2.11.0).
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: setup build demo test fmt lint unit clean-rig
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	cargo build --release --workspace
+
+demo: build
+	./target/release/launch --cluster clusters/local.yaml finetune tiny
+
+fmt:
+	cargo fmt --all --check
+
+lint: setup
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: setup
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo test --workspace --no-fail-fast

@@ -1,0 +1,279 @@
+//! Safe Rust over the c10d shim (csrc/c10d_shim.cpp): libtorch's own TCPStore,
+//! PrefixStore, ProcessGroupGloo and ProcessGroupNCCL, the same objects torch.distributed
+//! uses. Every failure becomes a [`DistError`] naming the rank and the operation.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::time::Duration;
+
+use tch::Tensor;
+
+#[repr(C)]
+struct RawStore {
+    _private: [u8; 0],
+}
+#[repr(C)]
+struct RawPg {
+    _private: [u8; 0],
+}
+type RawTensor = *mut torch_sys::C_tensor;
+
+extern "C" {
+    fn mm_c10d_free_str(s: *mut c_char);
+    fn mm_c10d_free_bytes(b: *mut u8);
+    fn mm_c10d_has_nccl() -> c_int;
+    fn mm_torch_version(major: *mut c_int, minor: *mut c_int, patch: *mut c_int);
+    fn mm_store_tcp(
+        host: *const c_char,
+        port: u16,
+        world: c_int,
+        is_server: c_int,
+        timeout_ms: i64,
+        out: *mut *mut RawStore,
+    ) -> *mut c_char;
+    fn mm_store_prefix(base: *mut RawStore, prefix: *const c_char, out: *mut *mut RawStore) -> *mut c_char;
+    fn mm_store_set(s: *mut RawStore, key: *const c_char, data: *const u8, len: usize) -> *mut c_char;
+    fn mm_store_get(s: *mut RawStore, key: *const c_char, data: *mut *mut u8, len: *mut usize) -> *mut c_char;
+    fn mm_store_free(s: *mut RawStore);
+    fn mm_pg_gloo(
+        s: *mut RawStore,
+        rank: c_int,
+        size: c_int,
+        hostname: *const c_char,
+        timeout_ms: i64,
+        out: *mut *mut RawPg,
+    ) -> *mut c_char;
+    fn mm_pg_nccl(s: *mut RawStore, rank: c_int, size: c_int, timeout_ms: i64, out: *mut *mut RawPg) -> *mut c_char;
+    fn mm_pg_free(pg: *mut RawPg);
+    fn mm_pg_allreduce(pg: *mut RawPg, t: RawTensor, op: c_int) -> *mut c_char;
+    fn mm_pg_broadcast(pg: *mut RawPg, t: RawTensor, root: c_int) -> *mut c_char;
+    fn mm_pg_allgather(pg: *mut RawPg, out: RawTensor, input: RawTensor) -> *mut c_char;
+    fn mm_pg_reduce_scatter(pg: *mut RawPg, out: RawTensor, input: RawTensor, op: c_int) -> *mut c_char;
+    fn mm_pg_send(pg: *mut RawPg, t: RawTensor, dst: c_int, tag: c_int) -> *mut c_char;
+    fn mm_pg_recv(pg: *mut RawPg, t: RawTensor, src: c_int, tag: c_int) -> *mut c_char;
+    fn mm_pg_barrier(pg: *mut RawPg) -> *mut c_char;
+}
+
+/// A c10d failure: which rank, which operation, what libtorch said.
+#[derive(Debug, thiserror::Error)]
+#[error("rank {rank}: {op}: {message}")]
+pub struct DistError {
+    pub rank: usize,
+    pub op: String,
+    pub message: String,
+}
+
+/// Turns the shim's "NULL or malloc'd message" convention into a Result.
+fn check(err: *mut c_char, rank: usize, op: impl Into<String>) -> Result<(), DistError> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: the shim returns either NULL or a NUL-terminated malloc'd string it owns no more.
+    let message = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { mm_c10d_free_str(err) };
+    Err(DistError { rank, op: op.into(), message })
+}
+
+fn cstring(s: &str, rank: usize, op: &str) -> Result<CString, DistError> {
+    CString::new(s).map_err(|_| DistError { rank, op: op.into(), message: format!("{s:?} contains a NUL byte") })
+}
+
+/// The libtorch version this engine was compiled against, e.g. "2.11.0".
+pub fn torch_version() -> String {
+    let (mut a, mut b, mut c) = (0, 0, 0);
+    unsafe { mm_torch_version(&mut a, &mut b, &mut c) };
+    format!("{a}.{b}.{c}")
+}
+
+/// Whether this build carries ProcessGroupNCCL.
+pub fn has_nccl() -> bool {
+    unsafe { mm_c10d_has_nccl() != 0 }
+}
+
+/// A key-value store shared by all ranks (rank 0 serves it), used for rendezvous.
+pub struct Store {
+    raw: *mut RawStore,
+    rank: usize,
+}
+
+// SAFETY: c10d stores are internally synchronised; the handle is only an owning pointer.
+unsafe impl Send for Store {}
+unsafe impl Sync for Store {}
+
+impl Store {
+    /// Connects to (rank 0: serves) the TCPStore at `host:port`, waiting up to `timeout`
+    /// for all `world` ranks.
+    pub fn tcp(host: &str, port: u16, rank: usize, world: usize, timeout: Duration) -> Result<Store, DistError> {
+        let op = format!("rendezvous with TCPStore at {host}:{port}");
+        let chost = cstring(host, rank, &op)?;
+        let mut raw = std::ptr::null_mut();
+        let err = unsafe {
+            mm_store_tcp(
+                chost.as_ptr(),
+                port,
+                world as c_int,
+                (rank == 0) as c_int,
+                timeout.as_millis() as i64,
+                &mut raw,
+            )
+        };
+        check(err, rank, op)?;
+        Ok(Store { raw, rank })
+    }
+
+    /// A view of this store whose keys all start with `prefix` (one per subgroup).
+    pub fn prefixed(&self, prefix: &str) -> Result<Store, DistError> {
+        let c = cstring(prefix, self.rank, "prefix store")?;
+        let mut raw = std::ptr::null_mut();
+        check(unsafe { mm_store_prefix(self.raw, c.as_ptr(), &mut raw) }, self.rank, "prefix store")?;
+        Ok(Store { raw, rank: self.rank })
+    }
+
+    pub fn set(&self, key: &str, value: &[u8]) -> Result<(), DistError> {
+        let op = format!("store set {key}");
+        let c = cstring(key, self.rank, &op)?;
+        check(unsafe { mm_store_set(self.raw, c.as_ptr(), value.as_ptr(), value.len()) }, self.rank, op)
+    }
+
+    /// Waits (up to the store timeout) for `key` and returns its value.
+    pub fn get(&self, key: &str) -> Result<Vec<u8>, DistError> {
+        let op = format!("store get {key}");
+        let c = cstring(key, self.rank, &op)?;
+        let mut data = std::ptr::null_mut();
+        let mut len = 0usize;
+        check(unsafe { mm_store_get(self.raw, c.as_ptr(), &mut data, &mut len) }, self.rank, op)?;
+        // SAFETY: on success the shim malloc'd `len` bytes at `data`.
+        let out = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
+        unsafe { mm_c10d_free_bytes(data) };
+        Ok(out)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        unsafe { mm_store_free(self.raw) }
+    }
+}
+
+/// The backend a process group runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Gloo,
+    Nccl,
+}
+
+impl Backend {
+    /// NCCL for CUDA tensors, Gloo otherwise (as torch.distributed's default pairing).
+    pub fn for_device(device: tch::Device) -> Backend {
+        if device.is_cuda() {
+            Backend::Nccl
+        } else {
+            Backend::Gloo
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum ReduceOp {
+    Sum = 0,
+    Max = 1,
+    Min = 2,
+    Product = 3,
+}
+
+/// A process group over `size` ranks; `rank` is this process's index inside the group.
+pub struct ProcessGroup {
+    raw: *mut RawPg,
+    /// Rank inside this group.
+    pub rank: usize,
+    pub size: usize,
+    /// Global rank, for error messages.
+    global_rank: usize,
+    pub backend: Backend,
+}
+
+// SAFETY: a c10d Backend may be used from any thread; we never share it concurrently
+// without &mut (all collective methods take &self but c10d serialises internally).
+unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
+
+impl ProcessGroup {
+    /// Creates a group of `size` ranks on `store`. For Gloo, `bind_host` is the address
+    /// this rank listens on (the one other ranks reach it at).
+    pub fn new(
+        store: &Store,
+        backend: Backend,
+        rank: usize,
+        size: usize,
+        bind_host: Option<&str>,
+        timeout: Duration,
+    ) -> Result<ProcessGroup, DistError> {
+        let global_rank = store.rank;
+        let mut raw = std::ptr::null_mut();
+        let ms = timeout.as_millis() as i64;
+        match backend {
+            Backend::Gloo => {
+                let op = "create Gloo process group";
+                let host = cstring(bind_host.unwrap_or(""), global_rank, op)?;
+                let err = unsafe { mm_pg_gloo(store.raw, rank as c_int, size as c_int, host.as_ptr(), ms, &mut raw) };
+                check(err, global_rank, op)?;
+            }
+            Backend::Nccl => {
+                let err = unsafe { mm_pg_nccl(store.raw, rank as c_int, size as c_int, ms, &mut raw) };
+                check(err, global_rank, "create NCCL process group")?;
+            }
+        }
+        Ok(ProcessGroup { raw, rank, size, global_rank, backend })
+    }
+
+    /// The at::Tensor behind a tch tensor. Collectives write into the tensor's storage,
+    /// never into the handle itself, so a shared borrow of an input is enough; outputs
+    /// are taken as `&mut` at the API for honesty.
+    fn ptr(t: &Tensor) -> RawTensor {
+        t.as_ptr() as RawTensor
+    }
+
+    pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), DistError> {
+        check(unsafe { mm_pg_allreduce(self.raw, Self::ptr(t), op as c_int) }, self.global_rank, "all_reduce")
+    }
+
+    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {
+        check(unsafe { mm_pg_broadcast(self.raw, Self::ptr(t), root as c_int) }, self.global_rank, "broadcast")
+    }
+
+    /// `out` holds `size` × `input.numel()` elements, group rank r's input at slice r.
+    pub fn all_gather(&self, out: &mut Tensor, input: &Tensor) -> Result<(), DistError> {
+        check(unsafe { mm_pg_allgather(self.raw, Self::ptr(out), Self::ptr(input)) }, self.global_rank, "all_gather")
+    }
+
+    /// `input` holds `size` × `out.numel()` elements; group rank r receives the reduction of slice r.
+    pub fn reduce_scatter(&self, out: &mut Tensor, input: &Tensor, op: ReduceOp) -> Result<(), DistError> {
+        let err = unsafe { mm_pg_reduce_scatter(self.raw, Self::ptr(out), Self::ptr(input), op as c_int) };
+        check(err, self.global_rank, "reduce_scatter")
+    }
+
+    pub fn send(&self, t: &Tensor, dst: usize, tag: i32) -> Result<(), DistError> {
+        check(
+            unsafe { mm_pg_send(self.raw, Self::ptr(t), dst as c_int, tag) },
+            self.global_rank,
+            format!("send to {dst}"),
+        )
+    }
+
+    pub fn recv(&self, t: &mut Tensor, src: usize, tag: i32) -> Result<(), DistError> {
+        check(
+            unsafe { mm_pg_recv(self.raw, Self::ptr(t), src as c_int, tag) },
+            self.global_rank,
+            format!("recv from {src}"),
+        )
+    }
+
+    pub fn barrier(&self) -> Result<(), DistError> {
+        check(unsafe { mm_pg_barrier(self.raw) }, self.global_rank, "barrier")
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        unsafe { mm_pg_free(self.raw) }
+    }
+}

@@ -1,0 +1,6 @@
+//! Distribution: libtorch's c10d process groups (Gloo on CPU, NCCL on CUDA) and the
+//! rendezvous that builds them from the launcher's environment.
+
+pub mod c10d;
+pub mod env;
+pub mod selftest;

@@ -1,0 +1,127 @@
+//! `mm-engine collective-check`: proves that every rank can rendezvous and that each
+//! collective the trainer uses returns the right numbers, then measures all-reduce
+//! bandwidth. The same role nccl-tests plays, on the exact c10d objects the trainer uses.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::c10d::{Backend, DistError, ProcessGroup, ReduceOp, Store};
+use super::env::DistEnv;
+
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub rank: usize,
+    pub world_size: usize,
+    pub backend: String,
+    pub device: String,
+    pub checks: Vec<String>,
+    pub allreduce_bytes: usize,
+    pub allreduce_ms: f64,
+    /// Bus bandwidth as nccl-tests defines it: bytes · 2(n−1)/n / time.
+    pub allreduce_busbw_gbps: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Dist(#[from] DistError),
+    #[error("rank {rank}: {op} returned {got:?}, expected {want:?}")]
+    Mismatch { rank: usize, op: &'static str, got: Vec<f64>, want: Vec<f64> },
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    let t = t.to_device(Device::Cpu).to_kind(Kind::Double).flatten(0, -1);
+    Vec::<f64>::try_from(&t).unwrap_or_default()
+}
+
+fn expect(rank: usize, op: &'static str, t: &Tensor, want: Vec<f64>) -> Result<(), CheckError> {
+    let got = values(t);
+    if got == want {
+        Ok(())
+    } else {
+        Err(CheckError::Mismatch { rank, op, got, want })
+    }
+}
+
+pub fn run(env: &DistEnv, device: Device, bytes: usize) -> Result<CheckReport, CheckError> {
+    let (r, w) = (env.rank, env.world_size);
+    let store = Store::tcp(&env.master_addr, env.master_port, r, w, env.timeout)?;
+    let backend = Backend::for_device(device);
+    let pg = ProcessGroup::new(&store, backend, r, w, env.gloo_bind_addr().as_deref(), env.timeout)?;
+    let opts = (Kind::Float, device);
+    let mut checks = Vec::new();
+
+    let mut t = Tensor::full([4], (r + 1) as f64, opts);
+    pg.all_reduce(&mut t, ReduceOp::Sum)?;
+    expect(r, "all_reduce(sum)", &t, vec![(w * (w + 1) / 2) as f64; 4])?;
+    checks.push("all_reduce(sum)".to_string());
+
+    let mut t = Tensor::full([3], r as f64, opts);
+    pg.all_reduce(&mut t, ReduceOp::Max)?;
+    expect(r, "all_reduce(max)", &t, vec![(w - 1) as f64; 3])?;
+    checks.push("all_reduce(max)".to_string());
+
+    let mut t =
+        if r == 0 { Tensor::from_slice(&[7.0f32, 8.0, 9.0]).to_device(device) } else { Tensor::zeros([3], opts) };
+    pg.broadcast(&mut t, 0)?;
+    expect(r, "broadcast", &t, vec![7.0, 8.0, 9.0])?;
+    checks.push("broadcast".to_string());
+
+    let input = Tensor::full([2], r as f64, opts);
+    let mut out = Tensor::zeros([2 * w as i64], opts);
+    pg.all_gather(&mut out, &input)?;
+    expect(r, "all_gather", &out, (0..w).flat_map(|i| [i as f64, i as f64]).collect())?;
+    checks.push("all_gather".to_string());
+
+    // Slot j of rank q's input holds q + j; rank r receives Σ_q (q + 2r + k) for k in 0..2.
+    let input = Tensor::arange((2 * w) as i64, opts) + r as f64;
+    let mut out = Tensor::zeros([2], opts);
+    pg.reduce_scatter(&mut out, &input, ReduceOp::Sum)?;
+    let base = (w * (w - 1) / 2) as f64;
+    expect(r, "reduce_scatter", &out, (0..2).map(|k| base + (w * (2 * r + k)) as f64).collect())?;
+    checks.push("reduce_scatter".to_string());
+
+    if w >= 2 && r < 2 {
+        // A round trip between ranks 0 and 1: 0 sends, 1 answers with the value doubled.
+        if r == 0 {
+            pg.send(&Tensor::from_slice(&[1.5f32, -2.0]).to_device(device), 1, 0)?;
+            let mut back = Tensor::zeros([2], opts);
+            pg.recv(&mut back, 1, 1)?;
+            expect(r, "send/recv", &back, vec![3.0, -4.0])?;
+        } else {
+            let mut got = Tensor::zeros([2], opts);
+            pg.recv(&mut got, 0, 0)?;
+            pg.send(&(&got * 2.0), 0, 1)?;
+        }
+        checks.push("send/recv".to_string());
+    }
+
+    pg.barrier()?;
+    checks.push("barrier".to_string());
+
+    let n = (bytes / 4).max(1) as i64;
+    let mut big = Tensor::ones([n], opts);
+    pg.all_reduce(&mut big, ReduceOp::Sum)?; // warm-up (connection setup, allocation)
+    let iters = 5;
+    let start = Instant::now();
+    for _ in 0..iters {
+        pg.all_reduce(&mut big, ReduceOp::Sum)?;
+    }
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0 / iters as f64;
+    let busbw = (n as f64 * 4.0) * 2.0 * (w as f64 - 1.0) / w as f64 / (ms / 1000.0) / 1e9;
+    Ok(CheckReport {
+        rank: r,
+        world_size: w,
+        backend: format!("{backend:?}").to_lowercase(),
+        device: format!("{device:?}"),
+        checks,
+        allreduce_bytes: n as usize * 4,
+        allreduce_ms: ms,
+        allreduce_busbw_gbps: if w > 1 { busbw } else { 0.0 },
+    })
+}
