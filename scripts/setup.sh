@@ -42,4 +42,15 @@ if [ ! -e .venv/lib/python*/site-packages/nvidia/cu13/include/nv/target ] \
   echo "setup: installing CUDA 13.0 header wheels (cccl, crt) into .venv"
   .venv/bin/pip install -q "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*"
 fi
+# Python packages the tests use as references (transformers, Pillow, ...), pinned in
+# scripts/requirements.txt; reinstalled only when that file changes.
+if [ -f scripts/requirements.txt ]; then
+  want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+  have=$(cat .venv/.requirements.sha256 2>/dev/null || true)
+  if [ "$want" != "$have" ]; then
+    echo "setup: installing scripts/requirements.txt into .venv"
+    .venv/bin/pip install -q -r scripts/requirements.txt
+    echo "$want" > .venv/.requirements.sha256
+  fi
+fi
 echo "setup: ok"

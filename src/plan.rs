@@ -1,0 +1,293 @@
+//! The plan: a pure function of the cluster spec and the resolved recipe. It lays the ranks
+//! out over the hosts (mm-spec's one layout implementation), derives the batch sizes, the
+//! parallel groups and the pipeline split, and collects every problem at once so a user
+//! fixes the whole file in one go. No host is contacted here.
+
+use std::collections::BTreeMap;
+
+use mm_spec::layout::{split_layers, GroupKind, LayoutError, LayoutOptions, ParallelDims, Placement, StageLayers};
+use mm_spec::presets::{preset, ModelPreset};
+use serde::Serialize;
+
+use crate::cluster::{Accelerator, ClusterSpec, ResolvedHost, Template};
+use crate::recipe::Recipe;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub cluster: String,
+    pub cluster_name: Option<String>,
+    pub accelerator: Accelerator,
+    pub template: Template,
+    pub world_size: usize,
+    pub nnodes: usize,
+    pub master_addr: String,
+    /// 0: a free port is picked on the master host at launch.
+    pub master_port: u16,
+    pub dims: Dims,
+    pub batch: Batch,
+    pub recipe: Recipe,
+    pub model: ModelPreset,
+    pub nodes: Vec<NodePlan>,
+    pub ranks: Vec<RankRow>,
+    /// Group kind (tp, cp, dp, pp, dp_cp, embedding, mp) → groups of global ranks.
+    pub groups: BTreeMap<String, Vec<Vec<usize>>>,
+    pub llm_stages: Vec<StageLayers>,
+    pub vit_stages: Vec<StageLayers>,
+    /// Estimated bytes of one saved checkpoint (weights, plus optimizer state when saved).
+    pub checkpoint_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Dims {
+    pub tp: usize,
+    pub cp: usize,
+    pub dp: usize,
+    pub pp: usize,
+    pub vpp: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Batch {
+    pub micro_batch_size: usize,
+    pub grad_accumulation: usize,
+    pub global_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodePlan {
+    pub node_rank: usize,
+    pub host: ResolvedHost,
+    /// Global ranks on this node, in local-rank order.
+    pub ranks: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RankRow {
+    pub rank: usize,
+    pub host: String,
+    pub node_rank: usize,
+    pub local_rank: usize,
+    /// The physical device index on its host (from the host's device list).
+    pub device: usize,
+    pub tp: usize,
+    pub cp: usize,
+    pub dp: usize,
+    pub pp: usize,
+}
+
+/// Every reason the plan cannot be made, each a full sentence with a fix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanError {
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.problems.len();
+        writeln!(f, "the job cannot be laid out on this cluster ({n} problem{}):", if n == 1 { "" } else { "s" })?;
+        for (i, p) in self.problems.iter().enumerate() {
+            write!(f, "  {}. {p}", i + 1)?;
+            if i + 1 < n {
+                writeln!(f)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+impl Plan {
+    pub fn build(cluster: &ClusterSpec, recipe: &Recipe) -> Result<Plan, PlanError> {
+        let mut problems = Vec::new();
+        let model = preset(&recipe.model).map_err(|e| PlanError { problems: vec![e.to_string()] })?;
+        let hosts = cluster.hosts_resolved();
+        let slots: Vec<usize> = hosts.iter().map(|h| h.devices.len()).collect();
+        let world: usize = slots.iter().sum();
+        let p = &recipe.parallel;
+        let fail = |problems: Vec<String>| PlanError { problems };
+
+        let dims = match ParallelDims::new(world, p.tp, p.cp, p.pp, p.vpp) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(with_context(&e, recipe, world));
+                return Err(fail(problems));
+            }
+        };
+        let placement = Placement::new(dims, &slots);
+        if let Err(e) = &placement {
+            problems.push(e.to_string());
+        }
+
+        let t = &recipe.train;
+        let dp = dims.dp();
+        let batch = match (t.global_batch_size, t.grad_accumulation) {
+            (Some(g), Some(a)) if g != t.micro_batch_size * a * dp => {
+                problems.push(format!(
+                    "global batch {g} ≠ micro batch {} × grad accumulation {a} × dp {dp} = {}: set only one of \
+                     train.global_batch_size and train.grad_accumulation (the other is derived)",
+                    t.micro_batch_size,
+                    t.micro_batch_size * a * dp
+                ));
+                None
+            }
+            (Some(g), _) if g % (t.micro_batch_size * dp) != 0 => {
+                problems.push(format!(
+                    "global batch {g} is not a multiple of micro batch {} × dp {dp} = {}: choose a global batch that \
+                     is, e.g. {}",
+                    t.micro_batch_size,
+                    t.micro_batch_size * dp,
+                    (g / (t.micro_batch_size * dp)).max(1) * t.micro_batch_size * dp
+                ));
+                None
+            }
+            (Some(g), _) => Some(Batch {
+                micro_batch_size: t.micro_batch_size,
+                grad_accumulation: g / (t.micro_batch_size * dp),
+                global_batch_size: g,
+            }),
+            (None, Some(a)) => Some(Batch {
+                micro_batch_size: t.micro_batch_size,
+                grad_accumulation: a,
+                global_batch_size: t.micro_batch_size * a * dp,
+            }),
+            (None, None) => {
+                problems.push("set train.global_batch_size or train.grad_accumulation".into());
+                None
+            }
+        };
+
+        let vit_layers = vit_list(&model, p);
+        let opts = LayoutOptions {
+            llm_pp_layers: p.llm_pp_layers.clone(),
+            vit_pp_layers: vit_layers.clone(),
+            seq_length: t.seq_length,
+            sequence_parallel: p.sequence_parallel,
+            unaligned_linear: p.unaligned_linear,
+            micro_batch_size: t.micro_batch_size,
+            global_batch_size: None,
+            grad_accumulation: None,
+        };
+        problems.extend(mm_spec::layout::validate_model_layout(&model, &dims, &opts).iter().map(|e| e.to_string()));
+        if p.sequence_parallel && !p.unaligned_linear && cluster.template != Template::MmEngine {
+            // The seed: "开启TP-SP需要添加 --unaligned-linear --sequence-parallel".
+            problems.push(
+                "sequence_parallel with the MindSpeed-MM templates needs unaligned_linear as well (the seed adds \
+                 --unaligned-linear with --sequence-parallel for InternVL): --set parallel.unaligned_linear=true"
+                    .into(),
+            );
+        }
+        if cluster.accelerator == Accelerator::Npu && cluster.template == Template::MmEngine {
+            problems.push(
+                "accelerator npu runs through MindSpeed-MM: set `template: mindspeed-mm-torchrun` (or \
+                 mindspeed-mm-msrun) in the cluster file; mm-engine runs on CPUs and CUDA GPUs"
+                    .into(),
+            );
+        }
+        if cluster.accelerator == Accelerator::Cpu && recipe.train.precision != crate::recipe::Precision::Fp32 {
+            problems.push(format!(
+                "precision {:?} on CPU: libtorch's CPU kernels train in fp32; --set train.precision=fp32",
+                recipe.train.precision
+            ));
+        }
+
+        let llm_stages = split_layers(model.llm.num_hidden_layers, p.pp, p.vpp, p.llm_pp_layers.as_deref());
+        let vit_stages = split_layers(model.vision.num_hidden_layers, p.pp, p.vpp, vit_layers.as_deref());
+
+        let (Ok(placement), Some(batch), Ok(llm_stages), Ok(vit_stages), true) =
+            (placement, batch, llm_stages, vit_stages, problems.is_empty())
+        else {
+            if problems.is_empty() {
+                problems.push("the pipeline split failed; check parallel.llm_pp_layers and vit_pp_layers".into());
+            }
+            return Err(fail(problems));
+        };
+
+        let nodes: Vec<NodePlan> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| NodePlan {
+                node_rank: i,
+                host: h.clone(),
+                ranks: placement.ranks_on(i).iter().map(|r| r.rank).collect(),
+            })
+            .collect();
+        let ranks: Vec<RankRow> = placement
+            .places()
+            .iter()
+            .map(|pl| RankRow {
+                rank: pl.rank,
+                host: hosts[pl.node_rank].name.clone(),
+                node_rank: pl.node_rank,
+                local_rank: pl.local_rank,
+                device: hosts[pl.node_rank].devices[pl.local_rank],
+                tp: pl.coord.tp,
+                cp: pl.coord.cp,
+                dp: pl.coord.dp,
+                pp: pl.coord.pp,
+            })
+            .collect();
+        let groups = [
+            ("tp", GroupKind::Tp),
+            ("cp", GroupKind::Cp),
+            ("dp", GroupKind::Dp),
+            ("pp", GroupKind::Pp),
+            ("dp_cp", GroupKind::DpCp),
+            ("embedding", GroupKind::Embedding),
+            ("mp", GroupKind::Mp),
+        ]
+        .into_iter()
+        .map(|(name, kind)| (name.to_string(), dims.groups(kind)))
+        .collect();
+
+        let dtype_bytes = if recipe.train.precision == crate::recipe::Precision::Fp32 { 4 } else { 2 };
+        let mut checkpoint_bytes = model.checkpoint_bytes(dtype_bytes);
+        if !recipe.checkpoint.no_save_optim {
+            // fp32 master weights (when training in 16 bit) and two fp32 Adam moments.
+            let params = model.param_counts().total;
+            checkpoint_bytes += params * if dtype_bytes == 2 { 12 } else { 8 };
+        }
+
+        Ok(Plan {
+            cluster: cluster.origin.display().to_string(),
+            cluster_name: cluster.name.clone(),
+            accelerator: cluster.accelerator,
+            template: cluster.template,
+            world_size: world,
+            nnodes: nodes.len(),
+            master_addr: cluster.master.addr.clone(),
+            master_port: cluster.master.port,
+            dims: Dims { tp: dims.tp(), cp: dims.cp(), dp: dims.dp(), pp: dims.pp(), vpp: dims.vpp() },
+            batch,
+            recipe: recipe.clone(),
+            model,
+            nodes,
+            ranks,
+            groups,
+            llm_stages,
+            vit_stages,
+            checkpoint_bytes,
+        })
+    }
+}
+
+/// The ViT split the engine and converter use: the explicit list, else everything on the
+/// first stage (InternVL's vision tower is small next to the LLM and feeds stage 0).
+fn vit_list(model: &ModelPreset, p: &crate::recipe::ParallelRecipe) -> Option<Vec<usize>> {
+    p.vit_pp_layers.clone().or_else(|| {
+        let chunks = p.pp * p.vpp.unwrap_or(1);
+        (chunks > 1).then(|| {
+            let mut v = vec![0; chunks];
+            v[0] = model.vision.num_hidden_layers;
+            v
+        })
+    })
+}
+
+/// Layout errors that happen before anything else get the recipe's numbers as context.
+fn with_context(e: &LayoutError, recipe: &Recipe, world: usize) -> String {
+    format!(
+        "{e} (recipe `{}`: tp {} cp {} pp {} on {world} devices; change them with --set parallel.tp=N etc.)",
+        recipe.model, recipe.parallel.tp, recipe.parallel.cp, recipe.parallel.pp
+    )
+}

@@ -1,0 +1,567 @@
+//! Render: plan → the exact processes to start on each host. Pure: the same plan gives the
+//! same scripts, so the dry run shows precisely what a launch runs.
+//!
+//! A launch unit is one process the node agent starts: one per rank for mm-engine, one per
+//! node for torchrun/msrun (they spawn the local ranks themselves). Each unit is a bash
+//! script plus an environment. Templates are handlebars (embedded; `--templates DIR`
+//! overrides by file name) whose escape function is shell quoting, so every `{{value}}` is
+//! quoted whatever it holds; only the cluster's `setup:` lines are inserted raw
+//! (`{{{...}}}`), because they are shell by design.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use handlebars::Handlebars;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cluster::{Accelerator, ClusterSpec, Template};
+use crate::plan::{NodePlan, Plan};
+use crate::recipe::{Precision, Recipe};
+
+const EMBEDDED: &[(&str, &str)] = &[
+    ("mm-engine", include_str!("../templates/mm-engine.hbs")),
+    ("mindspeed-mm-torchrun", include_str!("../templates/mindspeed-mm-torchrun.hbs")),
+    ("mindspeed-mm-msrun", include_str!("../templates/mindspeed-mm-msrun.hbs")),
+];
+
+/// Where the MindSpeed templates write the data/model JSON they generate (in the workdir).
+const GENERATED_DIR: &str = "launch_generated";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rendered {
+    pub template: Template,
+    pub nodes: Vec<NodeLaunch>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeLaunch {
+    pub node_rank: usize,
+    pub host: String,
+    pub address: String,
+    pub units: Vec<LaunchUnit>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LaunchUnit {
+    /// Global ranks this process hosts (one for mm-engine, the node's ranks for torchrun).
+    pub ranks: Vec<usize>,
+    pub env: BTreeMap<String, String>,
+    /// Run as `bash -c SCRIPT`.
+    pub script: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("template {name}: {message}")]
+    Template { name: String, message: String },
+    #[error("cannot read the template override {path}: {source}")]
+    Override { path: String, source: std::io::Error },
+}
+
+/// POSIX shell quoting: bare when only safe characters, else single quotes.
+pub fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./:=,+@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Names that must never be printed: they name a token, key, secret or password.
+pub fn is_secret_name(name: &str) -> bool {
+    let up = name.to_ascii_uppercase();
+    ["TOKEN", "KEY", "SECRET", "PASSWORD"].iter().any(|w| up.contains(w))
+}
+
+pub fn redact_env(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    env.iter().map(|(k, v)| (k.clone(), if is_secret_name(k) { "<redacted>".to_string() } else { v.clone() })).collect()
+}
+
+pub struct Renderer {
+    hb: Handlebars<'static>,
+}
+
+impl Renderer {
+    /// The embedded templates, each replaced by `<dir>/<name>.hbs` when that file exists.
+    pub fn new(override_dir: Option<&Path>) -> Result<Renderer, RenderError> {
+        let mut hb = Handlebars::new();
+        hb.set_strict_mode(true);
+        hb.register_escape_fn(shell_quote);
+        for (name, text) in EMBEDDED {
+            let text = match override_dir.map(|d| d.join(format!("{name}.hbs"))).filter(|p| p.exists()) {
+                Some(p) => std::fs::read_to_string(&p)
+                    .map_err(|source| RenderError::Override { path: p.display().to_string(), source })?,
+                None => text.to_string(),
+            };
+            hb.register_template_string(name, text)
+                .map_err(|e| RenderError::Template { name: name.to_string(), message: e.to_string() })?;
+        }
+        Ok(Renderer { hb })
+    }
+
+    fn render(&self, name: &str, ctx: &serde_json::Value) -> Result<String, RenderError> {
+        let out = self
+            .hb
+            .render(name, ctx)
+            .map_err(|e| RenderError::Template { name: name.to_string(), message: e.to_string() })?;
+        // Templates keep their block helpers on lines of their own; drop the blank lines they leave.
+        Ok(out.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("\n") + "\n")
+    }
+
+    pub fn render_plan(&self, plan: &Plan, cluster: &ClusterSpec) -> Result<Rendered, RenderError> {
+        let nodes = plan
+            .nodes
+            .iter()
+            .map(|node| {
+                let units = match plan.template {
+                    Template::MmEngine => self.engine_units(plan, cluster, node)?,
+                    t => vec![self.mindspeed_unit(plan, cluster, node, t)?],
+                };
+                Ok(NodeLaunch {
+                    node_rank: node.node_rank,
+                    host: node.host.name.clone(),
+                    address: node.host.address.clone(),
+                    units,
+                })
+            })
+            .collect::<Result<Vec<_>, RenderError>>()?;
+        Ok(Rendered { template: plan.template, nodes })
+    }
+
+    fn engine_units(
+        &self,
+        plan: &Plan,
+        cluster: &ClusterSpec,
+        node: &NodePlan,
+    ) -> Result<Vec<LaunchUnit>, RenderError> {
+        let engine = cluster.engine.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "mm-engine".into());
+        let args = engine_args(plan);
+        node.ranks
+            .iter()
+            .enumerate()
+            .map(|(local, &rank)| {
+                let ctx = json!({
+                    "setup": cluster.setup,
+                    "workdir": cluster.workdir.as_ref().map(|p| p.display().to_string()),
+                    "engine": engine,
+                    "args": args,
+                    "rank": rank,
+                });
+                let mut env = node_env(plan, cluster, node);
+                env.insert("RANK".into(), rank.to_string());
+                env.insert("LOCAL_RANK".into(), local.to_string());
+                Ok(LaunchUnit { ranks: vec![rank], env, script: self.render("mm-engine", &ctx)? })
+            })
+            .collect()
+    }
+
+    fn mindspeed_unit(
+        &self,
+        plan: &Plan,
+        cluster: &ClusterSpec,
+        node: &NodePlan,
+        t: Template,
+    ) -> Result<LaunchUnit, RenderError> {
+        let model = plan.recipe.model.as_str();
+        let data_json_path = format!("{GENERATED_DIR}/data_{model}.json");
+        let model_json_path = format!("{GENERATED_DIR}/model_{model}.json");
+        let ctx = json!({
+            "setup": cluster.setup,
+            "workdir": cluster.workdir.as_ref().map(|p| p.display().to_string()),
+            "generated_dir": GENERATED_DIR,
+            "data_json": mindspeed_data_json(plan).to_string(),
+            "model_json": mindspeed_model_json(plan).to_string(),
+            "data_json_path": data_json_path,
+            "model_json_path": model_json_path,
+            "nproc_per_node": node.ranks.len(),
+            "nnodes": plan.nnodes,
+            "node_rank": node.node_rank,
+            "world_size": plan.world_size,
+            "master_addr": plan.master_addr,
+            "master_port": plan.master_port,
+            "args": megatron_args(plan, &data_json_path, &model_json_path),
+        });
+        let env = node_env(plan, cluster, node);
+        Ok(LaunchUnit { ranks: node.ranks.clone(), env, script: self.render(t.as_str(), &ctx)? })
+    }
+}
+
+/// The environment every unit on `node` starts with: the cluster's, the host's, then the
+/// layout (which wins: the plan is the source of truth for ranks and sizes).
+fn node_env(plan: &Plan, cluster: &ClusterSpec, node: &NodePlan) -> BTreeMap<String, String> {
+    let mut env = cluster.env.clone();
+    env.extend(node.host.env.clone());
+    let layout = [
+        ("WORLD_SIZE", plan.world_size.to_string()),
+        ("LOCAL_WORLD_SIZE", node.ranks.len().to_string()),
+        ("NODE_RANK", node.node_rank.to_string()),
+        ("NNODES", plan.nnodes.to_string()),
+        ("MASTER_ADDR", plan.master_addr.clone()),
+        ("MASTER_PORT", plan.master_port.to_string()),
+    ];
+    env.extend(layout.into_iter().map(|(k, v)| (k.to_string(), v)));
+    if let Some(var) = plan.accelerator.visible_devices_var() {
+        let list: Vec<String> = node.host.devices.iter().map(|d| d.to_string()).collect();
+        env.insert(var.to_string(), list.join(","));
+    }
+    if plan.accelerator == Accelerator::Npu {
+        env.insert("NPUS_PER_NODE".into(), node.ranks.len().to_string());
+    }
+    if plan.template == Template::MmEngine {
+        // Gloo binds to the address the other hosts reach this one at.
+        env.insert("MM_BIND_ADDR".into(), if cluster.local { "127.0.0.1".into() } else { node.host.address.clone() });
+        let timeout = cluster.env.get("HCCL_CONNECT_TIMEOUT").cloned().unwrap_or_else(|| "600".into());
+        env.entry("MM_DIST_TIMEOUT_S".into()).or_insert(timeout);
+    }
+    env
+}
+
+fn path_arg(args: &mut Vec<String>, flag: &str, p: &Option<std::path::PathBuf>) {
+    if let Some(p) = p {
+        args.push(flag.into());
+        args.push(p.display().to_string());
+    }
+}
+
+fn flag(args: &mut Vec<String>, name: &str, on: bool) {
+    if on {
+        args.push(name.into());
+    }
+}
+
+fn kv(args: &mut Vec<String>, name: &str, value: impl ToString) {
+    args.push(name.into());
+    args.push(value.to_string());
+}
+
+/// Floats as Python/Megatron users write them: 2e-5, 0.05, 1.0.
+fn fnum(x: f64) -> String {
+    format!("{x:?}")
+}
+
+fn list(v: &[usize]) -> String {
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// The flags shared by mm-engine and Megatron/MindSpeed (same names, same meaning).
+fn common_args(plan: &Plan) -> Vec<String> {
+    let r: &Recipe = &plan.recipe;
+    let (p, t, c, o) = (&r.parallel, &r.train, &r.checkpoint, &r.output);
+    let mut a = Vec::new();
+    kv(&mut a, "--tensor-model-parallel-size", p.tp);
+    kv(&mut a, "--pipeline-model-parallel-size", p.pp);
+    kv(&mut a, "--context-parallel-size", p.cp);
+    if let Some(v) = p.vpp {
+        kv(&mut a, "--virtual-pipeline-model-parallel-size", v);
+    }
+    flag(&mut a, "--unaligned-linear", p.unaligned_linear);
+    flag(&mut a, "--sequence-parallel", p.sequence_parallel);
+    if p.cp > 1 {
+        kv(&mut a, "--context-parallel-algo", &p.context_parallel_algo);
+    }
+    kv(&mut a, "--micro-batch-size", plan.batch.micro_batch_size);
+    kv(&mut a, "--global-batch-size", plan.batch.global_batch_size);
+    kv(&mut a, "--seq-length", t.seq_length);
+    kv(&mut a, "--lr", fnum(t.lr));
+    kv(&mut a, "--min-lr", fnum(t.min_lr));
+    kv(&mut a, "--train-iters", t.train_iters);
+    kv(&mut a, "--lr-decay-style", format!("{:?}", t.lr_decay_style).to_lowercase());
+    if t.lr_warmup_fraction > 0.0 {
+        kv(&mut a, "--lr-warmup-fraction", fnum(t.lr_warmup_fraction));
+    }
+    kv(&mut a, "--weight-decay", fnum(t.weight_decay));
+    kv(&mut a, "--clip-grad", fnum(t.clip_grad));
+    kv(&mut a, "--adam-beta1", fnum(t.adam_beta1));
+    kv(&mut a, "--adam-beta2", fnum(t.adam_beta2));
+    kv(&mut a, "--adam-eps", fnum(t.adam_eps));
+    kv(&mut a, "--seed", t.seed);
+    flag(&mut a, "--no-load-optim", c.no_load_optim);
+    flag(&mut a, "--no-load-rng", c.no_load_rng);
+    flag(&mut a, "--no-save-optim", c.no_save_optim);
+    flag(&mut a, "--no-save-rng", c.no_save_rng);
+    flag(&mut a, "--use-distributed-optimizer", p.distributed_optimizer);
+    flag(&mut a, "--use-flash-attn", t.flash_attention);
+    match t.precision {
+        Precision::Bf16 => a.push("--bf16".into()),
+        Precision::Fp16 => a.push("--fp16".into()),
+        Precision::Fp32 => {}
+    }
+    if t.recompute {
+        kv(&mut a, "--recompute-granularity", "full");
+        kv(&mut a, "--recompute-method", "uniform");
+        kv(&mut a, "--recompute-num-layers", 1);
+    }
+    path_arg(&mut a, "--load", &c.load);
+    // The seed: pipeline parallelism needs --variable-seq-lengths.
+    flag(&mut a, "--variable-seq-lengths", p.pp > 1);
+    kv(&mut a, "--num-workers", t.num_workers);
+    kv(&mut a, "--log-interval", o.log_interval);
+    kv(&mut a, "--save-interval", o.save_interval);
+    kv(&mut a, "--eval-interval", o.eval_interval);
+    kv(&mut a, "--eval-iters", o.eval_iters);
+    path_arg(&mut a, "--save", &c.save);
+    flag(&mut a, "--log-tps", o.log_tps);
+    a
+}
+
+/// mm-engine train's arguments: the common Megatron flags plus what MindSpeed keeps in its
+/// data/model JSON files (model, data, tokenizer, pipeline split, loss, freezing).
+pub fn engine_args(plan: &Plan) -> Vec<String> {
+    let r = &plan.recipe;
+    let mut a = vec!["--model".to_string(), r.model.clone()];
+    path_arg(&mut a, "--data-path", &r.data.data_path);
+    path_arg(&mut a, "--data-folder", &r.data.data_folder);
+    path_arg(&mut a, "--tokenizer", &r.checkpoint.tokenizer);
+    a.extend(common_args(plan));
+    if let Some(l) = &r.parallel.llm_pp_layers {
+        kv(&mut a, "--llm-pp-layers", list(l));
+    }
+    if let Some(l) = &r.parallel.vit_pp_layers {
+        kv(&mut a, "--vit-pp-layers", list(l));
+    }
+    kv(&mut a, "--grad-accumulation", plan.batch.grad_accumulation);
+    kv(&mut a, "--loss-reduction", serde_plain(&r.train.loss_reduction));
+    kv(&mut a, "--precision", serde_plain(&r.train.precision));
+    flag(&mut a, "--freeze-vision", r.train.freeze_vision);
+    flag(&mut a, "--freeze-projector", r.train.freeze_projector);
+    flag(&mut a, "--freeze-llm", r.train.freeze_llm);
+    kv(&mut a, "--template", &r.data.template);
+    kv(&mut a, "--min-dynamic-patch", r.data.min_dynamic_patch);
+    kv(&mut a, "--max-dynamic-patch", r.data.max_dynamic_patch);
+    flag(&mut a, "--use-thumbnail", r.data.use_thumbnail);
+    kv(&mut a, "--min-num-frame", r.data.min_num_frame);
+    kv(&mut a, "--max-num-frame", r.data.max_num_frame);
+    kv(&mut a, "--max-bad-fraction", fnum(r.data.max_bad_fraction));
+    a
+}
+
+/// pretrain_vlm.py's arguments as the seed's scripts pass them (GPT_ARGS, MM_ARGS, OUTPUT_ARGS).
+pub fn megatron_args(plan: &Plan, data_json: &str, model_json: &str) -> Vec<String> {
+    let m = &plan.model;
+    let mut a = common_args(plan);
+    let model_specific = [
+        ("--tokenizer-type", "NullTokenizer".to_string()),
+        ("--vocab-size", m.llm.vocab_size.to_string()),
+        ("--position-embedding-type", "rope".to_string()),
+        ("--rotary-base", format!("{}", m.llm.rope_theta as u64)),
+        ("--normalization", "RMSNorm".to_string()),
+    ];
+    for (k, v) in model_specific {
+        kv(&mut a, k, v);
+    }
+    a.extend(["--swiglu", "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion"].map(String::from));
+    kv(&mut a, "--ckpt-format", "torch");
+    kv(&mut a, "--mm-data", data_json);
+    kv(&mut a, "--mm-model", model_json);
+    kv(&mut a, "--mm-tool", "./mindspeed_mm/tools/tools.json");
+    a
+}
+
+fn serde_plain<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// MindSpeed-MM's data JSON (examples/internvl3/data_*.json) for this recipe.
+pub fn mindspeed_data_json(plan: &Plan) -> serde_json::Value {
+    let r = &plan.recipe;
+    let v = &plan.model.vision;
+    let s = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    json!({
+        "dataset_param": {
+            "dataset_type": "multimodal",
+            "basic_parameters": {
+                "data_path": s(&r.data.data_path),
+                "data_folder": s(&r.data.data_folder),
+                "repeat_time": 1
+            },
+            "preprocess_parameters": {
+                "image_reader_type": "torchvision",
+                "train_pipeline": {"image": [
+                    {"trans_type": "Pad2Square", "param": {"mean": [0.485, 0.456, 0.406]}},
+                    {"trans_type": "Resize", "param": {"size": [v.image_size, v.image_size], "interpolation": "BICUBIC"}},
+                    {"trans_type": "ToTensor"},
+                    {"trans_type": "norm_fun", "param": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+                ]}
+            },
+            "tokenizer_config": {
+                "hub_backend": "hf",
+                "autotokenizer_name": "AutoTokenizer",
+                "from_pretrained": s(&r.checkpoint.tokenizer),
+                "add_eos_token": false,
+                "use_fast": false
+            },
+            "use_text_processer": true,
+            "template_name": r.data.template,
+            "patch_size": v.patch_size,
+            "image_size": v.image_size,
+            "down_sample_ratio": plan.model.downsample_ratio,
+            "group_by_length": true,
+            "dynamic_image_size": true,
+            "use_thumbnail": r.data.use_thumbnail,
+            "min_dynamic_patch": r.data.min_dynamic_patch,
+            "max_dynamic_patch": r.data.max_dynamic_patch,
+            "min_num_frame": r.data.min_num_frame,
+            "max_num_frame": r.data.max_num_frame,
+            "sampling_method": "rand"
+        },
+        "dataloader_param": {
+            "dataloader_mode": "sampler",
+            "shuffle": true,
+            "drop_last": true,
+            "pin_memory": true,
+            "sampler_type": "BaseRandomBatchSampler",
+            "collate_param": {"model_name": "internvl", "pad_id": 151643}
+        }
+    })
+}
+
+/// `pipeline_num_layers` as MindSpeed reads it: a flat list, or one list per VPP chunk.
+fn pipeline_layers(stages: &[mm_spec::layout::StageLayers], pp: usize, vpp: Option<usize>) -> serde_json::Value {
+    let counts: Vec<usize> = stages.iter().map(|s| s.num_layers).collect();
+    match vpp {
+        Some(_) => json!(counts.chunks(pp).map(|c| c.to_vec()).collect::<Vec<_>>()),
+        None => json!(counts),
+    }
+}
+
+/// MindSpeed-MM's model JSON (examples/internvl3/model_*.json) for this model and split.
+pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
+    let m = &plan.model;
+    let (l, v) = (&m.llm, &m.vision);
+    let p = &plan.recipe.parallel;
+    let bf16 = plan.recipe.train.precision == Precision::Bf16;
+    let dtype = if bf16 { "bf16" } else { "fp32" };
+    let rms = v.norm_type == mm_spec::presets::NormType::RmsNorm;
+    let recompute = plan.recipe.train.recompute;
+    let text_decoder = json!({
+        "model_id": "internllm",
+        "num_layers": l.num_hidden_layers,
+        "pipeline_num_layers": pipeline_layers(&plan.llm_stages, p.pp, p.vpp),
+        "hidden_size": l.hidden_size,
+        "ffn_hidden_size": l.intermediate_size,
+        "num_attention_heads": l.num_attention_heads,
+        "num_key_value_heads": l.num_key_value_heads,
+        "max_position_embeddings": l.max_position_embeddings,
+        "vocab_size": l.vocab_size,
+        "rotary_percent": 1.0,
+        "rotary_base": l.rope_theta,
+        "attention_dropout": 0.0,
+        "init_method_std": 0.02,
+        "hidden_dropout": 0.0,
+        "position_embedding_type": "rope",
+        "normalization": "RMSNorm",
+        "activation_func": "silu",
+        "attention_softmax_in_fp32": true,
+        "use_fused_rotary_pos_emb": false,
+        "params_dtype": dtype,
+        "bf16": bf16,
+        "fp16_lm_cross_entropy": false,
+        "parallel_output": true,
+        "group_query_attention": true,
+        "num_query_groups": l.num_key_value_heads,
+        "gated_linear_unit": true,
+        "layernorm_epsilon": l.rms_norm_eps,
+        "add_bias_linear": false,
+        "add_qkv_bias": true,
+        "reset_attention_mask": false,
+        "variable_seq_lengths": p.pp > 1,
+        "recompute_granularity": if recompute { json!("full") } else { json!(null) },
+        "recompute_method": if recompute { json!("uniform") } else { json!(null) },
+        "recompute_num_layers": if recompute { json!(1) } else { json!(null) }
+    });
+    let image_encoder = json!({
+        "vision_encoder": {
+            "model_id": "InternViT",
+            "num_layers": v.num_hidden_layers,
+            "pipeline_num_layers": pipeline_layers(&plan.vit_stages, p.pp, p.vpp),
+            "hidden_size": v.hidden_size,
+            "ffn_hidden_size": v.intermediate_size,
+            "num_attention_heads": v.num_attention_heads,
+            "num_channels": v.num_channels,
+            "patch_size": v.patch_size,
+            "image_size": v.image_size,
+            "add_qkv_bias": v.qkv_bias,
+            "qk_layernorm": v.qk_normalization,
+            "activation_func": "gelu",
+            "normalization": if rms { "RMSNorm" } else { "LayerNorm" },
+            "layernorm_epsilon": v.layer_norm_eps,
+            "hidden_dropout": 0.0,
+            "drop_path_rate": v.drop_path_rate,
+            "attention_dropout": 0.0,
+            "init_method_std": 0.02,
+            "initializer_factor": 1.0,
+            "output_hidden_states": false,
+            "context_parallel_size": p.cp,
+            "sequence_parallel": p.sequence_parallel,
+            "use_return_dict": false,
+            "params_dtype": dtype,
+            "post_layer_norm": false,
+            "downsample_ratio": m.downsample_ratio,
+            "bf16": bf16,
+            "select_layer": -1,
+            "ps_version": m.ps_version,
+            "freeze": plan.recipe.train.freeze_vision
+        },
+        "vision_projector": {
+            "model_id": "InternVLMLP",
+            "downsample_ratio": m.downsample_ratio,
+            "vit_hidden_size": v.hidden_size,
+            "llm_hidden_size": l.hidden_size,
+            "freeze": plan.recipe.train.freeze_projector
+        }
+    });
+    json!({
+        "model_id": "InternVL3",
+        "pre_process": true,
+        "post_process": true,
+        "add_text_encoder": false,
+        "img_embedding_idx": 1,
+        "downsample_ratio": m.downsample_ratio,
+        "select_layer": -1,
+        "ps_version": m.ps_version,
+        "add_rmsnorm_offset": false,
+        "img_context_token_id": 151667,
+        "text_decoder": text_decoder,
+        "image_encoder": image_encoder,
+        "text_encoder": null,
+        "video_encoder": null
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_is_bare_only_for_safe_words() {
+        assert_eq!(shell_quote("abc-1.2/x:y"), "abc-1.2/x:y");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("$(touch /tmp/pwned)"), "'$(touch /tmp/pwned)'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("~root"), "'~root'");
+    }
+
+    #[test]
+    fn quoted_values_reach_bash_literally() {
+        let nasty = ["$(touch /tmp/pwned)", "a'b\"c", "x; rm -rf /", "line1\nline2", "`id`", "*", "~", "-n", ""];
+        let script: String =
+            format!("printf '%s\\0'{}", nasty.iter().map(|s| format!(" {}", shell_quote(s))).collect::<String>());
+        let out = std::process::Command::new("bash").arg("-c").arg(&script).output().unwrap();
+        let got: Vec<String> = out.stdout.split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+        let want: Vec<String> = nasty.iter().map(|s| s.to_string()).chain([String::new()]).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn secrets_are_recognised_by_name() {
+        for n in ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "api_key", "DB_PASSWORD"] {
+            assert!(is_secret_name(n), "{n}");
+        }
+        for n in ["HCCL_CONNECT_TIMEOUT", "PATH", "MASTER_ADDR"] {
+            assert!(!is_secret_name(n), "{n}");
+        }
+    }
+}

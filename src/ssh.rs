@@ -1,0 +1,311 @@
+//! SSH sessions on libssh2 (the ssh2 crate): connect with a timeout, verify the host key
+//! against known_hosts (strict by default; `accept-new` records unknown keys but still
+//! refuses changed ones), authenticate with ssh-agent then identity files, keep alive.
+//! ssh2 is blocking: callers run it on their own threads.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ssh2::{CheckResult, HashType, KnownHostFileKind, Session};
+
+use crate::cluster::{ClusterSpec, ResolvedHost, StrictMode};
+
+/// Everything needed to reach one host.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    pub host: String,
+    pub address: String,
+    pub port: u16,
+    pub user: String,
+    pub identity_files: Vec<PathBuf>,
+    pub known_hosts: PathBuf,
+    pub strict: StrictMode,
+    pub connect_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub agent: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("{host}: cannot connect to {address}:{port} within {timeout:?}: {source}")]
+    Connect { host: String, address: String, port: u16, timeout: Duration, source: std::io::Error },
+    #[error("{host}: SSH handshake failed: {source}")]
+    Handshake {
+        host: String,
+        #[source]
+        source: ssh2::Error,
+    },
+    #[error(
+        "{host}: host key for {address}:{port} is not in {known_hosts} ({key_type} SHA256:{fingerprint}); \
+         refusing to connect (strict host key checking).\n  fix: verify the fingerprint with the host's \
+         administrator, then add it: ssh-keyscan -p {port} {address} >> {known_hosts}\n  or set \
+         `ssh.strict_host_key_checking: accept-new` to record first-seen keys"
+    )]
+    UnknownHostKey {
+        host: String,
+        address: String,
+        port: u16,
+        known_hosts: String,
+        key_type: String,
+        fingerprint: String,
+    },
+    #[error(
+        "{host}: HOST KEY CHANGED for {address}:{port}: it does not match {known_hosts} (now {key_type} \
+         SHA256:{fingerprint}). This can be a man-in-the-middle attack or a reinstalled host; refusing \
+         to connect.\n  fix: if the change is expected, remove the old key with `ssh-keygen -R {address} -f {known_hosts}` \
+         and add the new one"
+    )]
+    HostKeyChanged {
+        host: String,
+        address: String,
+        port: u16,
+        known_hosts: String,
+        key_type: String,
+        fingerprint: String,
+    },
+    #[error("{host}: cannot read known_hosts {path}: {message}")]
+    KnownHosts { host: String, path: String, message: String },
+    #[error("{host}: authentication as {user} failed (tried: {tried}); add a key to ssh-agent or list it in `ssh.identity_files`")]
+    Auth { host: String, user: String, tried: String },
+    #[error("{host}: {what}: {source}")]
+    Channel {
+        host: String,
+        what: String,
+        #[source]
+        source: ssh2::Error,
+    },
+    #[error("{host}: {what}: {source}")]
+    Io {
+        host: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SshTarget {
+    pub fn new(cluster: &ClusterSpec, host: &ResolvedHost, env: &dyn Fn(&str) -> Option<String>) -> SshTarget {
+        let home = env("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+        let user = host
+            .ssh_user
+            .clone()
+            .or_else(|| cluster.ssh.user.clone())
+            .or_else(|| env("USER"))
+            .unwrap_or_else(|| "root".into());
+        let identity_files = if cluster.ssh.identity_files.is_empty() {
+            ["id_ed25519", "id_ecdsa", "id_rsa"]
+                .iter()
+                .map(|f| home.join(".ssh").join(f))
+                .filter(|p| p.exists())
+                .collect()
+        } else {
+            cluster.ssh.identity_files.clone()
+        };
+        SshTarget {
+            host: host.name.clone(),
+            address: host.address.clone(),
+            port: host.ssh_port,
+            user,
+            identity_files,
+            known_hosts: cluster.ssh.known_hosts.clone().unwrap_or_else(|| home.join(".ssh/known_hosts")),
+            strict: cluster.ssh.strict_host_key_checking,
+            connect_timeout: cluster.ssh.connect_timeout,
+            keepalive_interval: cluster.ssh.keepalive_interval,
+            agent: cluster.ssh.agent,
+        }
+    }
+
+    /// Connects, verifies the host key and authenticates.
+    pub fn connect(&self) -> Result<Session, SshError> {
+        let host = self.host.clone();
+        let connect_err = |source| SshError::Connect {
+            host: host.clone(),
+            address: self.address.clone(),
+            port: self.port,
+            timeout: self.connect_timeout,
+            source,
+        };
+        let addr = (self.address.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(connect_err)?
+            .next()
+            .ok_or_else(|| connect_err(std::io::Error::other("the address resolves to nothing")))?;
+        let tcp = TcpStream::connect_timeout(&addr, self.connect_timeout).map_err(connect_err)?;
+        let mut sess = Session::new().map_err(|source| SshError::Handshake { host: host.clone(), source })?;
+        sess.set_tcp_stream(tcp);
+        sess.set_timeout(self.connect_timeout.as_millis() as u32);
+        sess.handshake().map_err(|source| SshError::Handshake { host: host.clone(), source })?;
+        self.verify_host_key(&sess)?;
+        self.authenticate(&sess)?;
+        sess.set_timeout(0);
+        sess.set_keepalive(true, self.keepalive_interval.as_secs().max(1) as u32);
+        Ok(sess)
+    }
+
+    fn verify_host_key(&self, sess: &Session) -> Result<(), SshError> {
+        let (key, key_type) = sess.host_key().ok_or_else(|| SshError::KnownHosts {
+            host: self.host.clone(),
+            path: self.known_hosts.display().to_string(),
+            message: "the server sent no host key".into(),
+        })?;
+        let fingerprint = sess.host_key_hash(HashType::Sha256).map(base64_nopad).unwrap_or_default();
+        let key_type = format!("{key_type:?}");
+        let mut kh = sess.known_hosts().map_err(|e| SshError::KnownHosts {
+            host: self.host.clone(),
+            path: self.known_hosts.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if self.known_hosts.exists() {
+            kh.read_file(&self.known_hosts, KnownHostFileKind::OpenSSH).map_err(|e| SshError::KnownHosts {
+                host: self.host.clone(),
+                path: self.known_hosts.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        let details = || (self.host.clone(), self.address.clone(), self.port, self.known_hosts.display().to_string());
+        match kh.check_port(&self.address, self.port, key) {
+            CheckResult::Match => Ok(()),
+            CheckResult::Mismatch => {
+                let (host, address, port, known_hosts) = details();
+                Err(SshError::HostKeyChanged { host, address, port, known_hosts, key_type, fingerprint })
+            }
+            CheckResult::NotFound | CheckResult::Failure if self.strict == StrictMode::AcceptNew => {
+                self.record_host_key(key, &key_type)
+            }
+            CheckResult::NotFound | CheckResult::Failure => {
+                let (host, address, port, known_hosts) = details();
+                Err(SshError::UnknownHostKey { host, address, port, known_hosts, key_type, fingerprint })
+            }
+        }
+    }
+
+    /// accept-new: append `[addr]:port type base64` (OpenSSH's format) to known_hosts.
+    fn record_host_key(&self, key: &[u8], key_type: &str) -> Result<(), SshError> {
+        let name = match key_type {
+            "Rsa" => "ssh-rsa",
+            "Dss" => "ssh-dss",
+            "Ecdsa256" => "ecdsa-sha2-nistp256",
+            "Ecdsa384" => "ecdsa-sha2-nistp384",
+            "Ecdsa521" => "ecdsa-sha2-nistp521",
+            "Ed25519" => "ssh-ed25519",
+            _ => "unknown",
+        };
+        let host = if self.port == 22 { self.address.clone() } else { format!("[{}]:{}", self.address, self.port) };
+        let line = format!("{host} {name} {}\n", base64_std(key));
+        let io = |source| SshError::Io {
+            host: self.host.clone(),
+            what: format!("record the host key in {}", self.known_hosts.display()),
+            source,
+        };
+        if let Some(dir) = self.known_hosts.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.known_hosts).map_err(io)?;
+        f.write_all(line.as_bytes()).map_err(io)
+    }
+
+    fn authenticate(&self, sess: &Session) -> Result<(), SshError> {
+        let mut tried = Vec::new();
+        if self.agent {
+            tried.push("ssh-agent".to_string());
+            if sess.userauth_agent(&self.user).is_ok() && sess.authenticated() {
+                return Ok(());
+            }
+        }
+        for key in &self.identity_files {
+            tried.push(key.display().to_string());
+            if sess.userauth_pubkey_file(&self.user, None, key, None).is_ok() && sess.authenticated() {
+                return Ok(());
+            }
+        }
+        Err(SshError::Auth { host: self.host.clone(), user: self.user.clone(), tried: tried.join(", ") })
+    }
+}
+
+/// Output of a finished remote or local command.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `script` with `bash -s` over an SSH session and collects its output.
+pub fn run_capture(sess: &Session, host: &str, script: &str) -> Result<Captured, SshError> {
+    let ch_err = |what: &str| {
+        let what = what.to_string();
+        let host = host.to_string();
+        move |source| SshError::Channel { host, what, source }
+    };
+    let io_err = |what: &str| {
+        let what = what.to_string();
+        let host = host.to_string();
+        move |source| SshError::Io { host, what, source }
+    };
+    let mut ch = sess.channel_session().map_err(ch_err("open a channel"))?;
+    ch.exec("bash -s").map_err(ch_err("start bash"))?;
+    ch.write_all(script.as_bytes()).map_err(io_err("send the script"))?;
+    ch.send_eof().map_err(ch_err("close stdin"))?;
+    let mut stdout = String::new();
+    ch.read_to_string(&mut stdout).map_err(io_err("read stdout"))?;
+    let mut stderr = String::new();
+    ch.stderr().read_to_string(&mut stderr).map_err(io_err("read stderr"))?;
+    ch.wait_close().map_err(ch_err("wait for exit"))?;
+    let code = ch.exit_status().map_err(ch_err("read the exit status"))?;
+    Ok(Captured { code, stdout, stderr })
+}
+
+/// Runs `script` with local bash.
+pub fn run_capture_local(script: &str, cwd: Option<&Path>) -> std::io::Result<Captured> {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new("bash");
+    cmd.arg("-s").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd.spawn()?;
+    child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok(Captured {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64_std(data: &[u8]) -> String {
+    let mut s = base64_nopad(data);
+    while s.len() % 4 != 0 {
+        s.push('=');
+    }
+    s
+}
+
+fn base64_nopad(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len() * 4 / 3 + 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..=chunk.len() {
+            out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_openssh_style() {
+        assert_eq!(base64_std(b"hello"), "aGVsbG8=");
+        assert_eq!(base64_nopad(b"hello"), "aGVsbG8");
+        assert_eq!(base64_std(b""), "");
+        assert_eq!(base64_std(b"abc"), "YWJj");
+    }
+}
