@@ -185,9 +185,10 @@ impl Plan {
             );
         }
         if cluster.accelerator == Accelerator::Cpu && recipe.train.precision != crate::recipe::Precision::Fp32 {
+            let name = serde_json::to_value(recipe.train.precision).ok().and_then(|v| v.as_str().map(String::from));
             problems.push(format!(
-                "precision {:?} on CPU: libtorch's CPU kernels train in fp32; --set train.precision=fp32",
-                recipe.train.precision
+                "precision {} on CPU: libtorch's CPU kernels train in fp32; --set train.precision=fp32",
+                name.unwrap_or_default()
             ));
         }
 

@@ -357,22 +357,37 @@ impl Recipe {
                 .map_err(|u| u.into_error(cli, None).with_key(format!("--set {key}")))?;
         }
 
-        let de = serde_path_to_error::deserialize::<_, Recipe>(tree);
-        let recipe = de.map_err(|e| {
-            let path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
-            let key = path.join(".");
-            // Point at the last source that set this key.
-            let (file, pos) = sources
+        // Errors found after merging point at the last source that set the key.
+        let locate = |path: &[String]| -> (PathBuf, Option<(usize, usize)>) {
+            sources
                 .iter()
                 .rev()
                 .find_map(|s| {
                     let t = s.text.as_deref()?;
-                    locate_key(t, &path).map(|p| (s.file.clone(), Some(p)))
+                    locate_key(t, path).map(|p| (s.file.clone(), Some(p)))
                 })
-                .unwrap_or_else(|| (sources.last().map(|s| s.file.clone()).unwrap_or(cli.to_path_buf()), None));
-            ConfigError::new(&file, e.into_inner().to_string()).with_key(key).at_opt(pos)
+                .unwrap_or_else(|| (sources.last().map(|s| s.file.clone()).unwrap_or(cli.to_path_buf()), None))
+        };
+        let de = serde_path_to_error::deserialize::<_, Recipe>(tree);
+        let recipe = de.map_err(|e| {
+            let path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
+            let (file, pos) = locate(&path);
+            let mut message = e.into_inner().to_string();
+            if let Some(i) = message.find("expected struct ") {
+                message.truncate(i);
+                message.push_str("expected a map of keys");
+            }
+            ConfigError::new(&file, message).with_key(path.join(".")).at_opt(pos)
         })?;
-        recipe.check_values().map_err(|(key, msg)| ConfigError::new(cli, msg).with_key(key))?;
+        recipe.check_values().map_err(|(key, msg)| {
+            let path: Vec<String> = key.split('.').map(str::to_string).collect();
+            let (file, pos) = if sets.iter().any(|s| s.split('=').next().map(str::trim) == Some(key.as_str())) {
+                (cli.to_path_buf(), None)
+            } else {
+                locate(&path)
+            };
+            ConfigError::new(&file, msg).with_key(key).at_opt(pos)
+        })?;
         Ok(recipe)
     }
 

@@ -69,10 +69,13 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
+/// Names that contain a secret word but are well-known settings, printed as they are.
+const NOT_SECRET: &[&str] = &["TOKENIZERS_PARALLELISM"];
+
 /// Names that must never be printed: they name a token, key, secret or password.
 pub fn is_secret_name(name: &str) -> bool {
     let up = name.to_ascii_uppercase();
-    ["TOKEN", "KEY", "SECRET", "PASSWORD"].iter().any(|w| up.contains(w))
+    !NOT_SECRET.contains(&up.as_str()) && ["TOKEN", "KEY", "SECRET", "PASSWORD"].iter().any(|w| up.contains(w))
 }
 
 pub fn redact_env(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
@@ -560,7 +563,7 @@ mod tests {
         for n in ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "api_key", "DB_PASSWORD"] {
             assert!(is_secret_name(n), "{n}");
         }
-        for n in ["HCCL_CONNECT_TIMEOUT", "PATH", "MASTER_ADDR"] {
+        for n in ["HCCL_CONNECT_TIMEOUT", "PATH", "MASTER_ADDR", "TOKENIZERS_PARALLELISM"] {
             assert!(!is_secret_name(n), "{n}");
         }
     }

@@ -1,0 +1,180 @@
+//! `launch check` on a fake Ascend host: npu-smi and torchrun are small scripts on PATH
+//! (put there by the cluster's own `setup:` line), so every NPU check runs without an NPU.
+//! Each out-of-range variable of the seed's table must be caught and named.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+fn write_exec(path: &Path, body: &str) {
+    std::fs::write(path, body).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn fixture(npu_count: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let bin = root.join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    write_exec(
+        &bin.join("npu-smi"),
+        &format!("#!/bin/sh\n[ \"$1 $2\" = 'info -l' ] || exit 9\nprintf '\\tTotal Count                    : {npu_count}\\n\\n\\tNPU ID : 0\\n'\n"),
+    );
+    write_exec(&bin.join("torchrun"), "#!/bin/sh\nexit 0\n");
+    let work = root.join("work");
+    for d in ["pretrained/InternVL3-8B", "raw_ckpt/InternVL3-8B", "dataset/data", "save_dir"] {
+        std::fs::create_dir_all(work.join(d)).unwrap();
+    }
+    std::fs::write(work.join("dataset/train.jsonl"), "{}\n").unwrap();
+    std::fs::write(work.join("pretrain_vlm.py"), "").unwrap();
+    Fixture { _dir: dir, root }
+}
+
+fn cluster(f: &Fixture, port: u16, env: &[(&str, &str)]) -> PathBuf {
+    let mut y = format!(
+        "hosts: [localhost]\naccelerator: npu\ndevices_per_node: 8\ntemplate: mindspeed-mm-torchrun\n\
+         master: {{port: {port}}}\nworkdir: {work}\nsetup:\n  - export PATH={bin}:$PATH\n\
+         job:\n  load: pretrained/InternVL3-8B\n  save: save_dir\n  data_path: dataset/train.jsonl\n  \
+         data_folder: dataset/data\n  tokenizer: raw_ckpt/InternVL3-8B\nenv:\n  ASCEND_TOOLKIT_HOME: /opt/fake-cann\n",
+        work = f.root.join("work").display(),
+        bin = f.root.join("fakebin").display()
+    );
+    for (k, v) in env {
+        y.push_str(&format!("  {k}: \"{v}\"\n"));
+    }
+    let path = f.root.join("cluster.yaml");
+    std::fs::write(&path, y).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn check(cluster: &Path, extra: &[&str]) -> (i32, Vec<serde_json::Value>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg("--cluster")
+        .arg(cluster)
+        .args(["check", "8b", "--json", "--skip-check", "disk"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{stderr}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.code().unwrap_or(-1), rows, stderr)
+}
+
+fn row<'a>(rows: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
+    rows.iter().find(|r| r["check"] == id).unwrap_or_else(|| panic!("no row {id} in {rows:#?}"))
+}
+
+/// The seed's settings (finetune_internvl3_8B.sh) pass every check.
+const SEED_ENV: &[(&str, &str)] = &[
+    ("ASCEND_SLOG_PRINT_TO_STDOUT", "0"),
+    ("ASCEND_GLOBAL_LOG_LEVEL", "3"),
+    ("TASK_QUEUE_ENABLE", "2"),
+    ("COMBINED_ENABLE", "1"),
+    ("CPU_AFFINITY_CONF", "1"),
+    ("HCCL_CONNECT_TIMEOUT", "1200"),
+    ("HCCL_EXEC_TIMEOUT", "1800"),
+    ("ACLNN_CACHE_LIMIT", "100000"),
+    ("NPU_ASD_ENABLE", "0"),
+    ("ASCEND_LAUNCH_BLOCKING", "0"),
+    ("MULTI_STREAM_MEMORY_REUSE", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+    ("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True"),
+    ("NPUS_PER_NODE", "8"),
+];
+
+#[test]
+fn the_seed_environment_passes_every_check() {
+    let f = fixture(8);
+    let (code, rows, stderr) = check(&cluster(&f, free_port(), SEED_ENV), &[]);
+    let failed: Vec<_> = rows.iter().filter(|r| r["status"] != "ok").collect();
+    assert!(failed.is_empty(), "{failed:#?}\n{stderr}");
+    assert_eq!(code, 0);
+    for id in [
+        "reachable",
+        "ascend-env",
+        "npu-count",
+        "torchrun",
+        "pretrain_vlm.py",
+        "path:load",
+        "path:data_path",
+        "path:tokenizer",
+        "master-port",
+    ] {
+        assert_eq!(row(&rows, id)["status"], "ok", "{id}");
+    }
+    assert_eq!(row(&rows, "npu-count")["found"], "8 devices");
+}
+
+#[test]
+fn every_out_of_range_variable_of_the_seed_table_is_caught() {
+    let bad: &[(&str, &str, &str)] = &[
+        ("HCCL_CONNECT_TIMEOUT", "119", "an integer in [120, 7200]"),
+        ("HCCL_EXEC_TIMEOUT", "17341", "an integer in [68, 17340]"),
+        ("ACLNN_CACHE_LIMIT", "0", "an integer in [1, 10000000]"),
+        ("TASK_QUEUE_ENABLE", "3", "one of 0, 1, 2"),
+        ("COMBINED_ENABLE", "2", "one of 0, 1"),
+        ("CPU_AFFINITY_CONF", "yes", "one of 0, 1, 2"),
+        ("NPU_ASD_ENABLE", "4", "one of 0, 1, 2, 3"),
+        ("ASCEND_LAUNCH_BLOCKING", "true", "one of 0, 1"),
+        ("MULTI_STREAM_MEMORY_REUSE", "-1", "one of 0, 1"),
+        ("ASCEND_GLOBAL_LOG_LEVEL", "5", "one of 0, 1, 2, 3, 4"),
+        ("ASCEND_SLOG_PRINT_TO_STDOUT", "on", "one of 0, 1"),
+        ("TOKENIZERS_PARALLELISM", "maybe", "true or false"),
+        ("NPUS_PER_NODE", "16", "8 (the devices this host runs)"),
+    ];
+    let f = fixture(8);
+    let env: Vec<(&str, &str)> = bad.iter().map(|(k, v, _)| (*k, *v)).collect();
+    let (code, rows, _) = check(&cluster(&f, free_port(), &env), &[]);
+    assert_eq!(code, 3, "failed checks exit 3");
+    for (name, value, expected) in bad {
+        let r = row(&rows, &format!("env:{name}"));
+        assert_eq!(r["status"], "fail", "{name}={value} must fail: {r}");
+        assert_eq!(r["found"], *value);
+        assert_eq!(r["expected"], *expected, "{name}");
+        assert!(r["fix"].as_str().unwrap().contains(name), "the fix names the variable: {r}");
+    }
+    // PYTORCH_NPU_ALLOC_CONF is checked for syntax, separately so the other rows stay readable.
+    let (_, rows, _) = check(&cluster(&f, free_port(), &[("PYTORCH_NPU_ALLOC_CONF", "expandable_segments=True")]), &[]);
+    assert_eq!(row(&rows, "env:PYTORCH_NPU_ALLOC_CONF")["status"], "fail");
+}
+
+#[test]
+fn device_count_mismatch_busy_port_and_skips() {
+    let f = fixture(4);
+    let busy = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let (code, rows, _) = check(&cluster(&f, port, SEED_ENV), &[]);
+    assert_eq!(code, 3);
+    let npu = row(&rows, "npu-count");
+    assert_eq!((npu["status"].as_str(), npu["found"].as_str()), (Some("fail"), Some("4 devices")));
+    assert_eq!(row(&rows, "master-port")["status"], "fail");
+    // Skipping by id and by family removes exactly those rows.
+    let (_, rows, _) = check(&cluster(&f, port, SEED_ENV), &["--skip-check", "npu-count", "--skip-check", "env"]);
+    assert!(rows.iter().all(|r| r["check"] != "npu-count" && !r["check"].as_str().unwrap().starts_with("env:")));
+    assert_eq!(row(&rows, "master-port")["status"], "fail");
+}
+
+#[test]
+fn a_host_without_npu_smi_says_so() {
+    let f = fixture(8);
+    std::fs::remove_file(f.root.join("fakebin/npu-smi")).unwrap();
+    let path = cluster(&f, free_port(), SEED_ENV);
+    // Keep PATH minimal so a real npu-smi elsewhere cannot answer.
+    let text = std::fs::read_to_string(&path).unwrap().replace(":$PATH", ":/usr/bin:/bin");
+    std::fs::write(&path, text).unwrap();
+    let (_, rows, _) = check(&path, &[]);
+    let r = row(&rows, "npu-count");
+    assert_eq!(r["status"], "fail");
+    assert_eq!(r["found"], "npu-smi not found on this host");
+}

@@ -1,0 +1,196 @@
+//! The seed's two layouts dry-run to the groups and MindSpeed-MM commands the seed implies:
+//! InternVL3-8B on 1×8 NPUs (TP1 PP4, 6,8,8,6 / 24,0,0,0) and InternVL3-78B on 2×8 NPUs
+//! (TP8 PP2, 40,40 / 45,0, unaligned linear). Snapshots pin the whole output; the
+//! assertions below name the facts that matter so a snapshot update cannot hide them.
+
+use launch::cluster::ClusterSpec;
+use launch::dryrun;
+use launch::plan::Plan;
+use launch::recipe::Recipe;
+use launch::render::{Rendered, Renderer};
+
+fn dry(cluster_file: &str, model: &str, sets: &[&str]) -> (Plan, Rendered) {
+    let cluster = ClusterSpec::from_file(cluster_file).unwrap();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let recipe = Recipe::resolve(model, Some((&cluster.job, &cluster.origin)), None, &sets).unwrap();
+    let plan = Plan::build(&cluster, &recipe).unwrap();
+    let rendered = Renderer::new(None).unwrap().render_plan(&plan, &cluster).unwrap();
+    (plan, rendered)
+}
+
+fn script_of(r: &Rendered, node: usize) -> &str {
+    &r.nodes[node].units[0].script
+}
+
+fn arg_value<'a>(script: &'a str, flag: &str) -> Option<&'a str> {
+    let mut words = script.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == flag {
+            return words.next();
+        }
+    }
+    None
+}
+
+#[test]
+fn seed_8b_on_one_node_of_eight_npus() {
+    let (plan, r) = dry("clusters/ascend-1x8-8b.yaml", "8b", &[]);
+    assert_eq!((plan.world_size, plan.dims.tp, plan.dims.pp, plan.dims.dp), (8, 1, 4, 2));
+    assert_eq!(plan.groups["pp"], vec![vec![0, 2, 4, 6], vec![1, 3, 5, 7]]);
+    assert_eq!(plan.groups["dp"], vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]);
+    assert_eq!(plan.groups["tp"].len(), 8);
+    assert_eq!((plan.batch.grad_accumulation, plan.batch.global_batch_size), (64, 128));
+    let llm: Vec<usize> = plan.llm_stages.iter().map(|s| s.num_layers).collect();
+    let vit: Vec<usize> = plan.vit_stages.iter().map(|s| s.num_layers).collect();
+    assert_eq!((llm, vit), (vec![6, 8, 8, 6], vec![24, 0, 0, 0]));
+
+    assert_eq!(r.nodes.len(), 1);
+    assert_eq!(r.nodes[0].units.len(), 1, "torchrun starts the 8 local ranks itself");
+    let s = script_of(&r, 0);
+    assert!(s.contains("source /usr/local/Ascend/ascend-toolkit/set_env.sh"));
+    assert!(s.contains("exec torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 6000 pretrain_vlm.py"));
+    for (flag, value) in [
+        ("--tensor-model-parallel-size", "1"),
+        ("--pipeline-model-parallel-size", "4"),
+        ("--micro-batch-size", "1"),
+        ("--global-batch-size", "128"),
+        ("--seq-length", "4096"),
+        ("--lr", "2e-5"),
+        ("--min-lr", "0.0"),
+        ("--train-iters", "5000"),
+        ("--lr-decay-style", "cosine"),
+        ("--weight-decay", "0.05"),
+        ("--clip-grad", "1.0"),
+        ("--save-interval", "5000"),
+        ("--load", "pretrained/InternVL3-8B"),
+        ("--save", "save_dir"),
+        ("--distributed-backend", "nccl"),
+    ] {
+        assert_eq!(arg_value(s, flag), Some(value), "{flag}");
+    }
+    for flag in [
+        "--variable-seq-lengths",
+        "--use-distributed-optimizer",
+        "--bf16",
+        "--no-load-optim",
+        "--no-save-rng",
+        "--log-tps",
+    ] {
+        assert!(s.split_whitespace().any(|w| w == flag), "{flag} missing");
+    }
+    for absent in [
+        "--unaligned-linear",
+        "--sequence-parallel",
+        "--virtual-pipeline-model-parallel-size",
+        "--context-parallel-algo",
+    ] {
+        assert!(!s.contains(absent), "{absent} must not be there");
+    }
+    let env = &r.nodes[0].units[0].env;
+    assert_eq!(env["HCCL_CONNECT_TIMEOUT"], "1200");
+    assert_eq!(env["ASCEND_RT_VISIBLE_DEVICES"], "0,1,2,3,4,5,6,7");
+    assert_eq!(env["NPUS_PER_NODE"], "8");
+    assert_eq!(env["WORLD_SIZE"], "8");
+
+    let model = launch::render::mindspeed_model_json(&plan);
+    assert_eq!(model["text_decoder"]["pipeline_num_layers"], serde_json::json!([6, 8, 8, 6]));
+    assert_eq!(model["image_encoder"]["vision_encoder"]["pipeline_num_layers"], serde_json::json!([24, 0, 0, 0]));
+    assert_eq!(model["image_encoder"]["vision_encoder"]["freeze"], true);
+    let data = launch::render::mindspeed_data_json(&plan);
+    assert_eq!(data["dataset_param"]["tokenizer_config"]["from_pretrained"], "raw_ckpt/InternVL3-8B");
+
+    insta::assert_snapshot!("seed_8b_dry_run", dryrun::to_text(&plan, &r));
+}
+
+#[test]
+fn seed_78b_on_two_nodes_of_eight_npus() {
+    let (plan, r) = dry("clusters/ascend-2x8-78b.yaml", "78b", &[]);
+    assert_eq!((plan.world_size, plan.nnodes, plan.dims.tp, plan.dims.pp, plan.dims.dp), (16, 2, 8, 2, 1));
+    assert_eq!(plan.groups["tp"], vec![(0..8).collect::<Vec<_>>(), (8..16).collect()]);
+    assert_eq!(plan.groups["pp"], (0..8).map(|i| vec![i, i + 8]).collect::<Vec<_>>());
+    for row in &plan.ranks {
+        assert_eq!(row.node_rank, row.rank / 8, "tp groups stay on one node");
+    }
+    let vit: Vec<usize> = plan.vit_stages.iter().map(|s| s.num_layers).collect();
+    assert_eq!(vit, vec![45, 0]);
+
+    assert_eq!(r.nodes.len(), 2);
+    for (node, s) in [(0, script_of(&r, 0)), (1, script_of(&r, 1))] {
+        assert!(
+            s.contains(&format!(
+                "--nproc_per_node 8 --nnodes 2 --node_rank {node} --master_addr 192.0.2.11 --master_port 6000"
+            )),
+            "{s}"
+        );
+        assert!(s.split_whitespace().any(|w| w == "--unaligned-linear"), "the 25-head ViT needs unaligned TP");
+        assert_eq!(arg_value(s, "--tensor-model-parallel-size"), Some("8"));
+        assert_eq!(arg_value(s, "--pipeline-model-parallel-size"), Some("2"));
+        assert_eq!(arg_value(s, "--global-batch-size"), Some("128"));
+    }
+    let model = launch::render::mindspeed_model_json(&plan);
+    assert_eq!(model["text_decoder"]["pipeline_num_layers"], serde_json::json!([40, 40]));
+    assert_eq!(model["image_encoder"]["vision_encoder"]["num_attention_heads"], 25);
+    assert_eq!(model["image_encoder"]["vision_encoder"]["qk_layernorm"], true);
+
+    insta::assert_snapshot!("seed_78b_dry_run", dryrun::to_text(&plan, &r));
+}
+
+#[test]
+fn parallel_mode_flags_follow_the_seed_rules() {
+    // TP-SP: --unaligned-linear --sequence-parallel; CP: --context-parallel-algo; VPP: its size.
+    let (_, r) = dry(
+        "clusters/ascend-2x8-78b.yaml",
+        "78b",
+        &[
+            "parallel.sequence_parallel=true",
+            "parallel.vpp=2",
+            "parallel.llm_pp_layers=[20,20,20,20]",
+            "parallel.vit_pp_layers=[45,0,0,0]",
+        ],
+    );
+    let s = script_of(&r, 0);
+    assert!(s.contains("--unaligned-linear --sequence-parallel"));
+    assert_eq!(arg_value(s, "--virtual-pipeline-model-parallel-size"), Some("2"));
+    let (_, r) = dry(
+        "clusters/ascend-1x8-8b.yaml",
+        "8b",
+        &["parallel.cp=2", "parallel.pp=1", "parallel.llm_pp_layers=null", "parallel.vit_pp_layers=null"],
+    );
+    let s = script_of(&r, 0);
+    assert_eq!(arg_value(s, "--context-parallel-algo"), Some("megatron_cp_algo"));
+    assert!(!s.contains("--variable-seq-lengths"), "only pipeline parallelism needs it");
+}
+
+#[test]
+fn msrun_template_renders_the_mindspore_launch() {
+    let cluster = ClusterSpec::from_file("clusters/ascend-2x8-78b.yaml").unwrap();
+    let mut cluster = cluster;
+    cluster.template = launch::cluster::Template::MindspeedMmMsrun;
+    let recipe = Recipe::resolve("78b", Some((&cluster.job, &cluster.origin)), None, &[]).unwrap();
+    let plan = Plan::build(&cluster, &recipe).unwrap();
+    let r = Renderer::new(None).unwrap().render_plan(&plan, &cluster).unwrap();
+    let s = script_of(&r, 1);
+    assert!(s.contains("exec msrun --local_worker_num 8 --worker_num 16 --node_rank 1 --master_addr 192.0.2.11 --master_port 6000 --log_dir msrun_log --bind_core=True --join=True pretrain_vlm.py"), "{s}");
+    assert!(s.trim_end().ends_with("--ai-framework mindspore"));
+}
+
+#[test]
+fn json_dry_run_is_the_same_plan_with_secrets_redacted() {
+    let text = std::fs::read_to_string("clusters/gpu-node.yaml").unwrap();
+    let text = text.replacen("\nenv:\n", "\nenv:\n  HF_TOKEN: hf_very_secret_value\n", 1);
+    assert!(text.contains("HF_TOKEN"), "the example has an env map to extend");
+    let cluster = ClusterSpec::from_str(&text, std::path::Path::new("gpu.yaml")).unwrap();
+    let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &[]).unwrap();
+    let plan = Plan::build(&cluster, &recipe).unwrap();
+    let r = Renderer::new(None).unwrap().render_plan(&plan, &cluster).unwrap();
+    let json = dryrun::to_json(&plan, &r);
+    let text_out = dryrun::to_text(&plan, &r);
+    for out in [&json, &text_out] {
+        assert!(!out.contains("hf_very_secret_value"), "secret leaked");
+        assert!(out.contains("HF_TOKEN"));
+    }
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["plan"]["world_size"], plan.world_size);
+    assert_eq!(v["launch"]["nodes"][0]["units"][0]["env"]["HF_TOKEN"], "<redacted>");
+    assert_eq!(v["plan"]["ranks"].as_array().unwrap().len(), plan.world_size);
+}
