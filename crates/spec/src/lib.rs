@@ -12,11 +12,13 @@
 //!
 //! The MM checkpoint format (names, manifest) will live in a `checkpoint` module next to these.
 
+pub mod checkpoint;
 pub mod error;
 pub mod layout;
 pub mod presets;
 pub mod progress;
 
+pub use checkpoint::{CheckpointError, DType, HfLayout, Iteration, LayoutRequest, Manifest, MmLayout, SplitKind};
 pub use error::SpecError;
 pub use layout::{
     attention_partition, layer_owner, split_layers, stages_of, tp_partition, validate_model_layout, AttentionShard,

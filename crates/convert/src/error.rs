@@ -1,0 +1,150 @@
+//! [`ConvertError`] and [`Problem`]: what can go wrong reading, checking and writing checkpoints.
+//!
+//! Checks that can find many things wrong at once (keys, shapes, dtypes, shard files) collect
+//! [`Problem`]s and fail with one [`ConvertError::Invalid`], so a user fixes a checkpoint in one
+//! round. Every message names the file, the tensor key, what was found, what was expected and
+//! how to fix it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use mm_spec::CheckpointError;
+
+/// How many problems a message lists before it summarizes the rest.
+const MAX_LISTED: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+
+    #[error("{what} is not usable ({} problem{}):\n{}", problems.len(), plural(problems.len()), list(problems))]
+    Invalid { what: String, problems: Vec<Problem> },
+
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+
+    #[error(
+        "{} already exists: pass --force to replace it (the old folder is removed only once the new \
+         one is complete), or choose another output folder",
+        path.display()
+    )]
+    OutputExists { path: PathBuf },
+
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("conversion stopped: {0}")]
+    Cancelled(String),
+}
+
+impl ConvertError {
+    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        ConvertError::Io { action, path: path.to_path_buf(), source }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    let mut out: Vec<String> = problems.iter().take(MAX_LISTED).map(|p| format!("  - {p}")).collect();
+    if problems.len() > MAX_LISTED {
+        out.push(format!("  … and {} more of the same kinds", problems.len() - MAX_LISTED));
+    }
+    out.join("\n")
+}
+
+/// One thing wrong with a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The index names a shard file that is not there.
+    MissingShard { index: PathBuf, file: String, keys: usize, example: String },
+    /// A safetensors file that cannot be parsed.
+    Corrupt { file: PathBuf, reason: String },
+    /// The index and a shard file disagree about where a tensor is.
+    IndexMismatch { index: PathBuf, key: String, detail: String },
+    /// A tensor no InternVL3 key maps to.
+    UnknownKey { file: PathBuf, key: String, layout: String },
+    /// A tensor the architecture needs but the checkpoint lacks.
+    MissingKey { key: String, layout: String },
+    /// A tensor whose shape disagrees with config.json.
+    Shape { file: PathBuf, key: String, found: Vec<usize>, expected: Vec<usize>, source: String },
+    /// A dtype the engine cannot train.
+    Dtype { file: PathBuf, key: String, found: String },
+    /// The parts of one logical tensor (the -hf q/k/v of the fused ViT qkv) have different dtypes.
+    MixedDtypes { key: String, found: Vec<String> },
+    /// A shard file of an MM checkpoint disagrees with its manifest.
+    Manifest { file: PathBuf, key: String, detail: String },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::MissingShard { index, file, keys, example } => write!(
+                f,
+                "{} lists shard {file:?} for {keys} tensor{} (e.g. {example:?}) but the file does not exist: \
+                 download or copy the missing shard next to the index",
+                index.display(),
+                plural(*keys)
+            ),
+            Problem::Corrupt { file, reason } => write!(
+                f,
+                "{}: not a readable safetensors file: {reason}; the file is truncated or damaged, download or \
+                 copy it again",
+                file.display()
+            ),
+            Problem::IndexMismatch { index, key, detail } => {
+                write!(f, "{}: tensor {key:?}: {detail}; regenerate the index or fix the shard", index.display())
+            }
+            Problem::UnknownKey { file, key, layout } => write!(
+                f,
+                "{}: tensor {key:?} is not part of an InternVL3 checkpoint in the {layout} layout: remove it, or \
+                 check that config.json describes this checkpoint",
+                file.display()
+            ),
+            Problem::MissingKey { key, layout } => write!(
+                f,
+                "tensor {key:?} is missing: the {layout} layout of the model described by config.json needs it; \
+                 the checkpoint is incomplete or config.json belongs to another model"
+            ),
+            Problem::Shape { file, key, found, expected, source } => write!(
+                f,
+                "{}: tensor {key:?} has shape {found:?} but {source} implies {expected:?}: config.json and the \
+                 weights describe different models; use the config.json that came with these weights",
+                file.display()
+            ),
+            Problem::Dtype { file, key, found } => write!(
+                f,
+                "{}: tensor {key:?} is {found}, which the engine cannot train (it needs BF16, F16 or F32): \
+                 dequantize the checkpoint first (quantized and boolean weights are not supported)",
+                file.display()
+            ),
+            Problem::MixedDtypes { key, found } => write!(
+                f,
+                "the parts of {key:?} have different dtypes {found:?}: pass --dtype bf16|fp16|fp32 to convert \
+                 them to one"
+            ),
+            Problem::Manifest { file, key, detail } => {
+                write!(
+                    f,
+                    "{}: tensor {key:?}: {detail}; the checkpoint was damaged or edited after it was written",
+                    file.display()
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! `hf-to-mm`: an HF checkpoint split into the MM layout, streamed.
+//!
+//! Order of work: refuse an existing output → open the HF folder (config, every header) →
+//! resolve the layout against config.json → plan every tensor (mm_spec) → map every planned
+//! tensor to its HF source, checking keys, shapes and dtypes → only then create
+//! `<mm_dir>.tmp-<pid>`, write one safetensors file per (tp, pp) rank in parallel, the manifest,
+//! the assets and `latest_checkpointed_iteration.txt`, and rename it into place.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use mm_spec::checkpoint::{
+    file_order, iteration_dir, latest_path, plan_checkpoint, rank_dir_name, PlannedTensor, SourceInfo, FORMAT_VERSION,
+    HF_ASSETS_DIR, MANIFEST_FILE, SHARD_FILE,
+};
+use mm_spec::{DType, Iteration, LayoutRequest, Manifest, MmLayout};
+
+use crate::error::ConvertError;
+use crate::hf::{HfCheckpoint, SourcePart};
+use crate::split::{split_ops, SplitOp};
+use crate::write::{
+    copy_files, run_parallel, st_dtype, thread_count, write_text, OutputDir, Releaser, SafetensorsWriter, TensorHeader,
+    RELEASE_STEP,
+};
+
+/// Options of `hf-to-mm`.
+#[derive(Debug, Clone)]
+pub struct HfToMm {
+    pub hf_dir: PathBuf,
+    pub mm_dir: PathBuf,
+    pub layout: LayoutRequest,
+    /// Convert every tensor to this dtype; None keeps each tensor's dtype.
+    pub dtype: Option<DType>,
+    pub force: bool,
+    pub threads: Option<usize>,
+}
+
+/// What a conversion wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub out_dir: PathBuf,
+    pub files: usize,
+    pub tensors: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+pub fn hf_to_mm(o: &HfToMm) -> Result<Summary, ConvertError> {
+    let started = Instant::now();
+    let mut out = OutputDir::prepare(&o.mm_dir, o.force)?;
+    let ckpt = HfCheckpoint::open(&o.hf_dir)?;
+    let arch = &ckpt.config.arch;
+    let layout = MmLayout::resolve(arch, &o.layout).map_err(|e| ConvertError::Config {
+        path: ckpt.dir.join(crate::hf::CONFIG_FILE),
+        message: format!(
+            "the model it describes does not fit the requested layout: {e}\n(mm-convert spells the options \
+             --tp, --vpp, --llm-pp-layers, --vit-pp-layers, --unaligned-linear)"
+        ),
+    })?;
+    let plan = plan_checkpoint(arch, &layout)?;
+    let sources = ckpt.map_sources(&plan, o.dtype)?;
+    // Every part of a tensor has one dtype unless --dtype converts them (map_sources checked).
+    let dtypes: Vec<DType> =
+        sources.iter().map(|parts| o.dtype.or(parts.first().map(|p| p.dtype)).unwrap_or(DType::F32)).collect();
+
+    let iteration = Iteration::Release;
+    let assets = ckpt.asset_names();
+    let mut manifest = Manifest::new(iteration, arch, &layout, &plan, |i| dtypes[i]);
+    manifest.source = Some(SourceInfo {
+        hf_dir: ckpt.dir.display().to_string(),
+        layout: ckpt.layout,
+        files: ckpt.files.len(),
+        tensors: ckpt.keys.len(),
+        bytes: ckpt.total_bytes(),
+    });
+    manifest.dtype = o.dtype;
+    manifest.hf_assets = assets.clone();
+    tracing::info!(
+        "{} ({} layout, {} tensors) → tp {} pp {}{} ({} files)",
+        ckpt.dir.display(),
+        ckpt.layout,
+        ckpt.keys.len(),
+        layout.tp,
+        layout.pp,
+        layout.vpp.map(|v| format!(" vpp {v}")).unwrap_or_default(),
+        manifest.files.len()
+    );
+
+    let root = out.create()?.to_path_buf();
+    let iter_dir = iteration_dir(&root, iteration);
+    fs::create_dir(&iter_dir).map_err(|e| ConvertError::io("create", &iter_dir, e))?;
+    for (tp, pp, _) in layout.files() {
+        let d = iter_dir.join(rank_dir_name(tp, pp, layout.pp));
+        fs::create_dir(&d).map_err(|e| ConvertError::io("create", &d, e))?;
+    }
+
+    let jobs: Vec<(usize, usize, u64)> = manifest.files.iter().map(|f| (f.tp_rank, f.pp_rank, f.bytes)).collect();
+    let threads = thread_count(o.threads, jobs.len());
+    run_parallel(
+        &jobs,
+        threads,
+        |j| j.2,
+        |&(tp, pp, _), cancel| {
+            let path = iter_dir.join(rank_dir_name(tp, pp, layout.pp)).join(SHARD_FILE);
+            write_shard(&ckpt, &plan, &sources, &dtypes, tp, pp, &path, cancel)
+        },
+    )?;
+
+    let manifest_json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| ConvertError::Usage(format!("internal error: manifest does not serialize: {e}")))?;
+    write_text(&iter_dir.join(MANIFEST_FILE), &manifest_json)?;
+    copy_files(&ckpt.dir, &iter_dir.join(HF_ASSETS_DIR), &assets)?;
+    write_text(&latest_path(&root), &iteration.latest_text())?;
+    let out_dir = out.commit()?;
+    Ok(Summary {
+        out_dir,
+        files: manifest.files.len(),
+        tensors: plan.len(),
+        bytes: manifest.files.iter().map(|f| f.bytes).sum(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes tp rank `tp`'s file of pp rank `pp`.
+#[allow(clippy::too_many_arguments)]
+fn write_shard(
+    ckpt: &HfCheckpoint,
+    plan: &[PlannedTensor],
+    sources: &[Vec<SourcePart>],
+    dtypes: &[DType],
+    tp: usize,
+    pp: usize,
+    path: &std::path::Path,
+    cancel: &AtomicBool,
+) -> Result<(), ConvertError> {
+    let order = file_order(plan, pp);
+    let headers = order
+        .iter()
+        .map(|&i| TensorHeader {
+            name: plan[i].local_key.clone(),
+            dtype: st_dtype(dtypes[i]),
+            shape: plan[i].shards[tp].shape.clone(),
+        })
+        .collect();
+    let version = FORMAT_VERSION.to_string();
+    let mut w = SafetensorsWriter::create(path, headers, &[("format", "pt"), ("mm_format_version", &version)])?;
+    for &i in &order {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ConvertError::Cancelled("another output file failed".into()));
+        }
+        let t = &plan[i];
+        let parts = &sources[i];
+        let part_rows: Vec<usize> = parts.iter().map(|p| p.meta.shape.first().copied().unwrap_or(1)).collect();
+        let row_elems: usize = t.shape.iter().skip(1).product();
+        let to = dtypes[i];
+        let mut releasers: Vec<Releaser> =
+            parts.iter().map(|p| Releaser::new(&ckpt.files[p.file].map, p.meta.start, p.meta.end)).collect();
+        for op in split_ops(&part_rows, row_elems, &t.shards[tp].pieces) {
+            match op {
+                SplitOp::Copy { part, offset, len } => {
+                    let p = &parts[part];
+                    let es = p.dtype.size_bytes();
+                    let bytes = ckpt.files[p.file].bytes(&p.meta);
+                    // In steps, so the pages behind the reader can be dropped (RELEASE_STEP is a
+                    // multiple of every element size).
+                    let (mut a, b) = (offset * es, (offset + len) * es);
+                    while a < b {
+                        let e = (a + RELEASE_STEP).min(b);
+                        w.write_converted(&bytes[a..e], p.dtype, to)?;
+                        releasers[part].advance(p.meta.start + e);
+                        a = e;
+                    }
+                }
+                SplitOp::Zeros { len } => w.write_zeros(len * to.size_bytes())?,
+            }
+        }
+        w.end_tensor()?;
+        releasers.into_iter().for_each(Releaser::finish);
+    }
+    w.finish()
+}
