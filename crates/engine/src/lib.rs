@@ -1,5 +1,23 @@
 //! mm-engine: InternVL3 supervised fine-tuning on libtorch (tch), distributed through
 //! libtorch's own c10d (Gloo on CPU, NCCL on CUDA).
+//!
+//! - [`model`]: the architecture (InternViT, pixel shuffle + mlp1, Qwen2), parameter paths =
+//!   original checkpoint keys.
+//! - [`weights`]: safetensors I/O, checkpoint key maps, HF folders.
+//! - [`tokenizer`]: tokenizer.json and InternVL's special tokens.
+//! - [`data`]: records, tiling, video, template, batching, prefetch.
+//! - [`train`]: the loop, AdamW, schedule, loss reductions, checkpoints.
+//! - [`eval`], [`synth`]: the `eval` and `synth` subcommands.
+//! - [`dist`]: c10d process groups.
 
+pub mod data;
 pub mod dist;
 pub mod doctor;
+pub mod eval;
+pub mod model;
+pub mod rng;
+pub mod session;
+pub mod synth;
+pub mod tokenizer;
+pub mod train;
+pub mod weights;

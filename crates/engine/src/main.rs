@@ -4,6 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mm_engine::dist::{env::DistEnv, selftest};
+use mm_engine::eval::EvalArgs;
+use mm_engine::synth::SynthArgs;
+use mm_engine::train::args::TrainArgs;
 
 #[derive(Parser)]
 #[command(name = "mm-engine", version, about = "InternVL3 fine-tuning engine on libtorch (tch) with c10d collectives")]
@@ -14,6 +17,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune InternVL3 (Megatron/MindSpeed flag names, as the launcher renders them).
+    Train(Box<TrainArgs>),
+    /// Loss of a checkpoint on a data set, per sample and in total, without training.
+    Eval(Box<EvalArgs>),
+    /// Write a tiny InternVL3-shaped checkpoint with tokenizer and a synthetic data set.
+    Synth(SynthArgs),
     /// Report the libtorch version, CUDA/NCCL availability, and check a CPU tensor.
     Doctor {
         /// Print JSON instead of a table.
@@ -45,6 +54,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(a) => mm_engine::train::trainer::run(*a)?,
+        Command::Eval(a) => {
+            mm_engine::eval::run(*a)?;
+        }
+        Command::Synth(a) => mm_engine::synth::run(a)?,
         Command::Doctor { json } => {
             let d = mm_engine::doctor::collect();
             if json {

@@ -3,4 +3,5 @@
 
 pub mod c10d;
 pub mod env;
+pub mod groups;
 pub mod selftest;

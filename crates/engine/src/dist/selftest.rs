@@ -125,3 +125,24 @@ pub fn run(env: &DistEnv, device: Device, bytes: usize) -> Result<CheckReport, C
         allreduce_busbw_gbps: if w > 1 { busbw } else { 0.0 },
     })
 }
+
+/// Builds this rank's tp/cp/dp/pp/dp_cp groups from the layout and checks each one: an
+/// all-reduce of the global ranks must give the sum over exactly the ranks the layout puts
+/// in that group. Proves the launcher's rank table and the engine's communicators agree.
+pub fn check_groups(
+    env: &DistEnv,
+    dims: mm_spec::layout::ParallelDims,
+    device: Device,
+) -> Result<Vec<(String, Vec<usize>)>, CheckError> {
+    let groups = super::groups::ParallelGroups::init(env, dims, Backend::for_device(device))?;
+    let mut seen = Vec::new();
+    for g in groups.groups() {
+        let mut t = Tensor::full([1], env.rank as f64, (Kind::Float, device));
+        g.pg.all_reduce(&mut t, ReduceOp::Sum)?;
+        let want = g.ranks.iter().sum::<usize>() as f64;
+        expect(env.rank, "group all_reduce", &t, vec![want])?;
+        seen.push((format!("{:?}", g.kind).to_lowercase(), g.ranks.clone()));
+    }
+    groups.world.barrier()?;
+    Ok(seen)
+}

@@ -1,0 +1,107 @@
+//! InternVL3 (`InternVLChatModel`): InternViT → pixel shuffle → `mlp1` → Qwen2, with the image
+//! embeddings written over the `<IMG_CONTEXT>` token embeddings in order.
+//!
+//! The model knows nothing of parallelism, precision policy or freezing: it builds its
+//! parameters in a VarStore under the original OpenGVLab keys (`vision_model.*`, `mlp1.*`,
+//! `language_model.*`) and computes logits. Freezing is `requires_grad` on the variables; a
+//! frozen ViT fed with pixels that need no grad builds no autograd graph by itself.
+
+use mm_spec::ModelPreset;
+use tch::nn::Path;
+use tch::{Kind, Tensor};
+
+use super::projector::{pixel_shuffle, Projector};
+use super::qwen2::Qwen2;
+use super::vit::VisionModel;
+
+/// One forward's inputs, already on the model's device.
+#[derive(Debug)]
+pub struct ModelInput {
+    /// [B, T] token ids.
+    pub input_ids: Tensor,
+    /// [B, T] true where the token is real (not padding).
+    pub attention_mask: Tensor,
+    /// [N, 3, S, S] tiles of every image/frame of the batch in token order; None when the
+    /// batch has no `<IMG_CONTEXT>` token.
+    pub pixel_values: Option<Tensor>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error(
+        "the batch has {tokens} <IMG_CONTEXT> tokens but {tiles} tiles give {features} image \
+         features ({per_tile} per tile): every tile must have exactly {per_tile} context tokens"
+    )]
+    ImageTokenMismatch { tokens: i64, tiles: i64, features: i64, per_tile: i64 },
+    #[error("tensor operation failed: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+#[derive(Debug)]
+pub struct InternVL {
+    pub cfg: ModelPreset,
+    pub vision_model: VisionModel,
+    pub mlp1: Projector,
+    pub language_model: Qwen2,
+    pub img_context_id: i64,
+    shuffle: i64,
+}
+
+impl InternVL {
+    /// Builds every parameter under `root` (normally `vs.root()`); `tie_lm_head` shares the
+    /// output projection with `embed_tokens` (for checkpoints without `lm_head`).
+    pub fn new(root: &Path, cfg: &ModelPreset, img_context_id: i64, tie_lm_head: bool) -> InternVL {
+        let shuffle = (1.0 / cfg.downsample_ratio).round() as i64;
+        InternVL {
+            cfg: cfg.clone(),
+            vision_model: VisionModel::new(root.sub("vision_model"), &cfg.vision),
+            mlp1: Projector::new(root.sub("mlp1"), cfg.projector_in() as i64, cfg.llm.hidden_size as i64),
+            language_model: Qwen2::new(root.sub("language_model"), &cfg.llm, tie_lm_head),
+            img_context_id,
+            shuffle,
+        }
+    }
+
+    /// Image tokens per tile (256 at 448 px, 16 for the tiny preset).
+    pub fn tokens_per_tile(&self) -> i64 {
+        self.cfg.num_image_token() as i64
+    }
+
+    /// Tiles [N, 3, S, S] → image embeddings [N, tokens_per_tile, H].
+    pub fn embed_images(&self, pixel_values: &Tensor, train: bool) -> Tensor {
+        let h = self.vision_model.forward(pixel_values, train);
+        let (n, t, c) = h.size3().expect("vit output is [N, 1 + G², C]");
+        let g = ((t - 1) as f64).sqrt().round() as i64;
+        let grid = h.narrow(1, 1, t - 1).reshape([n, g, g, c]);
+        self.mlp1.forward(&pixel_shuffle(&grid, self.shuffle))
+    }
+
+    /// Input embeddings with the image features scattered over the `<IMG_CONTEXT>` positions.
+    pub fn input_embeddings(&self, input: &ModelInput, train: bool) -> Result<Tensor, ForwardError> {
+        let embeds = self.language_model.embed(&input.input_ids);
+        let selected = input.input_ids.eq(self.img_context_id);
+        let tokens = selected.sum(Kind::Int64).int64_value(&[]);
+        let per_tile = self.tokens_per_tile();
+        let tiles = input.pixel_values.as_ref().map(|p| p.size()[0]).unwrap_or(0);
+        if tokens != tiles * per_tile {
+            return Err(ForwardError::ImageTokenMismatch { tokens, tiles, features: tiles * per_tile, per_tile });
+        }
+        let Some(pixels) = input.pixel_values.as_ref().filter(|_| tiles > 0) else {
+            return Ok(embeds);
+        };
+        let features = self.embed_images(pixels, train).to_kind(embeds.kind());
+        let mask = selected.unsqueeze(-1).expand_as(&embeds);
+        Ok(embeds.f_masked_scatter(&mask, &features)?)
+    }
+
+    /// Final hidden states [B, T, H].
+    pub fn hidden_states(&self, input: &ModelInput, train: bool) -> Result<Tensor, ForwardError> {
+        let embeds = self.input_embeddings(input, train)?;
+        Ok(self.language_model.forward_embeds(&embeds, &input.attention_mask))
+    }
+
+    /// Logits [B, T, V].
+    pub fn forward(&self, input: &ModelInput, train: bool) -> Result<Tensor, ForwardError> {
+        Ok(self.language_model.logits(&self.hidden_states(input, train)?))
+    }
+}

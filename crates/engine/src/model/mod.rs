@@ -1,0 +1,10 @@
+//! InternVL3 architecture only: parameter paths equal the original OpenGVLab checkpoint keys.
+//! Nothing here knows about parallelism, precision policy, data or checkpoints on disk.
+
+pub mod internvl;
+pub mod layers;
+pub mod projector;
+pub mod qwen2;
+pub mod vit;
+
+pub use internvl::{ForwardError, InternVL, ModelInput};

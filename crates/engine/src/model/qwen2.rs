@@ -1,0 +1,205 @@
+//! Qwen2 / Qwen2.5 decoder, the language model of every InternVL3 size.
+//!
+//! Quirks worth knowing: q/k/v projections have a bias, o_proj does not; grouped-query
+//! attention (kv heads repeated to the query heads); RoPE with θ from the config, computed in
+//! fp32 (cos/sin of `position · inv_freq`, halves rotated as in `rotate_half`); RMSNorm in fp32;
+//! SwiGLU MLP without bias; `lm_head` untied in InternVL3 (tied only when a checkpoint lacks it).
+//!
+//! Attention goes through `scaled_dot_product_attention` with an explicit boolean mask
+//! (causal ∧ key is not padding), so padded batches need no pad-id convention.
+//! Parameter paths are the original checkpoint keys under `language_model.`.
+
+use mm_spec::LlmConfig;
+use tch::nn::Path;
+use tch::{Device, Kind, Tensor};
+
+use super::layers::{normal_init, Linear, RmsNorm};
+
+#[derive(Debug)]
+pub struct Qwen2Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+#[derive(Debug)]
+pub struct Qwen2Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Debug)]
+pub struct Qwen2Layer {
+    pub self_attn: Qwen2Attention,
+    pub mlp: Qwen2Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+/// cos and sin for RoPE, [B or 1, T, head_dim], in the activations' dtype.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// `positions` [B, T] (i64). Computed as transformers does: inv_freq in fp32, the product
+    /// with the positions in fp32, then cos/sin cast to `kind`.
+    pub fn new(positions: &Tensor, head_dim: i64, theta: f64, kind: Kind) -> Rope {
+        let device = positions.device();
+        let exponent =
+            Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / head_dim as f64;
+        let inv_freq = Tensor::pow_scalar(theta, &exponent).reciprocal();
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+    }
+
+    /// x [B, H, T, D] → x·cos + rotate_half(x)·sin.
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let d = x.size()[3];
+        let x1 = x.narrow(-1, 0, d / 2);
+        let x2 = x.narrow(-1, d / 2, d / 2);
+        let rotated = Tensor::cat(&[x2.neg(), x1], -1);
+        let cos = self.cos.unsqueeze(1);
+        let sin = self.sin.unsqueeze(1);
+        x * cos + rotated * sin
+    }
+}
+
+/// Repeats each kv head `n` times: [B, KV, T, D] → [B, KV·n, T, D] (transformers' repeat_kv).
+fn repeat_kv(x: Tensor, n: i64) -> Tensor {
+    if n == 1 {
+        return x;
+    }
+    let (b, kv, t, d) = x.size4().expect("kv states are [B, KV, T, D]");
+    x.unsqueeze(2).expand([b, kv, n, t, d], false).reshape([b, kv * n, t, d])
+}
+
+impl Qwen2Attention {
+    fn new(p: Path, cfg: &LlmConfig) -> Qwen2Attention {
+        let h = cfg.hidden_size as i64;
+        let d = cfg.head_dim() as i64;
+        let heads = cfg.num_attention_heads as i64;
+        let kv = cfg.num_key_value_heads as i64;
+        Qwen2Attention {
+            q_proj: Linear::new(p.sub("q_proj"), h, heads * d, true),
+            k_proj: Linear::new(p.sub("k_proj"), h, kv * d, true),
+            v_proj: Linear::new(p.sub("v_proj"), h, kv * d, true),
+            o_proj: Linear::new(p.sub("o_proj"), heads * d, h, false),
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Tensor {
+        let (b, t, _) = x.size3().expect("llm hidden states are [B, T, H]");
+        let d = self.head_dim;
+        let split = |y: Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2);
+        let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
+        let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let rep = self.heads / self.kv_heads;
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &repeat_kv(k, rep),
+            &repeat_kv(v, rep),
+            Some(mask),
+            0.0,
+            false,
+            None,
+            false,
+        );
+        self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * d]))
+    }
+}
+
+impl Qwen2Layer {
+    fn new(p: Path, cfg: &LlmConfig) -> Qwen2Layer {
+        let h = cfg.hidden_size as i64;
+        let i = cfg.intermediate_size as i64;
+        let mlp = p.sub("mlp");
+        Qwen2Layer {
+            self_attn: Qwen2Attention::new(p.sub("self_attn"), cfg),
+            mlp: Qwen2Mlp {
+                gate_proj: Linear::new(mlp.sub("gate_proj"), h, i, false),
+                up_proj: Linear::new(mlp.sub("up_proj"), h, i, false),
+                down_proj: Linear::new(mlp.sub("down_proj"), i, h, false),
+            },
+            input_layernorm: RmsNorm::new(p.sub("input_layernorm"), h, cfg.rms_norm_eps),
+            post_attention_layernorm: RmsNorm::new(p.sub("post_attention_layernorm"), h, cfg.rms_norm_eps),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Tensor {
+        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask);
+        let n = self.post_attention_layernorm.forward(&h);
+        let m = self.mlp.down_proj.forward(&(self.mlp.gate_proj.forward(&n).silu() * self.mlp.up_proj.forward(&n)));
+        h + m
+    }
+}
+
+/// `language_model`: `model.{embed_tokens, layers, norm}` and `lm_head`.
+#[derive(Debug)]
+pub struct Qwen2 {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Qwen2Layer>,
+    pub norm: RmsNorm,
+    /// The untied output projection; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    head_dim: i64,
+    rope_theta: f64,
+}
+
+/// The boolean attention mask [B, 1, T, T]: query i sees key j when j ≤ i and j is not padding.
+pub fn causal_padding_mask(attention_mask: &Tensor) -> Tensor {
+    let (b, t) = attention_mask.size2().expect("attention mask is [B, T]");
+    let causal = Tensor::ones([t, t], (Kind::Bool, attention_mask.device())).tril(0);
+    causal.view([1, 1, t, t]).logical_and(&attention_mask.to_kind(Kind::Bool).view([b, 1, 1, t]))
+}
+
+impl Qwen2 {
+    pub fn new(p: Path, cfg: &LlmConfig, tie_lm_head: bool) -> Qwen2 {
+        let h = cfg.hidden_size as i64;
+        let v = cfg.vocab_size as i64;
+        let m = p.sub("model");
+        let embed_tokens = m.sub("embed_tokens").var("weight", &[v, h], normal_init());
+        let layers = (0..cfg.num_hidden_layers).map(|i| Qwen2Layer::new(m.sub("layers").sub(i), cfg)).collect();
+        let norm = RmsNorm::new(m.sub("norm"), h, cfg.rms_norm_eps);
+        let lm_head = (!tie_lm_head).then(|| p.sub("lm_head").var("weight", &[v, h], normal_init()));
+        Qwen2 { embed_tokens, layers, norm, lm_head, head_dim: cfg.head_dim() as i64, rope_theta: cfg.rope_theta }
+    }
+
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+    }
+
+    /// Input embeddings [B, T, H] and the padding mask [B, T] → final hidden states (after
+    /// the last norm). Positions run 0..T in every row (padding is on the right).
+    pub fn forward_embeds(&self, embeds: &Tensor, attention_mask: &Tensor) -> Tensor {
+        let (b, t, _) = embeds.size3().expect("input embeddings are [B, T, H]");
+        let positions = Tensor::arange(t, (Kind::Int64, embeds.device())).unsqueeze(0).expand([b, t], false);
+        let rope = Rope::new(&positions, self.head_dim, self.rope_theta, embeds.kind());
+        let mask = causal_padding_mask(attention_mask);
+        let mut h = embeds.shallow_clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, &rope, &mask);
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Hidden states → logits [.., V].
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+}

@@ -1,0 +1,233 @@
+//! InternViT (OpenGVLab `modeling_intern_vit.py`), both flavours:
+//!
+//! - InternViT-300M (1B–14B): LayerNorm eps 1e-6, fused `attn.qkv` with bias.
+//! - InternViT-6B (38B, 78B): RMSNorm in fp32, no qkv bias, and qk normalization: RMSNorm over
+//!   the full width C on q and on k *before* the heads are split.
+//!
+//! Block: `h += drop_path(attn(norm1(h)) * ls1)`; `h += drop_path(mlp(norm2(h)) * ls2)`, with
+//! drop-path rate `linspace(0, rate, L)[i]` (training only). Attention is non-causal, through
+//! `scaled_dot_product_attention`. No norm after the last block. A class token is prepended
+//! and the position embedding's grid part is bicubic-interpolated only when the patch grid of
+//! the input differs from the configured one.
+//!
+//! Parameter paths are the original checkpoint keys under `vision_model.`.
+
+use mm_spec::{NormType, VisionConfig};
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+use super::layers::{normal_init, LayerNorm, Linear, Norm, RmsNorm};
+
+#[derive(Debug)]
+pub struct VisionEmbeddings {
+    pub class_embedding: Tensor,
+    pub patch_weight: Tensor,
+    pub patch_bias: Tensor,
+    pub position_embedding: Tensor,
+    patch_size: i64,
+    grid: i64,
+}
+
+impl VisionEmbeddings {
+    fn new(p: Path, cfg: &VisionConfig) -> VisionEmbeddings {
+        let c = cfg.hidden_size as i64;
+        let ps = cfg.patch_size as i64;
+        let grid = cfg.grid() as i64;
+        let conv = p.sub("patch_embedding");
+        VisionEmbeddings {
+            class_embedding: p.var("class_embedding", &[1, 1, c], normal_init()),
+            patch_weight: conv.var("weight", &[c, cfg.num_channels as i64, ps, ps], normal_init()),
+            patch_bias: conv.var("bias", &[c], Init::Const(0.0)),
+            position_embedding: p.var("position_embedding", &[1, grid * grid + 1, c], normal_init()),
+            patch_size: ps,
+            grid,
+        }
+    }
+
+    /// The position embedding for an `h × w` patch grid (class position first).
+    fn position_for(&self, h: i64, w: i64) -> Tensor {
+        if h == self.grid && w == self.grid {
+            return self.position_embedding.shallow_clone();
+        }
+        let c = self.position_embedding.size()[2];
+        let dtype = self.position_embedding.kind();
+        let cls = self.position_embedding.narrow(1, 0, 1);
+        let grid = self
+            .position_embedding
+            .narrow(1, 1, self.grid * self.grid)
+            .to_kind(Kind::Float)
+            .reshape([1, self.grid, self.grid, c])
+            .permute([0, 3, 1, 2]);
+        let resized = grid.upsample_bicubic2d([h, w], false, None, None);
+        let resized = resized.reshape([1, c, h * w]).permute([0, 2, 1]).to_kind(dtype);
+        Tensor::cat(&[cls, resized], 1)
+    }
+
+    /// [N, 3, S, S] pixels → [N, 1 + (S/p)², C] tokens.
+    pub fn forward(&self, pixel_values: &Tensor) -> Tensor {
+        let dtype = self.patch_weight.kind();
+        let patches = pixel_values.to_kind(dtype).conv2d(
+            &self.patch_weight,
+            Some(&self.patch_bias),
+            [self.patch_size, self.patch_size],
+            [0, 0],
+            [1, 1],
+            1,
+        );
+        let (n, c, h, w) = patches.size4().expect("conv2d output is 4-D");
+        let patches = patches.flatten(2, 3).transpose(1, 2);
+        let cls = self.class_embedding.expand([n, 1, c], false).to_kind(dtype);
+        let tokens = Tensor::cat(&[cls, patches], 1);
+        tokens + self.position_for(h, w).to_kind(dtype)
+    }
+}
+
+#[derive(Debug)]
+pub struct VisionAttention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    heads: i64,
+}
+
+impl VisionAttention {
+    fn new(p: Path, cfg: &VisionConfig) -> VisionAttention {
+        let c = cfg.hidden_size as i64;
+        let (q_norm, k_norm) = if cfg.qk_normalization {
+            (
+                Some(RmsNorm::new(p.sub("q_norm"), c, cfg.layer_norm_eps)),
+                Some(RmsNorm::new(p.sub("k_norm"), c, cfg.layer_norm_eps)),
+            )
+        } else {
+            (None, None)
+        };
+        VisionAttention {
+            qkv: Linear::new(p.sub("qkv"), c, 3 * c, cfg.qkv_bias),
+            proj: Linear::new(p.sub("proj"), c, c, true),
+            q_norm,
+            k_norm,
+            heads: cfg.num_attention_heads as i64,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, n, c) = x.size3().expect("vit hidden states are [B, N, C]");
+        let d = c / self.heads;
+        // The fused projection's rows are [q; k; v], each C wide.
+        let qkv = self.qkv.forward(x);
+        let mut parts = qkv.split(c, -1);
+        let (mut q, mut k, v) = (parts.remove(0), parts.remove(0), parts.remove(0));
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q);
+            k = kn.forward(&k);
+        }
+        let heads = |t: Tensor| t.reshape([b, n, self.heads, d]).transpose(1, 2);
+        let out = Tensor::scaled_dot_product_attention::<Tensor>(
+            &heads(q),
+            &heads(k),
+            &heads(v),
+            None,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        self.proj.forward(&out.transpose(1, 2).reshape([b, n, c]))
+    }
+}
+
+#[derive(Debug)]
+pub struct VisionMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+#[derive(Debug)]
+pub struct VisionLayer {
+    pub attn: VisionAttention,
+    pub mlp: VisionMlp,
+    pub norm1: Norm,
+    pub norm2: Norm,
+    pub ls1: Tensor,
+    pub ls2: Tensor,
+    pub drop_path: f64,
+}
+
+fn make_norm(p: Path, cfg: &VisionConfig) -> Norm {
+    let c = cfg.hidden_size as i64;
+    match cfg.norm_type {
+        NormType::LayerNorm => Norm::Layer(LayerNorm::new(p, c, cfg.layer_norm_eps)),
+        NormType::RmsNorm => Norm::Rms(RmsNorm::new(p, c, cfg.layer_norm_eps)),
+    }
+}
+
+/// timm's `drop_path`: zero a sample's residual branch with probability `rate`, scale the
+/// kept ones by 1/(1-rate). Identity outside training.
+fn drop_path(x: Tensor, rate: f64, train: bool) -> Tensor {
+    if !train || rate <= 0.0 {
+        return x;
+    }
+    let keep = 1.0 - rate;
+    let n = x.size()[0];
+    let mask = Tensor::empty([n, 1, 1], (x.kind(), x.device())).bernoulli_float_(keep) / keep;
+    x * mask
+}
+
+impl VisionLayer {
+    fn new(p: Path, cfg: &VisionConfig, drop_path: f64) -> VisionLayer {
+        let c = cfg.hidden_size as i64;
+        let i = cfg.intermediate_size as i64;
+        let mlp = p.sub("mlp");
+        VisionLayer {
+            attn: VisionAttention::new(p.sub("attn"), cfg),
+            mlp: VisionMlp {
+                fc1: Linear::new(mlp.sub("fc1"), c, i, true),
+                fc2: Linear::new(mlp.sub("fc2"), i, c, true),
+            },
+            norm1: make_norm(p.sub("norm1"), cfg),
+            norm2: make_norm(p.sub("norm2"), cfg),
+            ls1: p.var("ls1", &[c], Init::Const(cfg.initializer_factor)),
+            ls2: p.var("ls2", &[c], Init::Const(cfg.initializer_factor)),
+            drop_path,
+        }
+    }
+
+    fn forward(&self, h: &Tensor, train: bool) -> Tensor {
+        let a = self.attn.forward(&self.norm1.forward(h)) * &self.ls1;
+        let h = h + drop_path(a, self.drop_path, train);
+        let m = self.mlp.fc2.forward(&self.mlp.fc1.forward(&self.norm2.forward(&h)).gelu("none")) * &self.ls2;
+        &h + drop_path(m, self.drop_path, train)
+    }
+}
+
+/// `vision_model`: embeddings and `encoder.layers`.
+#[derive(Debug)]
+pub struct VisionModel {
+    pub embeddings: VisionEmbeddings,
+    pub layers: Vec<VisionLayer>,
+}
+
+impl VisionModel {
+    pub fn new(p: Path, cfg: &VisionConfig) -> VisionModel {
+        let l = cfg.num_hidden_layers;
+        let layers_path = p.sub("encoder").sub("layers");
+        let layers = (0..l)
+            .map(|i| {
+                // torch.linspace(0, rate, L)[i]
+                let rate = if l > 1 { cfg.drop_path_rate * i as f64 / (l - 1) as f64 } else { 0.0 };
+                VisionLayer::new(layers_path.sub(i), cfg, rate)
+            })
+            .collect();
+        VisionModel { embeddings: VisionEmbeddings::new(p.sub("embeddings"), cfg), layers }
+    }
+
+    /// [N, 3, S, S] → last hidden state [N, 1 + grid², C] (class token first).
+    pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Tensor {
+        let mut h = self.embeddings.forward(pixel_values);
+        for layer in &self.layers {
+            h = layer.forward(&h, train);
+        }
+        h
+    }
+}

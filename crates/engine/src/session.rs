@@ -1,0 +1,169 @@
+//! What `train` and `eval` share: pick the device, resolve `--load`, read the architecture,
+//! open the tokenizer, build the model and load its weights; and turn a data batch into
+//! model tensors.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use mm_spec::ModelPreset;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::Batch;
+use crate::model::{InternVL, ModelInput};
+use crate::tokenizer::ChatTokenizer;
+use crate::train::checkpoint::{self, Source};
+
+pub fn pick_device(spec: &str) -> anyhow::Result<Device> {
+    Ok(match spec {
+        "cpu" => Device::Cpu,
+        "auto" => {
+            if tch::Cuda::is_available() {
+                Device::Cuda(local_rank())
+            } else {
+                Device::Cpu
+            }
+        }
+        "cuda" => {
+            anyhow::ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device is visible");
+            Device::Cuda(local_rank())
+        }
+        other => {
+            let n: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("--device {other:?}: expected auto, cpu, cuda or cuda:N"))?;
+            anyhow::ensure!(tch::Cuda::is_available(), "--device {other}: no CUDA device is visible");
+            Device::Cuda(n)
+        }
+    })
+}
+
+/// Intra-op threads for CPU training: one core is left to the data thread, because libtorch's
+/// OpenMP workers spin and a data thread competing with them slows both down several-fold on
+/// small machines. `MM_CPU_THREADS` overrides.
+pub fn configure_cpu_threads(device: Device) {
+    if device != Device::Cpu {
+        return;
+    }
+    let n = std::env::var("MM_CPU_THREADS").ok().and_then(|v| v.parse::<i32>().ok()).unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i32;
+        (cores - 1).max(1)
+    });
+    tch::set_num_threads(n.max(1));
+}
+
+fn local_rank() -> usize {
+    std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+pub struct Session {
+    pub vs: VarStore,
+    pub model: InternVL,
+    pub preset: ModelPreset,
+    pub tokenizer: Arc<ChatTokenizer>,
+    pub source: Option<Source>,
+    pub device: Device,
+    /// Folders whose config/tokenizer files a save carries along.
+    pub assets: Vec<PathBuf>,
+}
+
+pub struct SessionOptions<'a> {
+    pub model: &'a str,
+    pub load: Option<&'a Path>,
+    pub tokenizer: Option<&'a Path>,
+    pub device: Device,
+    /// Seed of the random init (used when nothing is loaded).
+    pub seed: u64,
+    pub bf16: bool,
+}
+
+impl Session {
+    pub fn open(o: SessionOptions) -> anyhow::Result<Session> {
+        let source = match o.load {
+            Some(p) => Some(checkpoint::resolve(p).with_context(|| format!("--load {}", p.display()))?),
+            None => None,
+        };
+        let preset = match &source {
+            Some(s) => {
+                let p = s.preset(o.model)?;
+                if let Ok(named) = mm_spec::preset(o.model) {
+                    if named.vision != p.vision || named.llm != p.llm {
+                        eprintln!(
+                            "note: --model {} differs from the checkpoint's config; using the checkpoint's architecture",
+                            o.model
+                        );
+                    }
+                }
+                p
+            }
+            None => mm_spec::preset(o.model).with_context(|| format!("--model {}", o.model))?,
+        };
+        preset.validate().with_context(|| format!("model {}", preset.name))?;
+        let tok_path = match (o.tokenizer, &source) {
+            (Some(t), _) => t.to_path_buf(),
+            (None, Some(s)) => s.assets_dir(),
+            (None, None) => bail!(
+                "no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json) or --load a checkpoint that has one"
+            ),
+        };
+        let tokenizer = Arc::new(ChatTokenizer::open(&tok_path)?);
+        let vocab = tokenizer.vocab_size();
+        if vocab > preset.llm.vocab_size {
+            bail!(
+                "{}: the tokenizer has {vocab} tokens but the model's vocab_size is {}: token ids would fall outside the embedding",
+                tokenizer.path.display(),
+                preset.llm.vocab_size
+            );
+        }
+        let tie =
+            source.as_ref().is_some_and(|s| !s.has_lm_head()) || (source.is_none() && preset.llm.tie_word_embeddings);
+        if tie && !preset.llm.tie_word_embeddings {
+            eprintln!("note: the checkpoint has no lm_head: the output projection is tied to embed_tokens");
+        }
+        // Saves must describe the model as built (a tied model has no lm_head to save).
+        let mut preset = preset;
+        preset.llm.tie_word_embeddings = tie;
+        tch::manual_seed(o.seed as i64);
+        let mut vs = VarStore::new(o.device);
+        let model = InternVL::new(&vs.root(), &preset, tokenizer.special.img_context, tie);
+        if let Some(s) = &source {
+            s.load_weights(&vs).with_context(|| format!("loading {}", s.describe()))?;
+        }
+        if o.bf16 {
+            vs.bfloat16();
+        }
+        let mut assets = Vec::new();
+        if let Some(s) = &source {
+            assets.push(s.assets_dir());
+        }
+        let tok_dir = if tok_path.is_dir() {
+            tok_path.clone()
+        } else {
+            tok_path.parent().map(Path::to_path_buf).unwrap_or_default()
+        };
+        assets.push(tok_dir);
+        Ok(Session { vs, model, preset, tokenizer, source, device: o.device, assets })
+    }
+
+    /// Engine parameter name → tensor, sorted by name.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// A batch's tensors on `device`: the model input and the labels.
+pub fn to_device(batch: &Batch, image_size: usize, device: Device) -> (ModelInput, Tensor) {
+    let shape = [batch.rows as i64, batch.len as i64];
+    let ids = Tensor::from_slice(&batch.input_ids).reshape(shape).to_device(device);
+    let labels = Tensor::from_slice(&batch.labels).reshape(shape).to_device(device);
+    let mask = Tensor::from_slice(&batch.attention_mask).reshape(shape).to_device(device);
+    let s = image_size as i64;
+    let pixels = (batch.tiles > 0).then(|| {
+        Tensor::from_slice(&batch.pixels).reshape([batch.tiles as i64, 3, s, s]).to_kind(Kind::Float).to_device(device)
+    });
+    (ModelInput { input_ids: ids, attention_mask: mask, pixel_values: pixels }, labels)
+}

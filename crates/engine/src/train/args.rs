@@ -1,0 +1,351 @@
+//! `mm-engine train` flags: the Megatron/MindSpeed names the launcher renders
+//! (`render.rs` `common_args` + `engine_args`), with their meaning there, plus a few engine
+//! options (`--device`, `--prefetch`). Checked as a whole in [`TrainArgs::validate`], which
+//! reports every problem at once.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::loss::LossReduction;
+use super::schedule::DecayStyle;
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Model preset (tiny, tiny6b, 1b … 78b); a checkpoint's own config.json wins over it.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// InternVL chat JSONL, or a meta JSON listing several.
+    #[arg(long)]
+    pub data_path: PathBuf,
+    /// Root of the image/video paths in the records (default: the JSONL's folder).
+    #[arg(long)]
+    pub data_folder: Option<PathBuf>,
+    /// tokenizer.json or a folder with one (default: the checkpoint's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+
+    // Parallelism: the single-process engine runs tp = pp = cp = 1.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_model_parallel_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub pipeline_model_parallel_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub context_parallel_size: usize,
+    #[arg(long)]
+    pub virtual_pipeline_model_parallel_size: Option<usize>,
+    #[arg(long)]
+    pub unaligned_linear: bool,
+    #[arg(long)]
+    pub sequence_parallel: bool,
+    #[arg(long)]
+    pub context_parallel_algo: Option<String>,
+    /// LLM layers per pipeline chunk (comma list); with pp 1 a single entry, the depth.
+    #[arg(long)]
+    pub llm_pp_layers: Option<String>,
+    #[arg(long)]
+    pub vit_pp_layers: Option<String>,
+    /// ZeRO-1 over data-parallel ranks; with one rank it changes nothing.
+    #[arg(long)]
+    pub use_distributed_optimizer: bool,
+    /// Megatron's flag for pipeline schedules with varying sequence lengths; batches here are
+    /// always padded per micro batch.
+    #[arg(long)]
+    pub variable_seq_lengths: bool,
+
+    // Batch.
+    #[arg(long, default_value_t = 1)]
+    pub micro_batch_size: usize,
+    /// Samples per optimizer step (micro × accumulation × data-parallel ranks).
+    #[arg(long)]
+    pub global_batch_size: Option<usize>,
+    /// Micro batches per optimizer step.
+    #[arg(long)]
+    pub grad_accumulation: Option<usize>,
+    #[arg(long, default_value_t = 4096)]
+    pub seq_length: usize,
+
+    // Optimizer and schedule.
+    #[arg(long)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    #[arg(long)]
+    pub train_iters: u64,
+    #[arg(long, default_value = "linear")]
+    pub lr_decay_style: String,
+    #[arg(long, default_value_t = 0.0)]
+    pub lr_warmup_fraction: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Gradient clipping by global L2 norm; 0 disables.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip_grad: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    #[arg(long, default_value = "default")]
+    pub loss_reduction: String,
+
+    // Precision and kernels.
+    #[arg(long)]
+    pub bf16: bool,
+    #[arg(long)]
+    pub fp16: bool,
+    /// bf16, fp16 or fp32 (the launcher passes this and --bf16/--fp16 together).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// Attention always goes through scaled_dot_product_attention, which picks flash
+    /// kernels on CUDA by itself.
+    #[arg(long)]
+    pub use_flash_attn: bool,
+    #[arg(long)]
+    pub recompute_granularity: Option<String>,
+    #[arg(long)]
+    pub recompute_method: Option<String>,
+    #[arg(long)]
+    pub recompute_num_layers: Option<usize>,
+    /// cpu, cuda or auto (cuda when available).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    // Freezing.
+    #[arg(long)]
+    pub freeze_vision: bool,
+    #[arg(long)]
+    pub freeze_projector: bool,
+    #[arg(long)]
+    pub freeze_llm: bool,
+
+    // Checkpoints.
+    #[arg(long)]
+    pub load: Option<PathBuf>,
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    #[arg(long)]
+    pub no_load_optim: bool,
+    #[arg(long)]
+    pub no_load_rng: bool,
+    #[arg(long)]
+    pub no_save_optim: bool,
+    #[arg(long)]
+    pub no_save_rng: bool,
+    /// Save every N iterations (and at the end); 0 saves only at the end.
+    #[arg(long, default_value_t = 0)]
+    pub save_interval: u64,
+    /// Megatron's: stop after the iteration divisible by N (saving first when --save is set),
+    /// as a scheduler's time limit would.
+    #[arg(long)]
+    pub exit_interval: Option<u64>,
+
+    // Logging and evaluation.
+    #[arg(long, default_value_t = 100)]
+    pub log_interval: u64,
+    /// Evaluate every N iterations on --eval-iters micro batches taken in file order from the
+    /// start of the data; 0 never.
+    #[arg(long, default_value_t = 0)]
+    pub eval_interval: u64,
+    #[arg(long, default_value_t = 0)]
+    pub eval_iters: u64,
+    /// Tokens per second in the log lines and the summary (always in the progress line).
+    #[arg(long)]
+    pub log_tps: bool,
+
+    // Data.
+    #[arg(long, default_value = "internvl2_5")]
+    pub template: String,
+    #[arg(long, default_value_t = 1)]
+    pub min_dynamic_patch: usize,
+    #[arg(long, default_value_t = 12)]
+    pub max_dynamic_patch: usize,
+    #[arg(long)]
+    pub use_thumbnail: bool,
+    #[arg(long, default_value_t = 4)]
+    pub min_num_frame: usize,
+    #[arg(long, default_value_t = 12)]
+    pub max_num_frame: usize,
+    #[arg(long, default_value_t = 0.01)]
+    pub max_bad_fraction: f64,
+    /// Data loading threads (Megatron's); one background thread builds samples here.
+    #[arg(long, default_value_t = 1)]
+    pub num_workers: usize,
+    /// Micro batches prepared ahead of the training loop.
+    #[arg(long, default_value_t = 4)]
+    pub prefetch: usize,
+}
+
+/// The flags after checking, with the batch arithmetic done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub grad_accumulation: usize,
+    pub global_batch_size: usize,
+    pub decay: DecayStyle,
+    pub loss: LossReduction,
+    pub bf16: bool,
+}
+
+fn parse_list(s: &str) -> Option<Vec<usize>> {
+    s.split(',').map(|x| x.trim().parse().ok()).collect()
+}
+
+pub const NEXT_ISSUE: &str = "distributed training comes in the next issue; the single-process engine runs with 1";
+
+impl TrainArgs {
+    /// Checks everything that does not need the model, reporting all problems at once.
+    pub fn validate(&self) -> Result<Resolved, String> {
+        let mut errs: Vec<String> = Vec::new();
+        for (flag, v) in [
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+            ("--context-parallel-size", self.context_parallel_size),
+        ] {
+            if v != 1 {
+                errs.push(format!("{flag} {v}: {NEXT_ISSUE}"));
+            }
+        }
+        if let Some(v) = self.virtual_pipeline_model_parallel_size.filter(|&v| v != 1) {
+            errs.push(format!("--virtual-pipeline-model-parallel-size {v}: {NEXT_ISSUE}"));
+        }
+        if self.sequence_parallel {
+            errs.push(format!("--sequence-parallel: {NEXT_ISSUE} (it needs tensor parallelism)"));
+        }
+        for (flag, v) in [("--llm-pp-layers", &self.llm_pp_layers), ("--vit-pp-layers", &self.vit_pp_layers)] {
+            if let Some(s) = v {
+                match parse_list(s) {
+                    None => errs.push(format!("{flag} {s:?}: expected a comma-separated list of layer counts")),
+                    Some(l) if l.len() != 1 => {
+                        errs.push(format!("{flag} {s:?}: {} pipeline chunks, but {NEXT_ISSUE}", l.len()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Ok(ws) = std::env::var("WORLD_SIZE") {
+            if ws.trim() != "1" && !ws.trim().is_empty() {
+                errs.push(format!("WORLD_SIZE={ws} in the environment: {NEXT_ISSUE} process"));
+            }
+        }
+        if self.micro_batch_size == 0 {
+            errs.push("--micro-batch-size 0: expected at least 1".into());
+        }
+        let mbs = self.micro_batch_size.max(1);
+        let (ga, gbs) = match (self.grad_accumulation, self.global_batch_size) {
+            (Some(ga), Some(gbs)) if ga * mbs != gbs => {
+                errs.push(format!(
+                    "--global-batch-size {gbs} is not --micro-batch-size {mbs} × --grad-accumulation {ga} \
+                     with one data-parallel rank"
+                ));
+                (ga, gbs)
+            }
+            (Some(ga), _) => (ga, ga * mbs),
+            (None, Some(gbs)) => {
+                if gbs % mbs != 0 || gbs == 0 {
+                    errs.push(format!(
+                        "--global-batch-size {gbs}: expected a positive multiple of --micro-batch-size {mbs}"
+                    ));
+                }
+                (gbs / mbs, gbs)
+            }
+            (None, None) => (1, mbs),
+        };
+        if ga == 0 {
+            errs.push("--grad-accumulation 0: expected at least 1".into());
+        }
+        if self.seq_length < 2 {
+            errs.push(format!("--seq-length {}: expected at least 2", self.seq_length));
+        }
+        if self.train_iters == 0 {
+            errs.push("--train-iters 0: expected at least 1".into());
+        }
+        let rate_ok = |r: f64| r.is_finite() && r >= 0.0;
+        if !rate_ok(self.lr) || !rate_ok(self.min_lr) {
+            errs.push(format!("--lr {} / --min-lr {}: expected finite rates ≥ 0", self.lr, self.min_lr));
+        }
+        if !(0.0..=1.0).contains(&self.lr_warmup_fraction) {
+            errs.push(format!("--lr-warmup-fraction {}: expected a fraction in [0, 1]", self.lr_warmup_fraction));
+        }
+        for (flag, b) in [("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                errs.push(format!("{flag} {b}: expected a value in [0, 1)"));
+            }
+        }
+        if self.adam_eps.is_nan() || self.adam_eps <= 0.0 {
+            errs.push(format!("--adam-eps {}: expected a value above 0", self.adam_eps));
+        }
+        if !rate_ok(self.clip_grad) || !rate_ok(self.weight_decay) {
+            errs.push(format!(
+                "--clip-grad {} / --weight-decay {}: expected values ≥ 0",
+                self.clip_grad, self.weight_decay
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.max_bad_fraction) {
+            errs.push(format!("--max-bad-fraction {}: expected a fraction in [0, 1]", self.max_bad_fraction));
+        }
+        if self.min_dynamic_patch == 0 || self.max_dynamic_patch < self.min_dynamic_patch {
+            errs.push(format!(
+                "--min-dynamic-patch {} / --max-dynamic-patch {}: expected 1 ≤ min ≤ max",
+                self.min_dynamic_patch, self.max_dynamic_patch
+            ));
+        }
+        if self.min_num_frame == 0 || self.max_num_frame < self.min_num_frame {
+            errs.push(format!(
+                "--min-num-frame {} / --max-num-frame {}: expected 1 ≤ min ≤ max",
+                self.min_num_frame, self.max_num_frame
+            ));
+        }
+        if !crate::data::template::TEMPLATES.contains(&self.template.as_str()) {
+            errs.push(format!(
+                "--template {:?}: expected one of {:?}",
+                self.template,
+                crate::data::template::TEMPLATES
+            ));
+        }
+        if self.log_interval == 0 {
+            errs.push("--log-interval 0: expected at least 1".into());
+        }
+        if self.save_interval > 0 && self.save.is_none() {
+            errs.push(format!("--save-interval {} without --save DIR", self.save_interval));
+        }
+        if !matches!(self.device.as_str(), "auto" | "cpu" | "cuda") && !self.device.starts_with("cuda:") {
+            errs.push(format!("--device {:?}: expected auto, cpu, cuda or cuda:N", self.device));
+        }
+        let decay =
+            self.lr_decay_style.parse::<DecayStyle>().map_err(|e| errs.push(format!("--lr-decay-style {e}"))).ok();
+        let loss =
+            self.loss_reduction.parse::<LossReduction>().map_err(|e| errs.push(format!("--loss-reduction {e}"))).ok();
+        let precision = match self.precision.as_deref() {
+            None => None,
+            Some(p @ ("bf16" | "fp16" | "fp32")) => Some(p),
+            Some(other) => {
+                errs.push(format!("--precision {other:?}: expected bf16, fp16 or fp32"));
+                None
+            }
+        };
+        let bf16 = self.bf16 || precision == Some("bf16");
+        let fp16 = self.fp16 || precision == Some("fp16");
+        if fp16 {
+            errs.push("--fp16: fp16 training needs loss scaling, which this engine does not do; use --bf16".into());
+        }
+        if bf16 && precision == Some("fp32") {
+            errs.push("--bf16 together with --precision fp32: pick one".into());
+        }
+        if self.freeze_vision && self.freeze_projector && self.freeze_llm {
+            errs.push("--freeze-vision, --freeze-projector and --freeze-llm together leave nothing to train".into());
+        }
+        if !errs.is_empty() {
+            return Err(errs.join("\n  "));
+        }
+        Ok(Resolved {
+            grad_accumulation: ga,
+            global_batch_size: gbs,
+            decay: decay.unwrap_or(DecayStyle::Linear),
+            loss: loss.unwrap_or(LossReduction::Default),
+            bf16,
+        })
+    }
+}

@@ -1,0 +1,514 @@
+//! HF checkpoint folders: config.json (original `internvl_chat` or transformers-native
+//! `internvl`), safetensors weights (one file or sharded with model.safetensors.index.json)
+//! in any of the spellings [`super::keys`] knows, loaded into the model's VarStore; and the
+//! writer of an original-layout folder.
+//!
+//! A load checks the whole key set before copying anything and reports every missing,
+//! unexpected and mis-shaped tensor in one error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use mm_spec::{LlmConfig, ModelPreset, NormType, VisionConfig};
+use serde_json::{json, Value};
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use super::keys::{canonical, Mapped};
+use super::safetensors::{self as st, SafetensorsError, SafetensorsFile};
+
+pub const CONFIG: &str = "config.json";
+pub const SINGLE: &str = "model.safetensors";
+pub const INDEX: &str = "model.safetensors.index.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{dir}: no weights: expected {SINGLE} or {INDEX}")]
+    NoWeights { dir: PathBuf },
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: key {key:?}: {reason}")]
+    Index { path: PathBuf, key: String, reason: String },
+    #[error("{dir}: {report}")]
+    Mismatch { dir: PathBuf, report: MismatchReport },
+    #[error("{dir}: tensor {key:?}: {reason}")]
+    Tensor { dir: PathBuf, key: String, reason: String },
+}
+
+/// Everything that keeps a checkpoint from fitting the model, collected before any copy.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct MismatchReport {
+    /// Model parameters the checkpoint lacks (original-layout names).
+    pub missing: Vec<String>,
+    /// Stored keys that no parameter takes (as stored).
+    pub unexpected: Vec<String>,
+    /// (original-layout name, model shape, checkpoint shape).
+    pub misshaped: Vec<(String, Vec<i64>, Vec<i64>)>,
+    /// Keys given twice (two spellings of one tensor, or one key in two shards).
+    pub duplicate: Vec<String>,
+}
+
+impl MismatchReport {
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.misshaped.is_empty() && self.duplicate.is_empty()
+    }
+}
+
+impl std::fmt::Display for MismatchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = String::from("checkpoint does not fit the model:");
+        let _ = write!(
+            s,
+            " {} missing, {} unexpected, {} mis-shaped",
+            self.missing.len(),
+            self.unexpected.len(),
+            self.misshaped.len()
+        );
+        if !self.duplicate.is_empty() {
+            let _ = write!(s, ", {} duplicate", self.duplicate.len());
+        }
+        for k in &self.missing {
+            let _ = write!(s, "\n  missing: {k}");
+        }
+        for k in &self.unexpected {
+            let _ = write!(s, "\n  unexpected: {k}");
+        }
+        for (k, model, ckpt) in &self.misshaped {
+            let _ = write!(s, "\n  mis-shaped: {k}: model {model:?}, checkpoint {ckpt:?}");
+        }
+        for k in &self.duplicate {
+            let _ = write!(s, "\n  duplicate: {k}");
+        }
+        f.write_str(&s)
+    }
+}
+
+/// Where one canonical tensor lives.
+#[derive(Debug, Clone)]
+enum Source {
+    Plain {
+        file: usize,
+        key: String,
+    },
+    /// q, k, v parts of a fused ViT qkv tensor.
+    Fused {
+        parts: [Option<(usize, String)>; 3],
+    },
+}
+
+/// An opened checkpoint folder: headers read, tensors read on demand.
+#[derive(Debug)]
+pub struct HfCheckpoint {
+    pub dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    sources: BTreeMap<String, Source>,
+    /// Stored keys no table knows (reported as unexpected at load).
+    unknown: Vec<String>,
+    duplicate: Vec<String>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
+    move |source| WeightsError::Io { path: path.to_path_buf(), source }
+}
+
+impl HfCheckpoint {
+    pub fn open(dir: &Path) -> Result<HfCheckpoint, WeightsError> {
+        let index = dir.join(INDEX);
+        let file_names: Vec<String> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| WeightsError::Config { path: index.clone(), reason: format!("not JSON: {e}") })?;
+            let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| WeightsError::Index {
+                path: index.clone(),
+                key: "weight_map".into(),
+                reason: "missing or not an object of tensor name → file".into(),
+            })?;
+            let mut names = BTreeSet::new();
+            for (k, f) in map {
+                let f = f.as_str().ok_or_else(|| WeightsError::Index {
+                    path: index.clone(),
+                    key: format!("weight_map.{k}"),
+                    reason: "not a file name string".into(),
+                })?;
+                if f.contains('/') || f.contains("..") {
+                    return Err(WeightsError::Index {
+                        path: index.clone(),
+                        key: format!("weight_map.{k}"),
+                        reason: format!("{f:?} is not a file inside the folder"),
+                    });
+                }
+                names.insert(f.to_string());
+            }
+            names.into_iter().collect()
+        } else if dir.join(SINGLE).exists() {
+            vec![SINGLE.to_string()]
+        } else {
+            return Err(WeightsError::NoWeights { dir: dir.to_path_buf() });
+        };
+        let files = file_names.iter().map(|f| SafetensorsFile::open(&dir.join(f))).collect::<Result<Vec<_>, _>>()?;
+        let mut ck = HfCheckpoint {
+            dir: dir.to_path_buf(),
+            files,
+            sources: BTreeMap::new(),
+            unknown: Vec::new(),
+            duplicate: Vec::new(),
+        };
+        for (fi, file) in ck.files.iter().enumerate() {
+            for key in file.entries.keys() {
+                match canonical(key) {
+                    None => ck.unknown.push(key.clone()),
+                    Some(Mapped::Plain(name)) => match ck.sources.entry(name) {
+                        std::collections::btree_map::Entry::Occupied(e) => {
+                            ck.duplicate.push(format!("{} (stored as {key})", e.key()))
+                        }
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(Source::Plain { file: fi, key: key.clone() });
+                        }
+                    },
+                    Some(Mapped::QkvPart(name, part)) => {
+                        let entry =
+                            ck.sources.entry(name.clone()).or_insert(Source::Fused { parts: [None, None, None] });
+                        match entry {
+                            Source::Fused { parts } if parts[part].is_none() => parts[part] = Some((fi, key.clone())),
+                            _ => ck.duplicate.push(format!("{name} (stored as {key})")),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ck)
+    }
+
+    /// Original-layout names of every tensor the folder provides.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.sources.keys().map(String::as_str)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.sources.contains_key(name)
+    }
+
+    /// Shape of a canonical tensor, or the q/k/v parts that are missing.
+    fn shape(&self, name: &str) -> Result<Vec<i64>, Vec<String>> {
+        match &self.sources[name] {
+            Source::Plain { file, key } => Ok(self.files[*file].entries[key].shape.clone()),
+            Source::Fused { parts } => {
+                let mut shape: Option<Vec<i64>> = None;
+                let mut missing = Vec::new();
+                for (i, p) in parts.iter().enumerate() {
+                    match p {
+                        None => missing.push(format!("{name} (its {} part)", ["q", "k", "v"][i])),
+                        Some((f, k)) => {
+                            let s = &self.files[*f].entries[k].shape;
+                            shape = Some(match shape {
+                                None => s.clone(),
+                                Some(mut acc) => {
+                                    if !acc.is_empty() && !s.is_empty() {
+                                        acc[0] += s[0];
+                                    }
+                                    acc
+                                }
+                            });
+                        }
+                    }
+                }
+                if missing.is_empty() {
+                    Ok(shape.unwrap_or_default())
+                } else {
+                    Err(missing)
+                }
+            }
+        }
+    }
+
+    /// Reads one canonical tensor (fusing q/k/v rows [0:C], [C:2C], [2C:3C]).
+    pub fn read(&self, name: &str, device: Device) -> Result<Tensor, WeightsError> {
+        let Some(src) = self.sources.get(name) else {
+            return Err(WeightsError::Tensor {
+                dir: self.dir.clone(),
+                key: name.into(),
+                reason: "not in the checkpoint".into(),
+            });
+        };
+        match src {
+            Source::Plain { file, key } => Ok(self.files[*file].read(key, device)?),
+            Source::Fused { parts } => {
+                let mut ts = Vec::with_capacity(3);
+                for p in parts {
+                    let (f, k) = p.as_ref().ok_or_else(|| WeightsError::Tensor {
+                        dir: self.dir.clone(),
+                        key: name.into(),
+                        reason: "a q/k/v part is missing".into(),
+                    })?;
+                    ts.push(self.files[*f].read(k, device)?);
+                }
+                Tensor::f_cat(&ts, 0).map_err(|e| WeightsError::Tensor {
+                    dir: self.dir.clone(),
+                    key: name.into(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Compares the folder's tensors with `expected` (name → shape) without reading data.
+    pub fn check(&self, expected: &BTreeMap<String, Vec<i64>>) -> MismatchReport {
+        let mut r = MismatchReport { duplicate: self.duplicate.clone(), ..Default::default() };
+        for (name, shape) in expected {
+            if !self.sources.contains_key(name) {
+                r.missing.push(name.clone());
+                continue;
+            }
+            match self.shape(name) {
+                Ok(s) if &s == shape => {}
+                Ok(s) => r.misshaped.push((name.clone(), shape.clone(), s)),
+                Err(parts) => r.missing.extend(parts),
+            }
+        }
+        r.unexpected.extend(self.unknown.iter().cloned());
+        for (name, src) in &self.sources {
+            if !expected.contains_key(name) {
+                match src {
+                    Source::Plain { key, .. } => r.unexpected.push(key.clone()),
+                    Source::Fused { parts } => r.unexpected.extend(parts.iter().flatten().map(|(_, k)| k.clone())),
+                }
+            }
+        }
+        r
+    }
+}
+
+/// Copies every tensor of `ck` into the VarStore (converting dtype, keeping the variables'
+/// device), after checking the full key set and shapes.
+pub fn load_into(vs: &VarStore, ck: &HfCheckpoint) -> Result<usize, WeightsError> {
+    let vars = vs.variables();
+    let expected: BTreeMap<String, Vec<i64>> = vars.iter().map(|(k, v)| (k.clone(), v.size())).collect();
+    let report = ck.check(&expected);
+    if !report.is_empty() {
+        return Err(WeightsError::Mismatch { dir: ck.dir.clone(), report });
+    }
+    let mut n = 0;
+    for (name, var) in &vars {
+        let t = ck.read(name, Device::Cpu)?;
+        let mut var = var.shallow_clone();
+        tch::no_grad(|| var.f_copy_(&t.to_kind(var.kind()))).map_err(|e| WeightsError::Tensor {
+            dir: ck.dir.clone(),
+            key: name.clone(),
+            reason: e.to_string(),
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn config_err(path: &Path, reason: impl Into<String>) -> WeightsError {
+    WeightsError::Config { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// Reads `dir/config.json`: an original `internvl_chat` config, or a transformers-native
+/// `internvl` one (translated, with InternVLVisionConfig's and Qwen2Config's defaults for
+/// keys transformers left out).
+pub fn load_config(dir: &Path, name: &str) -> Result<ModelPreset, WeightsError> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| config_err(&path, format!("not JSON: {e}")))?;
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("internvl_chat");
+    let preset = match model_type {
+        "internvl_chat" => ModelPreset::from_config_json(name, &text).map_err(|e| config_err(&path, e.to_string()))?,
+        "internvl" => from_hf_config(&v, name).map_err(|reason| config_err(&path, reason))?,
+        other => {
+            return Err(config_err(
+                &path,
+                format!("key model_type is {other:?}, expected \"internvl_chat\" (original) or \"internvl\" (-hf)"),
+            ))
+        }
+    };
+    Ok(preset)
+}
+
+/// Typed access to one section of a JSON config; errors name the full key path.
+struct Section<'a> {
+    v: &'a Value,
+    prefix: &'a str,
+}
+
+impl Section<'_> {
+    fn key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize, String> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            // transformers writes image_size / patch_size as [h, w]; InternVL3 tiles are square.
+            Some(Value::Array(a)) => a
+                .first()
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| format!("key {}: expected a number or [h, w]", self.key(key))),
+            Some(x) => {
+                x.as_u64().map(|x| x as usize).ok_or_else(|| format!("key {}: expected a whole number", self.key(key)))
+            }
+        }
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64, String> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x.as_f64().ok_or_else(|| format!("key {}: expected a number", self.key(key))),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, String> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x.as_bool().ok_or_else(|| format!("key {}: expected true or false", self.key(key))),
+        }
+    }
+}
+
+/// transformers' InternVLConfig → the original-layout preset.
+fn from_hf_config(v: &Value, name: &str) -> Result<ModelPreset, String> {
+    let empty = json!({});
+    let top = Section { v, prefix: "" };
+    let vc = Section { v: v.get("vision_config").unwrap_or(&empty), prefix: "vision_config" };
+    let tc = Section { v: v.get("text_config").unwrap_or(&empty), prefix: "text_config" };
+    let norm_type = match vc.v.get("norm_type").and_then(Value::as_str).unwrap_or("layer_norm") {
+        "layer_norm" => NormType::LayerNorm,
+        "rms_norm" => NormType::RmsNorm,
+        other => {
+            return Err(format!("key vision_config.norm_type: {other:?}, expected \"layer_norm\" or \"rms_norm\""))
+        }
+    };
+    let vision = VisionConfig {
+        num_hidden_layers: vc.usize_or("num_hidden_layers", 24)?,
+        hidden_size: vc.usize_or("hidden_size", 1024)?,
+        num_attention_heads: vc.usize_or("num_attention_heads", 16)?,
+        intermediate_size: vc.usize_or("intermediate_size", 4096)?,
+        norm_type,
+        qkv_bias: vc.bool_or("attention_bias", false)?,
+        qk_normalization: vc.bool_or("use_qk_norm", false)?,
+        layer_norm_eps: vc.f64_or("layer_norm_eps", 1e-6)?,
+        image_size: vc.usize_or("image_size", 448)?,
+        patch_size: vc.usize_or("patch_size", 14)?,
+        num_channels: vc.usize_or("num_channels", 3)?,
+        drop_path_rate: vc.f64_or("drop_path_rate", 0.0)?,
+        initializer_factor: vc.f64_or("layer_scale_init_value", 0.1)?,
+    };
+    let heads = tc.usize_or("num_attention_heads", 32)?;
+    let llm = LlmConfig {
+        num_hidden_layers: tc.usize_or("num_hidden_layers", 32)?,
+        hidden_size: tc.usize_or("hidden_size", 4096)?,
+        num_attention_heads: heads,
+        num_key_value_heads: tc.usize_or("num_key_value_heads", heads)?,
+        intermediate_size: tc.usize_or("intermediate_size", 22016)?,
+        rms_norm_eps: tc.f64_or("rms_norm_eps", 1e-6)?,
+        rope_theta: tc.f64_or("rope_theta", 10_000.0)?,
+        vocab_size: tc.usize_or("vocab_size", 151_936)?,
+        max_position_embeddings: tc.usize_or("max_position_embeddings", 32_768)?,
+        tie_word_embeddings: tc.bool_or("tie_word_embeddings", false)?,
+    };
+    if let Some(layer) = v.get("vision_feature_layer").and_then(Value::as_i64) {
+        if layer != -1 {
+            return Err(format!(
+                "key vision_feature_layer: {layer}, only -1 (the last layer, as InternVL3) is supported"
+            ));
+        }
+    }
+    let preset = ModelPreset {
+        name: name.to_string(),
+        vision,
+        llm,
+        downsample_ratio: top.f64_or("downsample_ratio", 0.5)?,
+        template: "internvl2_5".into(),
+        ps_version: "v2".into(),
+    };
+    preset.validate().map_err(|e| e.to_string())?;
+    Ok(preset)
+}
+
+/// The original-layout config.json of `preset`.
+pub fn config_json(preset: &ModelPreset) -> Value {
+    let mut v = serde_json::to_value(preset).expect("a preset serializes");
+    if let Value::Object(m) = &mut v {
+        m.insert("model_type".into(), json!("internvl_chat"));
+        m.insert("architectures".into(), json!(["InternVLChatModel"]));
+        m.insert("select_layer".into(), json!(-1));
+        m.insert("force_image_size".into(), json!(preset.vision.image_size));
+        if let Some(Value::Object(l)) = m.get_mut("llm_config") {
+            l.insert("architectures".into(), json!(["Qwen2ForCausalLM"]));
+            l.insert("model_type".into(), json!("qwen2"));
+        }
+        if let Some(Value::Object(vc)) = m.get_mut("vision_config") {
+            vc.insert("architectures".into(), json!(["InternVisionModel"]));
+            vc.insert("model_type".into(), json!("intern_vit_6b"));
+        }
+    }
+    v
+}
+
+/// Writes an original-layout HF folder: config.json plus weights, sharded above
+/// `max_shard_bytes` (with an index). Files are fsynced; the caller makes the folder atomic.
+pub fn save(
+    dir: &Path,
+    preset: &ModelPreset,
+    tensors: &[(String, Tensor)],
+    max_shard_bytes: u64,
+) -> Result<(), WeightsError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (name, t) in sorted {
+        let n = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        if size > 0 && size + n > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        shards.last_mut().expect("one shard").push((name.clone(), t.shallow_clone()));
+    }
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    if shards.len() == 1 {
+        st::write(&dir.join(SINGLE), &shards[0], &meta)?;
+    } else {
+        let count = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        let mut total = 0u64;
+        for (i, shard) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+            for (name, t) in shard {
+                weight_map.insert(name.clone(), json!(file));
+                total += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+            }
+            st::write(&dir.join(&file), shard, &meta)?;
+        }
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_synced(&dir.join(INDEX), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
+    }
+    let cfg = serde_json::to_string_pretty(&config_json(preset)).expect("json");
+    write_synced(&dir.join(CONFIG), cfg.as_bytes())?;
+    Ok(())
+}
+
+/// Writes a file and fsyncs it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}

@@ -1,0 +1,240 @@
+//! A small safetensors reader and writer on plain file I/O.
+//!
+//! Reading parses only the JSON header and then reads each tensor's byte range on demand, so a
+//! 10 GB shard is never held in memory whole. Writing produces the standard layout
+//! (u64 header length, JSON header with `data_offsets`, raw little-endian data), padded so
+//! data starts at an 8-byte boundary, and fsyncs the file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SafetensorsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a safetensors file: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("{path}: tensor {key:?}: {reason}")]
+    Tensor { path: PathBuf, key: String, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SafetensorsError + '_ {
+    move |source| SafetensorsError::Io { path: path.to_path_buf(), source }
+}
+
+/// One header entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    pub data_offsets: [u64; 2],
+}
+
+/// An opened safetensors file: header parsed, data read lazily.
+#[derive(Debug, Clone)]
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    pub entries: BTreeMap<String, Entry>,
+    pub metadata: BTreeMap<String, String>,
+    data_start: u64,
+}
+
+pub fn kind_of(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "F32" => Kind::Float,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "F64" => Kind::Double,
+        "I64" => Kind::Int64,
+        "I32" => Kind::Int,
+        "I16" => Kind::Int16,
+        "I8" => Kind::Int8,
+        "U8" => Kind::Uint8,
+        "BOOL" => Kind::Bool,
+        _ => return None,
+    })
+}
+
+pub fn dtype_of(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Float => "F32",
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        Kind::Double => "F64",
+        Kind::Int64 => "I64",
+        Kind::Int => "I32",
+        Kind::Int16 => "I16",
+        Kind::Int8 => "I8",
+        Kind::Uint8 => "U8",
+        Kind::Bool => "BOOL",
+        _ => return None,
+    })
+}
+
+/// Header sizes above this are not safetensors files but something else.
+const MAX_HEADER: u64 = 100 << 20;
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<SafetensorsFile, SafetensorsError> {
+        let format = |reason: String| SafetensorsError::Format { path: path.to_path_buf(), reason };
+        let mut f = File::open(path).map_err(io_err(path))?;
+        let file_len = f.metadata().map_err(io_err(path))?.len();
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|_| format(format!("only {file_len} bytes long")))?;
+        let n = u64::from_le_bytes(len);
+        if n > MAX_HEADER || 8 + n > file_len {
+            return Err(format(format!("header length {n} does not fit the file ({file_len} bytes)")));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(io_err(path))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| format(format!("header is not JSON: {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(format("header is not a JSON object".into()));
+        };
+        let mut entries = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
+        let data_len = file_len - 8 - n;
+        for (key, v) in map {
+            if key == "__metadata__" {
+                metadata = serde_json::from_value(v).map_err(|e| format(format!("__metadata__: {e}")))?;
+                continue;
+            }
+            let entry: Entry = serde_json::from_value(v).map_err(|e| format(format!("entry {key:?}: {e}")))?;
+            let [s, e] = entry.data_offsets;
+            if s > e || e > data_len {
+                return Err(format(format!(
+                    "entry {key:?}: data_offsets [{s}, {e}] outside the {data_len} data bytes"
+                )));
+            }
+            entries.insert(key, entry);
+        }
+        Ok(SafetensorsFile { path: path.to_path_buf(), entries, metadata, data_start: 8 + n })
+    }
+
+    /// Reads one tensor onto `device`.
+    pub fn read(&self, key: &str, device: Device) -> Result<Tensor, SafetensorsError> {
+        let bad = |reason: String| SafetensorsError::Tensor { path: self.path.clone(), key: key.to_string(), reason };
+        let entry = self.entries.get(key).ok_or_else(|| bad("not in this file".into()))?;
+        let kind = kind_of(&entry.dtype).ok_or_else(|| bad(format!("unsupported dtype {}", entry.dtype)))?;
+        let [s, e] = entry.data_offsets;
+        let numel: i64 = entry.shape.iter().product();
+        if entry.shape.iter().any(|&d| d < 0) || numel as u64 * kind.elt_size_in_bytes() as u64 != e - s {
+            return Err(bad(format!(
+                "shape {:?} of {} does not match its {} data bytes",
+                entry.shape,
+                entry.dtype,
+                e - s
+            )));
+        }
+        let mut f = File::open(&self.path).map_err(io_err(&self.path))?;
+        f.seek(SeekFrom::Start(self.data_start + s)).map_err(io_err(&self.path))?;
+        let mut bytes = vec![0u8; (e - s) as usize];
+        f.read_exact(&mut bytes).map_err(io_err(&self.path))?;
+        let t = Tensor::f_from_data_size(&bytes, &entry.shape, kind).map_err(|e| bad(e.to_string()))?;
+        Ok(if device == Device::Cpu { t } else { t.to_device(device) })
+    }
+}
+
+/// The raw little-endian bytes of a tensor (copied to the CPU, made contiguous).
+pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut out = vec![0u8; n];
+    t.f_copy_data_u8(&mut out, t.numel())?;
+    Ok(out)
+}
+
+/// Writes `tensors` (name, tensor) to `path` and fsyncs it.
+pub fn write(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<u64, SafetensorsError> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+    }
+    let mut offset = 0u64;
+    for (name, t) in tensors {
+        let bad = |reason: String| SafetensorsError::Tensor { path: path.to_path_buf(), key: name.clone(), reason };
+        let dtype = dtype_of(t.kind()).ok_or_else(|| bad(format!("cannot store dtype {:?}", t.kind())))?;
+        let n = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let entry = Entry { dtype: dtype.into(), shape: t.size(), data_offsets: [offset, offset + n] };
+        header.insert(name.clone(), serde_json::to_value(entry).expect("entry"));
+        offset += n;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header");
+    while (8 + json.len()) % 8 != 0 {
+        json.push(b' ');
+    }
+    let f = File::create(path).map_err(io_err(path))?;
+    let mut w = BufWriter::new(f);
+    w.write_all(&(json.len() as u64).to_le_bytes()).map_err(io_err(path))?;
+    w.write_all(&json).map_err(io_err(path))?;
+    for (name, t) in tensors {
+        let bytes = tensor_bytes(t).map_err(|e| SafetensorsError::Tensor {
+            path: path.to_path_buf(),
+            key: name.clone(),
+            reason: e.to_string(),
+        })?;
+        w.write_all(&bytes).map_err(io_err(path))?;
+    }
+    let f = w.into_inner().map_err(|e| SafetensorsError::Io { path: path.to_path_buf(), source: e.into_error() })?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(8 + json.len() as u64 + offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_python_compatible_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let a = Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([2, 3]);
+        let b = Tensor::from_slice(&[1i64, -2]);
+        let c = Tensor::ones([3], (Kind::BFloat16, Device::Cpu));
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        write(
+            &path,
+            &[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone()), ("c".into(), c.shallow_clone())],
+            &meta,
+        )
+        .unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        assert_eq!(f.metadata, meta);
+        assert!(f.read("a", Device::Cpu).unwrap().equal(&a));
+        assert!(f.read("b", Device::Cpu).unwrap().equal(&b));
+        assert!(f.read("c", Device::Cpu).unwrap().equal(&c));
+        assert_eq!(f.data_start % 8, 0);
+        let err = f.read("zz", Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("t.safetensors") && err.contains("\"zz\""), "{err}");
+        // The workspace's safetensors crate (what Python's writer is compatible with) agrees.
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("a").unwrap().shape(), [2, 3]);
+    }
+
+    #[test]
+    fn garbage_is_a_format_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
+        let err = SafetensorsFile::open(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.safetensors") && err.contains("header length"), "{err}");
+        std::fs::write(&path, b"\x03\0\0\0\0\0\0\0[1]").unwrap();
+        let err = SafetensorsFile::open(&path).unwrap_err().to_string();
+        assert!(err.contains("not a JSON object"), "{err}");
+    }
+}
