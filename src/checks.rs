@@ -625,20 +625,7 @@ fn env_row(r: &mut Rows, name: &str, allowed: Allowed, what: &str, value: Option
     }
 }
 
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
+pub use mm_spec::human_bytes;
 
 /// The table `launch check` prints: one line per row, failures last with their fixes.
 pub fn format_table(rows: &[CheckRow]) -> String {

@@ -40,20 +40,7 @@ pub fn inspect(o: &InspectOptions) -> Result<Report, ConvertError> {
     }
 }
 
-pub fn fmt_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
+pub use mm_spec::human_bytes as fmt_bytes;
 
 /// Sort key that orders `layers.10` after `layers.9`.
 fn natural_key(s: &str) -> Vec<(String, u64)> {

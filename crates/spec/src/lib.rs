@@ -26,3 +26,30 @@ pub use layout::{
 };
 pub use presets::{preset, LlmConfig, ModelPreset, NormType, ParamCounts, VisionConfig, PRESET_NAMES};
 pub use progress::{Progress, ProgressEvent, PROGRESS_PREFIX};
+
+/// Bytes for people: `512 B`, `3.00 GiB` (binary units, two decimals). Shared by the
+/// launcher's dry run and checks and by mm-convert's reports.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod human_bytes_tests {
+    #[test]
+    fn binary_units() {
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(3 << 30), "3.00 GiB");
+        assert_eq!(super::human_bytes(1536), "1.50 KiB");
+    }
+}
