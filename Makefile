@@ -28,5 +28,6 @@ lint: setup
 
 test: setup
 	cargo fmt --all --check
+	bash scripts/check-no-libtorch.sh
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace --no-fail-fast
