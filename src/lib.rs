@@ -3,11 +3,17 @@
 //! One module per stage of the flow: cluster spec → recipe → plan (pure) → checks →
 //! render (pure) → execute → events → report/logs.
 
+pub mod agent;
 pub mod checks;
 pub mod cluster;
 pub mod dryrun;
+pub mod events;
+pub mod exec;
 pub mod hostlist;
+pub mod logs;
 pub mod plan;
+pub mod progress;
 pub mod recipe;
 pub mod render;
+pub mod report;
 pub mod ssh;

@@ -7,11 +7,18 @@ use clap::{Args, Parser, Subcommand};
 use launch::checks::{self, Status};
 use launch::cluster::ClusterSpec;
 use launch::dryrun;
+use launch::exec::job::{run_job, JobOptions};
+use launch::logs::{show_logs, LogsQuery};
 use launch::plan::Plan;
+use launch::progress::{Console, Tee};
 use launch::recipe::Recipe;
 use launch::render::Renderer;
 
-/// Exit codes (documented in the README).
+/// Exit codes (documented in the README). A launch that ran exits with its first failure's
+/// code: the failing rank's exit code, 128 + signal when a rank was killed by one, 4 when
+/// nothing could be started (a host unreachable, its key refused, no agent), 255 when a host
+/// was lost or its agent died mid-run, 127 when a rank's shell could not start, 130 / 143 /
+/// 129 when the launcher was stopped by SIGINT / SIGTERM / SIGHUP.
 const EXIT_CONFIG: u8 = 2;
 const EXIT_CHECKS: u8 = 3;
 
@@ -41,6 +48,39 @@ enum Command {
     Finetune(FinetuneArgs),
     /// Run the environment checks on every host and print a table.
     Check(CheckArgs),
+    /// Print the aggregated log of the latest run (or RUN), optionally following it.
+    Logs(LogsArgs),
+    /// The per-host node agent the launcher starts over SSH (internal).
+    #[command(hide = true)]
+    Agent(AgentArgs),
+}
+
+#[derive(Args)]
+struct LogsArgs {
+    /// A run id (a directory under the log dir) or a run directory; default: the latest run.
+    run: Option<String>,
+    /// Keep printing new lines until the run finishes.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only this rank's lines.
+    #[arg(long, value_name = "R")]
+    rank: Option<usize>,
+    /// Only this host's lines (its name in the cluster file).
+    #[arg(long, value_name = "H")]
+    host: Option<String>,
+    /// Only lines matching this regular expression.
+    #[arg(long, value_name = "RE")]
+    grep: Option<String>,
+    /// Where runs are (default: the cluster's log_dir with --cluster, else `logs`).
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Print the key under which this binary is cached on hosts, and exit.
+    #[arg(long)]
+    cache_key: bool,
 }
 
 #[derive(Args)]
@@ -68,6 +108,30 @@ struct FinetuneArgs {
     /// Skip a check by id (e.g. env:HCCL_CONNECT_TIMEOUT) or family (env, path, disk).
     #[arg(long = "skip-check", value_name = "NAME")]
     skip_checks: Vec<String>,
+    /// Do not run the environment checks before starting (saves one round trip per host).
+    #[arg(long)]
+    no_checks: bool,
+    /// On a failure or a signal: SIGTERM every rank, then SIGKILL after this long.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    grace: std::time::Duration,
+    /// On a failure, stop everything and start all ranks again, up to N times (each attempt
+    /// logs into its own attempt-K folder).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_restarts: u32,
+    /// Console output: default (rank 0, plus warnings and errors of every rank), all, errors.
+    #[arg(long, value_name = "MODE", default_value = "default")]
+    tee: Tee,
+    /// Show every line of these ranks instead of rank 0's, e.g. --ranks 0,8.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    ranks: Vec<usize>,
+    /// The launch binary on the hosts (same version). Default: this binary, uploaded once
+    /// over SFTP to ~/.cache/mm-launch/<version>-<fingerprint>/launch.
+    #[arg(long, value_name = "PATH")]
+    agent_path: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    launch::cluster::humane::parse(s)
 }
 
 #[derive(Args)]
@@ -84,6 +148,21 @@ struct CheckArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Agent(a) = &cli.command {
+        if a.cache_key {
+            return match launch::exec::job::own_cache_key() {
+                Ok(k) => {
+                    println!("{k}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        return ExitCode::from(launch::agent::run().clamp(0, 255) as u8);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(Failure(code, message)) => {
@@ -130,21 +209,57 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let rows = checks::run_all(&plan, &cluster, &args.skip_checks, version);
-            if rows.iter().any(|r| r.status == Status::Fail) {
-                eprint!("{}", checks::format_table(&rows));
-                return Err(Failure(
-                    EXIT_CHECKS,
-                    "error: environment checks failed (fix them, or skip one with --skip-check ID)".into(),
-                ));
+            // Reach the hosts now: connecting and starting their agents overlaps the checks.
+            let backend = launch::exec::job::backend_for(&plan, &cluster, args.agent_path.as_deref())
+                .map_err(|e| Failure(1, format!("error: {e}")))?;
+            if !args.no_checks {
+                let rows = checks::run_all(&plan, &cluster, &args.skip_checks, version);
+                if rows.iter().any(|r| r.status == Status::Fail) {
+                    eprint!("{}", checks::format_table(&rows));
+                    return Err(Failure(
+                        EXIT_CHECKS,
+                        "error: environment checks failed (fix them, or skip one with --skip-check ID)".into(),
+                    ));
+                }
+                for r in rows.iter().filter(|r| r.status == Status::Warn) {
+                    eprintln!("warning: {} on {}: found {}, expected {}", r.check, r.host, r.found, r.expected);
+                }
             }
-            Err(Failure(
-                1,
-                "error: starting ranks is not built yet in this version: use --dry-run to see the exact \
-                 commands per host (execution over SSH lands with the launcher's execute stage)"
-                    .into(),
-            ))
+            let opts = JobOptions {
+                grace: args.grace,
+                max_restarts: args.max_restarts,
+                tee: args.tee,
+                ranks: args.ranks.clone(),
+                fancy: Console::stdout_is_terminal(),
+            };
+            let code = run_job(&plan, &cluster, &renderer, &rendered, backend, &opts)
+                .map_err(|e| Failure(1, format!("error: {e}")))?;
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
+        Command::Logs(args) => {
+            let log_dir = match (&args.log_dir, &cli.cluster) {
+                (Some(d), _) => d.clone(),
+                (None, Some(c)) => ClusterSpec::from_file(c).map_err(config)?.log_dir,
+                (None, None) => PathBuf::from("logs"),
+            };
+            let grep = args
+                .grep
+                .as_deref()
+                .map(regex::Regex::new)
+                .transpose()
+                .map_err(|e| Failure(EXIT_CONFIG, format!("error: --grep: {e}")))?;
+            let q = LogsQuery {
+                run: args.run.clone(),
+                follow: args.follow,
+                rank: args.rank,
+                host: args.host.clone(),
+                grep,
+            };
+            let mut out = std::io::stdout().lock();
+            show_logs(&log_dir, &q, &mut out).map_err(|e| Failure(1, format!("error: {e}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(_) => Ok(ExitCode::SUCCESS),
         Command::Check(args) => {
             let (cluster, _recipe, plan) = load(&cli.cluster, &args.job)?;
             let rows = checks::run_all(&plan, &cluster, &args.skip_checks, version);

@@ -1,7 +1,8 @@
 //! SSH sessions on libssh2 (the ssh2 crate): connect with a timeout, verify the host key
 //! against known_hosts (strict by default; `accept-new` records unknown keys but still
-//! refuses changed ones), authenticate with ssh-agent then identity files, keep alive.
-//! ssh2 is blocking: callers run it on their own threads.
+//! refuses changed ones), authenticate with ssh-agent then identity files. ssh2 is blocking:
+//! callers run it on their own threads. Keepalives are left to non-blocking callers (see
+//! `SshTarget::connect`).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -133,14 +134,20 @@ impl SshTarget {
             .next()
             .ok_or_else(|| connect_err(std::io::Error::other("the address resolves to nothing")))?;
         let tcp = TcpStream::connect_timeout(&addr, self.connect_timeout).map_err(connect_err)?;
+        // Handshake steps and control messages are small writes that wait for an answer;
+        // Nagle's algorithm would hold them back behind the previous segment's ACK.
+        let _ = tcp.set_nodelay(true);
         let mut sess = Session::new().map_err(|source| SshError::Handshake { host: host.clone(), source })?;
         sess.set_tcp_stream(tcp);
         sess.set_timeout(self.connect_timeout.as_millis() as u32);
+        prefer_fast_ciphers(&sess);
         sess.handshake().map_err(|source| SshError::Handshake { host: host.clone(), source })?;
         self.verify_host_key(&sess)?;
         self.authenticate(&sess)?;
         sess.set_timeout(0);
-        sess.set_keepalive(true, self.keepalive_interval.as_secs().max(1) as u32);
+        // No libssh2 keepalive here: libssh2 ends any *blocking* wait with "Timed out waiting
+        // on socket" once the keepalive interval passes, so a probe running longer than the
+        // interval would fail. Non-blocking users (exec::ssh's pump) enable it themselves.
         Ok(sess)
     }
 
@@ -221,6 +228,16 @@ impl SshTarget {
             }
         }
         Err(SshError::Auth { host: self.host.clone(), user: self.user.clone(), tried: tried.join(", ") })
+    }
+}
+
+/// AES-GCM first (hardware AES, no separate MAC), then libssh2's usual choices: rank output
+/// is the launcher's bulk traffic. Ignored when this libssh2 lacks a method.
+fn prefer_fast_ciphers(sess: &Session) {
+    const CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,\
+                           aes128-ctr,aes192-ctr,aes256-ctr";
+    for m in [ssh2::MethodType::CryptCs, ssh2::MethodType::CryptSc] {
+        let _ = sess.method_pref(m, CIPHERS);
     }
 }
 

@@ -1,0 +1,39 @@
+//! The one seam between the dispatcher and the machines: a [`Backend`] opens a [`Link`] to
+//! the node agent of one host. Local (a child process), SSH (a channel on libssh2 threads) and
+//! fake (an in-process simulation for unit tests) implement it; the dispatcher cannot tell
+//! them apart.
+
+use crate::exec::proto::{ExitStatus, FromAgent, ToAgent};
+
+/// What a link reports, tagged with its node index on the shared channel.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A message from the agent.
+    Msg(FromAgent),
+    /// A line the agent (or the remote shell) wrote on stderr: diagnostics, never rank output.
+    Stderr(String),
+    /// The link ended; nothing more comes from this node. Without a Hello before it, the host
+    /// was never reached (`error` says why); after one, the agent exited or the connection
+    /// broke (`status`: the agent's exit status when known).
+    Closed { status: Option<ExitStatus>, error: Option<String> },
+}
+
+pub type EventTx = tokio::sync::mpsc::Sender<(usize, LinkEvent)>;
+
+/// The launcher's end of one agent connection. Sends never block; they are queued.
+pub trait Link: Send {
+    fn send(&self, msg: &ToAgent);
+    /// Half-close: the agent reads EOF (and stops its units if any still run), the link keeps
+    /// delivering what the agent sends until it exits.
+    fn close(&self);
+    /// Give up on the connection now (a host that stopped answering): stop reading, drop it.
+    fn abandon(&self);
+}
+
+pub trait Backend: Send + Sync {
+    /// "local", "ssh", "fake": for messages.
+    fn name(&self) -> &'static str;
+    /// Reach node `node` and start its agent; everything it reports goes to `events`.
+    /// Must be called inside a tokio runtime; returns at once.
+    fn open(&self, node: usize, events: EventTx) -> Box<dyn Link>;
+}

@@ -1,0 +1,240 @@
+//! A whole launch: run directory, tracing log, backend, signals, attempts and restarts,
+//! the final report. main.rs calls [`run_job`] after the checks passed.
+//!
+//! ```text
+//! RunDir::create ─► tracing → launcher.log ─► plan.json, status.json (running)
+//!   └─► attempt 0..=max_restarts: dispatch::run_attempt(backend, reporters = LogSink + Console)
+//!         failed and restartable and attempts left? ─► next attempt (attempt-K/ folders)
+//!   └─► report (stderr), status.json (finished, exit code)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::cluster::ClusterSpec;
+use crate::events::{HostInfo, LaunchEvent, Reporter};
+use crate::exec::backend::Backend;
+use crate::exec::dispatch::{run_attempt, AttemptSpec, DispatchConfig, Outcome, Sig};
+use crate::exec::local::LocalBackend;
+use crate::exec::ssh::{AgentSource, SshBackend};
+use crate::logs::{LogSink, RunDir, RunStatus};
+use crate::plan::Plan;
+use crate::progress::{Console, Tee};
+use crate::render::{Rendered, Renderer};
+use crate::ssh::SshTarget;
+
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// SIGTERM → SIGKILL delay.
+    pub grace: Duration,
+    pub max_restarts: u32,
+    pub tee: Tee,
+    /// Ranks whose every line the console shows (empty: rank 0).
+    pub ranks: Vec<usize>,
+    /// Progress bars (stdout is a terminal) or plain lines.
+    pub fancy: bool,
+}
+
+/// Reporters of a job: the run directory and the console.
+struct JobReporters {
+    logs: LogSink,
+    console: Console,
+}
+
+impl Reporter for JobReporters {
+    fn event(&mut self, ev: &LaunchEvent<'_>) {
+        self.logs.event(ev);
+        self.console.event(ev);
+    }
+    fn tick(&mut self) {
+        self.logs.tick();
+        self.console.tick();
+    }
+    fn flush(&mut self) {
+        self.logs.flush();
+        self.console.flush();
+    }
+}
+
+fn init_tracing(path: &std::path::Path) {
+    let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) else { return };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAUNCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,launch=debug"));
+    let _ = tracing_subscriber::fmt().with_writer(Mutex::new(file)).with_ansi(false).with_env_filter(filter).try_init();
+}
+
+/// The hosts as reporters name them, in node order.
+pub fn hosts_of(plan: &Plan) -> Vec<HostInfo> {
+    plan.nodes
+        .iter()
+        .map(|n| HostInfo { name: n.host.name.clone(), address: n.host.address.clone(), ranks: n.ranks.clone() })
+        .collect()
+}
+
+/// The backend for this cluster. Over SSH the hosts are contacted at once (connections and
+/// agents start in the background; the first attempt picks them up).
+pub fn backend_for(plan: &Plan, cluster: &ClusterSpec, agent_path: Option<&str>) -> Result<Box<dyn Backend>, String> {
+    if cluster.local {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find the launch binary to run agents: {e}"))?;
+        return Ok(Box::new(LocalBackend::new(exe)));
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let targets = plan.nodes.iter().map(|n| SshTarget::new(cluster, &n.host, &env)).collect();
+    let agent = match agent_path {
+        Some(p) => AgentSource::Path(p.to_string()),
+        None => AgentSource::upload_self().map_err(|e| format!("cannot read the launch binary to upload it: {e}"))?,
+    };
+    Ok(Box::new(SshBackend::start_early(targets, agent)))
+}
+
+/// Runs the job to its end; returns the process exit code (see main.rs for the table).
+/// `rendered`: the launch as rendered for the dry run (written to plan.json until the attempt
+/// replaces it with the picked master port).
+/// `backend`: from [`backend_for`], made as early as possible.
+pub fn run_job(
+    plan: &Plan,
+    cluster: &ClusterSpec,
+    renderer: &Renderer,
+    rendered: &Rendered,
+    backend: Box<dyn Backend>,
+    opts: &JobOptions,
+) -> Result<i32, String> {
+    let run = RunDir::create(&cluster.log_dir, &plan.recipe.model, opts.max_restarts > 0)
+        .map_err(|e| format!("cannot create a run directory under {}: {e}", cluster.log_dir.display()))?;
+    init_tracing(&run.launcher_log());
+    tracing::info!(run = %run.id, hosts = plan.nodes.len(), ranks = plan.world_size, "launch starting");
+    // Off the critical path: hosts are being reached meanwhile.
+    let plan_writer = {
+        let (run, plan, rendered) = (run.clone(), plan.clone(), rendered.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = run.write_plan_if_absent(&plan, &rendered) {
+                tracing::warn!("cannot write plan.json: {e}");
+            }
+        })
+    };
+    let pid = std::process::id();
+    let status = |state: &str, code: Option<i32>, outcome: Option<String>| RunStatus {
+        run_id: run.id.clone(),
+        state: state.into(),
+        pid,
+        exit_code: code,
+        outcome,
+    };
+    let _ = run.write_status(&status("running", None, None));
+
+    let hosts = hosts_of(plan);
+    let logs = LogSink::new(run.clone(), plan.clone(), hosts.clone())
+        .map_err(|e| format!("cannot write {}: {e}", run.launch_log().display()))?;
+    let console = Console::new(hosts.clone(), opts.tee, opts.ranks.clone(), opts.fancy);
+    let mut reporters = JobReporters { logs, console };
+    eprintln!("[launch] run {}: logs in {}", run.id, run.root.display());
+
+    let cfg = DispatchConfig {
+        grace: opts.grace,
+        heartbeat: (!cluster.ssh.keepalive_interval.is_zero())
+            .then(|| (cluster.ssh.keepalive_interval, cluster.ssh.keepalive_count.max(1))),
+        double_signal_window: Duration::from_secs(2),
+        agent_watchdog: !cluster.local,
+    };
+    let master_node = plan.nodes.iter().position(|n| n.host.address == plan.master_addr).unwrap_or(0);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let (code, headline) = rt.block_on(async {
+        let (sig_tx, mut sig_rx) = mpsc::unbounded_channel();
+        for (kind, sig) in [
+            (SignalKind::interrupt(), Sig::Int),
+            (SignalKind::terminate(), Sig::Term),
+            (SignalKind::hangup(), Sig::Hup),
+        ] {
+            match signal(kind) {
+                Ok(mut stream) => {
+                    let tx = sig_tx.clone();
+                    tokio::spawn(async move {
+                        while stream.recv().await.is_some() {
+                            if tx.send(sig).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("cannot watch {}: {e}", sig.name()),
+            }
+        }
+        let mut attempt = 0u32;
+        loop {
+            let mut render = |port: Option<u16>| {
+                let mut p = plan.clone();
+                if let Some(port) = port {
+                    p.master_port = port;
+                }
+                renderer.render_plan(&p, cluster).map_err(|e| e.to_string())
+            };
+            let extra_env: BTreeMap<String, String> =
+                [("LAUNCH_RUN_ID".to_string(), run.id.clone()), ("LAUNCH_ATTEMPT".to_string(), attempt.to_string())]
+                    .into();
+            let spec = AttemptSpec {
+                attempt,
+                max_restarts: opts.max_restarts,
+                hosts: &hosts,
+                master_node,
+                need_port: plan.master_port == 0,
+                render: &mut render,
+                extra_env,
+            };
+            let result = run_attempt(backend.as_ref(), &cfg, spec, &mut reporters, &mut sig_rx).await;
+            reporters.flush();
+            let text = crate::report::render(&result, &run.attempt_dir(attempt), &run.launch_log(), &run.root);
+            let headline = text.lines().next().unwrap_or("").to_string();
+            reporters.event(&LaunchEvent::AttemptFinished { attempt, summary: headline.clone() });
+            let code = result.outcome.exit_code();
+            let restart = match &result.outcome {
+                Outcome::Failed(f) => f.restartable() && attempt < opts.max_restarts,
+                _ => false,
+            };
+            if !restart {
+                reporters.flush();
+                eprint!("{text}");
+                for e in reporters.logs.errors().iter().take(5) {
+                    eprintln!("launch: warning: {e}");
+                }
+                return (code, headline);
+            }
+            reporters.console.say(&format!(
+                "[launch] attempt {attempt} failed (exit {code}); restarting every rank ({} of {} restarts)",
+                attempt + 1,
+                opts.max_restarts
+            ));
+            tracing::warn!(attempt, code, "restarting");
+            // A signal while waiting to restart ends the job instead.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                Some(sig) = sig_rx.recv() => {
+                    eprint!("{text}");
+                    eprintln!("launch: {} received before the restart: not restarting", sig.name());
+                    return (128 + sig.number(), headline);
+                }
+            }
+            attempt += 1;
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let _ = plan_writer.join();
+    let _ = run.write_status(&status("finished", Some(code), Some(headline)));
+    tracing::info!(code, "launch finished");
+    Ok(code)
+}
+
+/// Where the launcher's binary would be cached on hosts, for `launch agent --cache-key`.
+pub fn own_cache_key() -> Result<String, String> {
+    let exe: PathBuf = std::env::current_exe().map_err(|e| e.to_string())?;
+    crate::exec::ssh::cache_key(&exe).map_err(|e| e.to_string())
+}

@@ -1,0 +1,426 @@
+//! The console: rank output through a filter, launcher news, and progress.
+//!
+//! By default rank 0's lines are shown, plus every warning or error line of any rank
+//! (`--tee all`: every line; `--tee errors`: only warnings and errors; `--ranks 0,8`: these
+//! ranks instead of rank 0). Rank lines go to stdout as `[host rN] line`; the launcher's own
+//! lines go to stderr. On a terminal, indicatif bars show connecting, starting and training
+//! (iteration of train iters, loss, tokens/s, ETA) from the engine's `@@mm-progress` lines,
+//! which are then hidden from the console; otherwise plain lines, at most one per second.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use mm_spec::progress::{ProgressEvent, PROGRESS_PREFIX};
+
+use crate::events::{HostInfo, LaunchEvent, Reporter};
+use crate::report::ranks_label;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tee {
+    /// The selected ranks (rank 0 unless --ranks) plus warnings and errors of every rank.
+    Default,
+    /// Every line of every rank.
+    All,
+    /// Only warning and error lines.
+    Errors,
+}
+
+impl std::str::FromStr for Tee {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Tee, String> {
+        match s {
+            "default" => Ok(Tee::Default),
+            "all" => Ok(Tee::All),
+            "errors" => Ok(Tee::Errors),
+            _ => Err(format!("`{s}`: expected default, all or errors")),
+        }
+    }
+}
+
+/// Lines worth showing from any rank.
+pub const ALERT_PATTERN: &str = r"(?i)(\bwarn(ing|ings)?\b|error|fatal|critical|exception|traceback|panicked|\bpanic\b|segmentation fault|\bkilled\b)";
+
+struct Bars {
+    multi: MultiProgress,
+    connect: Option<ProgressBar>,
+    start: Option<ProgressBar>,
+    train: Option<ProgressBar>,
+}
+
+pub struct Console {
+    tee: Tee,
+    ranks: BTreeSet<usize>,
+    hosts: Vec<HostInfo>,
+    prefixes: HashMap<usize, String>,
+    /// Compiled on first use: the launch's critical path does not wait for it.
+    alert: std::sync::OnceLock<regex::bytes::Regex>,
+    bars: Option<Bars>,
+    out: std::io::BufWriter<std::io::Stdout>,
+    connected: usize,
+    total_units: usize,
+    started: usize,
+    last_iteration: Option<u64>,
+    first_progress: Option<(Instant, u64)>,
+    last_plain: Option<Instant>,
+    unit_ranks: HashMap<(usize, usize), Vec<usize>>,
+    done_reported: bool,
+}
+
+impl Console {
+    /// `ranks`: the ranks whose every line is shown (empty: rank 0). `fancy`: draw bars
+    /// (callers pass whether stdout is a terminal).
+    pub fn new(hosts: Vec<HostInfo>, tee: Tee, ranks: Vec<usize>, fancy: bool) -> Console {
+        let ranks: BTreeSet<usize> = if ranks.is_empty() { [0].into() } else { ranks.into_iter().collect() };
+        let mut prefixes = HashMap::new();
+        for h in &hosts {
+            for &r in &h.ranks {
+                prefixes.insert(r, format!("[{} r{r}] ", h.name));
+            }
+        }
+        let bars = fancy.then(|| Bars {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            connect: None,
+            start: None,
+            train: None,
+        });
+        Console {
+            tee,
+            ranks,
+            hosts,
+            prefixes,
+            // The pattern is a constant; a failure to compile would be a bug caught by the tests.
+            alert: std::sync::OnceLock::new(),
+            bars,
+            out: std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()),
+            connected: 0,
+            total_units: 0,
+            started: 0,
+            last_iteration: None,
+            first_progress: None,
+            last_plain: None,
+            unit_ranks: HashMap::new(),
+            done_reported: false,
+        }
+    }
+
+    /// Whether stdout is a terminal (bars) or not (plain lines).
+    pub fn stdout_is_terminal() -> bool {
+        std::io::stdout().is_terminal()
+    }
+
+    /// A launcher line on stderr (above the bars on a terminal).
+    pub fn say(&mut self, line: &str) {
+        let _ = self.out.flush();
+        match &self.bars {
+            Some(b) => {
+                let _ = b.multi.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn host(&self, node: usize) -> &str {
+        self.hosts.get(node).map(|h| h.name.as_str()).unwrap_or("?")
+    }
+
+    fn bar(&self, len: u64, template: &str) -> Option<ProgressBar> {
+        let b = self.bars.as_ref()?;
+        let style = ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
+        let pb = b.multi.add(ProgressBar::new(len));
+        pb.set_style(style);
+        pb.enable_steady_tick(Duration::from_millis(120));
+        Some(pb)
+    }
+
+    /// Selects the lines of `data` to print; returns them prefixed.
+    fn select(&self, rank: Option<usize>, prefix: &str, data: &[u8]) -> Vec<u8> {
+        let everything =
+            self.tee == Tee::All || (self.tee == Tee::Default && rank.is_some_and(|r| self.ranks.contains(&r)));
+        let hide_progress = self.bars.is_some();
+        let mut out = Vec::new();
+        let mut push = |line: &[u8]| {
+            if hide_progress && memchr::memmem::find(line, PROGRESS_PREFIX.as_bytes()).is_some() {
+                return;
+            }
+            out.extend_from_slice(prefix.as_bytes());
+            out.extend_from_slice(line);
+            if line.last() != Some(&b'\n') {
+                out.push(b'\n');
+            }
+        };
+        if everything {
+            let mut pos = 0;
+            while pos < data.len() {
+                let end = memchr::memchr(b'\n', &data[pos..]).map_or(data.len(), |i| pos + i + 1);
+                push(&data[pos..end]);
+                pos = end;
+            }
+        } else {
+            let mut next = 0;
+            let alert = self
+                .alert
+                .get_or_init(|| regex::bytes::Regex::new(ALERT_PATTERN).expect("ALERT_PATTERN is a valid regex"));
+            for m in alert.find_iter(data) {
+                if m.start() < next {
+                    continue;
+                }
+                let start = memchr::memrchr(b'\n', &data[..m.start()]).map_or(0, |i| i + 1);
+                let end = memchr::memchr(b'\n', &data[m.end()..]).map_or(data.len(), |i| m.end() + i + 1);
+                push(&data[start..end]);
+                next = end;
+            }
+        }
+        out
+    }
+
+    fn progress_lines(&mut self, data: &[u8]) {
+        let finder = memchr::memmem::Finder::new(PROGRESS_PREFIX.as_bytes());
+        let mut from = 0;
+        while let Some(i) = finder.find(&data[from..]) {
+            let at = from + i;
+            let start = memchr::memrchr(b'\n', &data[..at]).map_or(0, |j| j + 1);
+            let end = memchr::memchr(b'\n', &data[at..]).map_or(data.len(), |j| at + j);
+            if let Some(Ok(ev)) = ProgressEvent::parse(&String::from_utf8_lossy(&data[start..end])) {
+                self.on_progress(&ev);
+            }
+            from = end.min(data.len());
+            if from == data.len() {
+                break;
+            }
+        }
+    }
+
+    fn on_progress(&mut self, ev: &ProgressEvent) {
+        let ProgressEvent::Step(p) = ev else {
+            if let ProgressEvent::Done { iteration, final_loss, tokens_per_sec, .. } = ev {
+                // Every rank may report the end; say it once.
+                if std::mem::replace(&mut self.done_reported, true) {
+                    return;
+                }
+                if let Some(b) = self.bars.as_ref().and_then(|b| b.train.as_ref()) {
+                    b.finish_with_message(format!("done: loss {final_loss:.4} · {tokens_per_sec:.0} tok/s"));
+                } else {
+                    self.say(&format!(
+                        "[launch] training done at iteration {iteration}: loss {final_loss:.4}, {tokens_per_sec:.0} tokens/s"
+                    ));
+                }
+            }
+            return;
+        };
+        if self.last_iteration.is_some_and(|i| p.iteration <= i) {
+            return;
+        }
+        self.last_iteration = Some(p.iteration);
+        let now = Instant::now();
+        let (t0, i0) = *self.first_progress.get_or_insert((now, p.iteration));
+        if self.bars.is_some() {
+            if self.bars.as_ref().is_some_and(|b| b.train.is_none()) {
+                let bar = self.bar(p.train_iters, "{spinner} train [{bar:30}] {pos}/{len} it  loss {msg}  ETA {eta}");
+                if let Some(b) = self.bars.as_mut() {
+                    b.train = bar;
+                }
+            }
+            if let Some(bar) = self.bars.as_ref().and_then(|b| b.train.as_ref()) {
+                bar.set_length(p.train_iters);
+                bar.set_position(p.iteration);
+                bar.set_message(format!("{:.4} · {:.0} tok/s", p.loss, p.tokens_per_sec));
+            }
+            return;
+        }
+        let due = self.last_plain.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if !due && p.iteration < p.train_iters {
+            return;
+        }
+        self.last_plain = Some(now);
+        let done = p.iteration.saturating_sub(i0);
+        let eta = if done > 0 {
+            let per = now.duration_since(t0).as_secs_f64() / done as f64;
+            format!("{:.0}s", per * p.train_iters.saturating_sub(p.iteration) as f64)
+        } else {
+            "?".into()
+        };
+        self.say(&format!(
+            "[launch] iteration {}/{}  loss {:.4}  {:.0} tokens/s  ETA {eta}",
+            p.iteration, p.train_iters, p.loss, p.tokens_per_sec
+        ));
+    }
+}
+
+impl Reporter for Console {
+    fn event(&mut self, ev: &LaunchEvent<'_>) {
+        match ev {
+            LaunchEvent::Output { node, rank, data, .. } => {
+                self.progress_lines(data);
+                let prefix = match rank {
+                    Some(r) => self.prefixes.get(r).cloned().unwrap_or_else(|| format!("[? r{r}] ")),
+                    None => format!("[{} node] ", self.host(*node)),
+                };
+                let lines = self.select(*rank, &prefix, data);
+                if lines.is_empty() {
+                    return;
+                }
+                match &self.bars {
+                    Some(b) => {
+                        let text = String::from_utf8_lossy(&lines);
+                        b.multi.suspend(|| {
+                            let mut o = std::io::stdout().lock();
+                            let _ = o.write_all(text.as_bytes());
+                            let _ = o.flush();
+                        });
+                    }
+                    None => {
+                        let _ = self.out.write_all(&lines);
+                    }
+                }
+            }
+            LaunchEvent::AttemptStarting { attempt, max_restarts } => {
+                self.connected = 0;
+                self.started = 0;
+                self.last_iteration = None;
+                self.first_progress = None;
+                self.done_reported = false;
+                if *attempt > 0 {
+                    self.say(&format!("[launch] restart: attempt {attempt} of up to {}", max_restarts + 1));
+                }
+                let n = self.hosts.len() as u64;
+                let bar = self.bar(n, "{spinner} connecting to hosts {pos}/{len} {elapsed}");
+                if let Some(b) = self.bars.as_mut() {
+                    b.connect = bar;
+                }
+            }
+            LaunchEvent::Connected { elapsed, .. } => {
+                self.connected += 1;
+                if let Some(b) = self.bars.as_ref().and_then(|b| b.connect.as_ref()) {
+                    b.inc(1);
+                }
+                if self.connected == self.hosts.len() {
+                    if let Some(b) = self.bars.as_mut().and_then(|b| b.connect.take()) {
+                        b.finish_and_clear();
+                    }
+                    self.say(&format!(
+                        "[launch] {} host{} ready in {:.2}s",
+                        self.connected,
+                        if self.connected == 1 { "" } else { "s" },
+                        elapsed.as_secs_f64()
+                    ));
+                }
+            }
+            LaunchEvent::Launching { rendered, master_port, .. } => {
+                self.unit_ranks.clear();
+                for (n, rn) in rendered.nodes.iter().enumerate() {
+                    for (u, unit) in rn.units.iter().enumerate() {
+                        self.unit_ranks.insert((n, u), unit.ranks.clone());
+                    }
+                }
+                self.total_units = rendered.nodes.iter().map(|n| n.units.len()).sum();
+                let ranks: usize = rendered.nodes.iter().flat_map(|n| &n.units).map(|u| u.ranks.len()).sum();
+                self.say(&format!("[launch] starting {ranks} ranks (MASTER_PORT {master_port})"));
+                let bar = self.bar(self.total_units as u64, "{spinner} starting ranks {pos}/{len}");
+                if let Some(b) = self.bars.as_mut() {
+                    b.start = bar;
+                }
+            }
+            LaunchEvent::UnitStarted { .. } => {
+                self.started += 1;
+                if let Some(b) = self.bars.as_ref().and_then(|b| b.start.as_ref()) {
+                    b.inc(1);
+                }
+            }
+            LaunchEvent::AllStarted { elapsed } => {
+                if let Some(b) = self.bars.as_mut().and_then(|b| b.start.take()) {
+                    b.finish_and_clear();
+                }
+                self.say(&format!("[launch] all ranks running ({:.2}s after start)", elapsed.as_secs_f64()));
+            }
+            LaunchEvent::UnitExited { node, unit, status, stopped } => {
+                if !status.success() && !stopped {
+                    let who = self.unit_ranks.get(&(*node, *unit)).map(|r| ranks_label(r)).unwrap_or_default();
+                    let host = self.host(*node).to_string();
+                    self.say(&format!("[launch] {host} {who}: exited with {}", status.describe()));
+                }
+            }
+            LaunchEvent::Notice { node, message, warning } => {
+                let host = node.map(|n| format!("{}: ", self.host(n))).unwrap_or_default();
+                let level = if *warning { "warning: " } else { "" };
+                self.say(&format!("[launch] {level}{host}{message}"));
+            }
+            LaunchEvent::HostLost { node, reason } => {
+                let host = self.host(*node).to_string();
+                self.say(&format!("[launch] {host}: LOST: {reason}"));
+            }
+            LaunchEvent::Stopping { reason, grace } => {
+                if grace.is_zero() {
+                    self.say(&format!("[launch] aborting: {reason}"));
+                } else {
+                    self.say(&format!(
+                        "[launch] stopping every rank on every host (SIGTERM, SIGKILL after {}): {reason}",
+                        crate::cluster::humane::format(*grace)
+                    ));
+                }
+            }
+            LaunchEvent::AttemptFinished { .. } => {}
+        }
+    }
+
+    fn tick(&mut self) {
+        let _ = self.out.flush();
+    }
+
+    fn flush(&mut self) {
+        let _ = self.out.flush();
+        if let Some(b) = &mut self.bars {
+            for bar in [b.connect.take(), b.start.take(), b.train.take()].into_iter().flatten() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(tee: Tee, ranks: Vec<usize>) -> Console {
+        let hosts = vec![
+            HostInfo { name: "h1".into(), address: "a".into(), ranks: vec![0, 1] },
+            HostInfo { name: "h2".into(), address: "b".into(), ranks: vec![2, 3] },
+        ];
+        Console::new(hosts, tee, ranks, false)
+    }
+
+    #[test]
+    fn alert_pattern_compiles() {
+        assert!(regex::bytes::Regex::new(ALERT_PATTERN).is_ok());
+    }
+
+    #[test]
+    fn default_shows_rank_zero_and_alerts_elsewhere() {
+        let c = console(Tee::Default, vec![]);
+        assert_eq!(c.select(Some(0), "[h1 r0] ", b"a\nb\n"), b"[h1 r0] a\n[h1 r0] b\n");
+        let data = b"step 1\nWARNING: slow\nstep 2\nRuntimeError: x\nwarner is not a warning word\n";
+        let want = b"[h2 r3] WARNING: slow\n[h2 r3] RuntimeError: x\n[h2 r3] warner is not a warning word\n";
+        assert_eq!(c.select(Some(3), "[h2 r3] ", data), want.to_vec());
+        assert!(c.select(Some(3), "[p] ", b"warner\n").is_empty());
+    }
+
+    #[test]
+    fn tee_modes_and_rank_selection() {
+        let all = console(Tee::All, vec![]);
+        assert_eq!(all.select(Some(3), "[p] ", b"x\n"), b"[p] x\n");
+        let errors = console(Tee::Errors, vec![]);
+        assert!(errors.select(Some(0), "[p] ", b"x\n").is_empty());
+        let picked = console(Tee::Default, vec![2]);
+        assert!(picked.select(Some(0), "[p] ", b"x\n").is_empty());
+        assert_eq!(picked.select(Some(2), "[p] ", b"x"), b"[p] x\n");
+        assert_eq!("all".parse::<Tee>(), Ok(Tee::All));
+        assert!("loud".parse::<Tee>().is_err());
+    }
+}

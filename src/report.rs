@@ -1,0 +1,267 @@
+//! The end-of-run report: the root cause first (first failing host and rank, exit code or
+//! signal name, the last lines of its log, the log's path), then one status line per host.
+//! Pure formatting over the dispatcher's per-host records plus a read of the log tail.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::exec::dispatch::{AttemptResult, Failure, FailureKind, NodeReport, Outcome, UnitReport};
+use crate::exec::proto::ExitStatus;
+use crate::logs::{rank_log_path, tail_lines, tail_matching, unit_log_path};
+
+/// How many log lines the report quotes.
+pub const TAIL_LINES: usize = 20;
+
+/// "rank 3", "ranks 0-7", "ranks 0,2,5".
+pub fn ranks_label(ranks: &[usize]) -> String {
+    match ranks {
+        [] => "no ranks".into(),
+        [r] => format!("rank {r}"),
+        [a, .., b] if b - a + 1 == ranks.len() && ranks.windows(2).all(|w| w[1] == w[0] + 1) => {
+            format!("ranks {a}-{b}")
+        }
+        _ => format!("ranks {}", ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")),
+    }
+}
+
+fn short_status(s: &ExitStatus) -> String {
+    match (s.code, s.signal) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(sig)) => crate::exec::proto::signal_name(sig),
+        _ => "unknown".into(),
+    }
+}
+
+fn unit_label(node: &NodeReport, unit: Option<usize>) -> String {
+    match unit.and_then(|u| node.units.get(u)) {
+        Some(u) if u.ranks.len() > 1 => format!("{} (one process)", ranks_label(&u.ranks)),
+        Some(u) => ranks_label(&u.ranks),
+        None => "a process".into(),
+    }
+}
+
+/// One sentence naming the failure: who, where, what.
+pub fn failure_headline(f: &Failure, node: &NodeReport) -> String {
+    let host = format!("{} ({})", node.info.name, node.info.address);
+    match &f.kind {
+        FailureKind::Exit(s) if s.signal.is_some() => {
+            format!("{} on {host} was killed by {}", unit_label(node, f.unit), s.describe())
+        }
+        FailureKind::Exit(s) => format!("{} on {host} exited with {}", unit_label(node, f.unit), s.describe()),
+        FailureKind::SpawnFailed(m) => format!("{} on {host} could not start: {m}", unit_label(node, f.unit)),
+        FailureKind::Lost(r) => format!("host {host} was lost: {r}"),
+        FailureKind::AgentDied(r) => format!("the node agent on {host} failed: {r}"),
+        FailureKind::ConnectFailed(r) => format!("cannot start on {host}: {r}"),
+        FailureKind::PortFailed(r) => format!("{host}: {r}"),
+        FailureKind::RenderFailed(r) => format!("cannot render the launch: {r}"),
+    }
+}
+
+fn unit_state(u: &UnitReport) -> String {
+    match (&u.status, &u.spawn_error) {
+        (_, Some(e)) => format!("could not start ({e})"),
+        (None, None) if u.pid.is_none() => "not started".into(),
+        (None, None) => "no exit reported".into(),
+        (Some(s), None) if s.success() => "exit 0".into(),
+        (Some(s), None) if u.stopped => format!("stopped ({})", short_status(s)),
+        (Some(s), None) => format!("FAILED ({})", short_status(s)),
+    }
+}
+
+/// One line: `h2 (10.0.0.2)  ranks 2-3  rank 2 stopped (SIGTERM), rank 3 FAILED (exit 3)`.
+pub fn host_status_line(n: &NodeReport) -> String {
+    let mut s = format!("{} ({})  {}  ", n.info.name, n.info.address, ranks_label(&n.info.ranks));
+    if let Some(e) = &n.connect_error {
+        let _ = write!(s, "not reached: {}", e.lines().next().unwrap_or(""));
+        return s;
+    }
+    if !n.connected {
+        s.push_str("not contacted (another host failed first)");
+        return s;
+    }
+    if let Some(l) = &n.lost {
+        let _ = write!(s, "LOST: {l}; its agent stops its ranks when the launcher's heartbeats stop");
+        return s;
+    }
+    if n.units.is_empty() {
+        s.push_str("nothing started");
+    } else {
+        let states: Vec<String> = n.units.iter().map(unit_state).collect();
+        if states.iter().all(|x| *x == states[0]) {
+            s.push_str(&states[0]);
+        } else {
+            let parts: Vec<String> =
+                n.units.iter().zip(&states).map(|(u, st)| format!("{} {st}", ranks_label(&u.ranks))).collect();
+            s.push_str(&parts.join(", "));
+        }
+    }
+    if let Some(e) = &n.agent_error {
+        let _ = write!(s, "; agent: {e}");
+    }
+    if n.unresponsive {
+        s.push_str("; did not confirm the stop");
+    }
+    s
+}
+
+/// The log that shows the failure, and the lines to quote from it.
+fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &Path) -> Option<(String, Vec<String>)> {
+    let unit = f.unit.and_then(|u| node.units.get(u));
+    match (&f.kind, unit) {
+        (FailureKind::Exit(_) | FailureKind::SpawnFailed(_), Some(u)) => {
+            let path = if u.ranks.len() == 1 {
+                rank_log_path(attempt_dir, &node.info.name, u.ranks[0])
+            } else {
+                // torchrun/msrun: the failing worker's own file, else the node's.
+                let p = unit_log_path(attempt_dir, &node.info.name);
+                if p.exists() {
+                    p
+                } else {
+                    rank_log_path(attempt_dir, &node.info.name, u.ranks[0])
+                }
+            };
+            let lines = tail_lines(&path, TAIL_LINES).unwrap_or_default();
+            Some((path.display().to_string(), lines))
+        }
+        (FailureKind::Lost(_) | FailureKind::AgentDied(_), _) => {
+            let prefix = format!("[{} ", node.info.name);
+            let lines = tail_matching(launch_log, TAIL_LINES, |l| l.starts_with(&prefix)).unwrap_or_default();
+            let mut all = lines;
+            if !node.agent_stderr.is_empty() {
+                all.push("(agent stderr:)".into());
+                all.extend(node.agent_stderr.iter().cloned());
+            }
+            Some((launch_log.display().to_string(), all))
+        }
+        _ => None,
+    }
+}
+
+/// The full report for the end of an attempt.
+pub fn render(result: &AttemptResult, attempt_dir: &Path, launch_log: &Path, run_root: &Path) -> String {
+    let mut o = String::new();
+    let total_ranks: usize = result.nodes.iter().map(|n| n.info.ranks.len()).sum();
+    let failure = match &result.outcome {
+        Outcome::Success => {
+            let _ = writeln!(
+                o,
+                "launch: all {total_ranks} ranks on {} hosts finished (exit 0) in {:.1}s; logs: {}",
+                result.nodes.len(),
+                result.elapsed.as_secs_f64(),
+                run_root.display()
+            );
+            return o;
+        }
+        Outcome::Failed(f) => Some(f),
+        Outcome::Interrupted { signal, failure } => {
+            let _ = writeln!(o, "launch: interrupted by {}: stopped every rank on every host", signal.name());
+            failure.as_ref()
+        }
+    };
+    if let Some(f) = failure {
+        if let Some(node) = result.nodes.get(f.node) {
+            let _ = writeln!(
+                o,
+                "launch: FAILED: {} ({:.1}s after the start; first failure)",
+                failure_headline(f, node),
+                f.after.as_secs_f64()
+            );
+            if let Some((path, lines)) = failure_log(f, node, attempt_dir, launch_log) {
+                if lines.is_empty() {
+                    let _ = writeln!(o, "  (its log is empty)");
+                } else {
+                    let _ = writeln!(o, "  last {} lines:", lines.len());
+                    for l in &lines {
+                        let _ = writeln!(o, "  | {l}");
+                    }
+                }
+                let _ = writeln!(o, "  log: {path}");
+            }
+        }
+    }
+    let _ = writeln!(o, "hosts:");
+    for n in &result.nodes {
+        let _ = writeln!(o, "  {}", host_status_line(n));
+    }
+    let _ = writeln!(o, "all logs: {}", run_root.display());
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::events::HostInfo;
+
+    fn node(name: &str, ranks: Vec<usize>, units: Vec<UnitReport>) -> NodeReport {
+        NodeReport {
+            info: HostInfo { name: name.into(), address: format!("10.0.0.{}", ranks[0]), ranks },
+            connected: true,
+            connect_error: None,
+            lost: None,
+            agent_error: None,
+            unresponsive: false,
+            units,
+            agent_stderr: Vec::new(),
+        }
+    }
+
+    fn unit(rank: usize, status: ExitStatus, stopped: bool) -> UnitReport {
+        UnitReport { ranks: vec![rank], pid: Some(100 + rank as u32), status: Some(status), stopped, spawn_error: None }
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(ranks_label(&[3]), "rank 3");
+        assert_eq!(ranks_label(&[0, 1, 2, 3]), "ranks 0-3");
+        assert_eq!(ranks_label(&[0, 2, 5]), "ranks 0,2,5");
+        assert_eq!(ranks_label(&[]), "no ranks");
+    }
+
+    #[test]
+    fn report_names_the_first_failure_and_quotes_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rank_log_path(dir.path(), "h2", 3);
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let body: String = (0..30).map(|i| format!("step {i}\n")).collect();
+        std::fs::write(&log, body + "Traceback: boom\n").unwrap();
+        let nodes = vec![
+            node("h1", vec![0, 1], vec![unit(0, ExitStatus::signal(15), true), unit(1, ExitStatus::signal(15), true)]),
+            node("h2", vec![2, 3], vec![unit(2, ExitStatus::signal(15), true), unit(3, ExitStatus::code(3), false)]),
+        ];
+        let f = Failure {
+            node: 1,
+            unit: Some(1),
+            kind: FailureKind::Exit(ExitStatus::code(3)),
+            after: Duration::from_secs(2),
+        };
+        let result =
+            AttemptResult { outcome: Outcome::Failed(f), nodes, master_port: None, elapsed: Duration::from_secs(3) };
+        let text = render(&result, dir.path(), &dir.path().join("launch.log"), dir.path());
+        assert!(text.contains("FAILED: rank 3 on h2 (10.0.0.2) exited with exit code 3"), "{text}");
+        assert!(
+            text.contains("| Traceback: boom") && text.contains("| step 11") && !text.contains("| step 10\n"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("log: {}", log.display())));
+        assert!(text.contains("h1 (10.0.0.0)  ranks 0-1  stopped (SIGTERM)"), "{text}");
+        assert!(text.contains("rank 2 stopped (SIGTERM), rank 3 FAILED (exit 3)"), "{text}");
+    }
+
+    #[test]
+    fn lost_and_unreached_hosts_say_so() {
+        let mut lost = node("h3", vec![4], vec![unit(4, ExitStatus::code(0), false)]);
+        lost.lost = Some("no sign of life for 3.0s".into());
+        assert!(host_status_line(&lost).contains("LOST: no sign of life for 3.0s"));
+        let mut unreached = node("h4", vec![5], vec![]);
+        unreached.connected = false;
+        unreached.connect_error = Some("h4: HOST KEY CHANGED\nmore".into());
+        assert_eq!(host_status_line(&unreached), "h4 (10.0.0.5)  rank 5  not reached: h4: HOST KEY CHANGED");
+        let f = Failure { node: 0, unit: None, kind: FailureKind::Lost("gone".into()), after: Duration::ZERO };
+        assert_eq!(failure_headline(&f, &lost), "host h3 (10.0.0.4) was lost: gone");
+        let s =
+            Failure { node: 0, unit: Some(0), kind: FailureKind::Exit(ExitStatus::signal(11)), after: Duration::ZERO };
+        assert_eq!(failure_headline(&s, &lost), "rank 4 on h3 (10.0.0.4) was killed by signal SIGSEGV (11)");
+    }
+}

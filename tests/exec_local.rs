@@ -1,0 +1,143 @@
+//! The execution stage on the local backend (every host is this machine): the same behaviour
+//! suite as the SSH rig (layout, fail fast, SIGINT), plus `launch logs`.
+
+mod rig;
+
+use std::process::Command;
+use std::time::Duration;
+
+use rig::suite::{self, Job, Place, LAUNCH};
+
+#[test]
+fn local_layout_and_complete_logs() {
+    let job = Job::new(Place::Local);
+    suite::layout(&job, &["--no-checks"]);
+}
+
+#[test]
+fn local_fail_fast() {
+    let job = Job::new(Place::Local);
+    suite::fail_fast(&job, &["--no-checks"]);
+}
+
+#[test]
+fn local_sigint_stops_everything() {
+    let job = Job::new(Place::Local);
+    suite::sigint(&job, &["--no-checks"]);
+}
+
+#[test]
+fn logs_command_filters_and_follows() {
+    let job = Job::new(Place::Local);
+    let cluster = job.cluster(&[("TEST_MODE", "layout")], "");
+    let child = job.spawn(&cluster, &["--no-checks", "--tee", "all"]);
+    let t0 = std::time::Instant::now();
+    // Follow the run while it goes: wait for its directory, then tail it to the end.
+    job.wait_for("the run directory", || job.logs.join("latest").exists(), Duration::from_secs(30));
+    let follow = Command::new(LAUNCH).args(["logs", "-f", "--log-dir"]).arg(&job.logs).output().unwrap();
+    let f = job.wait(child, t0, Duration::from_secs(60));
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    assert!(follow.status.success(), "{}", String::from_utf8_lossy(&follow.stderr));
+    let followed = String::from_utf8_lossy(&follow.stdout);
+    for rank in 0..6 {
+        let host = job.host_of(rank);
+        assert_eq!(
+            followed.lines().filter(|l| l.starts_with(&format!("[{host} r{rank}] "))).count(),
+            53,
+            "-f saw every line of rank {rank}"
+        );
+    }
+    // --tee all put every rank on the console.
+    assert!(f.stdout.contains("[l2 r3] rank 3 line 50"), "{}", f.stdout);
+
+    let logs = |args: &[&str]| {
+        let o = Command::new(LAUNCH).arg("logs").args(args).arg("--log-dir").arg(&job.logs).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let r3 = logs(&["--rank", "3"]);
+    assert_eq!(r3.lines().count(), 53);
+    assert!(r3.lines().all(|l| l.starts_with("[l2 r3] ")), "{r3}");
+    let h3 = logs(&["--host", "l3", "--grep", "line (7|49)$"]);
+    let mut got: Vec<&str> = h3.lines().collect();
+    got.sort();
+    assert_eq!(
+        got,
+        ["[l3 r4] rank 4 line 49", "[l3 r4] rank 4 line 7", "[l3 r5] rank 5 line 49", "[l3 r5] rank 5 line 7"]
+    );
+    // A given run by id, and a clear error for an unknown one.
+    let id = std::fs::read_link(job.logs.join("latest")).unwrap();
+    assert_eq!(logs(&[id.to_str().unwrap(), "--rank", "0"]).lines().count(), 53);
+    let bad = Command::new(LAUNCH).args(["logs", "nope", "--log-dir"]).arg(&job.logs).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no run `nope`"));
+    job.assert_clean(Duration::from_secs(5), false);
+}
+
+#[test]
+fn local_restarts_use_attempt_folders() {
+    let job = Job::new(Place::Local);
+    let cluster = job.cluster(&[("TEST_MODE", "flaky")], "");
+    let f = job.run(&cluster, &["--no-checks", "--max-restarts", "2", "--grace", "2s"]);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    let run = job.run_dir();
+    assert!(job.rank_log(&run.join("attempt-0"), "l1", 1).contains("rank 1 fails on attempt 0"));
+    assert!(job.rank_log(&run.join("attempt-1"), "l1", 1).contains("rank 1 ok on attempt 1"));
+    assert!(!run.join("attempt-2").exists());
+    job.assert_clean(Duration::from_secs(5), false);
+}
+
+#[test]
+fn local_sigterm_exits_143() {
+    let job = Job::new(Place::Local);
+    let cluster = job.cluster(&[("TEST_MODE", "run")], "");
+    let t0 = std::time::Instant::now();
+    let child = job.spawn(&cluster, &["--no-checks", "--grace", "5s"]);
+    let pid = child.id() as i32;
+    job.wait_all_running();
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let f = job.wait(child, t0, Duration::from_secs(60));
+    assert_eq!(f.code, 143, "{}", f.stderr);
+    assert!(f.stderr.contains("interrupted by SIGTERM"), "{}", f.stderr);
+    job.assert_clean(Duration::from_secs(5), false);
+}
+
+/// A node agent that dies (SIGKILL) is a failure like any other: the others are stopped, and
+/// its ranks die with it (parent-death signal).
+#[test]
+fn local_dead_agent_stops_everything() {
+    let job = Job::new(Place::Local);
+    let cluster = job.cluster(&[("TEST_MODE", "run")], "");
+    let t0 = std::time::Instant::now();
+    let child = job.spawn(&cluster, &["--no-checks", "--grace", "5s"]);
+    job.wait_all_running();
+    let agents: Vec<u32> =
+        job.our_processes().into_iter().filter(|(_, cmd)| cmd.trim_end().ends_with(" agent")).map(|(p, _)| p).collect();
+    assert_eq!(agents.len(), 3, "one agent per host");
+    // SAFETY: killing a process this test started.
+    unsafe {
+        libc::kill(agents[1] as i32, libc::SIGKILL);
+    }
+    let f = job.wait(child, t0, Duration::from_secs(60));
+    assert_eq!(f.code, 255, "{}", f.stderr);
+    assert!(f.stderr.contains("FAILED: the node agent on l"), "{}", f.stderr);
+    assert!(f.stderr.contains("signal SIGKILL"), "{}", f.stderr);
+    job.assert_clean(Duration::from_secs(5), false);
+}
+
+/// The engine's progress lines become plain progress lines when stdout is not a terminal.
+#[test]
+fn local_progress_lines() {
+    let job = Job::new(Place::Local);
+    let cluster = job.cluster(&[("TEST_MODE", "progress")], "");
+    let f = job.run(&cluster, &["--no-checks"]);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    assert!(f.stderr.contains("[launch] iteration 1/3  loss 3.5000  1000 tokens/s"), "{}", f.stderr);
+    assert!(f.stderr.contains("[launch] iteration 3/3  loss 1.5000"), "{}", f.stderr);
+    assert!(f.stderr.contains("training done at iteration 3: loss 1.5000"), "{}", f.stderr);
+    assert_eq!(f.stderr.matches("iteration 3/3").count(), 1, "one line per iteration, whichever rank printed it");
+    assert_eq!(f.stderr.matches("training done").count(), 1, "{}", f.stderr);
+}

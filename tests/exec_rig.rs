@@ -1,0 +1,195 @@
+//! The execution stage over SSH on the multi-host rig (network namespaces running OpenSSH,
+//! scripts/rig.sh): the shared behaviour suite plus what only a network can show — lost
+//! links, host keys, shell metacharacters crossing SSH, restarts. Needs root: without it
+//! these tests fail and say why.
+
+mod rig;
+
+use std::time::{Duration, Instant};
+
+use rig::suite::{self, yq, Job, Place, LAUNCH};
+use rig::Rig;
+
+/// (a) 3 hosts × 2 ranks, with the environment checks and the agent uploaded over SFTP.
+#[test]
+fn rig_layout_and_complete_logs() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    // The launcher uploads itself into ~/.cache/mm-launch/<key>/ (shared by the rig hosts):
+    // start without a cached copy so the upload path runs, and remove it afterwards.
+    let key = std::process::Command::new(LAUNCH).args(["agent", "--cache-key"]).output().unwrap();
+    let key = String::from_utf8(key.stdout).unwrap().trim().to_string();
+    assert!(!key.is_empty());
+    let cache =
+        std::path::PathBuf::from(std::env::var("HOME").unwrap_or("/root".into())).join(".cache/mm-launch").join(&key);
+    let _ = std::fs::remove_dir_all(&cache);
+    // The checks run too: give them the paths the tiny recipe names, under a workdir.
+    let work = job.dir.path().join("work");
+    for d in ["runs/tiny/model", "runs/tiny/data", "runs/tiny/save"] {
+        std::fs::create_dir_all(work.join(d)).unwrap();
+    }
+    std::fs::write(work.join("runs/tiny/data/train.jsonl"), "{}\n").unwrap();
+    suite::layout_with_extra(&job, &[], &format!("workdir: {}\n", yq(&work.display().to_string())));
+    assert!(cache.join("launch").exists(), "the agent was uploaded to {}", cache.display());
+    for i in 0..6 {
+        assert_eq!(job.out_file(&format!("pwd-{i}")).unwrap().trim(), work.display().to_string());
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// (b) one rank exits 3 mid-run.
+#[test]
+fn rig_fail_fast() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    suite::fail_fast(&job, &["--no-checks", "--agent-path", LAUNCH]);
+}
+
+/// (c) SIGINT to the launcher mid-run.
+#[test]
+fn rig_sigint_stops_everything() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    suite::sigint(&job, &["--no-checks", "--agent-path", LAUNCH]);
+}
+
+/// (d) a host's link goes down mid-run: noticed within keepalive interval × count (1 s × 3),
+/// the others stopped, a clear report; the lost host's agent stops its own ranks.
+#[test]
+fn rig_lost_host_is_noticed_and_cleaned() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    let cluster = job.cluster(&[("TEST_MODE", "run")], "");
+    let t0 = Instant::now();
+    let child = job.spawn(&cluster, &["--no-checks", "--agent-path", LAUNCH, "--grace", "2s"]);
+    job.wait_all_running();
+    let down_at = Instant::now();
+    rig.link_down(&rig.hosts[1]);
+    let f = job.wait(child, t0, Duration::from_secs(60));
+    let after_down = down_at.elapsed();
+    assert_eq!(f.code, 255, "stderr:\n{}", f.stderr);
+    assert!(f.stderr.contains("host h2 (10.78.0.3) was lost: no sign of life for"), "{}", f.stderr);
+    assert!(f.stderr.contains("keepalive 1s × 3"), "{}", f.stderr);
+    assert!(f.stderr.contains("LOST:"), "h2's status line says so:\n{}", f.stderr);
+    // Noticed after about 3 s, then the others stop (they exit on SIGTERM at once).
+    assert!(after_down < Duration::from_secs(3 + 2 + 4), "took {after_down:?}");
+    let lost_at: f64 = f
+        .stderr
+        .split("no sign of life for ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!((3.0..4.5).contains(&lost_at), "declared lost after {lost_at}s of silence");
+    // The reachable hosts are clean right away; h2's agent notices the silence (4 s), stops
+    // its ranks (grace 2 s) and exits. Only sshd's session, stuck on the dead TCP connection,
+    // may remain there.
+    job.assert_clean(Duration::from_secs(15), true);
+    for r in [2, 3] {
+        let last = job.out_file(&format!("last-{r}")).unwrap();
+        assert_eq!(last.trim(), format!("rank {r} stopping"), "rank {r} on the lost host was stopped by its agent");
+    }
+}
+
+/// (e) an unknown host key is refused with a clear message, a changed one too; nothing starts
+/// anywhere. accept-new records a first-seen key.
+#[test]
+fn rig_host_keys_are_verified() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    let all = std::fs::read_to_string(rig.known_hosts()).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    let args = ["--no-checks", "--agent-path", LAUNCH];
+
+    let unknown = job.dir.path().join("kh-unknown");
+    std::fs::write(&unknown, format!("{}\n{}\n", lines[0], lines[2])).unwrap();
+    let c = job.cluster_with(&job.prog, &[("TEST_MODE", "layout")], "", Some(&unknown));
+    let f = job.run(&c, &args);
+    assert_eq!(f.code, 4, "{}", f.stderr);
+    assert!(f.stderr.contains("h2: host key for 10.78.0.3:22 is not in"), "{}", f.stderr);
+    assert!(f.stderr.contains("refusing to connect"), "{}", f.stderr);
+    assert!(f.stderr.contains("not reached"), "{}", f.stderr);
+    assert!(job.out_file("env-0").is_none(), "no rank may start when a host is refused");
+
+    let changed = job.dir.path().join("kh-changed");
+    let other_key = lines[0].split_once(' ').unwrap().1; // h1's key, claimed for h2
+    std::fs::write(&changed, format!("{}\n10.78.0.3 {other_key}\n{}\n", lines[0], lines[2])).unwrap();
+    let c = job.cluster_with(&job.prog, &[("TEST_MODE", "layout")], "", Some(&changed));
+    let f = job.run(&c, &args);
+    assert_eq!(f.code, 4, "{}", f.stderr);
+    assert!(f.stderr.contains("HOST KEY CHANGED for 10.78.0.3:22"), "{}", f.stderr);
+    assert!(job.out_file("env-0").is_none());
+
+    let fresh = job.dir.path().join("kh-fresh");
+    std::fs::write(&fresh, format!("{}\n", lines[0])).unwrap();
+    let c = job.cluster_with(&job.prog, &[("TEST_MODE", "layout")], "", Some(&fresh));
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("  agent: false\n", "  agent: false\n  strict_host_key_checking: accept-new\n");
+    std::fs::write(&c, text).unwrap();
+    let f = job.run(&c, &args);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    let recorded = std::fs::read_to_string(&fresh).unwrap();
+    assert!(recorded.contains(lines[1].split(' ').nth(2).unwrap()), "h2's key was recorded:\n{recorded}");
+    job.assert_clean(Duration::from_secs(5), false);
+}
+
+/// (f) shell metacharacters in env values, paths and arguments reach the program literally
+/// and run nothing.
+#[test]
+fn rig_metacharacters_run_nothing() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    let d = job.dir.path();
+    let pwned: Vec<std::path::PathBuf> = (1..=5).map(|i| d.join(format!("pwned{i}"))).collect();
+    let _ = std::fs::remove_file("/tmp/pwned");
+    let bin = d.join(format!("bin $(touch {}) 'q' \"dq\" ;x", pwned[0].display()));
+    std::fs::create_dir_all(&bin).unwrap();
+    let prog = bin.join("prog;$(id).sh");
+    std::fs::copy(&job.prog, &prog).unwrap();
+    suite::make_executable(&prog);
+    let work = d.join(format!("work `touch {}` ';' \\ end", pwned[1].display()));
+    std::fs::create_dir_all(&work).unwrap();
+    let nasty_env = format!("$(touch /tmp/pwned); echo \"hi\" 'q' `touch {}`\nsecond line; $HOME", pwned[2].display());
+    let nasty_arg = format!("data $(touch {}) ';' x\ny \"z\".jsonl", pwned[3].display());
+    let extra = format!("workdir: {}\njob:\n  data_path: {}\n", yq(&work.display().to_string()), yq(&nasty_arg));
+    let c = job.cluster_with(&prog, &[("TEST_MODE", "layout"), ("NASTY", &nasty_env)], &extra, None);
+    let f = job.run(&c, &["--no-checks", "--agent-path", LAUNCH]);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    for p in pwned.iter().map(|p| p.as_path()).chain([std::path::Path::new("/tmp/pwned")]) {
+        assert!(!p.exists(), "{} was created: a value ran as shell", p.display());
+    }
+    for rank in 0..6 {
+        let env = job.rank_env(rank);
+        assert_eq!(env.get("NASTY").map(String::as_str), Some(nasty_env.as_str()), "rank {rank}: env value intact");
+        assert_eq!(job.out_file(&format!("pwd-{rank}")).unwrap().trim_end_matches('\n'), work.display().to_string());
+        let args = std::fs::read(job.out.join(format!("args-{rank}"))).unwrap();
+        let args: Vec<String> = args.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let i = args.iter().position(|a| a == "--data-path").expect("--data-path passed");
+        assert_eq!(args[i + 1], nasty_arg, "rank {rank}: argument intact");
+        assert_eq!(args[0], "train");
+    }
+    job.assert_clean(Duration::from_secs(5), false);
+}
+
+/// (g) --max-restarts 2 with a program that fails on its first attempt and succeeds on the
+/// second: exit 0, each attempt in its own folder.
+#[test]
+fn rig_max_restarts() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    let cluster = job.cluster(&[("TEST_MODE", "flaky")], "");
+    let f = job.run(&cluster, &["--no-checks", "--agent-path", LAUNCH, "--max-restarts", "2", "--grace", "2s"]);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    assert!(f.stderr.contains("attempt 0 failed (exit 1); restarting every rank (1 of 2 restarts)"), "{}", f.stderr);
+    let run = job.run_dir();
+    assert!(job.rank_log(&run.join("attempt-0"), "h1", 1).contains("rank 1 fails on attempt 0"));
+    for rank in 0..6 {
+        let log = job.rank_log(&run.join("attempt-1"), job.host_of(rank), rank);
+        assert!(log.contains(&format!("rank {rank} ok on attempt 1")), "rank {rank}: {log}");
+    }
+    assert!(!run.join("attempt-2").exists());
+    let agg = std::fs::read_to_string(run.join("launch.log")).unwrap();
+    assert!(agg.contains("=== attempt 0 (of up to 3) ===") && agg.contains("=== attempt 1 (of up to 3) ==="));
+    job.assert_clean(Duration::from_secs(5), false);
+}
