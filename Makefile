@@ -9,7 +9,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build demo test fmt lint unit clean-rig
+.PHONY: setup build demo test fmt lint
 
 setup:
 	@bash scripts/setup.sh
@@ -17,8 +17,11 @@ setup:
 build: setup
 	cargo build --release --workspace
 
+# The tiny model and its data are generated once (mm-engine synth); each demo run trains from
+# them into runs/tiny/save. The launcher finds mm-engine on PATH.
 demo: build
-	./target/release/launch --cluster clusters/local.yaml finetune tiny
+	@test -f runs/tiny/model/config.json || ./target/release/mm-engine synth --out runs/tiny
+	PATH=$(ROOT)/target/release:$$PATH ./target/release/launch --cluster clusters/local.yaml finetune tiny
 
 fmt:
 	cargo fmt --all --check
