@@ -230,6 +230,12 @@ char* mm_pg_recv(mm_pg* pg, at::Tensor* t, int src, int tag) {
   });
 }
 
+// Makes `grad` the .grad of the leaf `var` (tch has no setter): the data-parallel engine gives a
+// parameter that received no gradient on this rank, but did on another, the reduced gradient.
+char* mm_tensor_set_grad(at::Tensor* var, at::Tensor* grad) {
+  return guarded([&] { var->mutable_grad() = *grad; });
+}
+
 char* mm_pg_barrier(mm_pg* pg) {
   return guarded([&] {
     c10d::BarrierOptions opts;

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::Args;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{DataConfig, LoaderConfig, Producer};
+use crate::data::{Batch, DataConfig, LoaderConfig, Producer, Share};
 use crate::session::{configure_cpu_threads, pick_device, to_device, Session, SessionOptions};
 use crate::train::loss::sample_losses;
 use crate::train::trainer::open_dataset;
@@ -80,7 +80,7 @@ pub struct EvalSummary {
 pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
     anyhow::ensure!(a.dump_logits == 0 || a.out.is_some(), "--dump-logits {} needs --out FILE", a.dump_logits);
     let device = pick_device(&a.device)?;
-    configure_cpu_threads(device);
+    configure_cpu_threads(device, 1);
     let session = Session::open(SessionOptions {
         model: &a.model,
         load: Some(&a.load),
@@ -107,6 +107,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         prefetch: 1,
         max_bad_fraction: a.max_bad_fraction,
         shuffle: false,
+        share: Share::ALL,
     };
     let mut producer = Producer::new(ds.clone(), lc, 0)?;
     let mut dumped: Vec<(String, Tensor)> = Vec::new();
@@ -115,12 +116,13 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         EvalSummary { samples: 0, tokens: 0, loss_per_token: 0.0, loss_per_sample: 0.0, per_sample: Vec::new() };
     let mut sum = 0.0;
     tch::no_grad(|| -> anyhow::Result<()> {
-        while s.samples < n {
-            let b = producer.next_batch()?;
-            // A pass can wrap around when records were skipped; stop at the first repeat.
-            if b.end_position > ds.records.len() as u64 {
+        // One pass in file order; records that give no sample are skipped (with a warning).
+        for slot in 0..ds.records.len() as u64 {
+            if s.samples >= n {
                 break;
             }
+            let Some(sample) = producer.sample_at(slot)? else { continue };
+            let b = Batch::collate(vec![sample], ds.tokenizer.special.pad, slot + 1);
             let (input, labels) = to_device(&b, session.preset.vision.image_size, device);
             let logits = session.model.forward(&input, false)?;
             let l = sample_losses(&logits, &labels);

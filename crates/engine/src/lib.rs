@@ -6,9 +6,11 @@
 //! - [`weights`]: safetensors I/O, checkpoint key maps, HF folders.
 //! - [`tokenizer`]: tokenizer.json and InternVL's special tokens.
 //! - [`data`]: records, tiling, video, template, batching, prefetch.
-//! - [`train`]: the loop, AdamW, schedule, loss reductions, checkpoints.
+//! - [`train`]: the loop, AdamW, schedule, loss reductions, checkpoints, data parallelism over
+//!   WORLD_SIZE ranks (`train::dp`) and the distributed optimizer, ZeRO-1 (`train::zero`).
 //! - [`eval`], [`synth`]: the `eval` and `synth` subcommands.
-//! - [`dist`]: c10d process groups.
+//! - [`dist`]: c10d process groups (Gloo/NCCL) from the launcher's environment, and
+//!   `collective-check`.
 
 pub mod data;
 pub mod dist;

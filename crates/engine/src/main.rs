@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune InternVL3 (Megatron/MindSpeed flag names, as the launcher renders them).
+    /// Fine-tune InternVL3 (Megatron/MindSpeed flag names, as the launcher renders them);
+    /// data parallel over WORLD_SIZE ranks started with the torchrun environment.
     Train(Box<TrainArgs>),
     /// Loss of a checkpoint on a data set, per sample and in total, without training.
     Eval(Box<EvalArgs>),
@@ -30,7 +31,8 @@ enum Command {
         json: bool,
     },
     /// Rendezvous through RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and verify every
-    /// collective (all-reduce, broadcast, all-gather, reduce-scatter, send/recv, barrier).
+    /// collective (all-reduce, broadcast, all-gather, reduce-scatter, send/recv, barrier);
+    /// with --tp/--pp/--cp also every tp/cp/dp/pp/dp_cp group of that layout.
     CollectiveCheck {
         /// cpu (Gloo) or cuda (NCCL, device LOCAL_RANK).
         #[arg(long, default_value = "cpu")]
@@ -38,6 +40,14 @@ enum Command {
         /// Size of the all-reduce used to measure bandwidth.
         #[arg(long, default_value_t = 16 << 20)]
         bytes: usize,
+        /// Tensor-parallel size of a layout whose groups to check too (with --pp/--cp; dp is
+        /// WORLD_SIZE / (tp·cp·pp)). Without any of the three only the world group is checked.
+        #[arg(long)]
+        tp: Option<usize>,
+        #[arg(long)]
+        pp: Option<usize>,
+        #[arg(long)]
+        cp: Option<usize>,
     },
 }
 
@@ -68,8 +78,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             anyhow::ensure!(d.cpu_tensor_ok, "libtorch could not compute on the CPU");
         }
-        Command::CollectiveCheck { device, bytes } => {
+        Command::CollectiveCheck { device, bytes, tp, pp, cp } => {
             let env = DistEnv::from_process()?;
+            let dims = if tp.is_some() || pp.is_some() || cp.is_some() {
+                let (tp, pp, cp) = (tp.unwrap_or(1), pp.unwrap_or(1), cp.unwrap_or(1));
+                let dims = mm_spec::layout::ParallelDims::new(env.world_size, tp, cp, pp, None).map_err(|e| {
+                    anyhow::anyhow!(
+                        "rank {}: --tp {tp} --pp {pp} --cp {cp} with WORLD_SIZE {}: {e}",
+                        env.rank,
+                        env.world_size
+                    )
+                })?;
+                Some(dims)
+            } else {
+                None
+            };
             let device = match device.as_str() {
                 "cpu" => tch::Device::Cpu,
                 "cuda" => {
@@ -78,7 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 other => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
             };
-            let report = selftest::run(&env, device, bytes)?;
+            let report = selftest::run(&env, device, bytes, dims)?;
             println!("{}", serde_json::to_string(&report)?);
         }
     }

@@ -40,16 +40,17 @@ pub fn pick_device(spec: &str) -> anyhow::Result<Device> {
     })
 }
 
-/// Intra-op threads for CPU training: one core is left to the data thread, because libtorch's
-/// OpenMP workers spin and a data thread competing with them slows both down several-fold on
-/// small machines. `MM_CPU_THREADS` overrides.
-pub fn configure_cpu_threads(device: Device) {
+/// Intra-op threads for CPU training: the cores are shared by the `ranks_here` ranks on this
+/// machine (LOCAL_WORLD_SIZE), and one core of each share is left to its data thread, because
+/// libtorch's OpenMP workers spin and a data thread competing with them slows both down
+/// several-fold on small machines. `MM_CPU_THREADS` overrides.
+pub fn configure_cpu_threads(device: Device, ranks_here: usize) {
     if device != Device::Cpu {
         return;
     }
     let n = std::env::var("MM_CPU_THREADS").ok().and_then(|v| v.parse::<i32>().ok()).unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i32;
-        (cores - 1).max(1)
+        (cores / ranks_here.max(1) as i32 - 1).max(1)
     });
     tch::set_num_threads(n.max(1));
 }

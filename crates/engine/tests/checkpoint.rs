@@ -145,6 +145,8 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
         global_batch_size: 1,
         lr: 0.0,
         loss: 0.0,
+        data_parallel_size: None,
+        optimizer_layout: None,
     };
     let save = dir.path().join("save");
     let out = mm_engine::train::checkpoint::save(mm_engine::train::checkpoint::SaveRequest {

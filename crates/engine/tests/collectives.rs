@@ -13,8 +13,13 @@ fn free_port() -> u16 {
 }
 
 fn rank(rank: usize, world: usize, port: u16, timeout_s: u64) -> std::process::Child {
+    rank_with(rank, world, port, timeout_s, &[])
+}
+
+fn rank_with(rank: usize, world: usize, port: u16, timeout_s: u64, extra: &[&str]) -> std::process::Child {
     engine()
         .args(["collective-check", "--bytes", "1048576"])
+        .args(extra)
         .env("RANK", rank.to_string())
         .env("WORLD_SIZE", world.to_string())
         .env("LOCAL_RANK", rank.to_string())
@@ -49,6 +54,57 @@ fn two_process_gloo_collectives_on_loopback() {
         );
         assert!(report["allreduce_busbw_gbps"].as_f64().unwrap() > 0.0);
     }
+}
+
+/// `collective-check --tp/--pp` on four real processes: every rank reports the groups of the
+/// Megatron order (tp fastest, then cp, dp, pp), and each group's all-reduce and all-gather
+/// (checked inside the engine) ran over exactly those ranks.
+#[test]
+fn four_process_layout_groups_tp2_dp2_and_pp2_dp2() {
+    // (flags, expected groups of rank r as [tp, cp, dp, pp, dpcp])
+    type Want = fn(usize) -> [Vec<usize>; 5];
+    let layouts: [(&[&str], Want); 2] = [
+        (&["--tp", "2"], |r| {
+            let tp = if r < 2 { vec![0, 1] } else { vec![2, 3] };
+            let dp = vec![r % 2, r % 2 + 2];
+            [tp, vec![r], dp.clone(), vec![r], dp]
+        }),
+        (&["--pp", "2", "--tp", "1", "--cp", "1"], |r| {
+            let dp = if r < 2 { vec![0, 1] } else { vec![2, 3] };
+            let pp = vec![r % 2, r % 2 + 2];
+            [vec![r], vec![r], dp.clone(), pp, dp]
+        }),
+    ];
+    for (flags, want) in layouts {
+        let port = free_port();
+        let children: Vec<_> = (0..4).map(|r| rank_with(r, 4, port, 60, flags)).collect();
+        let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        for (r, o) in outputs.iter().enumerate() {
+            assert!(o.status.success(), "{flags:?}: rank {r} failed: {}", text(o));
+            let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON report");
+            let groups: Vec<(String, Vec<usize>)> = report["groups"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{flags:?}: no groups in {report}"))
+                .iter()
+                .map(|g| {
+                    let ranks = g["ranks"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+                    (g["kind"].as_str().unwrap().to_string(), ranks)
+                })
+                .collect();
+            let kinds: Vec<&str> = groups.iter().map(|g| g.0.as_str()).collect();
+            assert_eq!(kinds, ["tp", "cp", "dp", "pp", "dpcp"], "{flags:?} rank {r}");
+            let got: Vec<Vec<usize>> = groups.into_iter().map(|g| g.1).collect();
+            assert_eq!(got, want(r).to_vec(), "{flags:?}: groups of rank {r}");
+        }
+    }
+}
+
+#[test]
+fn a_layout_that_does_not_divide_the_world_is_refused_before_rendezvous() {
+    let o = rank_with(0, 2, free_port(), 60, &["--tp", "4"]).wait_with_output().unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("rank 0: --tp 4 --pp 1 --cp 1 with WORLD_SIZE 2"), "{}", text(&o));
 }
 
 #[test]

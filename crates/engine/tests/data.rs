@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use mm_engine::data::records::{self, Record};
-use mm_engine::data::{DataConfig, Dataset, Loader, LoaderConfig, Producer, Skip};
+use mm_engine::data::{DataConfig, Dataset, Loader, LoaderConfig, Producer, Share, Skip};
 use mm_engine::rng::Rng;
 use mm_engine::tokenizer::ChatTokenizer;
 
@@ -118,7 +118,8 @@ fn truncation_never_cuts_an_image_and_placeholders_must_match() {
 #[test]
 fn the_prefetching_loader_gives_the_inline_sequence_from_any_position() {
     let ds = Arc::new(dataset(synth_records(), 4096));
-    let cfg = LoaderConfig { seed: 9, micro_batch: 3, prefetch: 2, max_bad_fraction: 0.0, shuffle: true };
+    let cfg =
+        LoaderConfig { seed: 9, micro_batch: 3, prefetch: 2, max_bad_fraction: 0.0, shuffle: true, share: Share::ALL };
     let mut inline = Producer::new(ds.clone(), cfg.clone(), 0).unwrap();
     let want: Vec<_> = (0..4).map(|_| inline.next_batch().unwrap()).collect();
     let mut loader = Loader::start(ds.clone(), cfg.clone(), 0).unwrap();
@@ -133,5 +134,60 @@ fn the_prefetching_loader_gives_the_inline_sequence_from_any_position() {
         let b = resumed.next_batch().unwrap();
         assert_eq!(b.input_ids, w.input_ids);
         assert_eq!(b.pixels, w.pixels);
+    }
+}
+
+/// Data parallelism splits the stream of one rank: rank r's micro batches of each global batch
+/// are exactly the ones one rank builds at those places, an unreadable record included (its
+/// slot gets the same substitute everywhere), and a share resumes at a global batch boundary.
+#[test]
+fn two_and_four_rank_shares_tile_the_one_rank_stream() {
+    let mut recs = synth_records();
+    recs.push(line(
+        r#"{"image": "images/nothere.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}"#,
+    ));
+    let n = recs.len();
+    let ds = Arc::new(dataset(recs, 4096));
+    let cfg = |share: Share| LoaderConfig {
+        seed: 4,
+        micro_batch: 1,
+        prefetch: 1,
+        max_bad_fraction: 0.5,
+        shuffle: true,
+        share,
+    };
+    // 3 global batches of 4 micro batches: more slots than records, so the broken one comes up.
+    let per_step = 4;
+    let mut one = Producer::new(ds.clone(), cfg(Share { rank: 0, size: 1, micro_batches: per_step }), 0).unwrap();
+    let want: Vec<_> = (0..12).map(|_| one.next_batch().unwrap()).collect();
+    let mut order = mm_engine::data::loader::Order::new(4, n, true);
+    let broken_slot = (0..12).find(|&s| order.at(s).1 == n - 1).expect("the broken record is in the first epoch");
+    assert_ne!(want[broken_slot as usize].origins[0], "t.jsonl:1", "its slot holds a substitute");
+    assert!(want.iter().all(|b| b.origins[0] != "t.jsonl:1"));
+    assert_eq!(want[3].end_position, 4);
+    for dp in [2usize, 4] {
+        let m = per_step / dp;
+        for r in 0..dp {
+            let share = Share { rank: r, size: dp, micro_batches: m };
+            let mut p = Producer::new(ds.clone(), cfg(share), 0).unwrap();
+            for step in 0..3 {
+                for j in 0..m {
+                    let b = p.next_batch().unwrap();
+                    let w = &want[step * per_step + r * m + j];
+                    assert_eq!(
+                        (&b.origins, &b.input_ids),
+                        (&w.origins, &w.input_ids),
+                        "dp {dp} rank {r} step {step} micro batch {j}"
+                    );
+                    if j + 1 == m {
+                        assert_eq!(b.end_position, ((step + 1) * per_step) as u64, "resume position of step {step}");
+                    }
+                }
+            }
+            // Resuming at the second global batch continues the same share.
+            let mut resumed = Producer::new(ds.clone(), cfg(share), per_step as u64).unwrap();
+            let b = resumed.next_batch().unwrap();
+            assert_eq!(b.origins, want[per_step + r * m].origins, "dp {dp} rank {r} resumed");
+        }
     }
 }

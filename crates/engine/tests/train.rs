@@ -232,10 +232,12 @@ fn unsupported_flags_fail_with_a_clear_message() {
         .unwrap();
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("--tensor-model-parallel-size 2: distributed training comes in the next issue"), "{t}");
+    assert!(t.contains("--tensor-model-parallel-size 2: mm-engine trains data parallel only"), "{t}");
     assert!(t.contains("--fp16"), "every problem is reported at once: {t}");
-    let o = train_cmd("--lr 0.001 --train-iters 2").env("WORLD_SIZE", "2").output().unwrap();
-    assert!(text(&o).contains("WORLD_SIZE=2"), "{}", text(&o));
+    // WORLD_SIZE > 1 is data parallelism, which needs the rest of the launcher's environment.
+    let o = train_cmd("--lr 0.001 --train-iters 2").env("WORLD_SIZE", "2").env_remove("RANK").output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("environment variable RANK is not set"), "{}", text(&o));
     let o = engine()
         .args(["train", "--data-path", "x.jsonl", "--lr", "1", "--train-iters", "1", "--load", "/nonexistent"])
         .output()

@@ -1,15 +1,22 @@
 //! Order, batching and prefetch.
 //!
-//! The loader walks a position counter p = 0, 1, 2, …: epoch p / N, record perm_epoch[p % N],
-//! with one seeded permutation per epoch. A micro batch takes the next `micro_batch` usable
-//! samples and carries the position after its last one, which is all a checkpoint needs to
-//! resume the data stream exactly. Samples are built on a background thread into a bounded
-//! queue (`prefetch` micro batches ahead).
+//! The data stream is a sequence of sample slots s = 0, 1, 2, …: slot s holds record
+//! perm_epoch[s % N] of epoch s / N, with one seeded permutation per epoch. Micro batch k is
+//! slots [k·mbs, (k+1)·mbs) and a global batch is the next `dp × accumulation` micro batches,
+//! so a checkpoint's position is a slot number and does not depend on how many ranks read.
+//! Data-parallel rank r builds only its [`Share`]: micro batches [r·m, (r+1)·m) of every global
+//! batch (m = accumulation steps), the same samples one rank would put in those micro batches.
+//!
+//! A record that gives no sample (unreadable, or too long for --seq-length) is replaced, as
+//! InternVL's dataset retries another index: by the first usable record of a scan that starts at
+//! a point keyed by (seed, slot). Every choice is a pure function of (seed, slot), so all ranks,
+//! one rank, and a resumed run agree on every slot. Samples are built on a background thread
+//! into a bounded queue (`prefetch` micro batches ahead).
 //!
 //! Skips: unreadable records (broken line, missing or undecodable image/video) are counted
 //! with a warning naming file and line; once more than `max_bad_fraction` of the data set's
-//! records are bad, the run stops with an error. Records too long for --seq-length are
-//! rejected with a warning and counted apart.
+//! records are bad (as far as this rank has seen), the run stops with an error. Records too long
+//! for --seq-length are rejected with a warning and counted apart.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +32,7 @@ use crate::rng::Rng;
 /// RNG stream tags.
 const ORDER: u64 = 0x6f72646572;
 const SAMPLE: u64 = 0x73616d706c65;
+const SUBSTITUTE: u64 = 0x7375627374;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum DataError {
@@ -33,7 +41,7 @@ pub enum DataError {
         100.0 * *bad as f64 / *total as f64
     )]
     TooManyBad { bad: usize, total: usize, limit: f64, last: String },
-    #[error("a whole pass over the {total} records gave no usable sample (see the warnings above)")]
+    #[error("no record gives a usable sample: all {total} were tried (see the warnings above)")]
     NoUsable { total: usize },
     #[error("the data loader thread stopped unexpectedly")]
     Stopped,
@@ -50,7 +58,8 @@ pub struct Batch {
     pub pixels: Vec<f32>,
     pub tiles: usize,
     pub origins: Vec<String>,
-    /// Loader position after this batch: where a resume continues.
+    /// Stream position (slot) where a loader with the same share continues after this batch;
+    /// after the last micro batch of a global batch, the next global batch's first slot.
     pub end_position: u64,
 }
 
@@ -98,6 +107,22 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     pub max_bad_fraction: f64,
     pub shuffle: bool,
+    pub share: Share,
+}
+
+/// Which micro batches of each global batch this rank builds: a global batch is `size` ×
+/// `micro_batches` micro batches in stream order, rank `rank` takes the `micro_batches` from
+/// `rank · micro_batches` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub rank: usize,
+    pub size: usize,
+    pub micro_batches: usize,
+}
+
+impl Share {
+    /// One rank reading everything.
+    pub const ALL: Share = Share { rank: 0, size: 1, micro_batches: 1 };
 }
 
 /// The record index at loader position `p` (deterministic in seed and p).
@@ -127,26 +152,31 @@ impl Order {
     }
 }
 
-/// Builds micro batches from `start` on; runs on the loader thread, or inline in tests.
+/// Builds this rank's micro batches from the global batch starting at slot `start`; runs on the
+/// loader thread, or inline in tests.
 pub struct Producer {
     ds: Arc<Dataset>,
     cfg: LoaderConfig,
     order: Order,
-    position: u64,
+    /// First slot of the current global batch.
+    step_start: u64,
+    /// Micro batches of the current global batch built so far.
+    taken: usize,
     bad: HashSet<usize>,
     rejected: HashSet<usize>,
-    /// Positions since the last usable sample.
-    barren: u64,
 }
 
 impl Producer {
     pub fn new(ds: Arc<Dataset>, cfg: LoaderConfig, start: u64) -> Result<Producer, DataError> {
         let order = Order::new(cfg.seed, ds.records.len(), cfg.shuffle);
-        let p = Producer { ds, cfg, order, position: start, bad: HashSet::new(), rejected: HashSet::new(), barren: 0 };
+        let p = Producer { ds, cfg, order, step_start: start, taken: 0, bad: HashSet::new(), rejected: HashSet::new() };
         for b in &p.ds.bad_lines {
             eprintln!("warning: skipping {b}");
         }
         p.check_bad(p.ds.bad_lines.last().map(|b| b.to_string()))?;
+        if p.ds.records.is_empty() {
+            return Err(DataError::NoUsable { total: p.ds.total_lines() });
+        }
         Ok(p)
     }
 
@@ -164,44 +194,79 @@ impl Producer {
         Ok(())
     }
 
-    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
-        let mut samples = Vec::with_capacity(self.cfg.micro_batch);
-        while samples.len() < self.cfg.micro_batch {
-            let p = self.position;
-            self.position += 1;
-            let (epoch, index) = self.order.at(p);
-            let mut rng = Rng::keyed(&[self.cfg.seed, SAMPLE, epoch, index as u64]);
-            match self.ds.get(index, &mut rng) {
-                Ok(s) => {
-                    self.barren = 0;
-                    samples.push(s);
-                    continue;
+    /// Record `index` as sampled in `epoch`, or None (with a warning the first time) when it
+    /// gives no sample. Pure in (seed, epoch, index): nothing is cached between calls.
+    fn build(&mut self, epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
+        let mut rng = Rng::keyed(&[self.cfg.seed, SAMPLE, epoch, index as u64]);
+        match self.ds.get(index, &mut rng) {
+            Ok(s) => Ok(Some(s)),
+            Err(Skip::Bad(reason)) => {
+                let r = &self.ds.records[index];
+                let what = format!("{}:{}: {reason}", r.file.display(), r.line);
+                if self.bad.insert(index) {
+                    eprintln!(
+                        "warning: skipping {what} (bad records: {} of {})",
+                        self.ds.bad_lines.len() + self.bad.len(),
+                        self.ds.total_lines()
+                    );
                 }
-                Err(Skip::Bad(reason)) => {
-                    let r = &self.ds.records[index];
-                    let what = format!("{}:{}: {reason}", r.file.display(), r.line);
-                    if self.bad.insert(index) {
-                        eprintln!(
-                            "warning: skipping {what} (bad records: {} of {})",
-                            self.ds.bad_lines.len() + self.bad.len(),
-                            self.ds.total_lines()
-                        );
-                    }
-                    self.check_bad(Some(what))?;
-                }
-                Err(Skip::Rejected(reason)) => {
-                    let r = &self.ds.records[index];
-                    if self.rejected.insert(index) {
-                        eprintln!("warning: rejecting {}:{}: {reason}", r.file.display(), r.line);
-                    }
-                }
+                self.check_bad(Some(what))?;
+                Ok(None)
             }
-            self.barren += 1;
-            if self.barren > self.ds.records.len() as u64 {
-                return Err(DataError::NoUsable { total: self.ds.total_lines() });
+            Err(Skip::Rejected(reason)) => {
+                let r = &self.ds.records[index];
+                if self.rejected.insert(index) {
+                    eprintln!("warning: rejecting {}:{}: {reason}", r.file.display(), r.line);
+                }
+                Ok(None)
             }
         }
-        Ok(Batch::collate(samples, self.ds.tokenizer.special.pad, self.position))
+    }
+
+    /// The record at `slot` without substitution (None when it gives no sample): for passes
+    /// that must see each record once, like `mm-engine eval`.
+    pub fn sample_at(&mut self, slot: u64) -> Result<Option<Sample>, DataError> {
+        let (epoch, index) = self.order.at(slot);
+        self.build(epoch, index)
+    }
+
+    /// The sample of `slot`: its record, or the substitute the module doc describes.
+    pub fn sample(&mut self, slot: u64) -> Result<Sample, DataError> {
+        let (epoch, index) = self.order.at(slot);
+        if let Some(s) = self.build(epoch, index)? {
+            return Ok(s);
+        }
+        let n = self.ds.records.len();
+        let from = Rng::keyed(&[self.cfg.seed, SUBSTITUTE, slot]).below(n as u64) as usize;
+        for k in 0..n {
+            let other = (from + k) % n;
+            if other == index {
+                continue;
+            }
+            if let Some(s) = self.build(epoch, other)? {
+                return Ok(s);
+            }
+        }
+        Err(DataError::NoUsable { total: self.ds.total_lines() })
+    }
+
+    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
+        let Share { rank, size, micro_batches } = self.cfg.share;
+        let mbs = self.cfg.micro_batch as u64;
+        let first = self.step_start + ((rank * micro_batches + self.taken) as u64) * mbs;
+        let mut samples = Vec::with_capacity(self.cfg.micro_batch);
+        for slot in first..first + mbs {
+            samples.push(self.sample(slot)?);
+        }
+        self.taken += 1;
+        let end = if self.taken == micro_batches {
+            self.step_start += (size * micro_batches) as u64 * mbs;
+            self.taken = 0;
+            self.step_start
+        } else {
+            first + mbs
+        };
+        Ok(Batch::collate(samples, self.ds.tokenizer.special.pad, end))
     }
 }
 

@@ -11,4 +11,4 @@ pub mod tiling;
 pub mod video;
 
 pub use dataset::{DataConfig, Dataset, Sample, Skip};
-pub use loader::{Batch, DataError, Loader, LoaderConfig, Producer};
+pub use loader::{Batch, DataError, Loader, LoaderConfig, Producer, Share};

@@ -51,6 +51,7 @@ extern "C" {
     fn mm_pg_send(pg: *mut RawPg, t: RawTensor, dst: c_int, tag: c_int) -> *mut c_char;
     fn mm_pg_recv(pg: *mut RawPg, t: RawTensor, src: c_int, tag: c_int) -> *mut c_char;
     fn mm_pg_barrier(pg: *mut RawPg) -> *mut c_char;
+    fn mm_tensor_set_grad(var: RawTensor, grad: RawTensor) -> *mut c_char;
 }
 
 /// A c10d failure: which rank, which operation, what libtorch said.
@@ -60,6 +61,14 @@ pub struct DistError {
     pub rank: usize,
     pub op: String,
     pub message: String,
+}
+
+impl DistError {
+    /// The same error with what the operation was for, e.g. "all_reduce (gradient bucket 2 of 5)".
+    pub fn during(mut self, what: impl std::fmt::Display) -> DistError {
+        self.op = format!("{} ({what})", self.op);
+        self
+    }
 }
 
 /// Turns the shim's "NULL or malloc'd message" convention into a Result.
@@ -87,6 +96,19 @@ pub fn torch_version() -> String {
 /// Whether this build carries ProcessGroupNCCL.
 pub fn has_nccl() -> bool {
     unsafe { mm_c10d_has_nccl() != 0 }
+}
+
+/// Makes `grad` the `.grad` of the leaf tensor `var` (tch binds no setter). The data-parallel
+/// engine uses it for a parameter that received no gradient on this rank but did on another.
+pub fn set_grad(var: &Tensor, grad: &Tensor) -> Result<(), String> {
+    let err = unsafe { mm_tensor_set_grad(var.as_ptr() as RawTensor, grad.as_ptr() as RawTensor) };
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: as in `check`.
+    let message = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { mm_c10d_free_str(err) };
+    Err(message)
 }
 
 /// A key-value store shared by all ranks (rank 0 serves it), used for rendezvous.
@@ -126,6 +148,11 @@ impl Store {
         let mut raw = std::ptr::null_mut();
         check(unsafe { mm_store_prefix(self.raw, c.as_ptr(), &mut raw) }, self.rank, "prefix store")?;
         Ok(Store { raw, rank: self.rank })
+    }
+
+    /// Global rank of this process (for error messages).
+    pub fn rank(&self) -> usize {
+        self.rank
     }
 
     pub fn set(&self, key: &str, value: &[u8]) -> Result<(), DistError> {
@@ -189,6 +216,7 @@ pub struct ProcessGroup {
     /// Global rank, for error messages.
     global_rank: usize,
     pub backend: Backend,
+    timeout: Duration,
 }
 
 // SAFETY: a c10d Backend may be used from any thread; we never share it concurrently
@@ -222,7 +250,23 @@ impl ProcessGroup {
                 check(err, global_rank, "create NCCL process group")?;
             }
         }
-        Ok(ProcessGroup { raw, rank, size, global_rank, backend })
+        Ok(ProcessGroup { raw, rank, size, global_rank, backend, timeout })
+    }
+
+    /// [`check`] plus what the usual failures of a running job mean.
+    fn done(&self, err: *mut c_char, op: impl Into<String>) -> Result<(), DistError> {
+        check(err, self.global_rank, op).map_err(|mut e| {
+            let m = e.message.to_lowercase();
+            if m.contains("timed out") || m.contains("timeout") {
+                e.message.push_str(&format!(
+                    " (no answer within MM_DIST_TIMEOUT_S = {} s: a peer rank is stuck, stopped or unreachable)",
+                    self.timeout.as_secs()
+                ));
+            } else if m.contains("connection reset") || m.contains("connection closed") || m.contains("broken pipe") {
+                e.message.push_str(" (a peer rank of this group exited or was killed)");
+            }
+            e
+        })
     }
 
     /// The at::Tensor behind a tch tensor. Collectives write into the tensor's storage,
@@ -233,42 +277,39 @@ impl ProcessGroup {
     }
 
     pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), DistError> {
-        check(unsafe { mm_pg_allreduce(self.raw, Self::ptr(t), op as c_int) }, self.global_rank, "all_reduce")
+        self.done(unsafe { mm_pg_allreduce(self.raw, Self::ptr(t), op as c_int) }, "all_reduce")
     }
 
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {
-        check(unsafe { mm_pg_broadcast(self.raw, Self::ptr(t), root as c_int) }, self.global_rank, "broadcast")
+        self.done(unsafe { mm_pg_broadcast(self.raw, Self::ptr(t), root as c_int) }, "broadcast")
     }
 
     /// `out` holds `size` × `input.numel()` elements, group rank r's input at slice r.
     pub fn all_gather(&self, out: &mut Tensor, input: &Tensor) -> Result<(), DistError> {
-        check(unsafe { mm_pg_allgather(self.raw, Self::ptr(out), Self::ptr(input)) }, self.global_rank, "all_gather")
+        self.done(unsafe { mm_pg_allgather(self.raw, Self::ptr(out), Self::ptr(input)) }, "all_gather")
     }
 
     /// `input` holds `size` × `out.numel()` elements; group rank r receives the reduction of slice r.
     pub fn reduce_scatter(&self, out: &mut Tensor, input: &Tensor, op: ReduceOp) -> Result<(), DistError> {
         let err = unsafe { mm_pg_reduce_scatter(self.raw, Self::ptr(out), Self::ptr(input), op as c_int) };
-        check(err, self.global_rank, "reduce_scatter")
+        self.done(err, "reduce_scatter")
     }
 
     pub fn send(&self, t: &Tensor, dst: usize, tag: i32) -> Result<(), DistError> {
-        check(
-            unsafe { mm_pg_send(self.raw, Self::ptr(t), dst as c_int, tag) },
-            self.global_rank,
-            format!("send to {dst}"),
-        )
+        self.done(unsafe { mm_pg_send(self.raw, Self::ptr(t), dst as c_int, tag) }, format!("send to {dst}"))
     }
 
     pub fn recv(&self, t: &mut Tensor, src: usize, tag: i32) -> Result<(), DistError> {
-        check(
-            unsafe { mm_pg_recv(self.raw, Self::ptr(t), src as c_int, tag) },
-            self.global_rank,
-            format!("recv from {src}"),
-        )
+        self.done(unsafe { mm_pg_recv(self.raw, Self::ptr(t), src as c_int, tag) }, format!("recv from {src}"))
+    }
+
+    /// Global rank of this process (for error messages).
+    pub fn global_rank(&self) -> usize {
+        self.global_rank
     }
 
     pub fn barrier(&self) -> Result<(), DistError> {
-        check(unsafe { mm_pg_barrier(self.raw) }, self.global_rank, "barrier")
+        self.done(unsafe { mm_pg_barrier(self.raw) }, "barrier")
     }
 }
 

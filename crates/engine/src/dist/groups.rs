@@ -54,25 +54,42 @@ fn kind_name(kind: GroupKind) -> &'static str {
     }
 }
 
+fn check_world(env: &DistEnv, dims: ParallelDims) -> Result<(), DistError> {
+    if dims.world() == env.world_size {
+        return Ok(());
+    }
+    Err(DistError {
+        rank: env.rank,
+        op: "build process groups".into(),
+        message: format!(
+            "the layout's world size {} (tp {} × cp {} × dp {} × pp {}) differs from WORLD_SIZE {}",
+            dims.world(),
+            dims.tp(),
+            dims.cp(),
+            dims.dp(),
+            dims.pp(),
+            env.world_size
+        ),
+    })
+}
+
 impl ParallelGroups {
     /// Rendezvous and create the world group and this rank's tp/cp/dp/pp/dp_cp groups.
     pub fn init(env: &DistEnv, dims: ParallelDims, backend: Backend) -> Result<ParallelGroups, DistError> {
-        if dims.world() != env.world_size {
-            return Err(DistError {
-                rank: env.rank,
-                op: "build process groups".into(),
-                message: format!(
-                    "the layout's world size {} (tp {} × cp {} × dp {} × pp {}) differs from WORLD_SIZE {}",
-                    dims.world(),
-                    dims.tp(),
-                    dims.cp(),
-                    dims.dp(),
-                    dims.pp(),
-                    env.world_size
-                ),
-            });
-        }
+        check_world(env, dims)?;
         let store = Store::tcp(&env.master_addr, env.master_port, env.rank, env.world_size, env.timeout)?;
+        Self::on_store(store, env, dims, backend)
+    }
+
+    /// As [`ParallelGroups::init`], on a store the caller already rendezvoused (e.g. a
+    /// [`Store::prefixed`] view of one that other checks use too). The groups keep it alive.
+    pub fn on_store(
+        store: Store,
+        env: &DistEnv,
+        dims: ParallelDims,
+        backend: Backend,
+    ) -> Result<ParallelGroups, DistError> {
+        check_world(env, dims)?;
         let bind = env.gloo_bind_addr();
         let timeout: Duration = env.timeout;
         let world_store = store.prefixed("world/")?;

@@ -21,6 +21,16 @@ pub struct CheckReport {
     pub allreduce_ms: f64,
     /// Bus bandwidth as nccl-tests defines it: bytes · 2(n−1)/n / time.
     pub allreduce_busbw_gbps: f64,
+    /// With a layout (`--tp/--cp/--pp`): each group this rank belongs to, checked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupReport>,
+}
+
+/// One checked communicator: its kind and the global ranks in it (group-rank order).
+#[derive(Debug, Serialize)]
+pub struct GroupReport {
+    pub kind: String,
+    pub ranks: Vec<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +55,32 @@ fn expect(rank: usize, op: &'static str, t: &Tensor, want: Vec<f64>) -> Result<(
     }
 }
 
-pub fn run(env: &DistEnv, device: Device, bytes: usize) -> Result<CheckReport, CheckError> {
+/// Rendezvous once, check every collective on the world group, then (with `dims`) build the
+/// layout's groups on the same store and check them with [`check_groups`].
+pub fn run(
+    env: &DistEnv,
+    device: Device,
+    bytes: usize,
+    dims: Option<mm_spec::layout::ParallelDims>,
+) -> Result<CheckReport, CheckError> {
     let (r, w) = (env.rank, env.world_size);
+    // One TCPStore for both parts: a second one on the same port could race with the first's
+    // shutdown on rank 0.
     let store = Store::tcp(&env.master_addr, env.master_port, r, w, env.timeout)?;
+    let mut report = run_on(&store.prefixed("check/")?, env, device, bytes)?;
+    if let Some(dims) = dims {
+        report.groups = check_groups(store.prefixed("groups/")?, env, dims, device)?
+            .into_iter()
+            .map(|(kind, ranks)| GroupReport { kind, ranks })
+            .collect();
+    }
+    Ok(report)
+}
+
+fn run_on(store: &Store, env: &DistEnv, device: Device, bytes: usize) -> Result<CheckReport, CheckError> {
+    let (r, w) = (env.rank, env.world_size);
     let backend = Backend::for_device(device);
-    let pg = ProcessGroup::new(&store, backend, r, w, env.gloo_bind_addr().as_deref(), env.timeout)?;
+    let pg = ProcessGroup::new(store, backend, r, w, env.gloo_bind_addr().as_deref(), env.timeout)?;
     let opts = (Kind::Float, device);
     let mut checks = Vec::new();
 
@@ -123,24 +154,31 @@ pub fn run(env: &DistEnv, device: Device, bytes: usize) -> Result<CheckReport, C
         allreduce_bytes: n as usize * 4,
         allreduce_ms: ms,
         allreduce_busbw_gbps: if w > 1 { busbw } else { 0.0 },
+        groups: Vec::new(),
     })
 }
 
-/// Builds this rank's tp/cp/dp/pp/dp_cp groups from the layout and checks each one: an
-/// all-reduce of the global ranks must give the sum over exactly the ranks the layout puts
-/// in that group. Proves the launcher's rank table and the engine's communicators agree.
+/// Builds this rank's tp/cp/dp/pp/dp_cp groups from the layout on `store` (one rendezvous
+/// already made) and checks each one: an all-reduce of the global ranks must give the sum over
+/// exactly the ranks the layout puts in that group, and an all-gather must return them in
+/// group-rank order. Proves the launcher's rank table and the engine's communicators agree.
 pub fn check_groups(
+    store: Store,
     env: &DistEnv,
     dims: mm_spec::layout::ParallelDims,
     device: Device,
 ) -> Result<Vec<(String, Vec<usize>)>, CheckError> {
-    let groups = super::groups::ParallelGroups::init(env, dims, Backend::for_device(device))?;
+    let groups = super::groups::ParallelGroups::on_store(store, env, dims, Backend::for_device(device))?;
     let mut seen = Vec::new();
     for g in groups.groups() {
         let mut t = Tensor::full([1], env.rank as f64, (Kind::Float, device));
         g.pg.all_reduce(&mut t, ReduceOp::Sum)?;
         let want = g.ranks.iter().sum::<usize>() as f64;
         expect(env.rank, "group all_reduce", &t, vec![want])?;
+        let mine = Tensor::full([1], env.rank as f64, (Kind::Float, device));
+        let mut all = Tensor::zeros([g.size() as i64], (Kind::Float, device));
+        g.pg.all_gather(&mut all, &mine)?;
+        expect(env.rank, "group all_gather", &all, g.ranks.iter().map(|&r| r as f64).collect())?;
         seen.push((format!("{:?}", g.kind).to_lowercase(), g.ranks.clone()));
     }
     groups.world.barrier()?;

@@ -25,7 +25,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
 
-    // Parallelism: the single-process engine runs tp = pp = cp = 1.
+    // Parallelism: the engine is data parallel over WORLD_SIZE ranks; tp = pp = cp = 1.
     #[arg(long, default_value_t = 1)]
     pub tensor_model_parallel_size: usize,
     #[arg(long, default_value_t = 1)]
@@ -45,9 +45,13 @@ pub struct TrainArgs {
     pub llm_pp_layers: Option<String>,
     #[arg(long)]
     pub vit_pp_layers: Option<String>,
-    /// ZeRO-1 over data-parallel ranks; with one rank it changes nothing.
+    /// ZeRO-1 over data-parallel ranks: fp32 masters and Adam moments sharded; with one rank it
+    /// changes nothing.
     #[arg(long)]
     pub use_distributed_optimizer: bool,
+    /// Data-parallel gradient all-reduce bucket size in MB (engine option).
+    #[arg(long, default_value_t = super::dp::DEFAULT_BUCKET_MB)]
+    pub dp_bucket_mb: f64,
     /// Megatron's flag for pipeline schedules with varying sequence lengths; batches here are
     /// always padded per micro batch.
     #[arg(long)]
@@ -59,7 +63,7 @@ pub struct TrainArgs {
     /// Samples per optimizer step (micro × accumulation × data-parallel ranks).
     #[arg(long)]
     pub global_batch_size: Option<usize>,
-    /// Micro batches per optimizer step.
+    /// Micro batches per optimizer step on each data-parallel rank.
     #[arg(long)]
     pub grad_accumulation: Option<usize>,
     #[arg(long, default_value_t = 4096)]
@@ -182,7 +186,9 @@ pub struct TrainArgs {
 /// The flags after checking, with the batch arithmetic done.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
+    /// Micro batches per step on each data-parallel rank.
     pub grad_accumulation: usize,
+    pub data_parallel_size: usize,
     pub global_batch_size: usize,
     pub decay: DecayStyle,
     pub loss: LossReduction,
@@ -193,65 +199,70 @@ fn parse_list(s: &str) -> Option<Vec<usize>> {
     s.split(',').map(|x| x.trim().parse().ok()).collect()
 }
 
-pub const NEXT_ISSUE: &str = "distributed training comes in the next issue; the single-process engine runs with 1";
+/// Why tp/pp/cp > 1 are refused.
+pub const DP_ONLY: &str = "mm-engine trains data parallel only (tensor, pipeline and context parallel size 1; \
+     WORLD_SIZE ranks are all data parallel); use the MindSpeed-MM engine for model parallelism";
 
 impl TrainArgs {
     /// Checks everything that does not need the model, reporting all problems at once.
-    pub fn validate(&self) -> Result<Resolved, String> {
+    /// `world_size` ranks are data parallel.
+    pub fn validate(&self, world_size: usize) -> Result<Resolved, String> {
         let mut errs: Vec<String> = Vec::new();
+        let dp = world_size.max(1);
         for (flag, v) in [
             ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
             ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
             ("--context-parallel-size", self.context_parallel_size),
         ] {
             if v != 1 {
-                errs.push(format!("{flag} {v}: {NEXT_ISSUE}"));
+                errs.push(format!("{flag} {v}: {DP_ONLY}"));
             }
         }
         if let Some(v) = self.virtual_pipeline_model_parallel_size.filter(|&v| v != 1) {
-            errs.push(format!("--virtual-pipeline-model-parallel-size {v}: {NEXT_ISSUE}"));
+            errs.push(format!("--virtual-pipeline-model-parallel-size {v}: {DP_ONLY}"));
         }
         if self.sequence_parallel {
-            errs.push(format!("--sequence-parallel: {NEXT_ISSUE} (it needs tensor parallelism)"));
+            errs.push(format!("--sequence-parallel: {DP_ONLY} (it needs tensor parallelism)"));
         }
         for (flag, v) in [("--llm-pp-layers", &self.llm_pp_layers), ("--vit-pp-layers", &self.vit_pp_layers)] {
             if let Some(s) = v {
                 match parse_list(s) {
                     None => errs.push(format!("{flag} {s:?}: expected a comma-separated list of layer counts")),
                     Some(l) if l.len() != 1 => {
-                        errs.push(format!("{flag} {s:?}: {} pipeline chunks, but {NEXT_ISSUE}", l.len()))
+                        errs.push(format!("{flag} {s:?}: {} pipeline chunks, but {DP_ONLY}", l.len()))
                     }
                     _ => {}
                 }
             }
         }
-        if let Ok(ws) = std::env::var("WORLD_SIZE") {
-            if ws.trim() != "1" && !ws.trim().is_empty() {
-                errs.push(format!("WORLD_SIZE={ws} in the environment: {NEXT_ISSUE} process"));
-            }
+        if !(self.dp_bucket_mb.is_finite() && self.dp_bucket_mb > 0.0) {
+            errs.push(format!("--dp-bucket-mb {}: expected a size above 0", self.dp_bucket_mb));
         }
         if self.micro_batch_size == 0 {
             errs.push("--micro-batch-size 0: expected at least 1".into());
         }
         let mbs = self.micro_batch_size.max(1);
         let (ga, gbs) = match (self.grad_accumulation, self.global_batch_size) {
-            (Some(ga), Some(gbs)) if ga * mbs != gbs => {
+            (Some(ga), Some(gbs)) if ga * mbs * dp != gbs => {
                 errs.push(format!(
                     "--global-batch-size {gbs} is not --micro-batch-size {mbs} × --grad-accumulation {ga} \
-                     with one data-parallel rank"
+                     × {dp} data-parallel rank{}",
+                    if dp == 1 { "" } else { "s" }
                 ));
                 (ga, gbs)
             }
-            (Some(ga), _) => (ga, ga * mbs),
+            (Some(ga), _) => (ga, ga * mbs * dp),
             (None, Some(gbs)) => {
-                if gbs % mbs != 0 || gbs == 0 {
+                if gbs % (mbs * dp) != 0 || gbs == 0 {
                     errs.push(format!(
-                        "--global-batch-size {gbs}: expected a positive multiple of --micro-batch-size {mbs}"
+                        "--global-batch-size {gbs}: expected a positive multiple of --micro-batch-size {mbs} × \
+                         {dp} data-parallel rank{}",
+                        if dp == 1 { "" } else { "s" }
                     ));
                 }
-                (gbs / mbs, gbs)
+                (gbs / (mbs * dp), gbs)
             }
-            (None, None) => (1, mbs),
+            (None, None) => (1, mbs * dp),
         };
         if ga == 0 {
             errs.push("--grad-accumulation 0: expected at least 1".into());
@@ -342,10 +353,55 @@ impl TrainArgs {
         }
         Ok(Resolved {
             grad_accumulation: ga,
+            data_parallel_size: dp,
             global_batch_size: gbs,
             decay: decay.unwrap_or(DecayStyle::Linear),
             loss: loss.unwrap_or(LossReduction::Default),
             bf16,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: TrainArgs,
+    }
+
+    fn args(extra: &str) -> TrainArgs {
+        let base = ["mm-engine", "--data-path", "d.jsonl", "--lr", "0.001", "--train-iters", "3"];
+        Cli::try_parse_from(base.into_iter().chain(extra.split_whitespace())).unwrap().a
+    }
+
+    #[test]
+    fn the_global_batch_spans_the_data_parallel_ranks() {
+        let r = args("--micro-batch-size 2 --global-batch-size 16").validate(4).unwrap();
+        assert_eq!((r.grad_accumulation, r.global_batch_size, r.data_parallel_size), (2, 16, 4));
+        let r = args("--micro-batch-size 2 --grad-accumulation 3").validate(2).unwrap();
+        assert_eq!((r.grad_accumulation, r.global_batch_size), (3, 12));
+        let r = args("--micro-batch-size 2").validate(3).unwrap();
+        assert_eq!((r.grad_accumulation, r.global_batch_size), (1, 6));
+        // What the launcher renders: both, consistent with dp.
+        let r = args("--micro-batch-size 1 --grad-accumulation 2 --global-batch-size 4").validate(2).unwrap();
+        assert_eq!(r.grad_accumulation, 2);
+        let e = args("--micro-batch-size 1 --grad-accumulation 2 --global-batch-size 4").validate(4).unwrap_err();
+        assert!(e.contains("is not --micro-batch-size 1 × --grad-accumulation 2 × 4 data-parallel ranks"), "{e}");
+        let e = args("--micro-batch-size 2 --global-batch-size 6").validate(2).unwrap_err();
+        assert!(e.contains("multiple of --micro-batch-size 2 × 2 data-parallel ranks"), "{e}");
+    }
+
+    #[test]
+    fn model_parallelism_and_bad_bucket_sizes_are_refused_together() {
+        let e = args("--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --dp-bucket-mb 0")
+            .validate(4)
+            .unwrap_err();
+        assert!(e.contains("--tensor-model-parallel-size 2: mm-engine trains data parallel only"), "{e}");
+        assert!(e.contains("--pipeline-model-parallel-size 2: mm-engine trains data parallel only"), "{e}");
+        assert!(e.contains("--dp-bucket-mb 0: expected a size above 0"), "{e}");
     }
 }

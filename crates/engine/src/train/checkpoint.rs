@@ -12,9 +12,15 @@
 //!
 //! Saves use the MM layout of `mm_spec::checkpoint` at tp 1, pp 1 (`mp_rank_00/model.safetensors`
 //! with logical keys, vocab rows zero-padded as Megatron does, `manifest.json`, `hf_assets/`),
-//! plus the engine's own files in the iteration folder: `mp_rank_00/optimizer.safetensors` and
-//! `trainer_state.json`. A save is atomic: everything is written and fsynced in a temporary
-//! folder, renamed into place, and the tracker file is replaced last.
+//! plus the engine's own files in the iteration folder: the optimizer state and
+//! `trainer_state.json`. The optimizer state is `mp_rank_00/optimizer.safetensors` (per
+//! parameter), or with the distributed optimizer one `mp_rank_00/optimizer.dp{r}-of-{n}.safetensors`
+//! per data-parallel rank plus the flat layout in trainer_state.json (see `train::zero`).
+//!
+//! A save is atomic: everything is written and fsynced in a temporary folder, renamed into
+//! place, and the tracker file is replaced last. With data parallelism the steps are split
+//! ([`prepare`], [`write_shared`], [`write_optimizer_shard`], [`commit`]): DP rank 0 writes the
+//! shared files and commits, every rank writes its own optimizer shard, barriers in between.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -29,11 +35,17 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+use super::zero::{FlatLayout, SavedOptimizer};
 use crate::weights::hf::{self, write_synced, HfCheckpoint, MismatchReport, WeightsError};
 use crate::weights::keys::{from_mm, to_mm};
 use crate::weights::safetensors::{self as st, SafetensorsFile};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// The file of DP rank `rank`'s optimizer shard (distributed optimizer over `size` ranks).
+pub fn optimizer_shard_file(rank: usize, size: usize) -> String {
+    format!("optimizer.dp{rank}-of-{size}.safetensors")
+}
 pub const STATE_FILE: &str = "trainer_state.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +98,12 @@ pub struct TrainerState {
     pub lr: f64,
     /// Loss of the last iteration (informational).
     pub loss: f64,
+    /// Data-parallel ranks of the run that saved it (informational; absent: one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_parallel_size: Option<usize>,
+    /// The flat layout of a distributed optimizer's shards (absent: per-parameter state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_layout: Option<FlatLayout>,
 }
 
 /// What `--load` pointed at.
@@ -206,6 +224,48 @@ impl Source {
         }
         Ok(Some(out))
     }
+
+    /// The optimizer state `state` describes, in whichever layout it was saved: the shard
+    /// files of a distributed optimizer (opened, read lazily), or the per-parameter file.
+    /// None when there is none (HF folder, --no-save-optim).
+    pub fn saved_optimizer(&self, state: &TrainerState) -> Result<Option<SavedOptimizer>, CheckpointError> {
+        let Source::Mm { iter_dir, .. } = self else { return Ok(None) };
+        let Some(layout) = &state.optimizer_layout else {
+            return Ok(self.optimizer_tensors(Device::Cpu)?.map(SavedOptimizer::PerParam));
+        };
+        let state_path = iter_dir.join(STATE_FILE);
+        layout.validate().map_err(|e| format_err(&state_path, format!("optimizer_layout: {e}")))?;
+        let rank_dir = iter_dir.join(ck::rank_dir_name(0, 0, 1));
+        let mut files = Vec::with_capacity(layout.dp);
+        for r in 0..layout.dp {
+            let p = rank_dir.join(optimizer_shard_file(r, layout.dp));
+            if !p.exists() {
+                return Err(format_err(
+                    &p,
+                    format!("missing: {STATE_FILE} describes a distributed optimizer over {} ranks", layout.dp),
+                ));
+            }
+            let f = SafetensorsFile::open(&p)?;
+            for key in ["exp_avg", "exp_avg_sq"] {
+                match f.entries.get(key) {
+                    Some(e) if e.shape == [layout.shard() as i64] => {}
+                    Some(e) => {
+                        return Err(format_err(
+                            &p,
+                            format!(
+                                "{key} has shape {:?}, the layout's shard has {} elements",
+                                e.shape,
+                                layout.shard()
+                            ),
+                        ))
+                    }
+                    None => return Err(format_err(&p, format!("no {key} tensor"))),
+                }
+            }
+            files.push(f);
+        }
+        Ok(Some(SavedOptimizer::Flat { layout: layout.clone(), files }))
+    }
 }
 
 /// Reassembles every logical tensor from its tp shards and copies it into the VarStore.
@@ -321,17 +381,53 @@ pub struct SaveRequest<'a> {
     pub assets_from: Vec<PathBuf>,
 }
 
-/// Writes one iteration atomically and points the tracker at it; returns the folder.
+/// Writes one iteration atomically and points the tracker at it; returns the folder (one
+/// process: [`prepare`], [`write_shared`], [`commit`]).
 pub fn save(req: SaveRequest) -> Result<PathBuf, CheckpointError> {
-    let it = Iteration::Step(req.iteration);
-    fs::create_dir_all(req.save_dir).map_err(io(req.save_dir))?;
-    let final_dir = iteration_dir(req.save_dir, it);
-    let tmp = req.save_dir.join(format!(".{}.tmp-{}", it.dir_name(), std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let tmp = tmp_dir(req.save_dir, req.iteration, &std::process::id().to_string());
+    prepare(req.save_dir, &tmp)?;
+    write_shared(&tmp, &req)?;
+    commit(req.save_dir, &tmp, req.iteration)
+}
 
+/// The temporary folder an iteration is written to before the rename; `tag` tells runs apart
+/// (rank 0's process id, which every rank learns at start-up).
+pub fn tmp_dir(save_dir: &Path, iteration: u64, tag: &str) -> PathBuf {
+    save_dir.join(format!(".{}.tmp-{tag}", Iteration::Step(iteration).dir_name()))
+}
+
+/// Creates the save dir and an empty temporary folder (with its rank folder), removing a stale one.
+pub fn prepare(save_dir: &Path, tmp: &Path) -> Result<(), CheckpointError> {
+    fs::create_dir_all(save_dir).map_err(io(save_dir))?;
+    if tmp.exists() {
+        fs::remove_dir_all(tmp).map_err(io(tmp))?;
+    }
+    let rank_dir = tmp.join(ck::rank_dir_name(0, 0, 1));
+    fs::create_dir_all(&rank_dir).map_err(io(&rank_dir))
+}
+
+/// Writes one DP rank's optimizer shard into the temporary folder.
+pub fn write_optimizer_shard(
+    tmp: &Path,
+    rank: usize,
+    size: usize,
+    tensors: &[(String, Tensor)],
+) -> Result<PathBuf, CheckpointError> {
+    let path = tmp.join(ck::rank_dir_name(0, 0, 1)).join(optimizer_shard_file(rank, size));
+    let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t.to_device(Device::Cpu))).collect();
+    let meta = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("dp_rank".to_string(), rank.to_string()),
+        ("dp_size".to_string(), size.to_string()),
+    ]);
+    st::write(&path, &cpu, &meta)?;
+    Ok(path)
+}
+
+/// Writes the files one process writes for everyone: weights, per-parameter optimizer state
+/// (if any), hf_assets, manifest and trainer state.
+pub fn write_shared(tmp: &Path, req: &SaveRequest) -> Result<(), CheckpointError> {
+    let it = Iteration::Step(req.iteration);
     // Weights in the MM layout at tp 1, pp 1.
     let layout = MmLayout::resolve(req.preset, &LayoutRequest { tp: 1, ..LayoutRequest::default() })
         .map_err(|e| format_err(req.save_dir, e.to_string()))?;
@@ -361,7 +457,6 @@ pub fn save(req: SaveRequest) -> Result<PathBuf, CheckpointError> {
         tensors.push((t.local_key.clone(), w));
     }
     let rank_dir = tmp.join(ck::rank_dir_name(0, 0, 1));
-    fs::create_dir_all(&rank_dir).map_err(io(&rank_dir))?;
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     st::write(&rank_dir.join(ck::SHARD_FILE), &tensors, &meta)?;
     if let Some(opt) = &req.optimizer {
@@ -396,22 +491,30 @@ pub fn save(req: SaveRequest) -> Result<PathBuf, CheckpointError> {
     manifest.hf_assets = names;
     write_synced(&tmp.join(MANIFEST_FILE), serde_json::to_string_pretty(&manifest).expect("json").as_bytes())?;
     write_synced(&tmp.join(STATE_FILE), serde_json::to_string_pretty(req.state).expect("json").as_bytes())?;
-    fsync_dir(&tmp)?;
+    fsync_dir(tmp)?;
+    Ok(())
+}
 
+/// Fsyncs the temporary folder, renames it into place and points the tracker at it.
+pub fn commit(save_dir: &Path, tmp: &Path, iteration: u64) -> Result<PathBuf, CheckpointError> {
+    let it = Iteration::Step(iteration);
+    fsync_dir(&tmp.join(ck::rank_dir_name(0, 0, 1)))?;
+    fsync_dir(tmp)?;
+    let final_dir = iteration_dir(save_dir, it);
     if final_dir.exists() {
-        let old = req.save_dir.join(format!(".{}.old-{}", it.dir_name(), std::process::id()));
+        let old = save_dir.join(format!(".{}.old-{}", it.dir_name(), std::process::id()));
         fs::rename(&final_dir, &old).map_err(io(&final_dir))?;
-        fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+        fs::rename(tmp, &final_dir).map_err(io(&final_dir))?;
         fs::remove_dir_all(&old).map_err(io(&old))?;
     } else {
-        fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+        fs::rename(tmp, &final_dir).map_err(io(&final_dir))?;
     }
-    fsync_dir(req.save_dir)?;
-    let tracker = latest_path(req.save_dir);
-    let tracker_tmp = req.save_dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
+    fsync_dir(save_dir)?;
+    let tracker = latest_path(save_dir);
+    let tracker_tmp = save_dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
     write_synced(&tracker_tmp, it.latest_text().as_bytes())?;
     fs::rename(&tracker_tmp, &tracker).map_err(io(&tracker))?;
-    fsync_dir(req.save_dir)?;
+    fsync_dir(save_dir)?;
     Ok(final_dir)
 }
 

@@ -1,9 +1,11 @@
-//! Training: flags, the loop, AdamW with savable state, the lr schedule, loss reductions and
-//! checkpoints (MM layout).
+//! Training: flags, the loop, AdamW with savable state, the lr schedule, loss reductions,
+//! checkpoints (MM layout), data parallelism and the distributed optimizer (ZeRO-1).
 
 pub mod args;
 pub mod checkpoint;
+pub mod dp;
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;
 pub mod trainer;
+pub mod zero;

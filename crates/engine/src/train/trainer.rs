@@ -1,39 +1,52 @@
-//! The training loop, top to bottom: lr → micro batches (forward, loss, backward) → clip →
-//! AdamW step → log → checkpoint. Single process; the sync points of the distributed engine
-//! will sit where the comments say.
+//! The training loop, top to bottom: lr → micro batches (forward, loss, backward) → gradient
+//! reduction over the data-parallel ranks → clip → AdamW step → log → eval → checkpoint.
+//! Lines marked `SYNC` are collectives: every data-parallel rank runs them in the same order
+//! (see `dp.rs` for the loss normalization that makes N ranks compute one rank's step).
 //!
-//! Determinism: torch's RNG (drop path) is reseeded from (seed, iteration) before every
-//! iteration and the data stream is a pure function of (seed, position), so a run resumed from
-//! a checkpoint computes bit-identical losses on the CPU.
+//! Determinism: torch's RNG (drop path) is reseeded from (seed, iteration, global micro batch)
+//! before every micro batch and the data stream is a pure function of (seed, slot), so a run
+//! resumed from a checkpoint computes bit-identical losses on the CPU, and N data-parallel ranks
+//! see the samples and randomness one rank would.
+//!
+//! Output: every rank prints plain text; only global rank 0 prints `@@mm-progress` lines
+//! (throughput over the whole data-parallel group) and only DP rank 0 writes the shared
+//! checkpoint files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use mm_spec::checkpoint::{iteration_dir, Iteration};
 use mm_spec::{Progress, ProgressEvent};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
-use super::args::TrainArgs;
+use super::args::{Resolved, TrainArgs};
 use super::checkpoint::{self, mm_name, SaveRequest, TrainerState};
+use super::dp::{fingerprint, DataParallel};
 use super::loss::{objective, sample_losses, StepTotals};
 use super::optimizer::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
-use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Producer};
+use super::zero::{SavedOptimizer, ZeroAdamW};
+use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Producer, Share};
+use crate::dist::c10d::{set_grad, DistError};
+use crate::dist::env::DistEnv;
 use crate::rng::Rng;
 use crate::session::{configure_cpu_threads, pick_device, to_device, Session, SessionOptions};
 
-/// Tag of the per-iteration torch seed stream.
+/// Tag of the torch seed stream.
 const TORCH_SEED: u64 = 0x746f726368;
 
-pub fn torch_seed(seed: u64, iteration: u64) -> i64 {
-    (Rng::keyed(&[seed, TORCH_SEED, iteration]).next_u64() >> 1) as i64
+/// The torch seed of global micro batch `micro_batch` (0-based within the global batch) of
+/// `iteration`: the same whichever rank runs it.
+pub fn torch_seed(seed: u64, iteration: u64, micro_batch: u64) -> i64 {
+    (Rng::keyed(&[seed, TORCH_SEED, iteration, micro_batch]).next_u64() >> 1) as i64
 }
 
 /// Builds the data set of `--data-path` for a model.
 pub fn open_dataset(
-    data_path: &std::path::Path,
-    data_folder: Option<&std::path::Path>,
+    data_path: &Path,
+    data_folder: Option<&Path>,
     session: &Session,
     cfg: DataConfig,
 ) -> anyhow::Result<Arc<Dataset>> {
@@ -55,20 +68,24 @@ pub fn data_config(args_seq: usize, s: &Session, a: &TrainArgs) -> DataConfig {
     }
 }
 
-/// Mean loss (default reduction) over `iters` micro batches in file order, without gradients.
-fn evaluate(
-    session: &Session,
-    ds: &Arc<Dataset>,
-    mbs: usize,
-    iters: u64,
-    seed: u64,
-    max_bad: f64,
-) -> anyhow::Result<f64> {
-    let cfg = LoaderConfig { seed, micro_batch: mbs, prefetch: 1, max_bad_fraction: max_bad, shuffle: false };
+/// Mean loss (default reduction) over `iters` micro batches in file order, without gradients;
+/// DP rank r evaluates micro batches r, r + dp, … and the sum is all-reduced.
+fn evaluate(session: &Session, ds: &Arc<Dataset>, a: &TrainArgs, seed: u64, dp: &DataParallel) -> anyhow::Result<f64> {
+    let iters = a.eval_iters;
+    let share = Share { rank: dp.rank, size: dp.size, micro_batches: 1 };
+    let cfg = LoaderConfig {
+        seed,
+        micro_batch: a.micro_batch_size,
+        prefetch: 1,
+        max_bad_fraction: a.max_bad_fraction,
+        shuffle: false,
+        share,
+    };
     let mut producer = Producer::new(ds.clone(), cfg, 0)?;
+    let mine = (dp.rank as u64..iters).step_by(dp.size).count();
     let mut total = 0.0;
     tch::no_grad(|| -> anyhow::Result<()> {
-        for _ in 0..iters {
+        for _ in 0..mine {
             let b = producer.next_batch()?;
             let (input, labels) = to_device(&b, session.preset.vision.image_size, session.device);
             let logits = session.model.forward(&input, false)?;
@@ -78,22 +95,239 @@ fn evaluate(
         }
         Ok(())
     })?;
+    let total = dp.sum(&[total], "evaluation loss")?[0]; // SYNC
     Ok(total / iters.max(1) as f64)
 }
 
+/// The optimizer: AdamW on every rank (replicated state), or ZeRO-1 over the DP group.
+enum Optim {
+    Replicated(AdamW),
+    Sharded(ZeroAdamW),
+}
+
+impl Optim {
+    fn accumulate(&mut self) {
+        match self {
+            Optim::Replicated(o) => o.accumulate(),
+            Optim::Sharded(z) => z.accumulate(),
+        }
+    }
+
+    /// Which parameters have a gradient on this rank (defined once received, as tch keeps them).
+    fn received(&self) -> Vec<bool> {
+        match self {
+            Optim::Replicated(o) => (0..o.params.len()).map(|i| o.grad(i).is_some()).collect(),
+            Optim::Sharded(z) => z.received().to_vec(),
+        }
+    }
+
+    /// Sums the gradients over the DP group. `received`: the parameters some rank has a
+    /// gradient for (a rank without one contributes zeros).
+    fn reduce(&mut self, dp: &DataParallel, received: &[bool], bucket_bytes: usize) -> Result<(), DistError> {
+        match self {
+            Optim::Sharded(z) => z.reduce(dp, received),
+            Optim::Replicated(o) => {
+                if dp.size == 1 {
+                    return Ok(());
+                }
+                let mut grads = Vec::new();
+                for (i, _) in received.iter().enumerate().filter(|(_, r)| **r) {
+                    match o.grad(i) {
+                        Some(g) => grads.push(g),
+                        None => {
+                            let p = &o.params[i].param;
+                            let zeros = tch::no_grad(|| p.zeros_like());
+                            set_grad(p, &zeros).map_err(|message| DistError {
+                                rank: dp.global_rank,
+                                op: format!("zero gradient for {}", o.params[i].name),
+                                message,
+                            })?;
+                            grads.push(p.grad());
+                        }
+                    }
+                }
+                dp.all_reduce_grads(&grads, bucket_bytes).map(|_| ())
+            }
+        }
+    }
+
+    fn clip(&mut self, dp: &DataParallel, max_norm: f64) -> Result<f64, DistError> {
+        match self {
+            Optim::Replicated(o) => Ok(o.clip(max_norm)),
+            Optim::Sharded(z) => z.clip(dp, max_norm),
+        }
+    }
+
+    fn step(&mut self, dp: &DataParallel, lr: f64) -> Result<(), DistError> {
+        match self {
+            Optim::Replicated(o) => {
+                o.step(lr);
+                Ok(())
+            }
+            Optim::Sharded(z) => z.step(dp, lr),
+        }
+    }
+
+    fn zero_grad(&mut self) {
+        match self {
+            Optim::Replicated(o) => o.zero_grad(),
+            Optim::Sharded(z) => z.zero_grad(),
+        }
+    }
+
+    fn steps(&self) -> u64 {
+        match self {
+            Optim::Replicated(o) => o.step,
+            Optim::Sharded(z) => z.step,
+        }
+    }
+
+    fn load(&mut self, saved: &SavedOptimizer, step: u64) -> anyhow::Result<()> {
+        match self {
+            Optim::Replicated(o) => {
+                let names: Vec<String> = o.params.iter().map(|p| mm_name(&p.name)).collect();
+                let tensors = saved.per_param(&names).map_err(|e| anyhow::anyhow!("optimizer state: {e}"))?;
+                o.load_state(&tensors, step, mm_name)?;
+            }
+            Optim::Sharded(z) => z.load_state(saved, step)?,
+        }
+        Ok(())
+    }
+}
+
+/// What a checkpoint save needs besides the optimizer and the counters.
+struct Saver<'a> {
+    a: &'a TrainArgs,
+    r: &'a Resolved,
+    session: &'a Session,
+    dp: &'a DataParallel,
+    seed: u64,
+    /// Tells this run's temporary folders apart (rank 0's process id).
+    tag: String,
+}
+
+struct Counters {
+    iteration: u64,
+    consumed: u64,
+    position: u64,
+    loss: f64,
+    lr: f64,
+}
+
+impl Saver<'_> {
+    /// Writes one iteration: DP rank 0 prepares the temporary folder, writes the shared files
+    /// and commits; with the distributed optimizer every rank writes its shard in between.
+    fn save(&self, c: &Counters, opt: &Optim) -> anyhow::Result<PathBuf> {
+        let (a, dp) = (self.a, self.dp);
+        let Some(dir) = &a.save else { anyhow::bail!("no --save dir") };
+        let what = || format!("saving iteration {} to {}", c.iteration, dir.display());
+        let save_optim = !a.no_save_optim;
+        let state = TrainerState {
+            iteration: c.iteration,
+            consumed_samples: c.consumed,
+            data_position: c.position,
+            optimizer_step: save_optim.then_some(opt.steps()),
+            seed: (!a.no_save_rng).then_some(self.seed),
+            train_iters: a.train_iters,
+            global_batch_size: self.r.global_batch_size as u64,
+            lr: c.lr,
+            loss: c.loss,
+            data_parallel_size: (dp.size > 1).then_some(dp.size),
+            optimizer_layout: match opt {
+                Optim::Sharded(z) if save_optim => Some(z.layout.clone()),
+                _ => None,
+            },
+        };
+        let tmp = checkpoint::tmp_dir(dir, c.iteration, &self.tag);
+        if dp.rank == 0 {
+            checkpoint::prepare(dir, &tmp).with_context(what)?;
+        }
+        dp.barrier("checkpoint: temporary folder ready")?; // SYNC
+        if let (Optim::Sharded(z), true) = (opt, save_optim) {
+            checkpoint::write_optimizer_shard(&tmp, dp.rank, dp.size, &z.state_tensors()).with_context(what)?;
+        }
+        if dp.rank == 0 {
+            let weights = self.session.named_parameters();
+            let optimizer = match opt {
+                Optim::Replicated(o) if save_optim => Some(o.state_tensors(mm_name)),
+                _ => None,
+            };
+            let req = SaveRequest {
+                save_dir: dir,
+                iteration: c.iteration,
+                preset: &self.session.preset,
+                weights: &weights,
+                optimizer,
+                state: &state,
+                assets_from: self.session.assets.clone(),
+            };
+            checkpoint::write_shared(&tmp, &req).with_context(what)?;
+        }
+        dp.barrier("checkpoint: every rank's files written")?; // SYNC
+        let path = if dp.rank == 0 {
+            checkpoint::commit(dir, &tmp, c.iteration).with_context(what)?
+        } else {
+            iteration_dir(dir, Iteration::Step(c.iteration))
+        };
+        dp.barrier("checkpoint: committed")?; // SYNC
+        if let (Optim::Sharded(_), true) = (opt, save_optim) {
+            let mine = path
+                .join(mm_spec::checkpoint::rank_dir_name(0, 0, 1))
+                .join(checkpoint::optimizer_shard_file(dp.rank, dp.size));
+            anyhow::ensure!(
+                mine.exists(),
+                "{}: {} is not there after the commit: --save must be a folder every rank shares",
+                what(),
+                mine.display()
+            );
+        }
+        if dp.global_rank == 0 {
+            println!("saved checkpoint at iteration {} to {}", c.iteration, path.display());
+            println!(
+                "{}",
+                ProgressEvent::Checkpoint { iteration: c.iteration, path: path.display().to_string() }.to_line()
+            );
+        }
+        Ok(path)
+    }
+}
+
+/// Supervised tokens (labels that count, after the shift) of a batch.
+fn supervised_tokens(b: &Batch) -> i64 {
+    b.labels.chunks(b.len.max(1)).map(|row| row.iter().skip(1).filter(|&&l| l != -100).count() as i64).sum()
+}
+
+/// `mm-engine train`. With several ranks every error names the rank that hit it.
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    let r = a.validate().map_err(|e| anyhow::anyhow!("invalid train flags:\n  {e}"))?;
+    let env = DistEnv::from_process()?;
+    train(a, &env).map_err(|e| {
+        let named = e.chain().any(|c| c.is::<DistError>()) || e.to_string().starts_with("rank ");
+        if env.world_size > 1 && !named {
+            e.context(format!("rank {}", env.rank))
+        } else {
+            e
+        }
+    })
+}
+
+fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
+    let r = a.validate(env.world_size).map_err(|e| anyhow::anyhow!("invalid train flags:\n  {e}"))?;
     for (flag, v) in
         [("--recompute-granularity", &a.recompute_granularity), ("--recompute-method", &a.recompute_method)]
     {
         if let Some(v) = v {
-            eprintln!(
-                "warning: {flag} {v}: activation recomputation is not implemented in this engine; activations are kept"
-            );
+            if env.rank == 0 {
+                eprintln!(
+                    "warning: {flag} {v}: activation recomputation is not implemented in this engine; activations are kept"
+                );
+            }
         }
     }
     let device = pick_device(&a.device)?;
-    configure_cpu_threads(device);
+    configure_cpu_threads(device, env.local_world_size.min(env.world_size));
+    // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
+    // others fail fast in their next collective instead of waiting for it at the store.
+    let dp = DataParallel::init(env, device)?;
     let session = Session::open(SessionOptions {
         model: &a.model,
         load: a.load.as_deref(),
@@ -114,6 +348,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let bucket_bytes = (a.dp_bucket_mb * (1u64 << 20) as f64).max(1.0) as usize;
 
     // Freezing, then the optimizer over what is left.
     let mut trainable = Vec::new();
@@ -128,10 +363,6 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     }
     let n_train: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
     let n_all: i64 = session.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
-    let mut opt = AdamW::new(
-        trainable,
-        AdamWConfig { beta1: a.adam_beta1, beta2: a.adam_beta2, eps: a.adam_eps, weight_decay: a.weight_decay },
-    );
 
     // Resume state.
     let mut seed = a.seed;
@@ -139,6 +370,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut consumed = 0u64;
     let mut position = 0u64;
     let mut last_loss = f64::NAN;
+    let mut resume_optim: Option<(SavedOptimizer, u64)> = None;
     if let Some(src) = &session.source {
         if let Some(state) = src.trainer_state()? {
             iteration = state.iteration;
@@ -157,28 +389,79 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
                         src.describe()
                     )
                 })?;
-                let tensors = src.optimizer_tensors(device)?.with_context(|| {
+                let saved = src.saved_optimizer(&state)?.with_context(|| {
                     format!("{}: {} is missing; pass --no-load-optim", src.describe(), checkpoint::OPTIMIZER_FILE)
                 })?;
-                opt.load_state(&tensors, step, mm_name).with_context(|| src.describe())?;
+                resume_optim = Some((saved, step));
             }
         } else if let Some(it) = src.iteration() {
             anyhow::bail!("{}: iteration {it} has no {}", src.describe(), checkpoint::STATE_FILE);
         }
     }
     let schedule = Schedule::new(a.lr, a.min_lr, a.lr_warmup_fraction, a.train_iters, r.decay);
-
     let ds = open_dataset(&a.data_path, a.data_folder.as_deref(), &session, data_config(a.seq_length, &session, &a))?;
+
+    // Every rank must run the same job from the same state: compare before the first
+    // collective whose shape depends on it.
+    let mut job = format!(
+        "model {} params {n_all} trainable {n_train} gbs {} mbs {} ga {} seq {} iters {} seed {seed} lr {} loss {:?} \
+         bf16 {} zero {} from {iteration}/{consumed}/{position} records {}",
+        preset.name,
+        r.global_batch_size,
+        a.micro_batch_size,
+        r.grad_accumulation,
+        a.seq_length,
+        a.train_iters,
+        a.lr,
+        r.loss,
+        r.bf16,
+        a.use_distributed_optimizer,
+        ds.records.len()
+    );
+    for (n, t) in &trainable {
+        job.push_str(&format!(" {n}{:?}{:?}", t.size(), t.kind()));
+    }
+    dp.agree("the job (flags, model, data, resume state)", fingerprint(&job))?; // SYNC
+
+    // Replicas start identical whatever each rank loaded or initialized.
+    let all_params: Vec<Tensor> = session.named_parameters().into_iter().map(|(_, t)| t).collect();
+    dp.broadcast(&all_params, bucket_bytes, "initial parameters from data-parallel rank 0")?; // SYNC
+    let tag = dp.gather(std::process::id() as i64, "run tag")?[0].to_string(); // SYNC
+
+    let cfg = AdamWConfig { beta1: a.adam_beta1, beta2: a.adam_beta2, eps: a.adam_eps, weight_decay: a.weight_decay };
+    let sharded = a.use_distributed_optimizer && dp.size > 1;
+    let mut opt = if sharded {
+        let named: Vec<(String, Tensor)> = trainable.into_iter().map(|(n, t)| (mm_name(&n), t)).collect();
+        Optim::Sharded(ZeroAdamW::new(named, cfg, &dp))
+    } else {
+        Optim::Replicated(AdamW::new(trainable, cfg))
+    };
+    if let (Some((saved, step)), Some(src)) = (&resume_optim, &session.source) {
+        opt.load(saved, *step).with_context(|| src.describe())?;
+    }
+    drop(resume_optim);
+
     let loader_cfg = LoaderConfig {
         seed,
         micro_batch: a.micro_batch_size,
         prefetch: a.prefetch.max(r.grad_accumulation),
         max_bad_fraction: a.max_bad_fraction,
         shuffle: true,
+        share: Share { rank: dp.rank, size: dp.size, micro_batches: r.grad_accumulation },
+    };
+    let parallel = if dp.size > 1 {
+        format!(
+            "data-parallel rank {} of {} ({}), ",
+            dp.rank,
+            dp.size,
+            if sharded { "distributed optimizer" } else { "replicated optimizer" }
+        )
+    } else {
+        String::new()
     };
     println!(
-        "mm-engine train: model {} ({} parameters, {} trainable), {} records, device {:?}, {}, \
-         micro batch {} × accumulation {} = global batch {}, loss {:?}, from iteration {}",
+        "mm-engine train: {parallel}model {} ({} parameters, {} trainable), {} records, device {:?}, {}, \
+         micro batch {} × accumulation {} × {} rank{} = global batch {}, loss {:?}, from iteration {}",
         preset.name,
         n_all,
         n_train,
@@ -187,54 +470,30 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         if r.bf16 { "bf16 with fp32 master weights" } else { "fp32" },
         a.micro_batch_size,
         r.grad_accumulation,
+        dp.size,
+        if dp.size == 1 { "" } else { "s" },
         r.global_batch_size,
         r.loss,
         iteration
     );
-    if let Some(src) = &session.source {
+    if let (Some(src), 0) = (&session.source, dp.global_rank) {
         println!("loaded {}", src.describe());
     }
-
-    let mut last_ckpt: Option<PathBuf> = None;
-    let save =
-        |iteration: u64, loss: f64, lr: f64, consumed: u64, position: u64, opt: &AdamW| -> anyhow::Result<PathBuf> {
-            let Some(dir) = &a.save else { anyhow::bail!("no --save dir") };
-            let state = TrainerState {
-                iteration,
-                consumed_samples: consumed,
-                data_position: position,
-                optimizer_step: (!a.no_save_optim).then_some(opt.step),
-                seed: (!a.no_save_rng).then_some(seed),
-                train_iters: a.train_iters,
-                global_batch_size: r.global_batch_size as u64,
-                lr,
-                loss,
-            };
-            let weights = session.named_parameters();
-            let path = checkpoint::save(SaveRequest {
-                save_dir: dir,
-                iteration,
-                preset: &preset,
-                weights: &weights,
-                optimizer: (!a.no_save_optim).then(|| opt.state_tensors(mm_name)),
-                state: &state,
-                assets_from: session.assets.clone(),
-            })
-            .with_context(|| format!("saving iteration {iteration} to {}", dir.display()))?;
-            println!("saved checkpoint at iteration {iteration} to {}", path.display());
-            println!("{}", ProgressEvent::Checkpoint { iteration, path: path.display().to_string() }.to_line());
-            Ok(path)
-        };
+    let saver = Saver { a: &a, r: &r, session: &session, dp: &dp, seed, tag };
 
     if iteration >= a.train_iters {
         println!("nothing to train: the checkpoint is at iteration {iteration}, --train-iters is {}", a.train_iters);
-        println!(
-            "{}",
-            ProgressEvent::Done { iteration, final_loss: last_loss, tokens_per_sec: 0.0, checkpoint: None }.to_line()
-        );
+        if dp.global_rank == 0 {
+            println!(
+                "{}",
+                ProgressEvent::Done { iteration, final_loss: last_loss, tokens_per_sec: 0.0, checkpoint: None }
+                    .to_line()
+            );
+        }
         return Ok(());
     }
 
+    let mut last_ckpt: Option<PathBuf> = None;
     let mut loader = Loader::start(ds.clone(), loader_cfg, position)?;
     let run_start = Instant::now();
     let (mut total_tokens, mut total_samples, mut steps_done) = (0u64, 0u64, 0u64);
@@ -243,58 +502,61 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut log_start = Instant::now();
     let mut last_lr = 0.0;
     let mut saved_at = None;
+    let first_mb = (dp.rank * r.grad_accumulation) as u64;
 
     while iteration < a.train_iters {
         let step_start = Instant::now();
         let lr = schedule.lr_at(iteration);
         iteration += 1;
-        tch::manual_seed(torch_seed(seed, iteration));
 
-        // The step's micro batches (the data-parallel all-reduce of token counts goes here).
+        // This rank's micro batches of the global batch, and the global batch's totals.
         let wait = Instant::now();
         let batches: Vec<Batch> =
             (0..r.grad_accumulation).map(|_| loader.next_batch()).collect::<Result<_, _>>().context("data")?;
         log_data_ms += wait.elapsed().as_secs_f64() * 1e3;
-        let totals = StepTotals {
-            micro_batches: batches.len(),
-            samples: batches.iter().map(|b| b.rows).sum(),
-            tokens: batches
-                .iter()
-                .map(|b| {
-                    b.labels
-                        .chunks(b.len)
-                        .map(|row| row.iter().skip(1).filter(|&&l| l != -100).count() as i64)
-                        .sum::<i64>()
-                })
-                .sum(),
-        };
+        let local = [
+            batches.len() as f64,
+            batches.iter().map(|b| b.rows).sum::<usize>() as f64,
+            batches.iter().map(supervised_tokens).sum::<i64>() as f64,
+            batches.iter().map(|b| b.tokens()).sum::<usize>() as f64,
+        ];
+        let global = dp.sum(&local, "step totals: micro batches, samples, supervised and real tokens")?; // SYNC
+        let totals =
+            StepTotals { micro_batches: global[0] as usize, samples: global[1] as usize, tokens: global[2] as i64 };
+        let step_tokens = global[3] as u64;
 
-        let mut step_loss = 0.0;
-        for b in &batches {
+        let mut local_loss = 0.0;
+        for (j, b) in batches.iter().enumerate() {
+            tch::manual_seed(torch_seed(seed, iteration, first_mb + j as u64));
             let (input, labels) = to_device(b, preset.vision.image_size, device);
             let logits = session.model.forward(&input, true)?;
             let losses = sample_losses(&logits, &labels);
             let obj = objective(r.loss, &losses, totals);
-            step_loss += obj.double_value(&[]);
+            local_loss += obj.double_value(&[]);
             obj.backward();
             opt.accumulate();
         }
-        // (Gradient all-reduce / reduce-scatter over data-parallel ranks goes here.)
-        let grad_norm = opt.clip(a.clip_grad);
-        opt.step(lr);
+        // The step loss and which parameters got gradients anywhere, in one all-reduce.
+        let mut flags = vec![local_loss];
+        flags.extend(opt.received().iter().map(|&g| if g { 1.0 } else { 0.0 }));
+        let flags = dp.sum(&flags, "step loss and gradient presence")?; // SYNC
+        let step_loss = flags[0];
+        let received: Vec<bool> = flags[1..].iter().map(|&f| f > 0.0).collect();
+        opt.reduce(&dp, &received, bucket_bytes)?; // SYNC: gradient all-reduce / reduce-scatter
+        let grad_norm = opt.clip(&dp, a.clip_grad)?; // SYNC (distributed optimizer: norm² of the shards)
+        opt.step(&dp, lr)?; // SYNC (distributed optimizer: all-gather of the parameters)
         opt.zero_grad();
 
-        let tokens: u64 = batches.iter().map(|b| b.tokens() as u64).sum();
         consumed += totals.samples as u64;
         position = batches.last().map(|b| b.end_position).unwrap_or(position);
-        total_tokens += tokens;
+        total_tokens += step_tokens;
         total_samples += totals.samples as u64;
         steps_done += 1;
         last_loss = step_loss;
         last_lr = lr;
         log_loss += step_loss;
         log_iters += 1;
-        log_tokens += tokens;
+        log_tokens += step_tokens;
         log_samples += totals.samples as u64;
         let step_ms = step_start.elapsed().as_secs_f64() * 1e3;
 
@@ -314,33 +576,38 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             );
             if a.log_tps {
                 line.push_str(&format!(
-                    " | tokens per sample: {:.1} | tokens/s: {tps:.1}",
+                    " | tokens per sample: {:.1} | tokens/s: {tps:.1} | samples/s: {sps:.3}",
                     log_tokens as f64 / log_samples.max(1) as f64
                 ));
             }
             println!("{line}");
-            let ev = ProgressEvent::Step(Progress {
-                iteration,
-                train_iters: a.train_iters,
-                loss,
-                lr,
-                grad_norm: Some(grad_norm),
-                tokens_per_sec: tps,
-                samples_per_sec: sps,
-                step_ms,
-                mem_bytes: None,
-                consumed_samples: consumed,
-            });
-            println!("{}", ev.to_line());
+            if dp.global_rank == 0 {
+                let ev = ProgressEvent::Step(Progress {
+                    iteration,
+                    train_iters: a.train_iters,
+                    loss,
+                    lr,
+                    grad_norm: Some(grad_norm),
+                    tokens_per_sec: tps,
+                    samples_per_sec: sps,
+                    step_ms,
+                    mem_bytes: None,
+                    consumed_samples: consumed,
+                });
+                println!("{}", ev.to_line());
+            }
             (log_loss, log_iters, log_tokens, log_samples, log_data_ms) = (0.0, 0, 0, 0, 0.0);
             log_start = Instant::now();
         }
         if a.eval_interval > 0 && a.eval_iters > 0 && iteration % a.eval_interval == 0 {
-            let v = evaluate(&session, &ds, a.micro_batch_size, a.eval_iters, seed, a.max_bad_fraction)?;
-            println!(" validation loss at iteration {iteration} | lm loss: {v:.6E} | lm loss PPL: {:.6E}", v.exp());
+            let v = evaluate(&session, &ds, &a, seed, &dp)?; // SYNC
+            if dp.global_rank == 0 {
+                println!(" validation loss at iteration {iteration} | lm loss: {v:.6E} | lm loss PPL: {:.6E}", v.exp());
+            }
         }
+        let counters = Counters { iteration, consumed, position, loss: last_loss, lr };
         if a.save.is_some() && a.save_interval > 0 && iteration % a.save_interval == 0 {
-            last_ckpt = Some(save(iteration, last_loss, lr, consumed, position, &opt)?);
+            last_ckpt = Some(saver.save(&counters, &opt)?); // SYNC
             saved_at = Some(iteration);
         }
         if a.exit_interval.is_some_and(|n| n > 0 && iteration % n == 0) && iteration < a.train_iters {
@@ -350,26 +617,31 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     }
     drop(loader);
     if a.save.is_some() && saved_at != Some(iteration) {
-        last_ckpt = Some(save(iteration, last_loss, last_lr, consumed, position, &opt)?);
+        let counters = Counters { iteration, consumed, position, loss: last_loss, lr: last_lr };
+        last_ckpt = Some(saver.save(&counters, &opt)?); // SYNC
     }
+    dp.barrier("end of training")?; // SYNC
 
     let secs = run_start.elapsed().as_secs_f64().max(1e-9);
     let tps = total_tokens as f64 / secs;
+    let ranks = if dp.size > 1 { format!(" over {} data-parallel ranks", dp.size) } else { String::new() };
     println!(
-        "throughput: {steps_done} iterations in {secs:.2} s ({:.1} ms per iteration), {total_samples} samples ({:.3} samples/s), \
-         {total_tokens} tokens ({tps:.1} tokens/s)",
+        "throughput{ranks}: {steps_done} iterations in {secs:.2} s ({:.1} ms per iteration), {total_samples} samples \
+         ({:.3} samples/s), {total_tokens} tokens ({tps:.1} tokens/s)",
         secs * 1e3 / steps_done.max(1) as f64,
         total_samples as f64 / secs
     );
-    println!(
-        "{}",
-        ProgressEvent::Done {
-            iteration,
-            final_loss: last_loss,
-            tokens_per_sec: tps,
-            checkpoint: last_ckpt.map(|p| p.display().to_string()),
-        }
-        .to_line()
-    );
+    if dp.global_rank == 0 {
+        println!(
+            "{}",
+            ProgressEvent::Done {
+                iteration,
+                final_loss: last_loss,
+                tokens_per_sec: tps,
+                checkpoint: last_ckpt.map(|p| p.display().to_string()),
+            }
+            .to_line()
+        );
+    }
     Ok(())
 }

@@ -145,6 +145,27 @@ impl SafetensorsFile {
     }
 }
 
+impl SafetensorsFile {
+    /// Elements `start..start + len` of a tensor, flattened, reading only those bytes (a
+    /// rank's part of a sharded optimizer state).
+    pub fn read_range(&self, key: &str, start: usize, len: usize) -> Result<Tensor, SafetensorsError> {
+        let bad = |reason: String| SafetensorsError::Tensor { path: self.path.clone(), key: key.to_string(), reason };
+        let entry = self.entries.get(key).ok_or_else(|| bad("not in this file".into()))?;
+        let kind = kind_of(&entry.dtype).ok_or_else(|| bad(format!("unsupported dtype {}", entry.dtype)))?;
+        let elt = kind.elt_size_in_bytes() as u64;
+        let [s, e] = entry.data_offsets;
+        let numel = (e - s) / elt;
+        if (start + len) as u64 > numel {
+            return Err(bad(format!("elements {start}..{} requested, it has {numel}", start + len)));
+        }
+        let mut f = File::open(&self.path).map_err(io_err(&self.path))?;
+        f.seek(SeekFrom::Start(self.data_start + s + start as u64 * elt)).map_err(io_err(&self.path))?;
+        let mut bytes = vec![0u8; len * elt as usize];
+        f.read_exact(&mut bytes).map_err(io_err(&self.path))?;
+        Tensor::f_from_data_size(&bytes, &[len as i64], kind).map_err(|e| bad(e.to_string()))
+    }
+}
+
 /// The raw little-endian bytes of a tensor (copied to the CPU, made contiguous).
 pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
     let t = t.to_device(Device::Cpu).contiguous();
@@ -217,6 +238,11 @@ mod tests {
         assert!(f.read("a", Device::Cpu).unwrap().equal(&a));
         assert!(f.read("b", Device::Cpu).unwrap().equal(&b));
         assert!(f.read("c", Device::Cpu).unwrap().equal(&c));
+        let mid = f.read_range("a", 2, 3).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&mid).unwrap(), [2.0, 3.0, 4.0]);
+        assert_eq!(f.read_range("b", 1, 1).unwrap().int64_value(&[0]), -2);
+        let err = f.read_range("a", 4, 3).unwrap_err().to_string();
+        assert!(err.contains("elements 4..7 requested, it has 6"), "{err}");
         assert_eq!(f.data_start % 8, 0);
         let err = f.read("zz", Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("t.safetensors") && err.contains("\"zz\""), "{err}");

@@ -1,0 +1,274 @@
+//! Data parallelism: the ranks of one data-parallel (DP) group train replicas of the model on
+//! disjoint parts of every global batch (see `data::loader` for who reads what). This module
+//! owns everything the training loop sends across ranks: the step's totals and loss, gradients
+//! (flattened buckets per dtype), the initial parameter broadcast, the agreement check and the
+//! barriers around checkpoints. With one rank every operation is a no-op.
+//!
+//! Loss normalization: each rank divides its micro batches' losses by the *global* step totals
+//! (micro batches, samples or supervised tokens of the whole global batch, all-reduced before
+//! the first forward), so the step loss is the sum of the ranks' losses and gradients are
+//! reduced by summing. For the default reduction that is Megatron's average over DP ranks of
+//! locally averaged losses; for per-token it is Σ token losses / global supervised tokens, the
+//! number one rank computes.
+//!
+//! Pitfall: every rank must call the same collectives with the same shapes in the same order.
+//! Gradients a rank did not receive (a frozen-in-practice tower in a step without images) are
+//! agreed on first ([`DataParallel::sum`] of the flags), so the bucket layout is identical.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::dist::c10d::{Backend, DistError, ProcessGroup, ReduceOp};
+use crate::dist::env::DistEnv;
+use crate::dist::groups::ParallelGroups;
+
+/// Default gradient bucket size (Megatron/DDP use buckets of tens of MB).
+pub const DEFAULT_BUCKET_MB: f64 = 25.0;
+
+/// This rank's place in the data-parallel group, and the group.
+pub struct DataParallel {
+    /// Rank inside the DP group.
+    pub rank: usize,
+    pub size: usize,
+    pub global_rank: usize,
+    device: Device,
+    groups: Option<ParallelGroups>,
+}
+
+/// Splits tensors (in order) into buckets of at most `max_bytes` (at least one tensor each), one
+/// dtype per bucket; tensors of a dtype keep their relative order. `items` are (dtype, bytes).
+pub fn plan_buckets(items: &[(Kind, usize)], max_bytes: usize) -> Vec<Vec<usize>> {
+    let mut kinds: Vec<Kind> = Vec::new();
+    for (k, _) in items {
+        if !kinds.contains(k) {
+            kinds.push(*k);
+        }
+    }
+    let mut out = Vec::new();
+    for kind in kinds {
+        let mut cur: Vec<usize> = Vec::new();
+        let mut bytes = 0usize;
+        for (i, (k, b)) in items.iter().enumerate() {
+            if *k != kind {
+                continue;
+            }
+            if !cur.is_empty() && bytes + b > max_bytes {
+                out.push(std::mem::take(&mut cur));
+                bytes = 0;
+            }
+            cur.push(i);
+            bytes += b;
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+    }
+    out
+}
+
+fn flatten(ts: &[&Tensor]) -> Tensor {
+    let flat: Vec<Tensor> = ts.iter().map(|t| t.reshape([-1])).collect();
+    Tensor::cat(&flat, 0)
+}
+
+/// Copies consecutive pieces of `flat` back into `ts` (same order and sizes as [`flatten`]).
+fn unflatten_into(flat: &Tensor, ts: &mut [Tensor]) {
+    let mut off = 0i64;
+    for t in ts {
+        let n = t.numel() as i64;
+        t.copy_(&flat.narrow(0, off, n).view(t.size().as_slice()));
+        off += n;
+    }
+}
+
+/// Bytes of a contiguous tensor, as a uint8 view: broadcasts and gathers move data unchanged,
+/// so any dtype goes through Gloo and NCCL this way.
+pub fn as_bytes(t: &Tensor) -> Tensor {
+    if t.kind() == Kind::Uint8 {
+        t.shallow_clone()
+    } else {
+        t.view_dtype(Kind::Uint8)
+    }
+}
+
+impl DataParallel {
+    /// One rank: no group, every collective returns its input.
+    pub fn single(device: Device) -> DataParallel {
+        DataParallel { rank: 0, size: 1, global_rank: 0, device, groups: None }
+    }
+
+    /// Builds the groups of a pure data-parallel layout (tp = cp = pp = 1) over WORLD_SIZE ranks:
+    /// rendezvous through the launcher's environment, with its timeout.
+    pub fn init(env: &DistEnv, device: Device) -> Result<DataParallel, DistError> {
+        if env.world_size == 1 {
+            return Ok(DataParallel::single(device));
+        }
+        let dims = mm_spec::layout::ParallelDims::new(env.world_size, 1, 1, 1, None).map_err(|e| DistError {
+            rank: env.rank,
+            op: "data-parallel layout".into(),
+            message: e.to_string(),
+        })?;
+        let groups = ParallelGroups::init(env, dims, Backend::for_device(device))?;
+        Ok(DataParallel {
+            rank: groups.dp.rank(),
+            size: groups.dp.size(),
+            global_rank: env.rank,
+            device,
+            groups: Some(groups),
+        })
+    }
+
+    fn pg(&self) -> Option<&ProcessGroup> {
+        self.groups.as_ref().map(|g| &g.dp.pg)
+    }
+
+    /// The DP group's communicator, for the distributed optimizer (None with one rank).
+    pub fn group(&self) -> Option<&ProcessGroup> {
+        self.pg()
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn error(&self, op: &str, message: String) -> DistError {
+        DistError { rank: self.global_rank, op: op.into(), message }
+    }
+
+    /// Element-wise sum of `values` over the DP group (f64, exact for counts below 2^53).
+    pub fn sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
+        let Some(pg) = self.pg() else { return Ok(values.to_vec()) };
+        let mut t = Tensor::from_slice(values).to_device(self.device);
+        pg.all_reduce(&mut t, ReduceOp::Sum).map_err(|e| e.during(what))?;
+        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+    }
+
+    /// Every DP rank's `value`, in DP-rank order.
+    pub fn gather(&self, value: i64, what: &str) -> Result<Vec<i64>, DistError> {
+        let Some(pg) = self.pg() else { return Ok(vec![value]) };
+        let mine = Tensor::from_slice(&[value]).to_device(self.device);
+        let mut all = Tensor::zeros([self.size as i64], (Kind::Int64, self.device));
+        pg.all_gather(&mut all, &mine).map_err(|e| e.during(what))?;
+        Vec::<i64>::try_from(&all.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+    }
+
+    /// Fails on every rank, naming the ranks that differ, unless all ranks computed the same
+    /// `fingerprint` of `what` (flags, model, resume state): a mismatch would otherwise surface
+    /// as mismatched collectives or silently different replicas.
+    pub fn agree(&self, what: &str, fingerprint: u64) -> Result<(), DistError> {
+        let all = self.gather(fingerprint as i64, &format!("agreement on {what}"))?;
+        let odd: Vec<usize> = (0..all.len()).filter(|&r| all[r] != all[0]).collect();
+        if odd.is_empty() {
+            return Ok(());
+        }
+        Err(self.error(
+            &format!("agreement on {what}"),
+            format!("data-parallel ranks {odd:?} differ from rank 0; start every rank with the same flags and files"),
+        ))
+    }
+
+    /// Copies DP rank 0's tensors to every rank, in buckets of at most `bucket_bytes`.
+    pub fn broadcast(&self, tensors: &[Tensor], bucket_bytes: usize, what: &str) -> Result<(), DistError> {
+        let Some(pg) = self.pg() else { return Ok(()) };
+        let items: Vec<(Kind, usize)> =
+            tensors.iter().map(|t| (t.kind(), t.numel() * t.kind().elt_size_in_bytes())).collect();
+        let buckets = plan_buckets(&items, bucket_bytes);
+        let n = buckets.len();
+        tch::no_grad(|| {
+            for (b, idx) in buckets.iter().enumerate() {
+                let refs: Vec<&Tensor> = idx.iter().map(|&i| &tensors[i]).collect();
+                let flat = flatten(&refs);
+                let mut bytes = as_bytes(&flat);
+                pg.broadcast(&mut bytes, 0).map_err(|e| e.during(format!("{what}, bucket {} of {n}", b + 1)))?;
+                let mut outs: Vec<Tensor> = idx.iter().map(|&i| tensors[i].shallow_clone()).collect();
+                unflatten_into(&flat, &mut outs);
+            }
+            Ok(())
+        })
+    }
+
+    /// Sums `grads` over the DP group in flattened buckets (one dtype each, at most
+    /// `bucket_bytes`) and copies the sums back into them. Returns the number of buckets.
+    pub fn all_reduce_grads(&self, grads: &[Tensor], bucket_bytes: usize) -> Result<usize, DistError> {
+        let Some(pg) = self.pg() else { return Ok(0) };
+        let items: Vec<(Kind, usize)> =
+            grads.iter().map(|t| (t.kind(), t.numel() * t.kind().elt_size_in_bytes())).collect();
+        let buckets = plan_buckets(&items, bucket_bytes);
+        let n = buckets.len();
+        tch::no_grad(|| {
+            for (b, idx) in buckets.iter().enumerate() {
+                let refs: Vec<&Tensor> = idx.iter().map(|&i| &grads[i]).collect();
+                let mut flat = flatten(&refs);
+                pg.all_reduce(&mut flat, ReduceOp::Sum)
+                    .map_err(|e| e.during(format!("gradient bucket {} of {n}", b + 1)))?;
+                let mut outs: Vec<Tensor> = idx.iter().map(|&i| grads[i].shallow_clone()).collect();
+                unflatten_into(&flat, &mut outs);
+            }
+            Ok(n)
+        })
+    }
+
+    /// Waits for every DP rank (before and after checkpoint writes).
+    pub fn barrier(&self, what: &str) -> Result<(), DistError> {
+        match self.pg() {
+            Some(pg) => pg.barrier().map_err(|e| e.during(what)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A stable 64-bit FNV-1a hash (the same in every process and build) for [`DataParallel::agree`].
+pub fn fingerprint(text: &str) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_hold_one_dtype_keep_order_and_respect_the_size() {
+        let f = Kind::Float;
+        let b = Kind::BFloat16;
+        let items = [(f, 40), (b, 10), (f, 70), (f, 20), (b, 30), (f, 200), (f, 10)];
+        let got = plan_buckets(&items, 100);
+        assert_eq!(got, vec![vec![0], vec![2, 3], vec![5], vec![6], vec![1, 4]]);
+        // Every tensor exactly once.
+        let mut all: Vec<usize> = got.concat();
+        all.sort();
+        assert_eq!(all, (0..items.len()).collect::<Vec<_>>());
+        assert_eq!(plan_buckets(&items, usize::MAX), vec![vec![0, 2, 3, 5, 6], vec![1, 4]]);
+        assert!(plan_buckets(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn flatten_and_back_is_the_identity() {
+        let a = Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([2, 3]);
+        let b = Tensor::from_slice(&[7.0f32, 8.0]);
+        let flat = flatten(&[&a, &b]);
+        assert_eq!(flat.size(), [8]);
+        let mut outs = vec![a.zeros_like(), b.zeros_like()];
+        unflatten_into(&(&flat * 2.0), &mut outs);
+        assert!(outs[0].equal(&(&a * 2.0)) && outs[1].equal(&(&b * 2.0)));
+        let bytes = as_bytes(&Tensor::ones([3], (Kind::BFloat16, Device::Cpu)));
+        assert_eq!((bytes.kind(), bytes.size()), (Kind::Uint8, vec![6]));
+    }
+
+    #[test]
+    fn one_rank_is_a_no_op_and_fingerprints_are_stable() {
+        let dp = DataParallel::single(Device::Cpu);
+        assert_eq!(dp.sum(&[1.5, 2.0], "x").unwrap(), [1.5, 2.0]);
+        assert_eq!(dp.gather(7, "x").unwrap(), [7]);
+        dp.agree("x", 1).unwrap();
+        let g = Tensor::ones([2], (Kind::Float, Device::Cpu));
+        assert_eq!(dp.all_reduce_grads(&[g.shallow_clone()], 8).unwrap(), 0);
+        assert!(g.equal(&Tensor::ones([2], (Kind::Float, Device::Cpu))));
+        assert_eq!(fingerprint(""), 0xcbf29ce484222325);
+        assert_eq!(fingerprint("a"), 0xaf63dc4c8601ec8c);
+        assert_ne!(fingerprint("ab"), fingerprint("ba"));
+    }
+}
