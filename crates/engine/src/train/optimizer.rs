@@ -223,13 +223,7 @@ impl AdamW {
                 }
             }
         }
-        if !problems.is_empty() {
-            return Err(OptimizerError::State(format!(
-                "does not fit the trainable parameters (were other parts frozen when it was saved? \
-                 --no-load-optim starts fresh moments): {}",
-                problems.join("; ")
-            )));
-        }
+        state_fits(&problems)?;
         tch::no_grad(|| -> Result<(), OptimizerError> {
             for p in &mut self.params {
                 let n = rename(&p.name);
@@ -244,6 +238,19 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// The error for saved optimizer state that does not match the trainable parameters (shared by
+/// the replicated and the ZeRO-1 optimizer); Ok when `problems` is empty.
+pub(crate) fn state_fits(problems: &[String]) -> Result<(), OptimizerError> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(OptimizerError::State(format!(
+        "does not fit the trainable parameters (were other parts frozen when it was saved? \
+         --no-load-optim starts fresh moments): {}",
+        problems.join("; ")
+    )))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::dp::{as_bytes, DataParallel};
-use super::optimizer::{decays, AdamWConfig, OptimizerError};
+use super::optimizer::{decays, state_fits, AdamWConfig, OptimizerError};
 use crate::dist::c10d::{DistError, ReduceOp};
 use crate::weights::safetensors::SafetensorsFile;
 
@@ -439,13 +439,7 @@ impl ZeroAdamW {
                 _ => {}
             }
         }
-        if !problems.is_empty() {
-            return Err(OptimizerError::State(format!(
-                "does not fit the trainable parameters (were other parts frozen when it was saved? \
-                 --no-load-optim starts fresh moments): {}",
-                problems.join("; ")
-            )));
-        }
+        state_fits(&problems)?;
         let fill = |dst: &Tensor, kind: &str, required: bool| -> Result<(), OptimizerError> {
             for pc in &self.pieces {
                 let name = &self.layout.params[pc.param].name;
