@@ -48,6 +48,9 @@ pub struct RunStatus {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub outcome: Option<String>,
+    /// The engine's end-of-training summary (final loss, tokens/s, checkpoint), when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<crate::report::TrainingSummary>,
 }
 
 /// Safe as one path component: letters, digits, `.`, `-`, `_`; anything else becomes `_`.
@@ -634,6 +637,7 @@ mod tests {
             pid: 1,
             exit_code: Some(0),
             outcome: None,
+            training: None,
         })
         .unwrap();
         let mut out = Vec::new();

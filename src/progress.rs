@@ -4,8 +4,9 @@
 //! (`--tee all`: every line; `--tee errors`: only warnings and errors; `--ranks 0,8`: these
 //! ranks instead of rank 0). Rank lines go to stdout as `[host rN] line`; the launcher's own
 //! lines go to stderr. On a terminal, indicatif bars show connecting, starting and training
-//! (iteration of train iters, loss, tokens/s, ETA) from the engine's `@@mm-progress` lines,
-//! which are then hidden from the console; otherwise plain lines, at most one per second.
+//! (iteration of train iters, loss, tokens/s, ETA) from the engine's `@@mm-progress` lines;
+//! otherwise plain lines, at most one per second. The progress lines themselves stay in the
+//! rank logs and never reach the console.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
@@ -15,7 +16,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mm_spec::progress::{ProgressEvent, PROGRESS_PREFIX};
 
 use crate::events::{HostInfo, LaunchEvent, Reporter};
-use crate::report::ranks_label;
+use crate::report::{ranks_label, TrainingSummary};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tee {
@@ -65,7 +66,8 @@ pub struct Console {
     first_progress: Option<(Instant, u64)>,
     last_plain: Option<Instant>,
     unit_ranks: HashMap<(usize, usize), Vec<usize>>,
-    done_reported: bool,
+    training: Option<TrainingSummary>,
+    last_checkpoint: Option<String>,
 }
 
 impl Console {
@@ -101,7 +103,8 @@ impl Console {
             first_progress: None,
             last_plain: None,
             unit_ranks: HashMap::new(),
-            done_reported: false,
+            training: None,
+            last_checkpoint: None,
         }
     }
 
@@ -138,10 +141,9 @@ impl Console {
     fn select(&self, rank: Option<usize>, prefix: &str, data: &[u8]) -> Vec<u8> {
         let everything =
             self.tee == Tee::All || (self.tee == Tee::Default && rank.is_some_and(|r| self.ranks.contains(&r)));
-        let hide_progress = self.bars.is_some();
         let mut out = Vec::new();
         let mut push = |line: &[u8]| {
-            if hide_progress && memchr::memmem::find(line, PROGRESS_PREFIX.as_bytes()).is_some() {
+            if memchr::memmem::find(line, PROGRESS_PREFIX.as_bytes()).is_some() {
                 return;
             }
             out.extend_from_slice(prefix.as_bytes());
@@ -192,19 +194,29 @@ impl Console {
         }
     }
 
+    /// The engine's end-of-training summary of the current attempt, if it sent one.
+    pub fn training(&self) -> Option<&TrainingSummary> {
+        self.training.as_ref()
+    }
+
     fn on_progress(&mut self, ev: &ProgressEvent) {
         let ProgressEvent::Step(p) = ev else {
-            if let ProgressEvent::Done { iteration, final_loss, tokens_per_sec, .. } = ev {
-                // Every rank may report the end; say it once.
-                if std::mem::replace(&mut self.done_reported, true) {
+            if let ProgressEvent::Checkpoint { path, .. } = ev {
+                self.last_checkpoint = Some(path.clone());
+            }
+            if let ProgressEvent::Done { iteration, final_loss, tokens_per_sec, checkpoint } = ev {
+                // Every rank may report the end; keep the first.
+                if self.training.is_some() {
                     return;
                 }
+                self.training = Some(TrainingSummary {
+                    iteration: *iteration,
+                    final_loss: *final_loss,
+                    tokens_per_sec: *tokens_per_sec,
+                    checkpoint: checkpoint.clone().or_else(|| self.last_checkpoint.clone()),
+                });
                 if let Some(b) = self.bars.as_ref().and_then(|b| b.train.as_ref()) {
                     b.finish_with_message(format!("done: loss {final_loss:.4} · {tokens_per_sec:.0} tok/s"));
-                } else {
-                    self.say(&format!(
-                        "[launch] training done at iteration {iteration}: loss {final_loss:.4}, {tokens_per_sec:.0} tokens/s"
-                    ));
                 }
             }
             return;
@@ -280,7 +292,7 @@ impl Reporter for Console {
                 self.started = 0;
                 self.last_iteration = None;
                 self.first_progress = None;
-                self.done_reported = false;
+                self.training = None;
                 if *attempt > 0 {
                     self.say(&format!("[launch] restart: attempt {attempt} of up to {}", max_restarts + 1));
                 }

@@ -138,6 +138,9 @@ pub struct CheckpointRecipe {
     pub no_save_optim: bool,
     pub no_load_rng: bool,
     pub no_save_rng: bool,
+    /// mm-engine only: resume from `save` when it already holds a checkpoint (a rerun or a
+    /// `--max-restarts` restart continues where the job stopped); `load` otherwise.
+    pub auto_resume: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,6 +222,7 @@ impl Recipe {
                 no_save_optim: true,
                 no_load_rng: true,
                 no_save_rng: true,
+                auto_resume: true,
             },
             output: OutputRecipe {
                 log_interval: 1,
@@ -252,6 +256,7 @@ impl Recipe {
                     no_save_optim: false,
                     no_load_rng: false,
                     no_save_rng: false,
+                    auto_resume: true,
                 };
                 r.output.save_interval = 20;
                 r.output.eval_interval = 20;

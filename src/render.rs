@@ -337,6 +337,7 @@ pub fn engine_args(plan: &Plan) -> Vec<String> {
     kv(&mut a, "--min-num-frame", r.data.min_num_frame);
     kv(&mut a, "--max-num-frame", r.data.max_num_frame);
     kv(&mut a, "--max-bad-fraction", fnum(r.data.max_bad_fraction));
+    flag(&mut a, "--auto-resume", r.checkpoint.auto_resume && r.checkpoint.save.is_some());
     a
 }
 

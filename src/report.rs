@@ -137,19 +137,45 @@ fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &
     }
 }
 
-/// The full report for the end of an attempt.
-pub fn render(result: &AttemptResult, attempt_dir: &Path, launch_log: &Path, run_root: &Path) -> String {
+/// What the engine's `done` progress line said (rank 0), kept for the final summary and
+/// status.json.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainingSummary {
+    pub iteration: u64,
+    pub final_loss: f64,
+    pub tokens_per_sec: f64,
+    /// The last checkpoint written (a path on the hosts), if any.
+    pub checkpoint: Option<String>,
+}
+
+/// The full report for the end of an attempt; `training`: the engine's summary, if it sent one.
+pub fn render(
+    result: &AttemptResult,
+    training: Option<&TrainingSummary>,
+    attempt_dir: &Path,
+    launch_log: &Path,
+    run_root: &Path,
+) -> String {
     let mut o = String::new();
     let total_ranks: usize = result.nodes.iter().map(|n| n.info.ranks.len()).sum();
     let failure = match &result.outcome {
         Outcome::Success => {
+            let hosts = result.nodes.len();
             let _ = writeln!(
                 o,
-                "launch: all {total_ranks} ranks on {} hosts finished (exit 0) in {:.1}s; logs: {}",
-                result.nodes.len(),
+                "launch: all {total_ranks} ranks on {hosts} host{} finished (exit 0) in {:.1}s",
+                if hosts == 1 { "" } else { "s" },
                 result.elapsed.as_secs_f64(),
-                run_root.display()
             );
+            if let Some(t) = training {
+                let _ = writeln!(o, "  final loss   {:.6} (iteration {})", t.final_loss, t.iteration);
+                if t.tokens_per_sec > 0.0 {
+                    let _ = writeln!(o, "  throughput   {:.1} tokens/s", t.tokens_per_sec);
+                }
+                let ckpt = t.checkpoint.as_deref().unwrap_or("none written (no save folder)");
+                let _ = writeln!(o, "  checkpoint   {ckpt}");
+            }
+            let _ = writeln!(o, "  logs         {}", run_root.display());
             return o;
         }
         Outcome::Failed(f) => Some(f),
@@ -238,7 +264,7 @@ mod tests {
         };
         let result =
             AttemptResult { outcome: Outcome::Failed(f), nodes, master_port: None, elapsed: Duration::from_secs(3) };
-        let text = render(&result, dir.path(), &dir.path().join("launch.log"), dir.path());
+        let text = render(&result, None, dir.path(), &dir.path().join("launch.log"), dir.path());
         assert!(text.contains("FAILED: rank 3 on h2 (10.0.0.2) exited with exit code 3"), "{text}");
         assert!(
             text.contains("| Traceback: boom") && text.contains("| step 11") && !text.contains("| step 10\n"),
@@ -263,5 +289,27 @@ mod tests {
         let s =
             Failure { node: 0, unit: Some(0), kind: FailureKind::Exit(ExitStatus::signal(11)), after: Duration::ZERO };
         assert_eq!(failure_headline(&s, &lost), "rank 4 on h3 (10.0.0.4) was killed by signal SIGSEGV (11)");
+    }
+
+    #[test]
+    fn success_summary_names_loss_throughput_checkpoint_and_logs() {
+        let nodes = vec![node("h1", vec![0, 1], vec![unit(0, ExitStatus::code(0), false)])];
+        let result =
+            AttemptResult { outcome: Outcome::Success, nodes, master_port: None, elapsed: Duration::from_millis(7900) };
+        let t = TrainingSummary {
+            iteration: 40,
+            final_loss: 3.757832407951355,
+            tokens_per_sec: 4910.97,
+            checkpoint: Some("runs/tiny/save/iter_0000040".into()),
+        };
+        let root = Path::new("logs/run-1");
+        let text = render(&result, Some(&t), root, &root.join("launch.log"), root);
+        assert_eq!(
+            text,
+            "launch: all 2 ranks on 1 host finished (exit 0) in 7.9s\n  final loss   3.757832 (iteration 40)\n  \
+             throughput   4911.0 tokens/s\n  checkpoint   runs/tiny/save/iter_0000040\n  logs         logs/run-1\n"
+        );
+        let bare = render(&result, None, root, &root.join("launch.log"), root);
+        assert_eq!(bare, "launch: all 2 ranks on 1 host finished (exit 0) in 7.9s\n  logs         logs/run-1\n");
     }
 }

@@ -118,14 +118,15 @@ pub fn run_job(
         })
     };
     let pid = std::process::id();
-    let status = |state: &str, code: Option<i32>, outcome: Option<String>| RunStatus {
+    let status = |state: &str, code: Option<i32>, outcome: Option<String>, training| RunStatus {
         run_id: run.id.clone(),
         state: state.into(),
         pid,
         exit_code: code,
         outcome,
+        training,
     };
-    let _ = run.write_status(&status("running", None, None));
+    let _ = run.write_status(&status("running", None, None, None));
 
     let hosts = hosts_of(plan);
     let logs = LogSink::new(run.clone(), plan.clone(), hosts.clone())
@@ -148,7 +149,7 @@ pub fn run_job(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let (code, headline) = rt.block_on(async {
+    let (code, headline, training) = rt.block_on(async {
         let (sig_tx, mut sig_rx) = mpsc::unbounded_channel();
         for (kind, sig) in [
             (SignalKind::interrupt(), Sig::Int),
@@ -192,7 +193,14 @@ pub fn run_job(
             };
             let result = run_attempt(backend.as_ref(), &cfg, spec, &mut reporters, &mut sig_rx).await;
             reporters.flush();
-            let text = crate::report::render(&result, &run.attempt_dir(attempt), &run.launch_log(), &run.root);
+            let training = reporters.console.training().cloned();
+            let text = crate::report::render(
+                &result,
+                training.as_ref(),
+                &run.attempt_dir(attempt),
+                &run.launch_log(),
+                &run.root,
+            );
             let headline = text.lines().next().unwrap_or("").to_string();
             reporters.event(&LaunchEvent::AttemptFinished { attempt, summary: headline.clone() });
             let code = result.outcome.exit_code();
@@ -206,7 +214,7 @@ pub fn run_job(
                 for e in reporters.logs.errors().iter().take(5) {
                     eprintln!("launch: warning: {e}");
                 }
-                return (code, headline);
+                return (code, headline, training);
             }
             reporters.console.say(&format!(
                 "[launch] attempt {attempt} failed (exit {code}); restarting every rank ({} of {} restarts)",
@@ -220,7 +228,7 @@ pub fn run_job(
                 Some(sig) = sig_rx.recv() => {
                     eprint!("{text}");
                     eprintln!("launch: {} received before the restart: not restarting", sig.name());
-                    return (128 + sig.number(), headline);
+                    return (128 + sig.number(), headline, training);
                 }
             }
             attempt += 1;
@@ -228,7 +236,7 @@ pub fn run_job(
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     let _ = plan_writer.join();
-    let _ = run.write_status(&status("finished", Some(code), Some(headline)));
+    let _ = run.write_status(&status("finished", Some(code), Some(headline), training));
     tracing::info!(code, "launch finished");
     Ok(code)
 }

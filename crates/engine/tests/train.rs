@@ -270,3 +270,29 @@ fn bf16_keeps_fp32_master_weights_and_saves_bf16() {
     assert_eq!(master.dtype, "F32");
     assert_eq!(opt.entries["exp_avg.llm.embed_tokens.weight"].dtype, "F32");
 }
+
+#[test]
+fn auto_resume_prefers_the_save_folder_and_refuses_a_broken_tracker() {
+    let d = synth();
+    let work = tempfile::tempdir().unwrap();
+    let save = work.path().join("save");
+    let common =
+        "--micro-batch-size 1 --global-batch-size 2 --train-iters 2 --lr 0.001 --freeze-vision --max-dynamic-patch 1 \
+        --auto-resume";
+    // Nothing in --save yet: --load is used.
+    let first = run_ok(train_cmd(common).arg("--load").arg(d.join("model")).arg("--save").arg(&save));
+    assert!(!text(&first).contains("auto-resume:"), "{}", text(&first));
+    assert!(text(&first).contains("from iteration 0"), "{}", text(&first));
+    // Now it holds iteration 2: the same command resumes there (and has nothing left to do).
+    let again = run_ok(train_cmd(common).arg("--load").arg(d.join("model")).arg("--save").arg(&save));
+    let t = text(&again);
+    assert!(t.contains(&format!("auto-resume: {} holds a checkpoint", save.display())), "{t}");
+    assert!(t.contains("nothing to train: the checkpoint is at iteration 2"), "{t}");
+    // A tracker that names a missing iteration is an error, never a silent fresh start.
+    std::fs::write(save.join("latest_checkpointed_iteration.txt"), "7").unwrap();
+    let o = train_cmd(common).arg("--load").arg(d.join("model")).arg("--save").arg(&save).output().unwrap();
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("--auto-resume") && t.contains("latest_checkpointed_iteration.txt"), "{t}");
+    assert!(t.contains("iter_0000007"), "{t}");
+}

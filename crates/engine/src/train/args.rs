@@ -131,6 +131,12 @@ pub struct TrainArgs {
     pub load: Option<PathBuf>,
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// Resume from --save when it already holds a checkpoint (its
+    /// latest_checkpointed_iteration.txt), ignoring --load: rerunning the same command, or a
+    /// launcher restart, continues where the job stopped. Without a checkpoint there, --load is
+    /// used as usual.
+    #[arg(long)]
+    pub auto_resume: bool,
     #[arg(long)]
     pub no_load_optim: bool,
     #[arg(long)]

@@ -310,6 +310,23 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     })
 }
 
+/// What to load: --save when --auto-resume finds its tracker file there, else --load.
+/// A tracker that names a missing iteration folder is an error, not a silent fresh start.
+fn resume_point(a: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
+    let (Some(save), true) = (&a.save, a.auto_resume) else { return Ok(a.load.clone()) };
+    let tracker = mm_spec::checkpoint::latest_path(save);
+    if !tracker.exists() {
+        return Ok(a.load.clone());
+    }
+    checkpoint::resolve(save).with_context(|| {
+        format!(
+            "--auto-resume: {} names a checkpoint that cannot be read; fix or remove it, or drop --auto-resume",
+            tracker.display()
+        )
+    })?;
+    Ok(Some(save.clone()))
+}
+
 fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     let r = a.validate(env.world_size).map_err(|e| anyhow::anyhow!("invalid train flags:\n  {e}"))?;
     for (flag, v) in
@@ -328,9 +345,19 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
     // others fail fast in their next collective instead of waiting for it at the store.
     let dp = DataParallel::init(env, device)?;
+    let load = resume_point(&a)?;
+    if let (Some(l), 0) = (&load, dp.global_rank) {
+        if Some(l) != a.load.as_ref() {
+            println!(
+                "auto-resume: {} holds a checkpoint; resuming from it{}",
+                l.display(),
+                a.load.as_ref().map(|p| format!(" instead of --load {}", p.display())).unwrap_or_default()
+            );
+        }
+    }
     let session = Session::open(SessionOptions {
         model: &a.model,
-        load: a.load.as_deref(),
+        load: load.as_deref(),
         tokenizer: a.tokenizer.as_deref(),
         device,
         seed: a.seed,
@@ -482,12 +509,20 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     let saver = Saver { a: &a, r: &r, session: &session, dp: &dp, seed, tag };
 
     if iteration >= a.train_iters {
-        println!("nothing to train: the checkpoint is at iteration {iteration}, --train-iters is {}", a.train_iters);
+        println!(
+            "nothing to train: the checkpoint is at iteration {iteration}, --train-iters is {}; raise --train-iters to \
+             continue{}",
+            a.train_iters,
+            if load.is_some() && load == a.save { ", or remove the save folder to train from --load again" } else { "" }
+        );
         if dp.global_rank == 0 {
+            let checkpoint = match &session.source {
+                Some(checkpoint::Source::Mm { iter_dir, .. }) => Some(iter_dir.display().to_string()),
+                _ => None,
+            };
             println!(
                 "{}",
-                ProgressEvent::Done { iteration, final_loss: last_loss, tokens_per_sec: 0.0, checkpoint: None }
-                    .to_line()
+                ProgressEvent::Done { iteration, final_loss: last_loss, tokens_per_sec: 0.0, checkpoint }.to_line()
             );
         }
         return Ok(());

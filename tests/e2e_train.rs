@@ -1,0 +1,260 @@
+//! `launch … finetune tiny` end to end with the real engine: the README's command on localhost
+//! (2 ranks, Gloo), a rerun that resumes, a rank killed with SIGKILL and restarted from the last
+//! checkpoint to the uninterrupted run's final loss, and 3 SSH hosts of the rig (network
+//! namespaces running OpenSSH) training together and resuming.
+//!
+//! mm-engine is the binary cargo builds next to `launch` (`cargo test --workspace` and
+//! `make test` build both). The rig test needs root, as the other rig tests.
+
+mod rig;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rig::suite::{yq, Job, Place, LAUNCH};
+use rig::Rig;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+fn engine() -> PathBuf {
+    let p = Path::new(LAUNCH).with_file_name("mm-engine");
+    assert!(
+        p.exists(),
+        "{} is missing: these tests run the real engine; build it first (`cargo build -p mm-engine`; \
+         `cargo test --workspace` and `make test` do)",
+        p.display()
+    );
+    p
+}
+
+/// `mm-engine synth --out DIR/runs/tiny`: the tiny checkpoint, tokenizer and data the tiny
+/// recipe names (relative to the directory the engine starts in).
+fn synth(dir: &Path) {
+    let out = Command::new(engine()).args(["synth", "--out"]).arg(dir.join("runs/tiny")).output().unwrap();
+    assert!(out.status.success(), "mm-engine synth failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// PATH with the engine's folder first, as `make demo` runs the launcher.
+fn path_with_engine() -> String {
+    format!("{}:{}", engine().parent().unwrap().display(), std::env::var("PATH").unwrap_or_default())
+}
+
+fn launch_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(LAUNCH);
+    c.args(args).current_dir(dir).env("PATH", path_with_engine()).stdin(Stdio::null());
+    c
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// status.json of the latest run under `logs`.
+fn status(logs: &Path) -> serde_json::Value {
+    let p = logs.join("latest/status.json");
+    let body = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn training(logs: &Path) -> (u64, f64, Option<String>) {
+    let s = status(logs);
+    let t = &s["training"];
+    assert!(t.is_object(), "status.json has no training summary: {s}");
+    (t["iteration"].as_u64().unwrap(), t["final_loss"].as_f64().unwrap(), t["checkpoint"].as_str().map(String::from))
+}
+
+/// The `lm loss: X` values of a rank log, in order.
+fn losses(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter_map(|l| l.split("lm loss: ").nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The processes of mm-engine whose command line mentions `mark` and whose RANK is `rank`.
+fn engine_pids(mark: &str, rank: usize) -> Vec<i32> {
+    let want = format!("RANK={rank}");
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+            .replace('\0', " ");
+        if !cmd.contains("mm-engine") || !cmd.contains(mark) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn wait_child(mut child: Child, limit: Duration) -> Output {
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("launch did not finish within {limit:?}; stderr:\n{}", text(&o).1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The README's command, verbatim: `launch --cluster clusters/local.yaml finetune tiny` after
+/// `mm-engine synth`: a real 2-rank fine-tune that learns, saves, and ends with a summary; the
+/// same command with more iterations then resumes from the saved checkpoint.
+#[test]
+fn readme_command_trains_on_localhost_and_a_rerun_resumes() {
+    let dir = tempfile::Builder::new().prefix("mm-e2e-").tempdir().unwrap();
+    synth(dir.path());
+    let cluster = format!("{REPO}/clusters/local.yaml");
+    let o = launch_cmd(dir.path(), &["--cluster", &cluster, "finetune", "tiny"]).output().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let logs = dir.path().join("logs");
+    let run = std::fs::canonicalize(logs.join("latest")).unwrap();
+    let run_name = run.file_name().unwrap().to_str().unwrap().to_string();
+
+    // The summary: final loss, tokens/s, checkpoint, logs.
+    let (iteration, final_loss, ckpt) = training(&logs);
+    assert_eq!(iteration, 40);
+    assert_eq!(ckpt.as_deref(), Some("runs/tiny/save/iter_0000040"));
+    for want in [
+        "launch: all 2 ranks on 1 host finished (exit 0)".to_string(),
+        format!("final loss   {final_loss:.6} (iteration 40)"),
+        "checkpoint   runs/tiny/save/iter_0000040".into(),
+        format!("logs         logs/{run_name}"),
+    ] {
+        assert!(err.contains(&want), "the summary lacks `{want}`:\n{err}");
+    }
+    assert!(err.lines().any(|l| l.starts_with("  throughput   ") && l.ends_with(" tokens/s")), "{err}");
+    // Progress lines stay in the logs; the console shows rank 0's text and plain progress.
+    assert!(!out.contains("@@mm-progress"), "{out}");
+    assert!(err.contains("[launch] iteration 40/40  loss "), "{err}");
+
+    // It trained: rank 0's losses fall, the last one is the reported final loss.
+    let log0 = read(&run.join("localhost/rank-0.log"));
+    let l = losses(&log0);
+    assert_eq!(l.len(), 40, "{log0}");
+    assert!(final_loss < l[0] * 0.9, "loss went from {} to {final_loss}", l[0]);
+    assert_eq!(format!("{:.6E}", l[39]), format!("{final_loss:.6E}"));
+    assert!(read(&run.join("localhost/rank-1.log")).contains("data-parallel rank 1 of 2"));
+    assert_eq!(read(&dir.path().join("runs/tiny/save/latest_checkpointed_iteration.txt")).trim(), "40");
+
+    // The same command again, asking for 6 more iterations: it resumes from iteration 40.
+    let o = launch_cmd(dir.path(), &["--cluster", &cluster, "finetune", "tiny", "--set", "train.train_iters=46"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let run2 = std::fs::canonicalize(logs.join("latest")).unwrap();
+    assert_ne!(run, run2);
+    let log0 = read(&run2.join("localhost/rank-0.log"));
+    assert!(log0.contains("auto-resume: runs/tiny/save holds a checkpoint"), "{log0}");
+    assert!(log0.contains("from iteration 40"), "{log0}");
+    assert_eq!(losses(&log0).len(), 6, "{log0}");
+    let (iteration, _, ckpt) = training(&logs);
+    assert_eq!((iteration, ckpt.as_deref()), (46, Some("runs/tiny/save/iter_0000046")));
+}
+
+/// A rank killed with SIGKILL after the checkpoint at iteration 20: the launcher stops the
+/// other rank, reports the kill, restarts (`--max-restarts 1`), the engine resumes from
+/// iteration 20 and ends with exactly the final loss of an uninterrupted run.
+#[test]
+fn sigkill_of_a_rank_restarts_from_the_checkpoint_to_the_same_final_loss() {
+    let dir = tempfile::Builder::new().prefix("mm-e2e-").tempdir().unwrap();
+    synth(dir.path());
+    let cluster = format!("{REPO}/clusters/local.yaml");
+    let base = ["--cluster", &cluster, "finetune", "tiny"];
+
+    let mut args = base.to_vec();
+    args.extend(["--set", "checkpoint.save=runs/tiny/save-clean"]);
+    let o = launch_cmd(dir.path(), &args).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{}", text(&o).1);
+    let logs = dir.path().join("logs");
+    let (it, clean_loss, _) = training(&logs);
+    assert_eq!(it, 40);
+
+    let mut args = base.to_vec();
+    args.extend(["--set", "checkpoint.save=runs/tiny/save-faulty", "--max-restarts", "1", "--grace", "5s"]);
+    let child = launch_cmd(dir.path(), &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let tracker = dir.path().join("runs/tiny/save-faulty/latest_checkpointed_iteration.txt");
+    let t0 = Instant::now();
+    let victim = loop {
+        if std::fs::read_to_string(&tracker).is_ok_and(|s| s.trim() == "20") {
+            let pids = engine_pids("save-faulty", 1);
+            assert_eq!(pids.len(), 1, "rank 1's process: {pids:?}");
+            break pids[0];
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint at iteration 20 in 120 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let o = wait_child(child, Duration::from_secs(240));
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("rank 1 on localhost (localhost) was killed by signal SIGKILL"), "{err}");
+    assert!(err.contains("restarting every rank (1 of 1 restarts)"), "{err}");
+
+    let run = std::fs::canonicalize(logs.join("latest")).unwrap();
+    let first = read(&run.join("attempt-0/localhost/rank-0.log"));
+    let killed_at = losses(&first).len();
+    assert!((20..40).contains(&killed_at), "rank 0 logged {killed_at} iterations before the kill:\n{first}");
+    let second = read(&run.join("attempt-1/localhost/rank-0.log"));
+    assert!(second.contains("auto-resume: runs/tiny/save-faulty holds a checkpoint"), "{second}");
+    assert!(second.contains("from iteration 20"), "{second}");
+    assert_eq!(losses(&second).len(), 20, "{second}");
+    let (it, loss, ckpt) = training(&logs);
+    assert_eq!((it, ckpt.as_deref()), (40, Some("runs/tiny/save-faulty/iter_0000040")));
+    assert_eq!(loss.to_bits(), clean_loss.to_bits(), "final loss {loss} after the restart, {clean_loss} without");
+    assert!(engine_pids("save-faulty", 0).is_empty() && engine_pids("save-faulty", 1).is_empty());
+}
+
+/// 3 SSH hosts × 2 CPU ranks of the rig train the tiny model together (Gloo over the
+/// namespaces' bridge), with the environment checks, then a second launch resumes from the
+/// checkpoint the first one saved. The launcher's progress comes from rank 0 on h1.
+#[test]
+fn rig_finetune_tiny_over_ssh_and_resume() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    let work = job.dir.path().join("work");
+    synth(&work);
+    let cluster = job.cluster_with(&engine(), &[], &format!("workdir: {}\n", yq(&work.display().to_string())), None);
+    let args = ["--agent-path", LAUNCH, "--set", "train.train_iters=6", "--set", "output.save_interval=3"];
+    let f = job.run(&cluster, &args);
+    assert_eq!(f.code, 0, "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
+    assert!(f.stderr.contains("launch: all 6 ranks on 3 hosts finished (exit 0)"), "{}", f.stderr);
+    assert!(f.stderr.contains("checkpoint   runs/tiny/save/iter_0000006"), "{}", f.stderr);
+    assert!(f.stderr.contains("[launch] iteration 6/6  loss "), "{}", f.stderr);
+    let run = job.run_dir();
+    for r in 0..6 {
+        let log = job.rank_log(&run, job.host_of(r), r);
+        assert!(log.contains(&format!("data-parallel rank {r} of 6")), "rank {r}:\n{log}");
+        assert_eq!(losses(&log).len(), 6, "rank {r}:\n{log}");
+    }
+    // Every rank reached h1's address (the store and Gloo's peers) from its own namespace.
+    let plan = read(&run.join("plan.json"));
+    assert!(plan.contains(&rig.hosts[0].address), "{plan}");
+    assert_eq!(read(&work.join("runs/tiny/save/latest_checkpointed_iteration.txt")).trim(), "6");
+
+    let args = ["--agent-path", LAUNCH, "--set", "train.train_iters=9", "--set", "output.save_interval=3"];
+    let f = job.run(&cluster, &args);
+    assert_eq!(f.code, 0, "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
+    let run = job.run_dir();
+    let log = job.rank_log(&run, job.host_of(0), 0);
+    assert!(log.contains("from iteration 6") && log.contains("auto-resume"), "{log}");
+    assert_eq!(losses(&log).len(), 3, "{log}");
+    assert!(f.stderr.contains("checkpoint   runs/tiny/save/iter_0000009"), "{}", f.stderr);
+    job.assert_clean(Duration::from_secs(10), true);
+}
