@@ -328,6 +328,12 @@ fn object_without(v: Option<&Value>, drop: &[&str]) -> serde_json::Map<String, V
     m
 }
 
+/// The `<IMG_CONTEXT>` id of InternVL3's tokenizer (transformers' InternVL3-*-hf configs).
+pub const INTERNVL3_IMG_CONTEXT_ID: u64 = 151_667;
+/// Where an original-layout config.json written here keeps the image token id of a
+/// transformers-layout source (the attribute name OpenGVLab's model code uses at run time).
+pub const IMG_CONTEXT_KEY: &str = "img_context_token_id";
+
 /// config.json for `arch` in the schema of `target`. Keys of `source` (the config the weights
 /// came with, possibly in the other schema) that the numbers do not decide are carried over.
 pub fn config_for_layout(
@@ -399,7 +405,9 @@ pub fn config_for_layout(
             ("patch_size", json!([v.patch_size, v.patch_size])),
             ("layer_scale_init_value", json!(v.initializer_factor)),
             ("use_absolute_position_embeddings", json!(true)),
-            ("use_mean_pooling", json!(false)),
+            // InternVL3-*-hf: with `false` transformers adds a final LayerNorm that InternViT
+            // does not have (and reports its weights missing).
+            ("use_mean_pooling", json!(true)),
         ] {
             vision.insert(k.into(), val);
         }
@@ -417,7 +425,11 @@ pub fn config_for_layout(
         ] {
             top.insert(k.into(), val);
         }
-        top.entry("image_token_id").or_insert(json!(151_667));
+        // OpenGVLab's config has no image token id (its code asks the tokenizer); one exported
+        // from a transformers-layout model carries it as `img_context_token_id`.
+        let from_original = src_raw.filter(|_| source.is_some_and(|s| !s.native)).and_then(|r| r.get(IMG_CONTEXT_KEY));
+        top.entry("image_token_id")
+            .or_insert_with(|| from_original.cloned().unwrap_or(json!(INTERNVL3_IMG_CONTEXT_ID)));
         top.entry("projector_hidden_act").or_insert(json!("gelu"));
         top.entry("vision_feature_layer").or_insert(json!(-1));
         top.entry("vision_feature_select_strategy").or_insert(json!("default"));
@@ -452,6 +464,9 @@ pub fn config_for_layout(
             ("torch_dtype", json!(torch_dtype)),
         ] {
             top.insert(k.into(), val);
+        }
+        if let Some(id) = src_raw.filter(|_| source.is_some_and(|s| s.native)).and_then(|r| r.get("image_token_id")) {
+            top.insert(IMG_CONTEXT_KEY.into(), id.clone());
         }
         top.entry("select_layer").or_insert(json!(-1));
         top.entry("force_image_size").or_insert(json!(v.image_size));

@@ -256,7 +256,7 @@ fn export_config(
     }
     let main_dtype =
         dtype.or_else(|| ck.manifest.tensors.iter().find(|t| t.key == "llm.embed_tokens.weight").map(|t| t.dtype));
-    Ok(match source {
+    let mut config = match source {
         Some(src) if src.native == target.is_transformers_native() => {
             let mut raw = src.raw;
             if let Some(d) = dtype {
@@ -265,7 +265,37 @@ fn export_config(
             raw
         }
         other => config_for_layout(arch, other.as_ref(), target, main_dtype),
-    })
+    };
+    // transformers finds the image positions by `image_token_id`; OpenGVLab's config has no
+    // such key (its code asks the tokenizer), so the tokenizer's <IMG_CONTEXT> decides.
+    if target.is_transformers_native() {
+        let tokenizer = assets_dir.join("tokenizer.json");
+        if let Some(id) = token_id(&tokenizer, IMG_CONTEXT)? {
+            if let Some(obj) = config.as_object_mut() {
+                obj.insert("image_token_id".into(), id.into());
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// InternVL's image placeholder token.
+pub const IMG_CONTEXT: &str = "<IMG_CONTEXT>";
+
+/// The id of `token` in a tokenizer.json (its added tokens, then the model's vocabulary);
+/// None when the file is absent or does not hold the token.
+pub fn token_id(path: &std::path::Path, token: &str) -> Result<Option<u64>, ConvertError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ConvertError::io("read", path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ConvertError::Config { path: path.to_path_buf(), message: format!("not JSON: {e}") })?;
+    let added = v["added_tokens"].as_array().into_iter().flatten();
+    if let Some(id) = added.filter(|t| t["content"] == token).find_map(|t| t["id"].as_u64()) {
+        return Ok(Some(id));
+    }
+    Ok(v["model"]["vocab"][token].as_u64())
 }
 
 fn check_expected(ck: &MmCheckpoint, expect: &LayoutRequest) -> Result<(), ConvertError> {

@@ -2,9 +2,11 @@
 //!
 //! Records are taken in file order; each sample's loss is the mean over its supervised tokens.
 //! The summary gives the per-token mean over the whole set and the mean of the per-sample
-//! losses. `--dump-logits N --out FILE` writes the first N samples' logits, input ids and labels
+//! losses. `--dump-logits N --out FILE` writes the first N samples' logits, inputs and labels
 //! to a safetensors file (`sample.{i}.logits` [T, V] f32, `sample.{i}.input_ids`,
-//! `sample.{i}.labels` [T] i64; the record origins in the metadata).
+//! `sample.{i}.labels` [T] i64, `sample.{i}.pixel_values` [tiles, 3, S, S] f32 when the sample
+//! has images; the record origins in the metadata), so another implementation can replay the
+//! exact inputs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -130,11 +132,14 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
             let count = l.counts[0];
             let mean = total / count.max(1) as f64;
             println!("sample {}: loss {mean:.6} over {count} tokens", b.origins[0]);
-            if dumped.len() / 3 < a.dump_logits {
-                let i = dumped.len() / 3;
+            if origins.len() < a.dump_logits {
+                let i = origins.len();
                 dumped.push((format!("sample.{i}.logits"), logits.get(0).to_kind(Kind::Float).to_device(Device::Cpu)));
                 dumped.push((format!("sample.{i}.input_ids"), input.input_ids.get(0).to_device(Device::Cpu)));
                 dumped.push((format!("sample.{i}.labels"), labels.get(0).to_device(Device::Cpu)));
+                if let Some(px) = &input.pixel_values {
+                    dumped.push((format!("sample.{i}.pixel_values"), px.to_kind(Kind::Float).to_device(Device::Cpu)));
+                }
                 origins.push(b.origins[0].clone());
             }
             s.per_sample.push((b.origins[0].clone(), mean, count));

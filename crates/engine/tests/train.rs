@@ -296,3 +296,63 @@ fn auto_resume_prefers_the_save_folder_and_refuses_a_broken_tracker() {
     assert!(t.contains("--auto-resume") && t.contains("latest_checkpointed_iteration.txt"), "{t}");
     assert!(t.contains("iter_0000007"), "{t}");
 }
+
+/// A fine-tuned checkpoint leaves for transformers: mm-engine trains and saves (MM layout),
+/// `mm-convert mm-to-hf --layout hf` exports it, and transformers 4.53 loads the export with
+/// no missing or unexpected key and computes the logits `mm-engine eval` dumped for the same
+/// inputs (crates/convert/tests/reference/hf_load.py replays them).
+#[test]
+fn a_fine_tuned_checkpoint_exports_to_transformers_with_the_same_logits() {
+    let d = synth();
+    let work = tempfile::tempdir().unwrap();
+    let save = work.path().join("save");
+    let common = "--micro-batch-size 1 --global-batch-size 2 --train-iters 3 --lr 0.002 --max-dynamic-patch 2";
+    run_ok(train_cmd(common).arg("--load").arg(d.join("model")).arg("--save").arg(&save));
+    let dump = work.path().join("logits.safetensors");
+    run_ok(
+        engine()
+            .args(["eval", "--load"])
+            .arg(&save)
+            .arg("--data")
+            .arg(d.join("data/train.jsonl"))
+            .arg("--data-folder")
+            .arg(d.join("data"))
+            .args(["--max-dynamic-patch", "2", "--use-thumbnail", "--limit", "3", "--dump-logits", "3", "--out"])
+            .arg(&dump),
+    );
+    let convert = Path::new(env!("CARGO_BIN_EXE_mm-engine")).with_file_name("mm-convert");
+    assert!(convert.exists(), "{} is missing: build the workspace (`cargo build`)", convert.display());
+    let export = work.path().join("export");
+    let o = Command::new(&convert)
+        .args(["mm-to-hf", "--layout", "hf", "--mm-dir"])
+        .arg(&save)
+        .arg("--hf-dir")
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mm-convert failed:\n{}", text(&o));
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
+    let o = Command::new(python)
+        .arg(root.join("crates/convert/tests/reference/hf_load.py"))
+        .arg("check")
+        .arg(&export)
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "hf_load.py check failed:\n{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    for k in ["missing", "unexpected", "mismatched"] {
+        assert_eq!(v[k], serde_json::json!([]), "transformers reports {k} keys: {v}");
+    }
+    assert_eq!(v["samples"], 3, "{v}");
+    let f = mm_engine::weights::safetensors::SafetensorsFile::open(&dump).unwrap();
+    assert!(f.read("sample.0.pixel_values", tch::Device::Cpu).is_ok(), "the first sample has an image");
+    // Same libtorch kernels on the same inputs: identical in practice; 1e-5 leaves room for
+    // a different intra-op thread split.
+    let rel = v["max_rel_diff"].as_f64().unwrap();
+    assert!(rel <= 1e-5, "transformers' logits differ from mm-engine's by {rel:e} (relative to the largest): {v}");
+}
