@@ -83,6 +83,16 @@ fn resume_gives_bit_identical_losses_and_weights() {
     let b2 = run_ok(train_cmd(common).arg("--load").arg(&resumed).arg("--save").arg(&resumed));
     let (la, lb) = (steps(&a), [steps(&b1), steps(&b2)].concat());
     assert_eq!(la.len(), 6, "{}", text(&a));
+    // Memory is in the log line and the progress line.
+    assert_eq!(text(&a).matches(" | memory (RSS): ").count(), 6, "{}", text(&a));
+    let mem = String::from_utf8_lossy(&a.stdout)
+        .lines()
+        .filter_map(|l| match ProgressEvent::parse(l)? {
+            Ok(ProgressEvent::Step(p)) => p.mem_bytes,
+            _ => None,
+        })
+        .next();
+    assert!(mem.is_some_and(|m| m > 10 << 20), "{mem:?}");
     assert_eq!(lb.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
     for ((ia, x), (_, y)) in la.iter().zip(&lb) {
         assert_eq!(x.to_bits(), y.to_bits(), "iteration {ia}: {x} straight vs {y} resumed");

@@ -33,7 +33,7 @@ pub struct Progress {
     pub samples_per_sec: f64,
     #[serde(with = "lossless_f64")]
     pub step_ms: f64,
-    /// Peak device memory of the printing rank, when the backend reports it.
+    /// Resident (host) memory of the printing rank's process, when the platform reports it.
     #[serde(default)]
     pub mem_bytes: Option<u64>,
     pub consumed_samples: u64,

@@ -53,6 +53,28 @@ pub enum OptimizerError {
     Torch(#[from] tch::TchError),
 }
 
+/// The Adam part of one AdamW step, in place on `target` and the moments (weight decay is
+/// applied by the caller). The order of torch.optim.AdamW's single-tensor path, written with
+/// in-place kernels and two temporaries per tensor (the update is bound by memory traffic).
+pub fn adam_update(
+    target: &mut Tensor,
+    grad: &Tensor,
+    (exp_avg, exp_avg_sq): (&mut Tensor, &mut Tensor),
+    (beta1, beta2, eps): (f64, f64, f64),
+    bias2_sqrt: f64,
+    step_size: f64,
+) {
+    let _ = exp_avg.lerp_(grad, 1.0 - beta1);
+    let _ = exp_avg_sq.g_mul_scalar_(beta2);
+    let _ = exp_avg_sq.addcmul_(grad, &(grad * (1.0 - beta2)));
+    let mut denom = exp_avg_sq.sqrt();
+    let _ = denom.g_div_scalar_(bias2_sqrt);
+    let _ = denom.g_add_scalar_(eps);
+    // target += -step_size · exp_avg / denom, as one addcdiv.
+    let _ = denom.g_div_scalar_(-step_size);
+    let _ = target.addcdiv_(exp_avg, &denom);
+}
+
 /// Megatron's no-weight-decay rule.
 pub fn decays(name: &str, shape: &[i64]) -> bool {
     !(name.ends_with(".bias") || shape.len() == 1)
@@ -163,11 +185,8 @@ impl AdamW {
                 if p.decay && self.cfg.weight_decay != 0.0 {
                     let _ = target.g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
                 }
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - b1);
-                let _ = p.exp_avg_sq.g_mul_scalar_(b2);
-                let _ = p.exp_avg_sq.g_add_(&((&grad * (1.0 - b2)) * &grad));
-                let denom = p.exp_avg_sq.sqrt() / bias2_sqrt + self.cfg.eps;
-                let _ = target.g_add_(&((&p.exp_avg / denom) * (-step_size)));
+                let moments = (&mut p.exp_avg, &mut p.exp_avg_sq);
+                adam_update(&mut target, &grad, moments, (b1, b2, self.cfg.eps), bias2_sqrt, step_size);
                 if p.master.is_some() {
                     p.param.copy_(&target.to_kind(p.param.kind()));
                 }

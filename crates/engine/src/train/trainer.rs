@@ -310,6 +310,14 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     })
 }
 
+/// This process's resident memory (VmRSS of /proc/self/status); None where unavailable.
+/// On CUDA it is host memory only: the device's allocator is not visible through tch.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>();
+    kb.ok().map(|k| k * 1024)
+}
+
 /// What to load: --save when --auto-resume finds its tracker file there, else --load.
 /// A tracker that names a missing iteration folder is an error, not a silent fresh start.
 fn resume_point(a: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
@@ -615,6 +623,10 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
                     log_tokens as f64 / log_samples.max(1) as f64
                 ));
             }
+            let mem = resident_bytes();
+            if let Some(m) = mem {
+                line.push_str(&format!(" | memory (RSS): {:.1} MiB", m as f64 / 1048576.0));
+            }
             println!("{line}");
             if dp.global_rank == 0 {
                 let ev = ProgressEvent::Step(Progress {
@@ -626,7 +638,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
                     tokens_per_sec: tps,
                     samples_per_sec: sps,
                     step_ms,
-                    mem_bytes: None,
+                    mem_bytes: mem,
                     consumed_samples: consumed,
                 });
                 println!("{}", ev.to_line());

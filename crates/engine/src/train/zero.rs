@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::dp::{as_bytes, DataParallel};
-use super::optimizer::{decays, state_fits, AdamWConfig, OptimizerError};
+use super::optimizer::{adam_update, decays, state_fits, AdamWConfig, OptimizerError};
 use crate::dist::c10d::{DistError, ReduceOp};
 use crate::weights::safetensors::SafetensorsFile;
 
@@ -361,12 +361,14 @@ impl ZeroAdamW {
                     let _ = narrow(&self.master, pc).g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
                 }
             }
-            let g = &self.shard_grad;
-            let _ = self.exp_avg.lerp_(g, 1.0 - b1);
-            let _ = self.exp_avg_sq.g_mul_scalar_(b2);
-            let _ = self.exp_avg_sq.g_add_(&((g * (1.0 - b2)) * g));
-            let denom = self.exp_avg_sq.sqrt() / bias2_sqrt + self.cfg.eps;
-            let _ = self.master.g_add_(&((&self.exp_avg / denom) * (-step_size)));
+            adam_update(
+                &mut self.master,
+                &self.shard_grad,
+                (&mut self.exp_avg, &mut self.exp_avg_sq),
+                (b1, b2, self.cfg.eps),
+                bias2_sqrt,
+                step_size,
+            );
             for (pc, [m, a, s]) in &kept {
                 narrow(&self.master, pc).copy_(m);
                 narrow(&self.exp_avg, pc).copy_(a);
