@@ -15,8 +15,9 @@ use anyhow::Context;
 use clap::Args;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{Batch, DataConfig, LoaderConfig, Producer, Share};
+use crate::data::{Batch, LoaderConfig, Producer, Share};
 use crate::session::{configure_cpu_threads, pick_device, to_device, Session, SessionOptions};
+use crate::train::args::PreprocessArgs;
 use crate::train::loss::sample_losses;
 use crate::train::trainer::open_dataset;
 use crate::weights::safetensors as st;
@@ -38,16 +39,8 @@ pub struct EvalArgs {
     pub model: String,
     #[arg(long, default_value_t = 4096)]
     pub seq_length: usize,
-    #[arg(long, default_value_t = 1)]
-    pub min_dynamic_patch: usize,
-    #[arg(long, default_value_t = 12)]
-    pub max_dynamic_patch: usize,
-    #[arg(long)]
-    pub use_thumbnail: bool,
-    #[arg(long, default_value_t = 4)]
-    pub min_num_frame: usize,
-    #[arg(long, default_value_t = 12)]
-    pub max_num_frame: usize,
+    #[command(flatten)]
+    pub pre: PreprocessArgs,
     #[arg(long, default_value_t = 1.0)]
     pub max_bad_fraction: f64,
     /// Seed of video frame sampling.
@@ -81,6 +74,9 @@ pub struct EvalSummary {
 
 pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
     anyhow::ensure!(a.dump_logits == 0 || a.out.is_some(), "--dump-logits {} needs --out FILE", a.dump_logits);
+    let mut errs = Vec::new();
+    a.pre.check(&mut errs);
+    anyhow::ensure!(errs.is_empty(), "invalid eval flags:\n  {}", errs.join("\n  "));
     let device = pick_device(&a.device)?;
     configure_cpu_threads(device, 1);
     let session = Session::open(SessionOptions {
@@ -91,16 +87,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         seed: a.seed,
         bf16: false,
     })?;
-    let cfg = DataConfig {
-        image_size: session.preset.vision.image_size as u32,
-        num_image_token: session.preset.num_image_token(),
-        min_dynamic_patch: a.min_dynamic_patch,
-        max_dynamic_patch: a.max_dynamic_patch,
-        use_thumbnail: a.use_thumbnail,
-        min_num_frame: a.min_num_frame,
-        max_num_frame: a.max_num_frame,
-        seq_length: a.seq_length,
-    };
+    let cfg = a.pre.data_config(&session.preset, a.seq_length);
     let ds = open_dataset(&a.data, a.data_folder.as_deref(), &session, cfg)?;
     let n = a.limit.unwrap_or(ds.records.len()).min(ds.records.len());
     let lc = LoaderConfig {

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use crate::data::DataConfig;
 use clap::Args;
 
 use super::loss::LossReduction;
@@ -169,6 +170,21 @@ pub struct TrainArgs {
     // Data.
     #[arg(long, default_value = "internvl2_5")]
     pub template: String,
+    #[command(flatten)]
+    pub pre: PreprocessArgs,
+    #[arg(long, default_value_t = 0.01)]
+    pub max_bad_fraction: f64,
+    /// Data loading threads (Megatron's); one background thread builds samples here.
+    #[arg(long, default_value_t = 1)]
+    pub num_workers: usize,
+    /// Micro batches prepared ahead of the training loop.
+    #[arg(long, default_value_t = 4)]
+    pub prefetch: usize,
+}
+
+/// InternVL's image and video preprocessing flags, shared by `train` and `eval`.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct PreprocessArgs {
     #[arg(long, default_value_t = 1)]
     pub min_dynamic_patch: usize,
     #[arg(long, default_value_t = 12)]
@@ -179,14 +195,38 @@ pub struct TrainArgs {
     pub min_num_frame: usize,
     #[arg(long, default_value_t = 12)]
     pub max_num_frame: usize,
-    #[arg(long, default_value_t = 0.01)]
-    pub max_bad_fraction: f64,
-    /// Data loading threads (Megatron's); one background thread builds samples here.
-    #[arg(long, default_value_t = 1)]
-    pub num_workers: usize,
-    /// Micro batches prepared ahead of the training loop.
-    #[arg(long, default_value_t = 4)]
-    pub prefetch: usize,
+}
+
+impl PreprocessArgs {
+    /// Adds a message per inconsistent flag pair to `errs`.
+    pub fn check(&self, errs: &mut Vec<String>) {
+        if self.min_dynamic_patch == 0 || self.max_dynamic_patch < self.min_dynamic_patch {
+            errs.push(format!(
+                "--min-dynamic-patch {} / --max-dynamic-patch {}: expected 1 ≤ min ≤ max",
+                self.min_dynamic_patch, self.max_dynamic_patch
+            ));
+        }
+        if self.min_num_frame == 0 || self.max_num_frame < self.min_num_frame {
+            errs.push(format!(
+                "--min-num-frame {} / --max-num-frame {}: expected 1 ≤ min ≤ max",
+                self.min_num_frame, self.max_num_frame
+            ));
+        }
+    }
+
+    /// The data pipeline's settings for a model with `preset`'s vision tower.
+    pub fn data_config(&self, preset: &mm_spec::ModelPreset, seq_length: usize) -> DataConfig {
+        DataConfig {
+            image_size: preset.vision.image_size as u32,
+            num_image_token: preset.num_image_token(),
+            min_dynamic_patch: self.min_dynamic_patch,
+            max_dynamic_patch: self.max_dynamic_patch,
+            use_thumbnail: self.use_thumbnail,
+            min_num_frame: self.min_num_frame,
+            max_num_frame: self.max_num_frame,
+            seq_length,
+        }
+    }
 }
 
 /// The flags after checking, with the batch arithmetic done.
@@ -303,18 +343,7 @@ impl TrainArgs {
         if !(0.0..=1.0).contains(&self.max_bad_fraction) {
             errs.push(format!("--max-bad-fraction {}: expected a fraction in [0, 1]", self.max_bad_fraction));
         }
-        if self.min_dynamic_patch == 0 || self.max_dynamic_patch < self.min_dynamic_patch {
-            errs.push(format!(
-                "--min-dynamic-patch {} / --max-dynamic-patch {}: expected 1 ≤ min ≤ max",
-                self.min_dynamic_patch, self.max_dynamic_patch
-            ));
-        }
-        if self.min_num_frame == 0 || self.max_num_frame < self.min_num_frame {
-            errs.push(format!(
-                "--min-num-frame {} / --max-num-frame {}: expected 1 ≤ min ≤ max",
-                self.min_num_frame, self.max_num_frame
-            ));
-        }
+        self.pre.check(&mut errs);
         if !crate::data::template::TEMPLATES.contains(&self.template.as_str()) {
             errs.push(format!(
                 "--template {:?}: expected one of {:?}",

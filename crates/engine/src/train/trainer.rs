@@ -55,19 +55,6 @@ pub fn open_dataset(
     Ok(Arc::new(Dataset { records: loaded.records, bad_lines: loaded.bad, tokenizer: session.tokenizer.clone(), cfg }))
 }
 
-pub fn data_config(args_seq: usize, s: &Session, a: &TrainArgs) -> DataConfig {
-    DataConfig {
-        image_size: s.preset.vision.image_size as u32,
-        num_image_token: s.preset.num_image_token(),
-        min_dynamic_patch: a.min_dynamic_patch,
-        max_dynamic_patch: a.max_dynamic_patch,
-        use_thumbnail: a.use_thumbnail,
-        min_num_frame: a.min_num_frame,
-        max_num_frame: a.max_num_frame,
-        seq_length: args_seq,
-    }
-}
-
 /// Mean loss (default reduction) over `iters` micro batches in file order, without gradients;
 /// DP rank r evaluates micro batches r, r + dp, … and the sum is all-reduced.
 fn evaluate(session: &Session, ds: &Arc<Dataset>, a: &TrainArgs, seed: u64, dp: &DataParallel) -> anyhow::Result<f64> {
@@ -434,7 +421,12 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         }
     }
     let schedule = Schedule::new(a.lr, a.min_lr, a.lr_warmup_fraction, a.train_iters, r.decay);
-    let ds = open_dataset(&a.data_path, a.data_folder.as_deref(), &session, data_config(a.seq_length, &session, &a))?;
+    let ds = open_dataset(
+        &a.data_path,
+        a.data_folder.as_deref(),
+        &session,
+        a.pre.data_config(&session.preset, a.seq_length),
+    )?;
 
     // Every rank must run the same job from the same state: compare before the first
     // collective whose shape depends on it.
