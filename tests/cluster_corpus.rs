@@ -7,6 +7,8 @@
 //! Run with `BLESS_CORPUS=1` to rewrite the `.expected` files after a deliberate change, then
 //! review the diff.
 
+mod golden;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -40,37 +42,10 @@ fn files_with_extension(dir: &str, ext: &str) -> Vec<PathBuf> {
 
 #[test]
 fn every_broken_cluster_file_fails_with_its_expected_message() {
-    let bless = std::env::var_os("BLESS_CORPUS").is_some();
-    let cases = files_with_extension(CORPUS, "yaml");
-    assert!(cases.len() >= 22, "expected at least 22 corpus files, found {}", cases.len());
-    let mut failures = Vec::new();
-    for yaml in &cases {
-        let expected_path = yaml.with_extension("expected");
+    golden::check(&golden::cases(CORPUS, 22), |yaml| {
         let env = read_env(&yaml.with_extension("env"));
-        let actual = match ClusterSpec::from_file_with_env(yaml, &env) {
-            Ok(_) => {
-                failures.push(format!("{}: parsed successfully", yaml.display()));
-                continue;
-            }
-            Err(e) => e.to_string(),
-        };
-        if bless {
-            std::fs::write(&expected_path, format!("{actual}\n")).expect("write .expected");
-            continue;
-        }
-        match std::fs::read_to_string(&expected_path) {
-            Err(_) => {
-                failures.push(format!("{}: no {} (the error was:\n{actual})", yaml.display(), expected_path.display()))
-            }
-            Ok(expected) if expected.trim_end_matches('\n') != actual => failures.push(format!(
-                "{}:\n--- expected\n{}\n--- actual\n{actual}",
-                yaml.display(),
-                expected.trim_end_matches('\n')
-            )),
-            Ok(_) => {}
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+        ClusterSpec::from_file_with_env(yaml, &env).map(|_| ()).map_err(|e| e.to_string())
+    });
 }
 
 #[test]

@@ -7,6 +7,8 @@
 //! recipe resolution (file, line and key) or the plan (every layout problem at once).
 //! `BLESS_CORPUS=1` rewrites the `.expected` files; review the diff.
 
+mod golden;
+
 use std::path::{Path, PathBuf};
 
 use launch::cluster::ClusterSpec;
@@ -48,40 +50,7 @@ fn run_case(yaml: &Path) -> Result<(), String> {
 
 #[test]
 fn every_broken_recipe_fails_with_its_expected_message() {
-    let bless = std::env::var_os("BLESS_CORPUS").is_some();
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(CORPUS)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    cases.sort();
-    assert!(cases.len() >= 25, "expected at least 25 recipe cases, found {}", cases.len());
-    let mut failures = Vec::new();
-    for yaml in &cases {
-        let expected_path = yaml.with_extension("expected");
-        let actual = match run_case(yaml) {
-            Ok(()) => {
-                failures.push(format!("{}: planned successfully", yaml.display()));
-                continue;
-            }
-            Err(e) => e,
-        };
-        assert!(!actual.contains("panicked"), "{actual}");
-        if bless {
-            std::fs::write(&expected_path, format!("{actual}\n")).unwrap();
-            continue;
-        }
-        match std::fs::read_to_string(&expected_path) {
-            Err(_) => failures.push(format!("{}: no .expected (the error was:\n{actual})", yaml.display())),
-            Ok(expected) if expected.trim_end_matches('\n') != actual => failures.push(format!(
-                "{}:\n--- expected\n{}\n--- actual\n{actual}",
-                yaml.display(),
-                expected.trim_end_matches('\n')
-            )),
-            Ok(_) => {}
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    golden::check(&golden::cases(CORPUS, 25), run_case);
 }
 
 #[test]
