@@ -94,6 +94,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         seed: a.seed,
         micro_batch: 1,
         prefetch: 1,
+        workers: 1,
         max_bad_fraction: a.max_bad_fraction,
         shuffle: false,
         share: Share::ALL,

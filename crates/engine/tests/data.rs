@@ -118,8 +118,15 @@ fn truncation_never_cuts_an_image_and_placeholders_must_match() {
 #[test]
 fn the_prefetching_loader_gives_the_inline_sequence_from_any_position() {
     let ds = Arc::new(dataset(synth_records(), 4096));
-    let cfg =
-        LoaderConfig { seed: 9, micro_batch: 3, prefetch: 2, max_bad_fraction: 0.0, shuffle: true, share: Share::ALL };
+    let cfg = LoaderConfig {
+        seed: 9,
+        micro_batch: 3,
+        prefetch: 2,
+        workers: 1,
+        max_bad_fraction: 0.0,
+        shuffle: true,
+        share: Share::ALL,
+    };
     let mut inline = Producer::new(ds.clone(), cfg.clone(), 0).unwrap();
     let want: Vec<_> = (0..4).map(|_| inline.next_batch().unwrap()).collect();
     let mut loader = Loader::start(ds.clone(), cfg.clone(), 0).unwrap();
@@ -152,6 +159,7 @@ fn two_and_four_rank_shares_tile_the_one_rank_stream() {
         seed: 4,
         micro_batch: 1,
         prefetch: 1,
+        workers: 1,
         max_bad_fraction: 0.5,
         shuffle: true,
         share,
@@ -188,6 +196,42 @@ fn two_and_four_rank_shares_tile_the_one_rank_stream() {
             let mut resumed = Producer::new(ds.clone(), cfg(share), per_step as u64).unwrap();
             let b = resumed.next_batch().unwrap();
             assert_eq!(b.origins, want[per_step + r * m].origins, "dp {dp} rank {r} resumed");
+        }
+    }
+}
+
+/// `--num-workers`: any number of loader threads gives the stream of one, for a data-parallel
+/// share and from a resume position, a broken record (and its substitute) included.
+#[test]
+fn several_workers_give_the_one_worker_stream() {
+    let mut recs = synth_records();
+    recs.push(line(
+        r#"{"image": "images/nothere.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}"#,
+    ));
+    let ds = Arc::new(dataset(recs, 4096));
+    let cfg = |workers: usize| LoaderConfig {
+        seed: 5,
+        micro_batch: 2,
+        prefetch: 4,
+        workers,
+        max_bad_fraction: 0.5,
+        shuffle: true,
+        share: Share { rank: 1, size: 2, micro_batches: 3 },
+    };
+    for start in [0u64, 12] {
+        let mut one = Loader::start(ds.clone(), cfg(1), start).unwrap();
+        let want: Vec<_> = (0..10).map(|_| one.next_batch().unwrap()).collect();
+        for workers in [2, 3] {
+            let mut many = Loader::start(ds.clone(), cfg(workers), start).unwrap();
+            for (j, w) in want.iter().enumerate() {
+                let b = many.next_batch().unwrap();
+                assert_eq!(
+                    (&b.origins, &b.input_ids, b.end_position),
+                    (&w.origins, &w.input_ids, w.end_position),
+                    "{workers} workers from slot {start}: micro batch {j}"
+                );
+                assert!(b.pixels == w.pixels, "{workers} workers from slot {start}: pixels of micro batch {j}");
+            }
         }
     }
 }

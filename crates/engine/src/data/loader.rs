@@ -10,8 +10,10 @@
 //! A record that gives no sample (unreadable, or too long for --seq-length) is replaced, as
 //! InternVL's dataset retries another index: by the first usable record of a scan that starts at
 //! a point keyed by (seed, slot). Every choice is a pure function of (seed, slot), so all ranks,
-//! one rank, and a resumed run agree on every slot. Samples are built on a background thread
-//! into a bounded queue (`prefetch` micro batches ahead).
+//! one rank, and a resumed run agree on every slot. Samples are built on `workers` background
+//! threads (`--num-workers`): worker w builds this rank's micro batches w, w + workers, … into
+//! its own bounded queue, and the training loop takes them round robin, so the stream is the
+//! same whatever the number of workers (`prefetch` micro batches ahead in all).
 //!
 //! Skips: unreadable records (broken line, missing or undecodable image/video) are counted
 //! with a warning naming file and line; once more than `max_bad_fraction` of the data set's
@@ -21,7 +23,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -105,6 +107,8 @@ pub struct LoaderConfig {
     pub seed: u64,
     pub micro_batch: usize,
     pub prefetch: usize,
+    /// Threads building micro batches ([`Loader`]; at least one).
+    pub workers: usize,
     pub max_bad_fraction: f64,
     pub shuffle: bool,
     pub share: Share,
@@ -158,18 +162,20 @@ pub struct Producer {
     ds: Arc<Dataset>,
     cfg: LoaderConfig,
     order: Order,
-    /// First slot of the current global batch.
-    step_start: u64,
-    /// Micro batches of the current global batch built so far.
-    taken: usize,
-    bad: HashSet<usize>,
-    rejected: HashSet<usize>,
+    /// Slot where this rank's stream starts (a global batch boundary).
+    start: u64,
+    /// This rank's next micro batch (0 = the first from `start`).
+    next: u64,
+    /// Records found unreadable / too long, shared by the workers of one loader (each is
+    /// warned about once).
+    bad: Arc<Mutex<HashSet<usize>>>,
+    rejected: Arc<Mutex<HashSet<usize>>>,
 }
 
 impl Producer {
     pub fn new(ds: Arc<Dataset>, cfg: LoaderConfig, start: u64) -> Result<Producer, DataError> {
         let order = Order::new(cfg.seed, ds.records.len(), cfg.shuffle);
-        let p = Producer { ds, cfg, order, step_start: start, taken: 0, bad: HashSet::new(), rejected: HashSet::new() };
+        let p = Producer { ds, cfg, order, start, next: 0, bad: Arc::default(), rejected: Arc::default() };
         for b in &p.ds.bad_lines {
             eprintln!("warning: skipping {b}");
         }
@@ -180,8 +186,25 @@ impl Producer {
         Ok(p)
     }
 
+    /// Another producer of the same stream sharing the bad-record bookkeeping (for a worker).
+    fn fork(&self) -> Producer {
+        Producer {
+            ds: self.ds.clone(),
+            cfg: self.cfg.clone(),
+            order: Order::new(self.cfg.seed, self.ds.records.len(), self.cfg.shuffle),
+            start: self.start,
+            next: self.next,
+            bad: self.bad.clone(),
+            rejected: self.rejected.clone(),
+        }
+    }
+
+    fn bad_count(&self) -> usize {
+        self.bad.lock().map(|b| b.len()).unwrap_or(0)
+    }
+
     fn check_bad(&self, last: Option<String>) -> Result<(), DataError> {
-        let bad = self.ds.bad_lines.len() + self.bad.len();
+        let bad = self.ds.bad_lines.len() + self.bad_count();
         let total = self.ds.total_lines();
         if bad as f64 > self.cfg.max_bad_fraction * total as f64 {
             return Err(DataError::TooManyBad {
@@ -203,10 +226,11 @@ impl Producer {
             Err(Skip::Bad(reason)) => {
                 let r = &self.ds.records[index];
                 let what = format!("{}:{}: {reason}", r.file.display(), r.line);
-                if self.bad.insert(index) {
+                let first = self.bad.lock().map(|mut b| b.insert(index)).unwrap_or(false);
+                if first {
                     eprintln!(
                         "warning: skipping {what} (bad records: {} of {})",
-                        self.ds.bad_lines.len() + self.bad.len(),
+                        self.ds.bad_lines.len() + self.bad_count(),
                         self.ds.total_lines()
                     );
                 }
@@ -215,7 +239,7 @@ impl Producer {
             }
             Err(Skip::Rejected(reason)) => {
                 let r = &self.ds.records[index];
-                if self.rejected.insert(index) {
+                if self.rejected.lock().map(|mut r| r.insert(index)).unwrap_or(false) {
                     eprintln!("warning: rejecting {}:{}: {reason}", r.file.display(), r.line);
                 }
                 Ok(None)
@@ -250,31 +274,42 @@ impl Producer {
         Err(DataError::NoUsable { total: self.ds.total_lines() })
     }
 
-    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
+    /// This rank's micro batch `j` (counted from the start position): its first slot and the
+    /// position a loader continues at after it.
+    fn slots(&self, j: u64) -> (u64, u64) {
         let Share { rank, size, micro_batches } = self.cfg.share;
-        let mbs = self.cfg.micro_batch as u64;
-        let first = self.step_start + ((rank * micro_batches + self.taken) as u64) * mbs;
+        let (m, mbs) = (micro_batches as u64, self.cfg.micro_batch as u64);
+        let (step, t) = (j / m, j % m);
+        let step_start = self.start + step * size as u64 * m * mbs;
+        let first = step_start + (rank as u64 * m + t) * mbs;
+        let end = if t + 1 == m { step_start + size as u64 * m * mbs } else { first + mbs };
+        (first, end)
+    }
+
+    /// This rank's micro batch `j`; a pure function of the stream and `j`.
+    pub fn batch(&mut self, j: u64) -> Result<Batch, DataError> {
+        let (first, end) = self.slots(j);
         let mut samples = Vec::with_capacity(self.cfg.micro_batch);
-        for slot in first..first + mbs {
+        for slot in first..first + self.cfg.micro_batch as u64 {
             samples.push(self.sample(slot)?);
         }
-        self.taken += 1;
-        let end = if self.taken == micro_batches {
-            self.step_start += (size * micro_batches) as u64 * mbs;
-            self.taken = 0;
-            self.step_start
-        } else {
-            first + mbs
-        };
         Ok(Batch::collate(samples, self.ds.tokenizer.special.pad, end))
+    }
+
+    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
+        let b = self.batch(self.next)?;
+        self.next += 1;
+        Ok(b)
     }
 }
 
-/// The background loader: a thread running a [`Producer`] into a bounded queue.
+/// The background loader: `workers` threads, each running a [`Producer`] over every
+/// `workers`-th micro batch into its own bounded queue; read round robin.
 pub struct Loader {
-    rx: Receiver<Result<Batch, DataError>>,
+    queues: Vec<Receiver<Result<Batch, DataError>>>,
+    next: usize,
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    handles: Vec<JoinHandle<()>>,
 }
 
 fn send(tx: &SyncSender<Result<Batch, DataError>>, stop: &AtomicBool, mut item: Result<Batch, DataError>) -> bool {
@@ -295,32 +330,44 @@ fn send(tx: &SyncSender<Result<Batch, DataError>>, stop: &AtomicBool, mut item: 
 
 impl Loader {
     pub fn start(ds: Arc<Dataset>, cfg: LoaderConfig, start: u64) -> Result<Loader, DataError> {
-        let mut producer = Producer::new(ds, cfg.clone(), start)?;
-        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let workers = cfg.workers.max(1);
+        let depth = cfg.prefetch.max(1).div_ceil(workers);
+        let first = Producer::new(ds, cfg, start)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("mm-data".into())
-            .spawn(move || loop {
-                let item = producer.next_batch();
-                let failed = item.is_err();
-                if !send(&tx, &flag, item) || failed {
-                    return;
-                }
-            })
-            .map_err(|_| DataError::Stopped)?;
-        Ok(Loader { rx, stop, handle: Some(handle) })
+        let mut loader = Loader { queues: Vec::new(), next: 0, stop: stop.clone(), handles: Vec::new() };
+        for w in 0..workers {
+            let mut producer = first.fork();
+            let (tx, rx) = sync_channel(depth);
+            let flag = stop.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("mm-data-{w}"))
+                .spawn(move || {
+                    for j in (w as u64..).step_by(workers) {
+                        let item = producer.batch(j);
+                        let failed = item.is_err();
+                        if !send(&tx, &flag, item) || failed {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|_| DataError::Stopped)?;
+            loader.queues.push(rx);
+            loader.handles.push(handle);
+        }
+        Ok(loader)
     }
 
     pub fn next_batch(&mut self) -> Result<Batch, DataError> {
-        self.rx.recv().map_err(|_| DataError::Stopped)?
+        let q = &self.queues[self.next % self.queues.len()];
+        self.next += 1;
+        q.recv().map_err(|_| DataError::Stopped)?
     }
 }
 
 impl Drop for Loader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
+        for h in self.handles.drain(..) {
             let _ = h.join();
         }
     }

@@ -174,7 +174,8 @@ pub struct TrainArgs {
     pub pre: PreprocessArgs,
     #[arg(long, default_value_t = 0.01)]
     pub max_bad_fraction: f64,
-    /// Data loading threads (Megatron's); one background thread builds samples here.
+    /// Data loading threads (Megatron's): each builds every N-th micro batch; the stream is the
+    /// same for any N.
     #[arg(long, default_value_t = 1)]
     pub num_workers: usize,
     /// Micro batches prepared ahead of the training loop.
