@@ -201,10 +201,12 @@ impl Console {
 
     fn on_progress(&mut self, ev: &ProgressEvent) {
         let ProgressEvent::Step(p) = ev else {
+            // Kept across restarts on purpose: an earlier attempt's checkpoint is still the
+            // job's latest until a later one is written.
             if let ProgressEvent::Checkpoint { path, .. } = ev {
                 self.last_checkpoint = Some(path.clone());
             }
-            if let ProgressEvent::Done { iteration, final_loss, tokens_per_sec, checkpoint } = ev {
+            if let ProgressEvent::Done { iteration, final_loss, tokens_per_sec, checkpoint, steps } = ev {
                 // Every rank may report the end; keep the first.
                 if self.training.is_some() {
                     return;
@@ -214,6 +216,7 @@ impl Console {
                     final_loss: *final_loss,
                     tokens_per_sec: *tokens_per_sec,
                     checkpoint: checkpoint.clone().or_else(|| self.last_checkpoint.clone()),
+                    steps: *steps,
                 });
                 if let Some(b) = self.bars.as_ref().and_then(|b| b.train.as_ref()) {
                     b.finish_with_message(format!("done: loss {final_loss:.4} · {tokens_per_sec:.0} tok/s"));

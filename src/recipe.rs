@@ -244,7 +244,7 @@ impl Recipe {
                 r.train.lr_warmup_fraction = 0.05;
                 r.train.precision = Precision::Fp32;
                 r.train.flash_attention = false;
-                r.train.num_workers = 1;
+                r.train.num_workers = 2; // 1.2× the tokens/s of one on 2 cores (make demo)
                 r.data.max_dynamic_patch = 4;
                 r.data.data_path = Some("runs/tiny/data/train.jsonl".into());
                 r.data.data_folder = Some("runs/tiny/data".into());

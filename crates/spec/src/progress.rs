@@ -54,9 +54,12 @@ pub enum ProgressEvent {
         final_loss: f64,
         #[serde(with = "lossless_f64")]
         tokens_per_sec: f64,
-        /// The last checkpoint written, if any.
+        /// The last checkpoint written, if any (when `steps` is 0: the checkpoint loaded).
         #[serde(default)]
         checkpoint: Option<String>,
+        /// Iterations this run trained (0: the checkpoint already reached --train-iters).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        steps: Option<u64>,
     },
 }
 
@@ -106,7 +109,7 @@ fn quote(line: &str) -> String {
 }
 
 /// An f64 as a JSON number when finite, else as "nan" / "inf" / "-inf".
-mod lossless_f64 {
+pub mod lossless_f64 {
     use serde::de::{self, Visitor};
     use serde::{Deserializer, Serializer};
     use std::fmt;
@@ -247,7 +250,13 @@ mod tests {
         let line = step(1.5, Some(0.75)).to_line();
         assert!(line.starts_with("@@mm-progress {\"event\":\"step\",\"iteration\":12,"), "{line}");
         assert!(!line.contains('\n'));
-        let done = ProgressEvent::Done { iteration: 5000, final_loss: 0.5, tokens_per_sec: 2000.0, checkpoint: None };
+        let done = ProgressEvent::Done {
+            iteration: 5000,
+            final_loss: 0.5,
+            tokens_per_sec: 2000.0,
+            checkpoint: None,
+            steps: None,
+        };
         assert_eq!(
             done.to_line(),
             "@@mm-progress {\"event\":\"done\",\"iteration\":5000,\"final_loss\":0.5,\
@@ -266,6 +275,7 @@ mod tests {
                 final_loss: 0.4,
                 tokens_per_sec: 2211.93,
                 checkpoint: Some("save/iter_0005000".into()),
+                steps: Some(40),
             },
         ];
         for e in events {
@@ -287,8 +297,13 @@ mod tests {
         assert_eq!(p.grad_norm, Some(f64::INFINITY));
         assert!(same(&back, &e));
 
-        let done =
-            ProgressEvent::Done { iteration: 1, final_loss: f64::NEG_INFINITY, tokens_per_sec: 0.0, checkpoint: None };
+        let done = ProgressEvent::Done {
+            iteration: 1,
+            final_loss: f64::NEG_INFINITY,
+            tokens_per_sec: 0.0,
+            checkpoint: None,
+            steps: None,
+        };
         let back = ProgressEvent::parse(&done.to_line()).unwrap().unwrap();
         assert_eq!(back, done);
     }

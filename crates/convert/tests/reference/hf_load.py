@@ -1,7 +1,7 @@
 """Does transformers load what mm-convert exports, and compute the same thing?
 
 Run by crates/convert/tests/transformers_load.rs (converter round trips) and by
-crates/engine/tests/export.rs (a fine-tuned mm-engine checkpoint exported for transformers).
+crates/engine/tests/train.rs (a fine-tuned mm-engine checkpoint exported for transformers).
 Uses transformers==4.53.0 (InternVLForConditionalGeneration), torch and safetensors only.
 
   make OUT --flavour 300m|6b   a small random InternVL saved with save_pretrained in OUT/src

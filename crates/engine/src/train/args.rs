@@ -344,6 +344,9 @@ impl TrainArgs {
         if !(0.0..=1.0).contains(&self.max_bad_fraction) {
             errs.push(format!("--max-bad-fraction {}: expected a fraction in [0, 1]", self.max_bad_fraction));
         }
+        if self.auto_resume && self.save.is_none() {
+            errs.push("--auto-resume: resumes from --save, which is not set".into());
+        }
         self.pre.check(&mut errs);
         if !crate::data::template::TEMPLATES.contains(&self.template.as_str()) {
             errs.push(format!(

@@ -54,8 +54,8 @@ pub enum OptimizerError {
 }
 
 /// The Adam part of one AdamW step, in place on `target` and the moments (weight decay is
-/// applied by the caller). The order of torch.optim.AdamW's single-tensor path, written with
-/// in-place kernels and two temporaries per tensor (the update is bound by memory traffic).
+/// applied by the caller): the operations and rounding order of torch.optim.AdamW's
+/// single-tensor path, with in-place kernels (the update is bound by memory traffic).
 pub fn adam_update(
     target: &mut Tensor,
     grad: &Tensor,
@@ -70,9 +70,9 @@ pub fn adam_update(
     let mut denom = exp_avg_sq.sqrt();
     let _ = denom.g_div_scalar_(bias2_sqrt);
     let _ = denom.g_add_scalar_(eps);
-    // target += -step_size · exp_avg / denom, as one addcdiv.
-    let _ = denom.g_div_scalar_(-step_size);
-    let _ = target.addcdiv_(exp_avg, &denom);
+    // torch: param.addcdiv_(exp_avg, denom, value=-step_size), whose kernel rounds
+    // (value · exp_avg) / denom; tch's addcdiv_ has no value argument, so scale first.
+    let _ = target.addcdiv_(&(&*exp_avg * (-step_size)), &denom);
 }
 
 /// Megatron's no-weight-decay rule.
@@ -169,10 +169,10 @@ impl AdamW {
     /// One AdamW step at learning rate `lr`.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
-        let t = self.step as i32;
+        let t = self.step as f64; // Python's beta ** step is pow(), not repeated products
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let bias1 = 1.0 - b1.powi(t);
-        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let bias1 = 1.0 - b1.powf(t);
+        let bias2_sqrt = (1.0 - b2.powf(t)).sqrt();
         let step_size = lr / bias1;
         tch::no_grad(|| {
             for i in 0..self.params.len() {

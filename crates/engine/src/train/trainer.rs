@@ -342,6 +342,12 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     // others fail fast in their next collective instead of waiting for it at the store.
     let dp = DataParallel::init(env, device)?;
     let load = resume_point(&a)?;
+    if a.auto_resume {
+        // Every rank reads --save's tracker on its own host: they only agree on shared storage.
+        let what = "the resume point (--auto-resume reads --save's latest_checkpointed_iteration.txt on every \
+                    host, so the save folder must be on storage all hosts share)";
+        dp.agree(what, fingerprint(&format!("{load:?}")))?; // SYNC
+    }
     if let (Some(l), 0) = (&load, dp.global_rank) {
         if Some(l) != a.load.as_ref() {
             println!(
@@ -515,7 +521,11 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
             "nothing to train: the checkpoint is at iteration {iteration}, --train-iters is {}; raise --train-iters to \
              continue{}",
             a.train_iters,
-            if load.is_some() && load == a.save { ", or remove the save folder to train from --load again" } else { "" }
+            if load.is_some() && load == a.save && a.load != a.save {
+                ", or remove the save folder to train from --load again"
+            } else {
+                ""
+            }
         );
         if dp.global_rank == 0 {
             let checkpoint = match &session.source {
@@ -524,7 +534,14 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
             };
             println!(
                 "{}",
-                ProgressEvent::Done { iteration, final_loss: last_loss, tokens_per_sec: 0.0, checkpoint }.to_line()
+                ProgressEvent::Done {
+                    iteration,
+                    final_loss: last_loss,
+                    tokens_per_sec: 0.0,
+                    checkpoint,
+                    steps: Some(0)
+                }
+                .to_line()
             );
         }
         return Ok(());
@@ -680,6 +697,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
                 final_loss: last_loss,
                 tokens_per_sec: tps,
                 checkpoint: last_ckpt.map(|p| p.display().to_string()),
+                steps: Some(steps_done),
             }
             .to_line()
         );

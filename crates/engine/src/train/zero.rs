@@ -333,10 +333,10 @@ impl ZeroAdamW {
     /// One AdamW step on the shard, then every rank's updated shard into the parameters.
     pub fn step(&mut self, dp: &DataParallel, lr: f64) -> Result<(), DistError> {
         self.step += 1;
-        let t = self.step as i32;
+        let t = self.step as f64; // Python's beta ** step is pow(), not repeated products
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let bias1 = 1.0 - b1.powi(t);
-        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let bias1 = 1.0 - b1.powf(t);
+        let bias2_sqrt = (1.0 - b2.powf(t)).sqrt();
         let step_size = lr / bias1;
         let narrow = |t: &Tensor, pc: &Piece| t.narrow(0, pc.in_shard as i64, pc.len as i64);
         tch::no_grad(|| {
