@@ -10,7 +10,6 @@ mod rig;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rig::suite::{yq, Job, Place, LAUNCH};
@@ -18,32 +17,40 @@ use rig::Rig;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// mm-engine as this tree builds it: `cargo build -p mm-engine` into the target folder these
-/// tests run from (a no-op when it is up to date), so a missing or stale binary is never what
-/// runs. Plain `cargo test` leaves the engine out (default-members); this builds it, which
-/// needs libtorch (`make test` sets up the venv).
+/// The mm-engine cargo built next to `launch`, checked to be newer than every engine source:
+/// `cargo test --workspace` (what `make test` runs) always builds it first; plain `cargo test`
+/// leaves the engine out (default-members), and then this fails saying so rather than run a
+/// missing or stale binary.
 fn engine() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| build_sibling(Path::new(LAUNCH), "mm-engine", "mm-engine")).clone()
+    let p = Path::new(LAUNCH).with_file_name("mm-engine");
+    let sources = ["crates/engine/src", "crates/engine/csrc", "crates/engine/build.rs", "crates/spec/src"];
+    if let Some(problem) = stale(&p, &sources) {
+        panic!(
+            "{}: {problem}; these tests run the real engine: build it (`cargo build -p mm-engine`, or run \
+             `make test`, which builds the whole workspace)",
+            p.display()
+        );
+    }
+    p
 }
 
-/// Builds `bin` of `package` with the cargo that built this test, into the target folder and
-/// profile of `next_to` (a binary of that build); returns its path.
-fn build_sibling(next_to: &Path, package: &str, bin: &str) -> PathBuf {
-    let profile_dir = next_to.parent().expect("target/<profile>");
-    let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "--quiet", "-p", package, "--bin", bin, "--target-dir"]).arg(profile_dir.parent().unwrap());
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        c.arg("--release");
+/// Why `bin` cannot stand for the sources under `sources` (paths relative to the repository):
+/// missing, or older than one of them.
+fn stale(bin: &Path, sources: &[&str]) -> Option<String> {
+    let built = match std::fs::metadata(bin).and_then(|m| m.modified()) {
+        Ok(t) => t,
+        Err(e) => return Some(format!("missing ({e})")),
+    };
+    let mut stack: Vec<PathBuf> = sources.iter().map(|s| Path::new(REPO).join(s)).collect();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else { continue };
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+        } else if meta.modified().is_ok_and(|m| m > built) {
+            return Some(format!("older than {}", p.display()));
+        }
     }
-    let o = c.current_dir(REPO).output().expect("run cargo");
-    assert!(
-        o.status.success(),
-        "cargo build -p {package} failed (mm-engine needs libtorch: run the tests through `make test`, which \
-         sets up .venv):\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    profile_dir.join(bin)
+    None
 }
 
 /// `mm-engine synth --out DIR/runs/tiny`: the tiny checkpoint, tokenizer and data the tiny

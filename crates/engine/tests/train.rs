@@ -330,17 +330,27 @@ fn a_fine_tuned_checkpoint_exports_to_transformers_with_the_same_logits() {
             .args(["--max-dynamic-patch", "2", "--use-thumbnail", "--limit", "3", "--dump-logits", "3", "--out"])
             .arg(&dump),
     );
-    // mm-convert as this tree builds it (a no-op when up to date): never a stale binary.
-    let engine_exe = Path::new(env!("CARGO_BIN_EXE_mm-engine"));
-    let profile_dir = engine_exe.parent().unwrap();
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "--quiet", "-p", "mm-convert", "--bin", "mm-convert", "--target-dir"]);
-    build.arg(profile_dir.parent().unwrap()).current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
+    // The mm-convert cargo built next to mm-engine (`cargo test --workspace` builds both);
+    // never a missing or stale one.
+    let convert = Path::new(env!("CARGO_BIN_EXE_mm-engine")).with_file_name("mm-convert");
+    let built = std::fs::metadata(&convert).and_then(|m| m.modified()).unwrap_or_else(|e| {
+        panic!("{}: {e}; build it (`cargo build -p mm-convert`, or `make test`)", convert.display())
+    });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut stack = vec![root.join("crates/convert/src"), root.join("crates/spec/src")];
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+        } else {
+            let m = std::fs::metadata(&p).and_then(|m| m.modified()).unwrap();
+            assert!(
+                m <= built,
+                "{} is older than {}: rebuild it (`cargo build -p mm-convert`)",
+                convert.display(),
+                p.display()
+            );
+        }
     }
-    run_ok(&mut build);
-    let convert = profile_dir.join("mm-convert");
     let export = work.path().join("export");
     let o = Command::new(&convert)
         .args(["mm-to-hf", "--layout", "hf", "--mm-dir"])
@@ -351,7 +361,6 @@ fn a_fine_tuned_checkpoint_exports_to_transformers_with_the_same_logits() {
         .unwrap();
     assert!(o.status.success(), "mm-convert failed:\n{}", text(&o));
 
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let python = root.join(".venv/bin/python");
     assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
     let o = Command::new(python)
