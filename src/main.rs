@@ -225,6 +225,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     eprintln!("warning: {} on {}: found {}, expected {}", r.check, r.host, r.found, r.expected);
                 }
             }
+            if args.max_restarts > 0 {
+                let mm_engine = cluster.template == launch::cluster::Template::MmEngine;
+                if let Some(c) = plan.recipe.checkpoint.restart_caveat(mm_engine) {
+                    eprintln!("warning: --max-restarts {}: {c}", args.max_restarts);
+                }
+            }
             let opts = JobOptions {
                 grace: args.grace,
                 max_restarts: args.max_restarts,

@@ -143,6 +143,39 @@ pub struct CheckpointRecipe {
     pub auto_resume: bool,
 }
 
+impl CheckpointRecipe {
+    /// What a `--max-restarts` restart will not restore with these settings (None: it resumes
+    /// exactly: weights, optimizer, RNG and data position). `mm_engine`: the mm-engine
+    /// template (the MindSpeed ones resume only when `load` points at the save folder).
+    pub fn restart_caveat(&self, mm_engine: bool) -> Option<String> {
+        if self.save.is_none() {
+            return Some("no checkpoint.save folder: a restart starts the training over".into());
+        }
+        if !mm_engine {
+            return Some(
+                "with the MindSpeed templates a restart resumes only when checkpoint.load is the save folder".into(),
+            );
+        }
+        if !self.auto_resume {
+            return Some("checkpoint.auto_resume is false: a restart starts again from checkpoint.load".into());
+        }
+        let mut lost = Vec::new();
+        if self.no_save_optim || self.no_load_optim {
+            lost.push("the optimizer state (no_save_optim / no_load_optim)");
+        }
+        if self.no_save_rng || self.no_load_rng {
+            lost.push("the RNG state (no_save_rng / no_load_rng)");
+        }
+        (!lost.is_empty()).then(|| {
+            format!(
+                "a restart resumes the weights from checkpoint.save but not {}; the run will not match an \
+                 uninterrupted one",
+                lost.join(" or ")
+            )
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputRecipe {
@@ -645,5 +678,19 @@ mod tests {
     fn set_wrong_type_names_the_key() {
         let err = Recipe::resolve("8b", None, None, &["parallel.tp=eight".into()]).unwrap_err().to_string();
         assert!(err.starts_with("<command line>: parallel.tp: invalid type: string \"eight\""), "{err}");
+    }
+
+    #[test]
+    fn restart_caveats_follow_what_the_checkpoints_keep() {
+        let tiny = Recipe::resolve("tiny", None, None, &[]).unwrap().checkpoint;
+        assert_eq!(tiny.restart_caveat(true), None);
+        assert!(tiny.restart_caveat(false).unwrap().contains("MindSpeed"));
+        let seed = Recipe::resolve("8b", None, None, &[]).unwrap().checkpoint;
+        let c = seed.restart_caveat(true).unwrap();
+        assert!(c.contains("optimizer state") && c.contains("RNG state"), "{c}");
+        let no_save = CheckpointRecipe { save: None, ..tiny.clone() };
+        assert!(no_save.restart_caveat(true).unwrap().contains("starts the training over"));
+        let off = CheckpointRecipe { auto_resume: false, ..tiny };
+        assert!(off.restart_caveat(true).unwrap().contains("auto_resume is false"));
     }
 }
