@@ -6,6 +6,7 @@
 //! mm-engine is the binary cargo builds next to `launch` (`cargo test --workspace` and
 //! `make test` build both). The rig test needs root, as the other rig tests.
 
+mod fresh;
 mod rig;
 
 use std::path::{Path, PathBuf};
@@ -17,40 +18,10 @@ use rig::Rig;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The mm-engine cargo built next to `launch`, checked to be newer than every engine source:
-/// `cargo test --workspace` (what `make test` runs) always builds it first; plain `cargo test`
-/// leaves the engine out (default-members), and then this fails saying so rather than run a
-/// missing or stale binary.
+/// The mm-engine cargo built next to `launch`, checked to be current (tests/fresh).
 fn engine() -> PathBuf {
-    let p = Path::new(LAUNCH).with_file_name("mm-engine");
     let sources = ["crates/engine/src", "crates/engine/csrc", "crates/engine/build.rs", "crates/spec/src"];
-    if let Some(problem) = stale(&p, &sources) {
-        panic!(
-            "{}: {problem}; these tests run the real engine: build it (`cargo build -p mm-engine`, or run \
-             `make test`, which builds the whole workspace)",
-            p.display()
-        );
-    }
-    p
-}
-
-/// Why `bin` cannot stand for the sources under `sources` (paths relative to the repository):
-/// missing, or older than one of them.
-fn stale(bin: &Path, sources: &[&str]) -> Option<String> {
-    let built = match std::fs::metadata(bin).and_then(|m| m.modified()) {
-        Ok(t) => t,
-        Err(e) => return Some(format!("missing ({e})")),
-    };
-    let mut stack: Vec<PathBuf> = sources.iter().map(|s| Path::new(REPO).join(s)).collect();
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&p) else { continue };
-        if meta.is_dir() {
-            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
-        } else if meta.modified().is_ok_and(|m| m > built) {
-            return Some(format!("older than {}", p.display()));
-        }
-    }
-    None
+    fresh::binary(Path::new(LAUNCH).parent().unwrap(), "mm-engine", "mm-engine", &sources)
 }
 
 /// `mm-engine synth --out DIR/runs/tiny`: the tiny checkpoint, tokenizer and data the tiny

@@ -1,6 +1,9 @@
 //! The `mm-engine` binary end to end on `mm-engine synth` output: training, exact resume,
 //! the checkpoint format, eval, bad data, flag checks, and a tiny model that learns.
 
+#[path = "../../../tests/fresh/mod.rs"]
+mod fresh;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -313,6 +316,9 @@ fn auto_resume_prefers_the_save_folder_and_refuses_a_broken_tracker() {
 /// inputs (crates/convert/tests/reference/hf_load.py replays them).
 #[test]
 fn a_fine_tuned_checkpoint_exports_to_transformers_with_the_same_logits() {
+    // The mm-convert cargo built next to mm-engine, checked to be current.
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_mm-engine")).parent().unwrap();
+    let convert = fresh::binary(profile_dir, "mm-convert", "mm-convert", &["crates/convert/src", "crates/spec/src"]);
     let d = synth();
     let work = tempfile::tempdir().unwrap();
     let save = work.path().join("save");
@@ -330,27 +336,6 @@ fn a_fine_tuned_checkpoint_exports_to_transformers_with_the_same_logits() {
             .args(["--max-dynamic-patch", "2", "--use-thumbnail", "--limit", "3", "--dump-logits", "3", "--out"])
             .arg(&dump),
     );
-    // The mm-convert cargo built next to mm-engine (`cargo test --workspace` builds both);
-    // never a missing or stale one.
-    let convert = Path::new(env!("CARGO_BIN_EXE_mm-engine")).with_file_name("mm-convert");
-    let built = std::fs::metadata(&convert).and_then(|m| m.modified()).unwrap_or_else(|e| {
-        panic!("{}: {e}; build it (`cargo build -p mm-convert`, or `make test`)", convert.display())
-    });
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut stack = vec![root.join("crates/convert/src"), root.join("crates/spec/src")];
-    while let Some(p) = stack.pop() {
-        if p.is_dir() {
-            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
-        } else {
-            let m = std::fs::metadata(&p).and_then(|m| m.modified()).unwrap();
-            assert!(
-                m <= built,
-                "{} is older than {}: rebuild it (`cargo build -p mm-convert`)",
-                convert.display(),
-                p.display()
-            );
-        }
-    }
     let export = work.path().join("export");
     let o = Command::new(&convert)
         .args(["mm-to-hf", "--layout", "hf", "--mm-dir"])
@@ -361,6 +346,7 @@ fn a_fine_tuned_checkpoint_exports_to_transformers_with_the_same_logits() {
         .unwrap();
     assert!(o.status.success(), "mm-convert failed:\n{}", text(&o));
 
+    let root = fresh::root();
     let python = root.join(".venv/bin/python");
     assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
     let o = Command::new(python)
