@@ -8,6 +8,7 @@
 //! - [`layout`]: the one rank layout (Megatron order tp-cp-dp-pp), process groups, placement
 //!   over nodes, pipeline layer split, tensor-parallel partitions, model-vs-layout checks.
 //! - [`progress`]: the machine-readable progress line the engine prints and the launcher parses.
+//! - [`suggest`]: the one "did you mean" matcher for every tool's messages.
 //! - [`error`]: [`SpecError`], the error of the non-layout parts.
 //!
 //! The MM checkpoint format (names, manifest) will live in a `checkpoint` module next to these.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod layout;
 pub mod presets;
 pub mod progress;
+pub mod suggest;
 
 pub use checkpoint::{CheckpointError, DType, HfLayout, Iteration, LayoutRequest, Manifest, MmLayout, SplitKind};
 pub use error::SpecError;
