@@ -26,6 +26,10 @@ pub enum ConvertError {
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
 
+    /// A config.json mm-spec refused (it names the file and the key).
+    #[error(transparent)]
+    HfConfig(#[from] mm_spec::hf::ConfigError),
+
     #[error("{what} is not usable ({} problem{}):\n{}", problems.len(), plural(problems.len()), list(problems))]
     Invalid { what: String, problems: Vec<Problem> },
 

@@ -166,7 +166,7 @@ fn inspect_hf(o: &InspectOptions) -> Result<Report, ConvertError> {
     let _ = writeln!(
         out,
         "  config:    {}",
-        if ck.config.native { "transformers InternVLConfig (text_config)" } else { "internvl_chat (llm_config)" }
+        if ck.config.native() { "transformers InternVLConfig (text_config)" } else { "internvl_chat (llm_config)" }
     );
     let _ = writeln!(out, "  model:     {}", describe_model(arch));
     let names: Vec<String> =

@@ -16,7 +16,7 @@ use mm_spec::{DType, HfLayout, LayoutRequest};
 use serde_json::json;
 
 use crate::error::ConvertError;
-use crate::hf::{asset_names, config_for_layout, hf_keys, parse_config, set_torch_dtype, CONFIG_FILE, INDEX_FILE};
+use crate::hf::{asset_names, config_for_layout, hf_keys, set_torch_dtype, CONFIG_FILE, INDEX_FILE};
 use crate::mm::MmCheckpoint;
 use crate::split::gather_ops;
 use crate::to_mm::Summary;
@@ -237,7 +237,7 @@ fn export_config(
     let path = assets_dir.join(CONFIG_FILE);
     let source = if path.is_file() {
         let text = std::fs::read_to_string(&path).map_err(|e| ConvertError::io("read", &path, e))?;
-        Some(parse_config(&arch.name, &text).map_err(|message| ConvertError::Config { path: path.clone(), message })?)
+        Some(mm_spec::hf::parse_config(&path, &arch.name, &text)?)
     } else {
         None
     };
@@ -257,7 +257,7 @@ fn export_config(
     let main_dtype =
         dtype.or_else(|| ck.manifest.tensors.iter().find(|t| t.key == "llm.embed_tokens.weight").map(|t| t.dtype));
     let mut config = match source {
-        Some(src) if src.native == target.is_transformers_native() => {
+        Some(src) if src.native() == target.is_transformers_native() => {
             let mut raw = src.raw;
             if let Some(d) = dtype {
                 set_torch_dtype(&mut raw, d);

@@ -157,7 +157,7 @@ fn cross_layout_export() {
     assert_eq!(exp["vision_tower.encoder.layer.0.lambda_2"].data, src["vision_model.encoder.layers.0.ls2"].data);
     assert_eq!(exp.len(), src.len() + 2 * 2 * 2, "q/k/v weight and bias per layer replace qkv");
     let cfg = mm_convert::hf::read_config(&out).unwrap();
-    assert!(cfg.native);
+    assert!(cfg.native());
     let mut arch = cfg.arch.clone();
     arch.name = "tiny".into();
     arch.vision.drop_path_rate = 0.0;
@@ -169,7 +169,7 @@ fn cross_layout_export() {
     run(&["hf-to-mm", "--hf-dir", s(&out), "--mm-dir", s(&mm2), "--tp", "1", "--llm-pp-layers", "1,1"], 0);
     run(&["mm-to-hf", "--mm-dir", s(&mm2), "--hf-dir", s(&orig), "--layout", "original"], 0);
     assert_same_tensors(&src, &read_hf(&orig));
-    assert!(!mm_convert::hf::read_config(&orig).unwrap().native);
+    assert!(!mm_convert::hf::read_config(&orig).unwrap().native());
 }
 
 /// --dtype converts per tensor; bf16 → fp32 → bf16 is exact.

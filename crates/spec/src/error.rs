@@ -21,17 +21,6 @@ pub enum SpecError {
     #[error("invalid model config {model:?}: {field} is {found}, expected {expected}")]
     InvalidModel { model: String, field: String, found: String, expected: String },
 
-    /// A `config.json` that is not JSON or lacks a field the engine needs.
-    #[error(
-        "cannot read model config {model:?} as an internvl_chat config.json \
-         (needs vision_config, llm_config, template, ps_version): {source}"
-    )]
-    ConfigJson {
-        model: String,
-        #[source]
-        source: serde_json::Error,
-    },
-
     /// A line that carries the progress prefix but no valid progress event after it.
     #[error(
         "malformed progress line ({reason}): expected the prefix followed by one json object \

@@ -5,6 +5,8 @@
 //!
 //! - [`presets`]: InternVL3 architecture presets (HF `config.json` field names) and their
 //!   exact parameter counts.
+//! - [`hf`]: HF folders: config.json in both schemas (parsed once, for every tool), the key
+//!   spellings of every layout, the file names.
 //! - [`layout`]: the one rank layout (Megatron order tp-cp-dp-pp), process groups, placement
 //!   over nodes, pipeline layer split, tensor-parallel partitions, model-vs-layout checks.
 //! - [`progress`]: the machine-readable progress line the engine prints and the launcher parses.
@@ -15,6 +17,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod hf;
 pub mod layout;
 pub mod presets;
 pub mod progress;

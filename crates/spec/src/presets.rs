@@ -6,7 +6,7 @@
 //!
 //! Field names are the ones of the original HF `config.json` (`vision_config`, `llm_config`,
 //! `num_hidden_layers`, …) so a real checkpoint's config deserializes straight into these types
-//! ([`ModelPreset::from_config_json`]) and the converter can write one back with `serde_json`.
+//! ([`crate::hf::config`]) and the converter can write one back with `serde_json`.
 //! The numbers come from /work/shared/docs/internvl3.md.
 
 use serde::{Deserialize, Serialize};
@@ -221,20 +221,6 @@ impl LlmConfig {
 }
 
 impl ModelPreset {
-    /// Reads an original-layout `config.json` (`model_type: internvl_chat`) and validates it.
-    ///
-    /// The transformers-native "-hf" config (`text_config`, `use_qk_norm`, …) is a different
-    /// schema and is rejected with the missing field named.
-    pub fn from_config_json(name: &str, json: &str) -> Result<Self, SpecError> {
-        let mut preset: ModelPreset =
-            serde_json::from_str(json).map_err(|source| SpecError::ConfigJson { model: name.to_string(), source })?;
-        if preset.name.is_empty() {
-            preset.name = name.to_string();
-        }
-        preset.validate()?;
-        Ok(preset)
-    }
-
     /// Integer `1 / downsample_ratio` (2 for 0.5), if the ratio has one.
     fn shuffle_factor(&self) -> Option<usize> {
         let r = self.downsample_ratio;
@@ -419,7 +405,7 @@ pub fn preset(name: &str) -> Result<ModelPreset, SpecError> {
         "2b" => real("2b", vit_300m(), qwen(28, 1536, 12, 2, 8960, 1e-6)),
         "8b" => real("8b", vit_300m(), qwen(28, 3584, 28, 4, 18944, 1e-6)),
         // 14B/38B eps: internvl3.md marks 1e-5 as unverified; a loader should prefer the
-        // checkpoint's own config.json (ModelPreset::from_config_json) over the preset.
+        // checkpoint's own config.json (mm_spec::hf::read_config) over the preset.
         "14b" => real("14b", vit_300m(), qwen(48, 5120, 40, 8, 13824, 1e-5)),
         "38b" => real("38b", vit_6b(), qwen(64, 5120, 40, 8, 27648, 1e-5)),
         "78b" => real("78b", vit_6b(), qwen(80, 8192, 64, 8, 29568, 1e-6)),
@@ -674,70 +660,6 @@ mod tests {
     }
 
     /// An excerpt of OpenGVLab/InternVL3-8B's config.json with its extra keys left in.
-    const CONFIG_8B: &str = r#"{
-      "architectures": ["InternVLChatModel"],
-      "downsample_ratio": 0.5,
-      "dynamic_image_size": true,
-      "force_image_size": 448,
-      "llm_config": {
-        "architectures": ["Qwen2ForCausalLM"],
-        "hidden_act": "silu",
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "max_position_embeddings": 32768,
-        "model_type": "qwen2",
-        "num_attention_heads": 28,
-        "num_hidden_layers": 28,
-        "num_key_value_heads": 4,
-        "rms_norm_eps": 1e-06,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": false,
-        "torch_dtype": "bfloat16",
-        "vocab_size": 151674
-      },
-      "max_dynamic_patch": 12,
-      "model_type": "internvl_chat",
-      "ps_version": "v2",
-      "select_layer": -1,
-      "template": "internvl2_5",
-      "use_thumbnail": true,
-      "vision_config": {
-        "architectures": ["InternVisionModel"],
-        "drop_path_rate": 0.1,
-        "hidden_act": "gelu",
-        "hidden_size": 1024,
-        "image_size": 448,
-        "initializer_factor": 0.1,
-        "intermediate_size": 4096,
-        "layer_norm_eps": 1e-06,
-        "model_type": "intern_vit_6b",
-        "norm_type": "layer_norm",
-        "num_attention_heads": 16,
-        "num_channels": 3,
-        "num_hidden_layers": 24,
-        "patch_size": 14,
-        "qk_normalization": false,
-        "qkv_bias": true
-      }
-    }"#;
-
-    #[test]
-    fn reads_a_real_config() {
-        let p = ModelPreset::from_config_json("InternVL3-8B", CONFIG_8B).unwrap();
-        let mut expected = preset("8b").unwrap();
-        expected.name = "InternVL3-8B".into();
-        expected.vision.drop_path_rate = 0.1;
-        assert_eq!(p, expected);
-    }
-
-    #[test]
-    fn config_missing_a_field_names_it() {
-        let json = CONFIG_8B.replace("\"qkv_bias\": true", "\"qkv_bias_typo\": true");
-        let err = ModelPreset::from_config_json("x", &json).unwrap_err();
-        assert!(err.to_string().contains("qkv_bias"), "{err}");
-        let err = ModelPreset::from_config_json("x", "{not json").unwrap_err();
-        assert!(matches!(err, SpecError::ConfigJson { .. }), "{err}");
-    }
 
     #[test]
     fn validate_rejects_broken_configs() {
