@@ -26,6 +26,10 @@ pub enum ConvertError {
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
 
+    /// A write mm-spec's shared writers refused (file, action, cause).
+    #[error(transparent)]
+    File(#[from] mm_spec::io::FileError),
+
     /// A config.json mm-spec refused (it names the file and the key).
     #[error(transparent)]
     HfConfig(#[from] mm_spec::hf::ConfigError),

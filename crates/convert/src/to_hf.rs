@@ -222,7 +222,8 @@ fn write_hf_file(
         w.end_tensor()?;
         releasers.into_iter().flatten().for_each(Releaser::finish);
     }
-    w.finish()
+    w.finish()?;
+    Ok(())
 }
 
 /// config.json of the export: the source's own (when the schema matches the target), else one

@@ -179,5 +179,6 @@ fn write_shard(
         w.end_tensor()?;
         releasers.into_iter().for_each(Releaser::finish);
     }
-    w.finish()
+    w.finish()?;
+    Ok(())
 }

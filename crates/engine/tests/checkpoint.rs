@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use mm_engine::model::InternVL;
 use mm_engine::train::checkpoint::{resolve, Source};
 use mm_engine::weights::hf::{self, HfCheckpoint};
-use mm_engine::weights::keys::from_mm;
+use mm_spec::hf::original_key as from_mm;
 use mm_engine::weights::safetensors as st;
 use mm_spec::checkpoint::{plan_checkpoint, DType, Iteration, LayoutRequest, Manifest, MmLayout, LATEST_FILE};
 use mm_spec::{preset, ModelPreset};

@@ -1,12 +1,14 @@
 //! mm-spec: the facts the launcher, the converter and the engine must agree on.
 //!
-//! Everything here is pure data and pure functions (no I/O, no processes, no tensors), so a
-//! login node without libtorch can plan a run with exactly the numbers the engine will use.
+//! Pure data and pure functions (no processes, no tensors), so a login node without libtorch can
+//! plan a run with exactly the numbers the engine will use; the only I/O is reading config.json
+//! ([`hf`]) and the shared checkpoint writers ([`io`]).
 //!
 //! - [`presets`]: InternVL3 architecture presets (HF `config.json` field names) and their
 //!   exact parameter counts.
 //! - [`hf`]: HF folders: config.json in both schemas (parsed once, for every tool), the key
 //!   spellings of every layout, the file names.
+//! - [`io`]: the one safetensors writer and the atomic folder/file commit (the only I/O here).
 //! - [`layout`]: the one rank layout (Megatron order tp-cp-dp-pp), process groups, placement
 //!   over nodes, pipeline layer split, tensor-parallel partitions, model-vs-layout checks.
 //! - [`progress`]: the machine-readable progress line the engine prints and the launcher parses.
@@ -18,6 +20,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod hf;
+pub mod io;
 pub mod layout;
 pub mod presets;
 pub mod progress;

@@ -5,7 +5,7 @@
 //!    (a converted checkpoint: weights only) or `iter_NNNNNNN` (a training state: weights,
 //!    optimizer, data position, RNG seed);
 //! 2. an iteration folder itself (it has `manifest.json`);
-//! 3. an HF folder (config.json + safetensors, any key spelling [`crate::weights::keys`] knows).
+//! 3. an HF folder (config.json + safetensors, any key spelling `mm_spec::hf::keys` knows).
 //!
 //! MM checkpoints of any tp/pp split are merged on load with the manifest's split plan, so a
 //! checkpoint converted for a cluster layout also loads here.
@@ -37,7 +37,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::zero::{FlatLayout, SavedOptimizer};
 use crate::weights::hf::{self, write_synced, HfCheckpoint, MismatchReport, WeightsError};
-use crate::weights::keys::{from_mm, to_mm};
+use mm_spec::hf::{mm_key_of_original as to_mm, original_key as from_mm};
 use crate::weights::safetensors::{self as st, SafetensorsFile};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";

@@ -1,6 +1,6 @@
 //! HF checkpoint folders: config.json (original `internvl_chat` or transformers-native
 //! `internvl`), safetensors weights (one file or sharded with model.safetensors.index.json)
-//! in any of the spellings [`super::keys`] knows, loaded into the model's VarStore; and the
+//! in any of the spellings `mm_spec::hf::keys` knows, loaded into the model's VarStore; and the
 //! writer of an original-layout folder.
 //!
 //! A load checks the whole key set before copying anything and reports every missing,
@@ -15,7 +15,6 @@ use serde_json::{json, Value};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
-use super::keys::{canonical, Mapped};
 use super::safetensors::{self as st, SafetensorsError, SafetensorsFile};
 
 pub const CONFIG: &str = "config.json";
@@ -164,9 +163,11 @@ impl HfCheckpoint {
         };
         for (fi, file) in ck.files.iter().enumerate() {
             for key in file.entries.keys() {
-                match canonical(key) {
+                let parsed = mm_spec::hf::parse_key(key)
+                    .and_then(|k| Some((mm_spec::hf::original_key(&k.mm_key)?, k.part)));
+                match parsed {
                     None => ck.unknown.push(key.clone()),
-                    Some(Mapped::Plain(name)) => match ck.sources.entry(name) {
+                    Some((name, None)) => match ck.sources.entry(name) {
                         std::collections::btree_map::Entry::Occupied(e) => {
                             ck.duplicate.push(format!("{} (stored as {key})", e.key()))
                         }
@@ -174,7 +175,7 @@ impl HfCheckpoint {
                             e.insert(Source::Plain { file: fi, key: key.clone() });
                         }
                     },
-                    Some(Mapped::QkvPart(name, part)) => {
+                    Some((name, Some(part))) => {
                         let entry =
                             ck.sources.entry(name.clone()).or_insert(Source::Fused { parts: [None, None, None] });
                         match entry {

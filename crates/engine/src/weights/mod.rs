@@ -1,8 +1,8 @@
-//! Weights on disk: a lazy safetensors reader/writer, the declarative key maps between the
-//! checkpoint spellings, and HF folders (config + weights) loaded into the model's VarStore.
+//! Weights on disk: a lazy safetensors reader/writer and HF folders (config + weights) loaded
+//! into the model's VarStore. The key spellings and config.json schemas are mm-spec's
+//! (`mm_spec::hf`); parameter names are the original layout's keys.
 
 pub mod hf;
-pub mod keys;
 pub mod safetensors;
 
 pub use hf::{load_config, load_into, HfCheckpoint, MismatchReport, WeightsError};
