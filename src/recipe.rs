@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cluster::{locate_key, yaml_to_value};
-use crate::cluster::{ConfigError, JobSpec};
+use crate::cluster::JobSpec;
+use crate::diag::{locate_key, yaml_to_value, ConfigError};
 
 /// Model names `finetune` accepts (mm-spec presets, less the test-only `tiny6b`).
 pub const RECIPE_MODELS: &[&str] = &["tiny", "1b", "2b", "8b", "14b", "38b", "78b"];
