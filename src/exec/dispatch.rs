@@ -724,7 +724,7 @@ mod tests {
         FakeUnit { exit: Some((Duration::from_millis(after_ms), ExitStatus::code(code))), ..Default::default() }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn all_ranks_succeed() {
         let h = hosts(3, 2);
         let node = FakeNode { units: vec![exits(10, 0), exits(20, 0)], ..Default::default() };
@@ -737,7 +737,7 @@ mod tests {
         assert!(r.nodes.iter().all(|n| n.units.iter().all(|u| u.status == Some(ExitStatus::code(0)))));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn first_failure_stops_everyone_and_sets_the_exit_code() {
         let h = hosts(3, 2);
         let forever = FakeNode::default();
@@ -763,7 +763,7 @@ mod tests {
         assert_eq!(stops, 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
         let h = hosts(2, 1);
         let stubborn =
@@ -771,20 +771,20 @@ mod tests {
         let failing = FakeNode { units: vec![exits(20, 1)], ..Default::default() };
         let backend = FakeBackend { nodes: vec![stubborn, failing], ..Default::default() };
         let (_tx, mut rx) = no_signals();
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let (r, _) = run(&backend, &h, &cfg(300), false, 1, &mut rx).await;
         assert!(t0.elapsed() >= Duration::from_millis(300), "waited for the grace period");
         assert_eq!(r.nodes[0].units[0].status, Some(ExitStatus::signal(9)));
         assert_eq!(r.outcome.exit_code(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_silent_host_is_lost_after_the_keepalive_budget() {
         let h = hosts(3, 1);
         let lost = FakeNode { silent_after: Some(Duration::from_millis(100)), ..Default::default() };
         let backend = FakeBackend { nodes: vec![FakeNode::default(), lost, FakeNode::default()], ..Default::default() };
         let (_tx, mut rx) = no_signals();
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let (r, events) = run(&backend, &h, &cfg(1000), false, 1, &mut rx).await;
         assert!(t0.elapsed() < Duration::from_secs(3), "noticed within interval × count");
         assert!(events.contains(&"lost 1".to_string()));
@@ -796,7 +796,7 @@ mod tests {
         assert!(r.nodes[0].units[0].stopped && r.nodes[2].units[0].stopped);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_unreachable_host_starts_nothing_anywhere() {
         let h = hosts(3, 1);
         let bad = FakeNode { connect_error: Some("h1: host key changed".into()), ..Default::default() };
@@ -809,7 +809,7 @@ mod tests {
         assert!(!started, "no host may start ranks when one cannot be reached");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn port_zero_is_picked_on_the_master_and_rendered() {
         let h = hosts(3, 1);
         let n = FakeNode { units: vec![exits(10, 0)], ..Default::default() };
@@ -829,7 +829,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn signals_stop_then_a_second_one_kills() {
         let h = hosts(2, 1);
         let stubborn =
@@ -842,7 +842,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let _ = tx.send(Sig::Int);
         });
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let (r, _) = run(&backend, &h, &cfg(10_000), false, 1, &mut rx).await;
         assert!(t0.elapsed() < Duration::from_secs(5), "the second Ctrl-C did not wait for the 10 s grace");
         assert!(matches!(r.outcome, Outcome::Interrupted { signal: Sig::Int, failure: None }));
@@ -851,7 +851,7 @@ mod tests {
         assert_eq!(kills, 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn multi_rank_units_are_split_by_torchrun_prefixes_and_secrets_scrubbed() {
         let h = hosts(1, 2);
         let n = FakeNode {
