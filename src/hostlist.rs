@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::cluster::ConfigError;
+use crate::diag::ConfigError;
 
 /// The most hosts one expression may expand to; far above any real allocation, low enough that
 /// a typo cannot exhaust memory.

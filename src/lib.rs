@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod checks;
 pub mod cluster;
+pub mod diag;
 pub mod dryrun;
 pub mod events;
 pub mod exec;

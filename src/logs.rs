@@ -50,7 +50,7 @@ pub struct RunStatus {
     pub outcome: Option<String>,
     /// The engine's end-of-training summary (final loss, tokens/s, checkpoint), when it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub training: Option<crate::report::TrainingSummary>,
+    pub training: Option<crate::exec::outcome::TrainingSummary>,
 }
 
 /// Safe as one path component: letters, digits, `.`, `-`, `_`; anything else becomes `_`.
@@ -338,7 +338,7 @@ impl Reporter for LogSink {
             }
             LaunchEvent::UnitExited { node, unit, status, stopped } => {
                 let who = match self.unit_ranks.get(&(*node, *unit)) {
-                    Some(r) => crate::report::ranks_label(r),
+                    Some(r) => crate::exec::outcome::ranks_label(r),
                     None => format!("unit {unit}"),
                 };
                 let what = if *stopped {

@@ -16,7 +16,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mm_spec::progress::{ProgressEvent, PROGRESS_PREFIX};
 
 use crate::events::{HostInfo, LaunchEvent, Reporter};
-use crate::report::{ranks_label, TrainingSummary};
+use crate::exec::outcome::{ranks_label, TrainingSummary};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tee {

@@ -9,11 +9,12 @@
 
 use std::path::{Path, PathBuf};
 
+use mm_spec::suggest::did_you_mean;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cluster::{locate_key, yaml_to_value};
-use crate::cluster::{ConfigError, JobSpec};
+use crate::cluster::JobSpec;
+use crate::diag::{locate_key, yaml_to_value, ConfigError};
 
 /// Model names `finetune` accepts (mm-spec presets, less the test-only `tiny6b`).
 pub const RECIPE_MODELS: &[&str] = &["tiny", "1b", "2b", "8b", "14b", "38b", "78b"];
@@ -193,7 +194,7 @@ impl Recipe {
         let key = model.trim().to_ascii_lowercase();
         let key = key.strip_prefix("internvl3-").unwrap_or(&key);
         if !RECIPE_MODELS.contains(&key) {
-            let hint = strsim_best(key, RECIPE_MODELS).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+            let hint = did_you_mean(key, RECIPE_MODELS).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
             return Err(format!("unknown model `{model}`{hint}: expected one of {}", RECIPE_MODELS.join(", ")));
         }
         // The seed's 8B script, which every size starts from.
@@ -610,23 +611,13 @@ fn merge(base: &mut Value, overlay: &Value, path: &mut Vec<String>) -> Result<()
             Some(slot) => merge(slot, v, path)?,
             None => {
                 let allowed: Vec<String> = target.keys().cloned().collect();
-                let names: Vec<&str> = allowed.iter().map(String::as_str).collect();
-                let suggestion = strsim_best(k, &names).map(str::to_string);
+                let suggestion = did_you_mean(k, &allowed).map(str::to_string);
                 return Err(UnknownKey { path: path.clone(), key: k.clone(), suggestion, allowed, not_a_map: false });
             }
         }
         path.pop();
     }
     Ok(())
-}
-
-fn strsim_best<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates
-        .iter()
-        .map(|c| (strsim::jaro_winkler(word, c), *c))
-        .filter(|(score, _)| *score > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c)
 }
 
 #[cfg(test)]

@@ -5,55 +5,21 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::exec::dispatch::{AttemptResult, Failure, FailureKind, NodeReport, Outcome, UnitReport};
+use crate::exec::outcome::{
+    failure_headline, ranks_label, AttemptResult, Failure, FailureKind, NodeReport, Outcome, TrainingSummary,
+    UnitReport,
+};
 use crate::exec::proto::ExitStatus;
 use crate::logs::{rank_log_path, tail_lines, tail_matching, unit_log_path};
 
 /// How many log lines the report quotes.
 pub const TAIL_LINES: usize = 20;
 
-/// "rank 3", "ranks 0-7", "ranks 0,2,5".
-pub fn ranks_label(ranks: &[usize]) -> String {
-    match ranks {
-        [] => "no ranks".into(),
-        [r] => format!("rank {r}"),
-        [a, .., b] if b - a + 1 == ranks.len() && ranks.windows(2).all(|w| w[1] == w[0] + 1) => {
-            format!("ranks {a}-{b}")
-        }
-        _ => format!("ranks {}", ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")),
-    }
-}
-
 fn short_status(s: &ExitStatus) -> String {
     match (s.code, s.signal) {
         (Some(c), _) => format!("exit {c}"),
         (None, Some(sig)) => crate::exec::proto::signal_name(sig),
         _ => "unknown".into(),
-    }
-}
-
-fn unit_label(node: &NodeReport, unit: Option<usize>) -> String {
-    match unit.and_then(|u| node.units.get(u)) {
-        Some(u) if u.ranks.len() > 1 => format!("{} (one process)", ranks_label(&u.ranks)),
-        Some(u) => ranks_label(&u.ranks),
-        None => "a process".into(),
-    }
-}
-
-/// One sentence naming the failure: who, where, what.
-pub fn failure_headline(f: &Failure, node: &NodeReport) -> String {
-    let host = format!("{} ({})", node.info.name, node.info.address);
-    match &f.kind {
-        FailureKind::Exit(s) if s.signal.is_some() => {
-            format!("{} on {host} was killed by {}", unit_label(node, f.unit), s.describe())
-        }
-        FailureKind::Exit(s) => format!("{} on {host} exited with {}", unit_label(node, f.unit), s.describe()),
-        FailureKind::SpawnFailed(m) => format!("{} on {host} could not start: {m}", unit_label(node, f.unit)),
-        FailureKind::Lost(r) => format!("host {host} was lost: {r}"),
-        FailureKind::AgentDied(r) => format!("the node agent on {host} failed: {r}"),
-        FailureKind::ConnectFailed(r) => format!("cannot start on {host}: {r}"),
-        FailureKind::PortFailed(r) => format!("{host}: {r}"),
-        FailureKind::RenderFailed(r) => format!("cannot render the launch: {r}"),
     }
 }
 
@@ -135,24 +101,6 @@ fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &
         }
         _ => None,
     }
-}
-
-/// What the engine's `done` progress line said (rank 0), kept for the final summary and
-/// status.json.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TrainingSummary {
-    pub iteration: u64,
-    /// Written as a string when not finite (NaN, ±inf), so status.json always reads back.
-    #[serde(with = "mm_spec::progress::lossless_f64")]
-    pub final_loss: f64,
-    #[serde(with = "mm_spec::progress::lossless_f64")]
-    pub tokens_per_sec: f64,
-    /// The last checkpoint written (a path on the hosts), if any; with `steps` 0, the
-    /// checkpoint the run loaded.
-    pub checkpoint: Option<String>,
-    /// Iterations this run trained (0: nothing was left to train); None from older engines.
-    #[serde(default)]
-    pub steps: Option<u64>,
 }
 
 /// The full report for the end of an attempt; `training`: the engine's summary, if it sent one.
@@ -252,14 +200,6 @@ mod tests {
 
     fn unit(rank: usize, status: ExitStatus, stopped: bool) -> UnitReport {
         UnitReport { ranks: vec![rank], pid: Some(100 + rank as u32), status: Some(status), stopped, spawn_error: None }
-    }
-
-    #[test]
-    fn labels() {
-        assert_eq!(ranks_label(&[3]), "rank 3");
-        assert_eq!(ranks_label(&[0, 1, 2, 3]), "ranks 0-3");
-        assert_eq!(ranks_label(&[0, 2, 5]), "ranks 0,2,5");
-        assert_eq!(ranks_label(&[]), "no ranks");
     }
 
     #[test]

@@ -25,40 +25,18 @@ use tokio::time::Instant;
 
 use crate::events::{split_by_rank, HostInfo, LaunchEvent, Reporter, Scrubber};
 use crate::exec::backend::{Backend, Link, LinkEvent};
-use crate::exec::proto::{signal_name, ExitStatus, FromAgent, ToAgent, UnitSpec, PROTOCOL};
+use crate::exec::outcome::{
+    failure_headline, AttemptResult, Failure, FailureKind, NodeReport, Outcome, Sig, UnitReport,
+};
+use crate::exec::proto::{ExitStatus, FromAgent, ToAgent, UnitSpec, PROTOCOL};
 use crate::render::{is_secret_name, Rendered};
 
-/// Exit code when nothing could be started (a host unreachable, its key refused, no agent).
-pub const EXIT_NOT_STARTED: i32 = 4;
-/// Exit code when a host was lost or its agent died mid-run (ssh's code for connection loss).
-pub const EXIT_LOST: i32 = 255;
 /// After the grace period, how long a host may take to confirm its stop before Kill.
 const STOP_SLACK: Duration = Duration::from_secs(5);
 /// After Kill, how long before a silent host is given up.
 const KILL_SLACK: Duration = Duration::from_secs(5);
 /// After an agent's Done, how long its connection may take to close.
 const CLOSE_SLACK: Duration = Duration::from_secs(3);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sig {
-    Int,
-    Term,
-    Hup,
-}
-
-impl Sig {
-    pub fn number(self) -> i32 {
-        match self {
-            Sig::Int => libc::SIGINT,
-            Sig::Term => libc::SIGTERM,
-            Sig::Hup => libc::SIGHUP,
-        }
-    }
-
-    pub fn name(self) -> String {
-        signal_name(self.number())
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -72,103 +50,6 @@ pub struct DispatchConfig {
     /// over a network (a lost link); locally stdin EOF already says the launcher is gone,
     /// and a suspended launcher (Ctrl-Z) should not end the job.
     pub agent_watchdog: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum FailureKind {
-    /// A unit exited non-zero or was killed by a signal.
-    Exit(ExitStatus),
-    SpawnFailed(String),
-    /// Heartbeats stopped: the host or its link is gone.
-    Lost(String),
-    /// The agent's connection ended before it reported every unit.
-    AgentDied(String),
-    /// The host was never reached or its agent never started.
-    ConnectFailed(String),
-    PortFailed(String),
-    RenderFailed(String),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Failure {
-    pub node: usize,
-    pub unit: Option<usize>,
-    pub kind: FailureKind,
-    /// Since the attempt started.
-    pub after: Duration,
-}
-
-impl Failure {
-    pub fn exit_code(&self) -> i32 {
-        match &self.kind {
-            FailureKind::Exit(s) => s.shell_code(),
-            FailureKind::SpawnFailed(_) => 127,
-            FailureKind::Lost(_) | FailureKind::AgentDied(_) => EXIT_LOST,
-            FailureKind::ConnectFailed(_) | FailureKind::PortFailed(_) | FailureKind::RenderFailed(_) => {
-                EXIT_NOT_STARTED
-            }
-        }
-    }
-
-    /// Worth a restart: something failed while running (not a configuration problem).
-    pub fn restartable(&self) -> bool {
-        matches!(
-            self.kind,
-            FailureKind::Exit(_) | FailureKind::SpawnFailed(_) | FailureKind::Lost(_) | FailureKind::AgentDied(_)
-        )
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Success,
-    Failed(Failure),
-    Interrupted { signal: Sig, failure: Option<Failure> },
-}
-
-impl Outcome {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Outcome::Success => 0,
-            Outcome::Failed(f) => f.exit_code(),
-            Outcome::Interrupted { signal, .. } => 128 + signal.number(),
-        }
-    }
-}
-
-/// What happened to one unit, for the report.
-#[derive(Debug, Clone, Default)]
-pub struct UnitReport {
-    pub ranks: Vec<usize>,
-    pub pid: Option<u32>,
-    pub status: Option<ExitStatus>,
-    /// Ended during a stop the launcher ordered.
-    pub stopped: bool,
-    pub spawn_error: Option<String>,
-}
-
-/// What happened on one host, for the report.
-#[derive(Debug, Clone)]
-pub struct NodeReport {
-    pub info: HostInfo,
-    pub connected: bool,
-    pub connect_error: Option<String>,
-    pub lost: Option<String>,
-    /// Closed without Done: why.
-    pub agent_error: Option<String>,
-    /// Gave no sign of stopping even after Kill.
-    pub unresponsive: bool,
-    pub units: Vec<UnitReport>,
-    /// The agent's last stderr lines.
-    pub agent_stderr: Vec<String>,
-}
-
-#[derive(Debug)]
-pub struct AttemptResult {
-    pub outcome: Outcome,
-    pub nodes: Vec<NodeReport>,
-    pub master_port: Option<u16>,
-    pub elapsed: Duration,
 }
 
 /// Everything one attempt needs besides the backend.
@@ -528,7 +409,7 @@ impl Dispatcher<'_, '_, '_> {
         }
         let f = Failure { node, unit, kind, after: self.t0.elapsed() };
         let host = self.nodes[node].report.info.name.clone();
-        let what = crate::report::failure_headline(&f, &self.nodes[node].report);
+        let what = failure_headline(&f, &self.nodes[node].report);
         tracing::error!(host = %host, "{what}");
         self.first_failure = Some(f);
         self.begin_stop(what);
@@ -735,6 +616,7 @@ mod tests {
     use crate::cluster::Template;
     use crate::events::Reporters;
     use crate::exec::fake::{FakeBackend, FakeNode, FakeUnit};
+    use crate::exec::outcome::{EXIT_LOST, EXIT_NOT_STARTED};
     use crate::exec::proto::Stream;
     use crate::render::{LaunchUnit, NodeLaunch};
 
@@ -842,7 +724,7 @@ mod tests {
         FakeUnit { exit: Some((Duration::from_millis(after_ms), ExitStatus::code(code))), ..Default::default() }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn all_ranks_succeed() {
         let h = hosts(3, 2);
         let node = FakeNode { units: vec![exits(10, 0), exits(20, 0)], ..Default::default() };
@@ -855,7 +737,7 @@ mod tests {
         assert!(r.nodes.iter().all(|n| n.units.iter().all(|u| u.status == Some(ExitStatus::code(0)))));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn first_failure_stops_everyone_and_sets_the_exit_code() {
         let h = hosts(3, 2);
         let forever = FakeNode::default();
@@ -881,7 +763,7 @@ mod tests {
         assert_eq!(stops, 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
         let h = hosts(2, 1);
         let stubborn =
@@ -889,20 +771,20 @@ mod tests {
         let failing = FakeNode { units: vec![exits(20, 1)], ..Default::default() };
         let backend = FakeBackend { nodes: vec![stubborn, failing], ..Default::default() };
         let (_tx, mut rx) = no_signals();
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let (r, _) = run(&backend, &h, &cfg(300), false, 1, &mut rx).await;
         assert!(t0.elapsed() >= Duration::from_millis(300), "waited for the grace period");
         assert_eq!(r.nodes[0].units[0].status, Some(ExitStatus::signal(9)));
         assert_eq!(r.outcome.exit_code(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_silent_host_is_lost_after_the_keepalive_budget() {
         let h = hosts(3, 1);
         let lost = FakeNode { silent_after: Some(Duration::from_millis(100)), ..Default::default() };
         let backend = FakeBackend { nodes: vec![FakeNode::default(), lost, FakeNode::default()], ..Default::default() };
         let (_tx, mut rx) = no_signals();
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let (r, events) = run(&backend, &h, &cfg(1000), false, 1, &mut rx).await;
         assert!(t0.elapsed() < Duration::from_secs(3), "noticed within interval × count");
         assert!(events.contains(&"lost 1".to_string()));
@@ -914,7 +796,7 @@ mod tests {
         assert!(r.nodes[0].units[0].stopped && r.nodes[2].units[0].stopped);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_unreachable_host_starts_nothing_anywhere() {
         let h = hosts(3, 1);
         let bad = FakeNode { connect_error: Some("h1: host key changed".into()), ..Default::default() };
@@ -927,7 +809,7 @@ mod tests {
         assert!(!started, "no host may start ranks when one cannot be reached");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn port_zero_is_picked_on_the_master_and_rendered() {
         let h = hosts(3, 1);
         let n = FakeNode { units: vec![exits(10, 0)], ..Default::default() };
@@ -947,7 +829,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn signals_stop_then_a_second_one_kills() {
         let h = hosts(2, 1);
         let stubborn =
@@ -960,7 +842,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let _ = tx.send(Sig::Int);
         });
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let (r, _) = run(&backend, &h, &cfg(10_000), false, 1, &mut rx).await;
         assert!(t0.elapsed() < Duration::from_secs(5), "the second Ctrl-C did not wait for the 10 s grace");
         assert!(matches!(r.outcome, Outcome::Interrupted { signal: Sig::Int, failure: None }));
@@ -969,7 +851,7 @@ mod tests {
         assert_eq!(kills, 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn multi_rank_units_are_split_by_torchrun_prefixes_and_secrets_scrubbed() {
         let h = hosts(1, 2);
         let n = FakeNode {
