@@ -46,7 +46,11 @@ pub fn probe_script(plan: &Plan, cluster: &ClusterSpec, target: &ProbeTarget) ->
     for name in watched {
         let _ = writeln!(s, "[ -n \"${{{name}+x}}\" ] && emit env.{name} \"${name}\"");
     }
-    s.push_str("emit nproc \"$(nproc 2>/dev/null)\"\n");
+    // The cores the ranks may run on (the CPU affinity). Plain `nproc` obeys OMP_NUM_THREADS
+    // and OMP_THREAD_LIMIT, which the cluster env often sets to 1 for CPU ranks.
+    s.push_str(
+        "emit nproc \"$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null)\"\n",
+    );
     s.push_str("emit ifaces \"$(ls /sys/class/net 2>/dev/null)\"\n");
     let _ = writeln!(s, "[ -f {ASCEND_SET_ENV} ] && emit ascend_set_env 1 || emit ascend_set_env 0");
     let tool = |s: &mut String, name: &str, cmd: &str| {
@@ -138,6 +142,68 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checks::{evaluate, Status};
+
+    /// The cores this process may run on (sched_getaffinity), as the ranks would.
+    fn affinity_cores() -> usize {
+        // SAFETY: a zeroed cpu_set_t is valid; the call fills it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set), 0);
+            libc::CPU_COUNT(&set) as usize
+        }
+    }
+
+    /// clusters/local.yaml sets OMP_NUM_THREADS=1 for its CPU ranks; the probe still counts
+    /// the cores they may use, so two ranks on a 2-core machine get no cpu-cores warning.
+    #[test]
+    fn cpu_cores_are_the_affinity_not_omp_num_threads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clusters/local.yaml");
+        let cluster = ClusterSpec::from_file(&path).unwrap();
+        assert_eq!(cluster.env.get("OMP_NUM_THREADS").map(String::as_str), Some("1"));
+        let recipe = crate::recipe::Recipe::resolve("tiny", None, None, &[]).unwrap();
+        let plan = Plan::build(&cluster, &recipe).unwrap();
+        let target = ProbeTarget { node: &plan.nodes[0], is_master: true };
+        // The agent runs a probe exactly so: `bash -c SCRIPT`.
+        let out =
+            std::process::Command::new("bash").arg("-c").arg(probe_script(&plan, &cluster, &target)).output().unwrap();
+        let facts = parse_probe(&String::from_utf8_lossy(&out.stdout));
+        let cores = affinity_cores();
+        assert_eq!(facts.get("nproc").map(|v| v.trim()), Some(cores.to_string().as_str()), "{facts:?}");
+        let rows = evaluate(&plan, &cluster, &target, Ok(&facts), "0");
+        let row = rows.iter().find(|r| r.check == "cpu-cores").unwrap();
+        let slots = plan.nodes[0].ranks.len();
+        assert_eq!(row.found, format!("{cores} cores"));
+        assert_eq!(row.status, if cores >= slots { Status::Ok } else { Status::Warn }, "{row:?}");
+    }
+
+    #[test]
+    fn cpu_cores_rows_from_probe_output() {
+        let cluster = ClusterSpec::embedded_local().unwrap();
+        let recipe = crate::recipe::Recipe::resolve("tiny", None, None, &[]).unwrap();
+        let plan = Plan::build(&cluster, &recipe).unwrap();
+        let target = ProbeTarget { node: &plan.nodes[0], is_master: true };
+        let slots = plan.nodes[0].ranks.len();
+        let row = |nproc: &str| {
+            // What bash prints for `emit probe ok; emit nproc N`.
+            let b64 = |v: &str| {
+                let out = std::process::Command::new("bash")
+                    .arg("-c")
+                    .arg(format!("printf '%s' {} | base64 -w0", shell_quote(v)))
+                    .output()
+                    .unwrap();
+                String::from_utf8(out.stdout).unwrap()
+            };
+            let facts = parse_probe(&format!("noise from a setup line\nprobe\t{}\nnproc\t{}\n", b64("ok"), b64(nproc)));
+            let rows = evaluate(&plan, &cluster, &target, Ok(&facts), "0");
+            let r = rows.into_iter().find(|r| r.check == "cpu-cores").unwrap();
+            (r.status, r.found)
+        };
+        assert_eq!(row(&slots.to_string()), (Status::Ok, format!("{slots} cores")));
+        assert_eq!(row(&(slots + 6).to_string()), (Status::Ok, format!("{} cores", slots + 6)));
+        assert_eq!(row("1"), (Status::Warn, "1 cores".to_string()));
+        assert_eq!(row(""), (Status::Warn, "unknown".to_string()));
+    }
 
     #[test]
     fn base64_round_trip_with_bash() {
