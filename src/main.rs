@@ -213,7 +213,9 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            // Reach the hosts now: connecting and starting their agents overlaps the checks.
+            // Reach the hosts now: connecting and starting their agents overlaps the rest of the
+            // setup. The checks' probe travels over these first links (over SSH the first attempt
+            // then connects again: the early connections are used up by the probe).
             let backend = launch::exec::job::backend_for(&plan, &cluster, args.agent_path.as_deref())
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
             if !args.no_checks {
