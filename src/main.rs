@@ -144,6 +144,10 @@ struct CheckArgs {
     /// Skip a check by id or family.
     #[arg(long = "skip-check", value_name = "NAME")]
     skip_checks: Vec<String>,
+    /// The launch binary on the hosts (same version), which runs the probe. Default: this
+    /// binary, uploaded once over SFTP as for `finetune`.
+    #[arg(long, value_name = "PATH")]
+    agent_path: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -209,11 +213,13 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            // Reach the hosts now: connecting and starting their agents overlaps the checks.
+            // Reach the hosts now: connecting and starting their agents overlaps the rest of the
+            // setup. The checks' probe travels over these first links (over SSH the first attempt
+            // then connects again: the early connections are used up by the probe).
             let backend = launch::exec::job::backend_for(&plan, &cluster, args.agent_path.as_deref())
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
             if !args.no_checks {
-                let rows = checks::run_all(&plan, &cluster, &args.skip_checks, version);
+                let rows = checks::run_all(backend.as_ref(), &plan, &cluster, &args.skip_checks, version);
                 if rows.iter().any(|r| r.status == Status::Fail) {
                     eprint!("{}", checks::format_table(&rows));
                     return Err(Failure(
@@ -268,7 +274,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Agent(_) => Ok(ExitCode::SUCCESS),
         Command::Check(args) => {
             let (cluster, _recipe, plan) = load(&cli.cluster, &args.job)?;
-            let rows = checks::run_all(&plan, &cluster, &args.skip_checks, version);
+            // The probe travels like a launch: to each host's node agent through the backend.
+            let backend = launch::exec::job::backend_for(&plan, &cluster, args.agent_path.as_deref())
+                .map_err(|e| Failure(1, format!("error: {e}")))?;
+            let rows = checks::run_all(backend.as_ref(), &plan, &cluster, &args.skip_checks, version);
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
             } else {

@@ -4,9 +4,9 @@
 //! callers run it on their own threads. Keepalives are left to non-blocking callers (see
 //! `SshTarget::connect`).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ssh2::{CheckResult, HashType, KnownHostFileKind, Session};
@@ -146,7 +146,7 @@ impl SshTarget {
         self.authenticate(&sess)?;
         sess.set_timeout(0);
         // No libssh2 keepalive here: libssh2 ends any *blocking* wait with "Timed out waiting
-        // on socket" once the keepalive interval passes, so a probe running longer than the
+        // on socket" once the keepalive interval passes, so a blocking call waiting longer than the
         // interval would fail. Non-blocking users (exec::ssh's pump) enable it themselves.
         Ok(sess)
     }
@@ -239,57 +239,6 @@ fn prefer_fast_ciphers(sess: &Session) {
     for m in [ssh2::MethodType::CryptCs, ssh2::MethodType::CryptSc] {
         let _ = sess.method_pref(m, CIPHERS);
     }
-}
-
-/// Output of a finished remote or local command.
-#[derive(Debug, Clone)]
-pub struct Captured {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// Runs `script` with `bash -s` over an SSH session and collects its output.
-pub fn run_capture(sess: &Session, host: &str, script: &str) -> Result<Captured, SshError> {
-    let ch_err = |what: &str| {
-        let what = what.to_string();
-        let host = host.to_string();
-        move |source| SshError::Channel { host, what, source }
-    };
-    let io_err = |what: &str| {
-        let what = what.to_string();
-        let host = host.to_string();
-        move |source| SshError::Io { host, what, source }
-    };
-    let mut ch = sess.channel_session().map_err(ch_err("open a channel"))?;
-    ch.exec("bash -s").map_err(ch_err("start bash"))?;
-    ch.write_all(script.as_bytes()).map_err(io_err("send the script"))?;
-    ch.send_eof().map_err(ch_err("close stdin"))?;
-    let mut stdout = String::new();
-    ch.read_to_string(&mut stdout).map_err(io_err("read stdout"))?;
-    let mut stderr = String::new();
-    ch.stderr().read_to_string(&mut stderr).map_err(io_err("read stderr"))?;
-    ch.wait_close().map_err(ch_err("wait for exit"))?;
-    let code = ch.exit_status().map_err(ch_err("read the exit status"))?;
-    Ok(Captured { code, stdout, stderr })
-}
-
-/// Runs `script` with local bash.
-pub fn run_capture_local(script: &str, cwd: Option<&Path>) -> std::io::Result<Captured> {
-    use std::process::{Command, Stdio};
-    let mut cmd = Command::new("bash");
-    cmd.arg("-s").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    if let Some(d) = cwd {
-        cmd.current_dir(d);
-    }
-    let mut child = cmd.spawn()?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    Ok(Captured {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

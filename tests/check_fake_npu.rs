@@ -178,3 +178,25 @@ fn a_host_without_npu_smi_says_so() {
     assert_eq!(r["status"], "fail");
     assert_eq!(r["found"], "npu-smi not found on this host");
 }
+
+/// `make demo`'s cluster (clusters/local.yaml, OMP_NUM_THREADS=1 for its CPU ranks) through
+/// the real path (local backend, node agent, probe unit): the cpu-cores row counts the cores
+/// the ranks may use, not OMP_NUM_THREADS.
+#[test]
+fn local_cluster_counts_cores_not_omp_threads() {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("clusters/local.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg("--cluster")
+        .arg(&local)
+        .args(["check", "tiny", "--json"])
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row(&rows, "reachable")["status"], "ok", "{rows:#?}");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpu = row(&rows, "cpu-cores");
+    if cores >= 2 {
+        assert_eq!(cpu["status"], "ok", "{cpu:#?}");
+        assert_ne!(cpu["found"], "1 cores", "{cpu:#?}");
+    }
+}

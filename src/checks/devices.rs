@@ -1,0 +1,133 @@
+//! The devices a host must have for its ranks: the CANN toolkit and the NPU count
+//! (`npu-smi`), the GPU count (`nvidia-smi`), or, for CPU ranks, the cores they may run on.
+
+use std::collections::BTreeMap;
+
+use super::probe::fact;
+use super::rules::{Rows, Status};
+use crate::cluster::Accelerator;
+
+pub(crate) const ASCEND_SET_ENV: &str = "/usr/local/Ascend/ascend-toolkit/set_env.sh";
+
+/// Device count from `npu-smi info -l` ("Total Count : 8", or one "NPU ID" line per device).
+pub fn npu_count(out: &str) -> Option<usize> {
+    for line in out.lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("Total Count") {
+                return v.trim().parse().ok();
+            }
+        }
+    }
+    let ids = out.lines().filter(|l| l.trim_start().starts_with("NPU ID")).count();
+    (ids > 0).then_some(ids)
+}
+
+/// Device count from `nvidia-smi -L` (one "GPU n: …" line per device).
+pub fn gpu_count(out: &str) -> usize {
+    out.lines().filter(|l| l.starts_with("GPU ")).count()
+}
+
+/// The rows for a host running `slots` ranks on `accelerator`.
+pub(crate) fn rows(r: &mut Rows, accelerator: Accelerator, facts: &BTreeMap<String, String>, slots: usize) {
+    let get = |k: &str| fact(facts, k);
+    match accelerator {
+        Accelerator::Npu => {
+            if get("ascend_set_env") == Some("1") || get("env.ASCEND_TOOLKIT_HOME").is_some() {
+                r.push("ascend-env", Status::Ok, ASCEND_SET_ENV, "present", "");
+            } else {
+                r.push(
+                    "ascend-env",
+                    Status::Fail,
+                    format!("{ASCEND_SET_ENV} not found and ASCEND_TOOLKIT_HOME unset"),
+                    "the CANN toolkit installed",
+                    "install CANN, or add `source <toolkit>/set_env.sh` to `setup:` in the cluster file",
+                );
+            }
+            device_count(r, "npu-count", "npu-smi", get("tool.npu-smi.rc"), get("tool.npu-smi.out"), npu_count, slots);
+        }
+        Accelerator::Gpu => {
+            device_count(
+                r,
+                "gpu-count",
+                "nvidia-smi",
+                get("tool.nvidia-smi.rc"),
+                get("tool.nvidia-smi.out"),
+                |o| Some(gpu_count(o)),
+                slots,
+            );
+        }
+        Accelerator::Cpu => {
+            let cores: usize = get("nproc").and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            if cores == 0 {
+                r.push("cpu-cores", Status::Warn, "unknown", format!("≥ {slots}"), "");
+            } else if slots > cores {
+                r.push(
+                    "cpu-cores",
+                    Status::Warn,
+                    format!("{cores} cores"),
+                    format!("≥ {slots} (one per rank)"),
+                    format!("run at most {cores} ranks on this host: lower its devices/slots"),
+                );
+            } else {
+                r.push("cpu-cores", Status::Ok, format!("{cores} cores"), format!("≥ {slots}"), "");
+            }
+        }
+    }
+}
+
+fn device_count(
+    r: &mut Rows,
+    id: &str,
+    tool: &str,
+    rc: Option<&str>,
+    out: Option<&str>,
+    count: impl Fn(&str) -> Option<usize>,
+    slots: usize,
+) {
+    match (rc, out) {
+        (Some("missing") | None, _) => r.push(
+            id,
+            Status::Fail,
+            format!("{tool} not found on this host"),
+            format!("{tool} (the driver's tool) to count devices"),
+            format!("install the driver, or check the accelerator type: this host has no {tool}"),
+        ),
+        (Some("0"), Some(out)) => match count(out) {
+            Some(n) if n >= slots => r.push(id, Status::Ok, format!("{n} devices"), format!("≥ {slots}"), ""),
+            Some(n) => r.push(
+                id,
+                Status::Fail,
+                format!("{n} devices"),
+                format!("≥ {slots} (devices_per_node or the host's device list)"),
+                format!("lower devices_per_node to {n}, or list the devices this host has"),
+            ),
+            None => r.push(
+                id,
+                Status::Fail,
+                format!("cannot read a device count from `{tool}`"),
+                "its device list",
+                format!("run `{tool}` by hand on the host"),
+            ),
+        },
+        (Some(rc), out) => r.push(
+            id,
+            Status::Fail,
+            format!("`{tool}` exited {rc}: {}", out.unwrap_or("").lines().next().unwrap_or("")),
+            "exit 0",
+            "the driver is not healthy on this host",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_counts() {
+        assert_eq!(npu_count("\tTotal Count                    : 8\n\n\tNPU ID : 0\n"), Some(8));
+        assert_eq!(npu_count("NPU ID : 0\nNPU ID : 1\n"), Some(2));
+        assert_eq!(npu_count("garbage"), None);
+        assert_eq!(gpu_count("GPU 0: NVIDIA H100 (UUID: x)\nGPU 1: NVIDIA H100 (UUID: y)\n"), 2);
+    }
+}
