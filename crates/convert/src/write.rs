@@ -6,8 +6,8 @@
 //! dropped; [`release`] drops them after each tensor, which keeps the peak RSS near the write
 //! buffers instead of the size of the checkpoint.
 
-pub use mm_spec::io::{convert, header_bytes, st_dtype, trainable, SafetensorsWriter, TensorHeader};
 use mm_spec::io::StagedDir;
+pub use mm_spec::io::{convert, header_bytes, st_dtype, trainable, SafetensorsWriter, TensorHeader};
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -18,7 +18,6 @@ use std::sync::Mutex;
 use memmap2::Mmap;
 
 use crate::error::ConvertError;
-
 
 /// Drops the resident pages of `range` of a read-only map (see the module notes).
 pub fn release(map: &Mmap, start: usize, len: usize) {

@@ -19,9 +19,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use mm_engine::model::{InternVL, ModelInput};
-use mm_engine::train::checkpoint::resolve;
 use mm_engine::train::loss::{objective, sample_losses, LossReduction, StepTotals};
 use mm_engine::train::optimizer::{AdamW, AdamWConfig};
+use mm_engine::weights::checkpoint::resolve;
 use mm_engine::weights::safetensors::SafetensorsFile;
 use tch::nn::VarStore;
 use tch::Device;

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::Batch;
 use crate::model::{InternVL, ModelInput};
 use crate::tokenizer::ChatTokenizer;
-use crate::train::checkpoint::{self, Source};
+use crate::weights::checkpoint::{self, Source};
 
 pub fn pick_device(spec: &str) -> anyhow::Result<Device> {
     Ok(match spec {

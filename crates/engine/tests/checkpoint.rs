@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 
 use mm_engine::model::InternVL;
-use mm_engine::train::checkpoint::{resolve, Source};
+use mm_engine::weights::checkpoint::{resolve, Source};
 use mm_engine::weights::hf::{self, HfCheckpoint};
-use mm_spec::hf::original_key as from_mm;
 use mm_engine::weights::safetensors as st;
 use mm_spec::checkpoint::{plan_checkpoint, DType, Iteration, LayoutRequest, Manifest, MmLayout, LATEST_FILE};
+use mm_spec::hf::original_key as from_mm;
 use mm_spec::{preset, ModelPreset};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};

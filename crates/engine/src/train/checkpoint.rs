@@ -1,4 +1,5 @@
-//! Checkpoints: what `--load` accepts and what `--save` writes.
+//! Checkpoints the trainer writes, and the trainer's own state read back from them (reading
+//! what `--load` points at is `weights::checkpoint`'s).
 //!
 //! `--load DIR` takes, in this order of detection:
 //! 1. a save dir with `latest_checkpointed_iteration.txt` (Megatron's tracker): its `release`
@@ -27,55 +28,21 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use mm_spec::checkpoint::{
-    self as ck, iteration_dir, latest_path, plan_checkpoint, shard_rel_path, DType, Iteration, LayoutRequest, Manifest,
-    MmLayout, SplitKind, HF_ASSETS_DIR, LATEST_FILE, MANIFEST_FILE,
+    self as ck, iteration_dir, latest_path, plan_checkpoint, DType, Iteration, LayoutRequest, Manifest, MmLayout,
+    HF_ASSETS_DIR, LATEST_FILE, MANIFEST_FILE,
 };
 use mm_spec::ModelPreset;
 use serde::{Deserialize, Serialize};
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::zero::{FlatLayout, SavedOptimizer};
-use crate::weights::hf::{self, write_synced, HfCheckpoint, MismatchReport, WeightsError};
 use mm_spec::hf::{mm_key_of_original as to_mm, original_key as from_mm};
+
+use super::zero::{FlatLayout, SavedOptimizer};
+use crate::weights::checkpoint::{
+    format_err, io, optimizer_shard_file, CheckpointError, Source, OPTIMIZER_FILE, STATE_FILE,
+};
+use crate::weights::hf::{self, write_synced, WeightsError};
 use crate::weights::safetensors::{self as st, SafetensorsFile};
-
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-
-/// The file of DP rank `rank`'s optimizer shard (distributed optimizer over `size` ranks).
-pub fn optimizer_shard_file(rank: usize, size: usize) -> String {
-    format!("optimizer.dp{rank}-of-{size}.safetensors")
-}
-pub const STATE_FILE: &str = "trainer_state.json";
-
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-    #[error(transparent)]
-    Safetensors(#[from] st::SafetensorsError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {reason}")]
-    Format { path: PathBuf, reason: String },
-    #[error(
-        "{path}: not a checkpoint: expected {LATEST_FILE} (a save dir), {MANIFEST_FILE} (an MM iteration folder) \
-         or config.json with safetensors (an HF folder)"
-    )]
-    Unknown { path: PathBuf },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
-}
-
-fn format_err(path: &Path, reason: impl Into<String>) -> CheckpointError {
-    CheckpointError::Format { path: path.to_path_buf(), reason: reason.into() }
-}
 
 /// The engine's state beside the weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,101 +73,16 @@ pub struct TrainerState {
     pub optimizer_layout: Option<FlatLayout>,
 }
 
-/// What `--load` pointed at.
-#[derive(Debug)]
-pub enum Source {
-    Hf { dir: PathBuf, ckpt: HfCheckpoint },
-    Mm { iter_dir: PathBuf, manifest: Box<Manifest> },
+/// The trainer's state in a loaded checkpoint (absent for HF folders and converted ones).
+pub trait SavedState {
+    fn trainer_state(&self) -> Result<Option<TrainerState>, CheckpointError>;
+    fn optimizer_tensors(&self, device: Device) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError>;
+    fn saved_optimizer(&self, state: &TrainerState) -> Result<Option<SavedOptimizer>, CheckpointError>;
 }
 
-/// Detects the kind of checkpoint at `path` (see the module doc).
-pub fn resolve(path: &Path) -> Result<Source, CheckpointError> {
-    let tracker = latest_path(path);
-    let iter_dir = if tracker.exists() {
-        let text = fs::read_to_string(&tracker).map_err(io(&tracker))?;
-        let it = Iteration::parse_latest(&text).map_err(|e| format_err(&tracker, e.to_string()))?;
-        Some(iteration_dir(path, it))
-    } else if path.join(MANIFEST_FILE).exists() {
-        Some(path.to_path_buf())
-    } else {
-        None
-    };
-    if let Some(iter_dir) = iter_dir {
-        let mpath = iter_dir.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| format_err(&mpath, format!("not an MM manifest: {e}")))?;
-        return Ok(Source::Mm { iter_dir, manifest: Box::new(manifest) });
-    }
-    if path.join(hf::CONFIG).exists() {
-        let ckpt = HfCheckpoint::open(path)?;
-        return Ok(Source::Hf { dir: path.to_path_buf(), ckpt });
-    }
-    Err(CheckpointError::Unknown { path: path.to_path_buf() })
-}
-
-impl Source {
-    /// The architecture the checkpoint declares.
-    pub fn preset(&self, name: &str) -> Result<ModelPreset, CheckpointError> {
-        match self {
-            Source::Hf { dir, .. } => Ok(hf::load_config(dir, name)?),
-            Source::Mm { manifest, .. } => Ok(manifest.architecture.clone()),
-        }
-    }
-
-    /// Whether the checkpoint has an untied lm_head (else the model ties it).
-    pub fn has_lm_head(&self) -> bool {
-        match self {
-            Source::Hf { ckpt, .. } => ckpt.has("language_model.lm_head.weight"),
-            Source::Mm { manifest, .. } => manifest.tensors.iter().any(|t| t.key == "llm.lm_head.weight"),
-        }
-    }
-
-    /// The training iteration it holds (None for HF folders and converted `release` ones).
-    pub fn iteration(&self) -> Option<u64> {
-        match self {
-            Source::Mm { manifest, .. } => match manifest.iteration {
-                Iteration::Step(n) => Some(n),
-                Iteration::Release => None,
-            },
-            Source::Hf { .. } => None,
-        }
-    }
-
-    /// Where config.json and the tokenizer files are.
-    pub fn assets_dir(&self) -> PathBuf {
-        match self {
-            Source::Hf { dir, .. } => dir.clone(),
-            Source::Mm { iter_dir, .. } => iter_dir.join(HF_ASSETS_DIR),
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Source::Hf { dir, .. } => format!("HF folder {}", dir.display()),
-            Source::Mm { iter_dir, manifest } => format!(
-                "MM checkpoint {} (iteration {}, tp {}, pp {})",
-                iter_dir.display(),
-                manifest.iteration,
-                manifest.parallel.tp,
-                manifest.parallel.pp
-            ),
-        }
-    }
-
-    /// Copies the weights into the VarStore, after checking every key and shape.
-    pub fn load_weights(&self, vs: &VarStore) -> Result<(), CheckpointError> {
-        match self {
-            Source::Hf { ckpt, .. } => {
-                hf::load_into(vs, ckpt)?;
-                Ok(())
-            }
-            Source::Mm { iter_dir, manifest } => load_mm(vs, iter_dir, manifest),
-        }
-    }
-
+impl SavedState for Source {
     /// trainer_state.json of a training iteration.
-    pub fn trainer_state(&self) -> Result<Option<TrainerState>, CheckpointError> {
+    fn trainer_state(&self) -> Result<Option<TrainerState>, CheckpointError> {
         let Source::Mm { iter_dir, .. } = self else { return Ok(None) };
         let p = iter_dir.join(STATE_FILE);
         if !p.exists() {
@@ -211,7 +93,7 @@ impl Source {
     }
 
     /// The optimizer tensors, keyed as saved (`exp_avg.<mm key>`, …).
-    pub fn optimizer_tensors(&self, device: Device) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError> {
+    fn optimizer_tensors(&self, device: Device) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError> {
         let Source::Mm { iter_dir, .. } = self else { return Ok(None) };
         let p = iter_dir.join(ck::rank_dir_name(0, 0, 1)).join(OPTIMIZER_FILE);
         if !p.exists() {
@@ -228,7 +110,7 @@ impl Source {
     /// The optimizer state `state` describes, in whichever layout it was saved: the shard
     /// files of a distributed optimizer (opened, read lazily), or the per-parameter file.
     /// None when there is none (HF folder, --no-save-optim).
-    pub fn saved_optimizer(&self, state: &TrainerState) -> Result<Option<SavedOptimizer>, CheckpointError> {
+    fn saved_optimizer(&self, state: &TrainerState) -> Result<Option<SavedOptimizer>, CheckpointError> {
         let Source::Mm { iter_dir, .. } = self else { return Ok(None) };
         let Some(layout) = &state.optimizer_layout else {
             return Ok(self.optimizer_tensors(Device::Cpu)?.map(SavedOptimizer::PerParam));
@@ -268,83 +150,8 @@ impl Source {
     }
 }
 
-/// Reassembles every logical tensor from its tp shards and copies it into the VarStore.
-fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
-    let mpath = iter_dir.join(MANIFEST_FILE);
-    let plan = manifest.verify().map_err(|e| format_err(&mpath, e.to_string()))?;
-    let vars = vs.variables();
-    let mut report = MismatchReport::default();
-    let mut planned: HashMap<String, usize> = HashMap::new();
-    for (i, t) in plan.iter().enumerate() {
-        match from_mm(&t.key) {
-            Some(name) if vars.contains_key(&name) => {
-                let want = vars[&name].size();
-                let have: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-                if want != have {
-                    report.misshaped.push((name.clone(), want, have));
-                }
-                planned.insert(name, i);
-            }
-            _ => report.unexpected.push(t.key.clone()),
-        }
-    }
-    for name in vars.keys() {
-        if !planned.contains_key(name) {
-            report.missing.push(name.clone());
-        }
-    }
-    report.missing.sort();
-    if !report.is_empty() {
-        return Err(WeightsError::Mismatch { dir: iter_dir.to_path_buf(), report }.into());
-    }
-    let mut files: HashMap<String, SafetensorsFile> = HashMap::new();
-    let pp = manifest.parallel.pp;
-    for (name, var) in &vars {
-        let t = &plan[planned[name]];
-        let ranks = if t.split == SplitKind::Replicated { 1 } else { t.shards.len() };
-        let rows = t.shape.first().copied().unwrap_or(1) as i64;
-        let cols: i64 = t.shape.iter().skip(1).product::<usize>() as i64;
-        let full = Tensor::zeros([rows, cols], (var.kind(), Device::Cpu));
-        for (tp_rank, shard) in t.shards.iter().enumerate().take(ranks) {
-            let rel = shard_rel_path(tp_rank, t.pp_rank, pp);
-            if !files.contains_key(&rel) {
-                files.insert(rel.clone(), SafetensorsFile::open(&iter_dir.join(&rel))?);
-            }
-            let data = files[&rel].read(&t.local_key, Device::Cpu)?;
-            let want: Vec<i64> = shard.shape.iter().map(|&d| d as i64).collect();
-            if data.size() != want {
-                return Err(format_err(
-                    &iter_dir.join(&rel),
-                    format!("tensor {:?}: shape {:?}, the manifest's plan says {want:?}", t.local_key, data.size()),
-                ));
-            }
-            let shard_rows = want.first().copied().unwrap_or(1);
-            let data = data.reshape([shard_rows, -1]).to_kind(var.kind());
-            let mut offset = 0i64;
-            for piece in &shard.pieces {
-                let n = piece.rows.len() as i64;
-                let keep = (rows - piece.rows.start as i64).clamp(0, n);
-                if keep > 0 {
-                    let src = data.narrow(0, offset, keep);
-                    let mut dst = full.narrow(0, piece.rows.start as i64, keep).narrow(
-                        1,
-                        piece.cols.start as i64,
-                        piece.cols.len() as i64,
-                    );
-                    dst.copy_(&src);
-                }
-                offset += n;
-            }
-        }
-        let mut v = var.shallow_clone();
-        tch::no_grad(|| v.f_copy_(&full.reshape(var.size())))
-            .map_err(|e| format_err(iter_dir, format!("tensor {}: {e}", t.key)))?;
-    }
-    Ok(())
-}
-
 fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
+    Ok(mm_spec::io::fsync_dir(dir).map_err(WeightsError::from)?)
 }
 
 /// Files of an HF folder worth carrying along (config, tokenizer, processor), not weights.
@@ -393,7 +200,7 @@ pub fn save(req: SaveRequest) -> Result<PathBuf, CheckpointError> {
 /// The temporary folder an iteration is written to before the rename; `tag` tells runs apart
 /// (rank 0's process id, which every rank learns at start-up).
 pub fn tmp_dir(save_dir: &Path, iteration: u64, tag: &str) -> PathBuf {
-    save_dir.join(format!(".{}.tmp-{tag}", Iteration::Step(iteration).dir_name()))
+    mm_spec::io::staging_path(&iteration_dir(save_dir, Iteration::Step(iteration)), tag)
 }
 
 /// Creates the save dir and an empty temporary folder (with its rank folder), removing a stale one.
@@ -471,7 +278,7 @@ pub fn write_shared(tmp: &Path, req: &SaveRequest) -> Result<(), CheckpointError
     let mut names = vec![hf::CONFIG.to_string()];
     write_synced(
         &assets.join(hf::CONFIG),
-        serde_json::to_string_pretty(&hf::config_json(req.preset)).expect("json").as_bytes(),
+        serde_json::to_string_pretty(&hf::config_json(req.preset, dtypes.first().copied())).expect("json").as_bytes(),
     )?;
     for dir in &req.assets_from {
         for f in asset_files(dir) {
@@ -501,20 +308,8 @@ pub fn commit(save_dir: &Path, tmp: &Path, iteration: u64) -> Result<PathBuf, Ch
     fsync_dir(&tmp.join(ck::rank_dir_name(0, 0, 1)))?;
     fsync_dir(tmp)?;
     let final_dir = iteration_dir(save_dir, it);
-    if final_dir.exists() {
-        let old = save_dir.join(format!(".{}.old-{}", it.dir_name(), std::process::id()));
-        fs::rename(&final_dir, &old).map_err(io(&final_dir))?;
-        fs::rename(tmp, &final_dir).map_err(io(&final_dir))?;
-        fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        fs::rename(tmp, &final_dir).map_err(io(&final_dir))?;
-    }
-    fsync_dir(save_dir)?;
-    let tracker = latest_path(save_dir);
-    let tracker_tmp = save_dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
-    write_synced(&tracker_tmp, it.latest_text().as_bytes())?;
-    fs::rename(&tracker_tmp, &tracker).map_err(io(&tracker))?;
-    fsync_dir(save_dir)?;
+    mm_spec::io::move_into_place(tmp, &final_dir).map_err(WeightsError::from)?;
+    mm_spec::io::replace_file(&latest_path(save_dir), it.latest_text().as_bytes()).map_err(WeightsError::from)?;
     Ok(final_dir)
 }
 

@@ -22,7 +22,7 @@ use mm_spec::{Progress, ProgressEvent};
 use tch::{Kind, Tensor};
 
 use super::args::{Resolved, TrainArgs};
-use super::checkpoint::{self, mm_name, SaveRequest, TrainerState};
+use super::checkpoint::{self, mm_name, SaveRequest, SavedState, TrainerState};
 use super::dp::{fingerprint, DataParallel};
 use super::loss::{objective, sample_losses, StepTotals};
 use super::optimizer::{AdamW, AdamWConfig};
@@ -33,6 +33,7 @@ use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
 use crate::rng::Rng;
 use crate::session::{configure_cpu_threads, pick_device, to_device, Session, SessionOptions};
+use crate::weights::checkpoint as source;
 
 /// Tag of the torch seed stream.
 const TORCH_SEED: u64 = 0x746f726368;
@@ -261,7 +262,7 @@ impl Saver<'_> {
         if let (Optim::Sharded(_), true) = (opt, save_optim) {
             let mine = path
                 .join(mm_spec::checkpoint::rank_dir_name(0, 0, 1))
-                .join(checkpoint::optimizer_shard_file(dp.rank, dp.size));
+                .join(source::optimizer_shard_file(dp.rank, dp.size));
             anyhow::ensure!(
                 mine.exists(),
                 "{}: {} is not there after the commit: --save must be a folder every rank shares",
@@ -314,7 +315,7 @@ fn resume_point(a: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
     if !tracker.exists() {
         return Ok(a.load.clone());
     }
-    checkpoint::resolve(save).with_context(|| {
+    source::resolve(save).with_context(|| {
         format!(
             "--auto-resume: {} names a checkpoint that cannot be read; fix or remove it, or drop --auto-resume",
             tracker.display()
@@ -419,12 +420,12 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
                     )
                 })?;
                 let saved = src.saved_optimizer(&state)?.with_context(|| {
-                    format!("{}: {} is missing; pass --no-load-optim", src.describe(), checkpoint::OPTIMIZER_FILE)
+                    format!("{}: {} is missing; pass --no-load-optim", src.describe(), source::OPTIMIZER_FILE)
                 })?;
                 resume_optim = Some((saved, step));
             }
         } else if let Some(it) = src.iteration() {
-            anyhow::bail!("{}: iteration {it} has no {}", src.describe(), checkpoint::STATE_FILE);
+            anyhow::bail!("{}: iteration {it} has no {}", src.describe(), source::STATE_FILE);
         }
     }
     let schedule = Schedule::new(a.lr, a.min_lr, a.lr_warmup_fraction, a.train_iters, r.decay);
@@ -529,7 +530,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         );
         if dp.global_rank == 0 {
             let checkpoint = match &session.source {
-                Some(checkpoint::Source::Mm { iter_dir, .. }) => Some(iter_dir.display().to_string()),
+                Some(source::Source::Mm { iter_dir, .. }) => Some(iter_dir.display().to_string()),
                 _ => None,
             };
             println!(

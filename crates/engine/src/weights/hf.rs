@@ -10,16 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use mm_spec::{LlmConfig, ModelPreset, NormType, VisionConfig};
+pub use mm_spec::hf::{CONFIG_FILE as CONFIG, INDEX_FILE as INDEX, SINGLE_FILE as SINGLE};
+use mm_spec::{DType, HfLayout, ModelPreset};
 use serde_json::{json, Value};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use super::safetensors::{self as st, SafetensorsError, SafetensorsFile};
-
-pub const CONFIG: &str = "config.json";
-pub const SINGLE: &str = "model.safetensors";
-pub const INDEX: &str = "model.safetensors.index.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -35,6 +32,10 @@ pub enum WeightsError {
     NoWeights { dir: PathBuf },
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error(transparent)]
+    HfConfig(#[from] mm_spec::hf::ConfigError),
+    #[error(transparent)]
+    File(#[from] mm_spec::io::FileError),
     #[error("{path}: key {key:?}: {reason}")]
     Index { path: PathBuf, key: String, reason: String },
     #[error("{dir}: {report}")]
@@ -163,8 +164,8 @@ impl HfCheckpoint {
         };
         for (fi, file) in ck.files.iter().enumerate() {
             for key in file.entries.keys() {
-                let parsed = mm_spec::hf::parse_key(key)
-                    .and_then(|k| Some((mm_spec::hf::original_key(&k.mm_key)?, k.part)));
+                let parsed =
+                    mm_spec::hf::parse_key(key).and_then(|k| Some((mm_spec::hf::original_key(&k.mm_key)?, k.part)));
                 match parsed {
                     None => ck.unknown.push(key.clone()),
                     Some((name, None)) => match ck.sources.entry(name) {
@@ -311,154 +312,18 @@ pub fn load_into(vs: &VarStore, ck: &HfCheckpoint) -> Result<usize, WeightsError
     Ok(n)
 }
 
-fn config_err(path: &Path, reason: impl Into<String>) -> WeightsError {
-    WeightsError::Config { path: path.to_path_buf(), reason: reason.into() }
-}
-
-/// Reads `dir/config.json`: an original `internvl_chat` config, or a transformers-native
-/// `internvl` one (translated, with InternVLVisionConfig's and Qwen2Config's defaults for
-/// keys transformers left out).
+/// The architecture of an HF folder, from its config.json in either schema (mm-spec's one
+/// parser), named `name`.
 pub fn load_config(dir: &Path, name: &str) -> Result<ModelPreset, WeightsError> {
-    let path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| config_err(&path, format!("not JSON: {e}")))?;
-    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("internvl_chat");
-    let preset = match model_type {
-        "internvl_chat" => ModelPreset::from_config_json(name, &text).map_err(|e| config_err(&path, e.to_string()))?,
-        "internvl" => from_hf_config(&v, name).map_err(|reason| config_err(&path, reason))?,
-        other => {
-            return Err(config_err(
-                &path,
-                format!("key model_type is {other:?}, expected \"internvl_chat\" (original) or \"internvl\" (-hf)"),
-            ))
-        }
-    };
-    Ok(preset)
+    let mut arch = mm_spec::hf::read_config(dir)?.arch;
+    arch.name = name.to_string();
+    Ok(arch)
 }
 
-/// Typed access to one section of a JSON config; errors name the full key path.
-struct Section<'a> {
-    v: &'a Value,
-    prefix: &'a str,
-}
-
-impl Section<'_> {
-    fn key(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.prefix)
-        }
-    }
-
-    fn usize_or(&self, key: &str, default: usize) -> Result<usize, String> {
-        match self.v.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            // transformers writes image_size / patch_size as [h, w]; InternVL3 tiles are square.
-            Some(Value::Array(a)) => a
-                .first()
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or_else(|| format!("key {}: expected a number or [h, w]", self.key(key))),
-            Some(x) => {
-                x.as_u64().map(|x| x as usize).ok_or_else(|| format!("key {}: expected a whole number", self.key(key)))
-            }
-        }
-    }
-
-    fn f64_or(&self, key: &str, default: f64) -> Result<f64, String> {
-        match self.v.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(x) => x.as_f64().ok_or_else(|| format!("key {}: expected a number", self.key(key))),
-        }
-    }
-
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool, String> {
-        match self.v.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(x) => x.as_bool().ok_or_else(|| format!("key {}: expected true or false", self.key(key))),
-        }
-    }
-}
-
-/// transformers' InternVLConfig → the original-layout preset.
-fn from_hf_config(v: &Value, name: &str) -> Result<ModelPreset, String> {
-    let empty = json!({});
-    let top = Section { v, prefix: "" };
-    let vc = Section { v: v.get("vision_config").unwrap_or(&empty), prefix: "vision_config" };
-    let tc = Section { v: v.get("text_config").unwrap_or(&empty), prefix: "text_config" };
-    let norm_type = match vc.v.get("norm_type").and_then(Value::as_str).unwrap_or("layer_norm") {
-        "layer_norm" => NormType::LayerNorm,
-        "rms_norm" => NormType::RmsNorm,
-        other => {
-            return Err(format!("key vision_config.norm_type: {other:?}, expected \"layer_norm\" or \"rms_norm\""))
-        }
-    };
-    let vision = VisionConfig {
-        num_hidden_layers: vc.usize_or("num_hidden_layers", 24)?,
-        hidden_size: vc.usize_or("hidden_size", 1024)?,
-        num_attention_heads: vc.usize_or("num_attention_heads", 16)?,
-        intermediate_size: vc.usize_or("intermediate_size", 4096)?,
-        norm_type,
-        qkv_bias: vc.bool_or("attention_bias", false)?,
-        qk_normalization: vc.bool_or("use_qk_norm", false)?,
-        layer_norm_eps: vc.f64_or("layer_norm_eps", 1e-6)?,
-        image_size: vc.usize_or("image_size", 448)?,
-        patch_size: vc.usize_or("patch_size", 14)?,
-        num_channels: vc.usize_or("num_channels", 3)?,
-        drop_path_rate: vc.f64_or("drop_path_rate", 0.0)?,
-        initializer_factor: vc.f64_or("layer_scale_init_value", 0.1)?,
-    };
-    let heads = tc.usize_or("num_attention_heads", 32)?;
-    let llm = LlmConfig {
-        num_hidden_layers: tc.usize_or("num_hidden_layers", 32)?,
-        hidden_size: tc.usize_or("hidden_size", 4096)?,
-        num_attention_heads: heads,
-        num_key_value_heads: tc.usize_or("num_key_value_heads", heads)?,
-        intermediate_size: tc.usize_or("intermediate_size", 22016)?,
-        rms_norm_eps: tc.f64_or("rms_norm_eps", 1e-6)?,
-        rope_theta: tc.f64_or("rope_theta", 10_000.0)?,
-        vocab_size: tc.usize_or("vocab_size", 151_936)?,
-        max_position_embeddings: tc.usize_or("max_position_embeddings", 32_768)?,
-        tie_word_embeddings: tc.bool_or("tie_word_embeddings", false)?,
-    };
-    if let Some(layer) = v.get("vision_feature_layer").and_then(Value::as_i64) {
-        if layer != -1 {
-            return Err(format!(
-                "key vision_feature_layer: {layer}, only -1 (the last layer, as InternVL3) is supported"
-            ));
-        }
-    }
-    let preset = ModelPreset {
-        name: name.to_string(),
-        vision,
-        llm,
-        downsample_ratio: top.f64_or("downsample_ratio", 0.5)?,
-        template: "internvl2_5".into(),
-        ps_version: "v2".into(),
-    };
-    preset.validate().map_err(|e| e.to_string())?;
-    Ok(preset)
-}
-
-/// The original-layout config.json of `preset`.
-pub fn config_json(preset: &ModelPreset) -> Value {
-    let mut v = serde_json::to_value(preset).expect("a preset serializes");
-    if let Value::Object(m) = &mut v {
-        m.insert("model_type".into(), json!("internvl_chat"));
-        m.insert("architectures".into(), json!(["InternVLChatModel"]));
-        m.insert("select_layer".into(), json!(-1));
-        m.insert("force_image_size".into(), json!(preset.vision.image_size));
-        if let Some(Value::Object(l)) = m.get_mut("llm_config") {
-            l.insert("architectures".into(), json!(["Qwen2ForCausalLM"]));
-            l.insert("model_type".into(), json!("qwen2"));
-        }
-        if let Some(Value::Object(vc)) = m.get_mut("vision_config") {
-            vc.insert("architectures".into(), json!(["InternVisionModel"]));
-            vc.insert("model_type".into(), json!("intern_vit_6b"));
-        }
-    }
-    v
+/// The original-layout config.json of `preset` (mm-spec's writer), with `dtype` as its
+/// `torch_dtype`.
+pub fn config_json(preset: &ModelPreset, dtype: Option<DType>) -> Value {
+    mm_spec::hf::config_for_layout(preset, None, HfLayout::Original, dtype)
 }
 
 /// Writes an original-layout HF folder: config.json plus weights, sharded above
@@ -501,15 +366,13 @@ pub fn save(
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_synced(&dir.join(INDEX), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
     }
-    let cfg = serde_json::to_string_pretty(&config_json(preset)).expect("json");
+    let dtype = tensors.first().and_then(|(_, t)| st::dtype_of(t.kind())).and_then(DType::parse);
+    let cfg = serde_json::to_string_pretty(&config_json(preset, dtype)).expect("json");
     write_synced(&dir.join(CONFIG), cfg.as_bytes())?;
     Ok(())
 }
 
-/// Writes a file and fsyncs it.
+/// Writes a file and fsyncs it (mm-spec's).
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+    Ok(mm_spec::io::write_synced(path, bytes)?)
 }

@@ -2,6 +2,7 @@
 //! into the model's VarStore. The key spellings and config.json schemas are mm-spec's
 //! (`mm_spec::hf`); parameter names are the original layout's keys.
 
+pub mod checkpoint;
 pub mod hf;
 pub mod safetensors;
 

@@ -1,15 +1,15 @@
 //! A small safetensors reader and writer on plain file I/O.
 //!
 //! Reading parses only the JSON header and then reads each tensor's byte range on demand, so a
-//! 10 GB shard is never held in memory whole. Writing produces the standard layout
-//! (u64 header length, JSON header with `data_offsets`, raw little-endian data), padded so
-//! data starts at an 8-byte boundary, and fsyncs the file.
+//! 10 GB shard is never held in memory whole. Writing goes through mm-spec's one writer
+//! (`mm_spec::io::SafetensorsWriter`), the converter's too.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use mm_spec::io::{SafetensorsWriter, TensorHeader};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -25,6 +25,8 @@ pub enum SafetensorsError {
     Format { path: PathBuf, reason: String },
     #[error("{path}: tensor {key:?}: {reason}")]
     Tensor { path: PathBuf, key: String, reason: String },
+    #[error(transparent)]
+    Write(#[from] mm_spec::io::FileError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SafetensorsError + '_ {
@@ -175,44 +177,31 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
     Ok(out)
 }
 
-/// Writes `tensors` (name, tensor) to `path` and fsyncs it.
+/// Writes `tensors` (name, tensor) to `path` through mm-spec's one safetensors writer (which
+/// fsyncs); returns the file's size.
 pub fn write(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<u64, SafetensorsError> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
-    }
-    let mut offset = 0u64;
+    let bad =
+        |name: &str, reason: String| SafetensorsError::Tensor { path: path.to_path_buf(), key: name.into(), reason };
+    let mut headers = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let bad = |reason: String| SafetensorsError::Tensor { path: path.to_path_buf(), key: name.clone(), reason };
-        let dtype = dtype_of(t.kind()).ok_or_else(|| bad(format!("cannot store dtype {:?}", t.kind())))?;
-        let n = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
-        let entry = Entry { dtype: dtype.into(), shape: t.size(), data_offsets: [offset, offset + n] };
-        header.insert(name.clone(), serde_json::to_value(entry).expect("entry"));
-        offset += n;
+        let dtype = dtype_of(t.kind())
+            .and_then(|d| serde_json::from_value::<safetensors::Dtype>(d.into()).ok())
+            .ok_or_else(|| bad(name, format!("cannot store dtype {:?}", t.kind())))?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        headers.push(TensorHeader { name: name.clone(), dtype, shape });
     }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header");
-    while (8 + json.len()) % 8 != 0 {
-        json.push(b' ');
-    }
-    let f = File::create(path).map_err(io_err(path))?;
-    let mut w = BufWriter::new(f);
-    w.write_all(&(json.len() as u64).to_le_bytes()).map_err(io_err(path))?;
-    w.write_all(&json).map_err(io_err(path))?;
+    let meta: Vec<(&str, &str)> = metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut w = SafetensorsWriter::create(path, headers, &meta)?;
     for (name, t) in tensors {
-        let bytes = tensor_bytes(t).map_err(|e| SafetensorsError::Tensor {
-            path: path.to_path_buf(),
-            key: name.clone(),
-            reason: e.to_string(),
-        })?;
-        w.write_all(&bytes).map_err(io_err(path))?;
+        let bytes = tensor_bytes(t).map_err(|e| bad(name, e.to_string()))?;
+        w.write(&bytes)?;
+        w.end_tensor()?;
     }
-    let f = w.into_inner().map_err(|e| SafetensorsError::Io { path: path.to_path_buf(), source: e.into_error() })?;
-    f.sync_all().map_err(io_err(path))?;
-    Ok(8 + json.len() as u64 + offset)
+    Ok(w.finish()?)
 }
 
 #[cfg(test)]

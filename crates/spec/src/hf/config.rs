@@ -194,9 +194,12 @@ impl<'a> Section<'a> {
     fn count(&self, key: &str, default: Option<usize>) -> FieldResult<usize> {
         match self.get(&[key]) {
             None => default.ok_or_else(|| {
-                (self.path(key), "is missing: it sizes the model, so it cannot be guessed; copy the checkpoint's \
+                (
+                    self.path(key),
+                    "is missing: it sizes the model, so it cannot be guessed; copy the checkpoint's \
                                   original config.json"
-                    .into())
+                        .into(),
+                )
             }),
             Some((path, v)) => {
                 // transformers writes image_size / patch_size as [h, w]; InternVL3 tiles are square.
@@ -229,7 +232,9 @@ impl<'a> Section<'a> {
     fn text(&self, key: &str, default: &str) -> FieldResult<String> {
         match self.get(&[key]) {
             None => Ok(default.to_string()),
-            Some((path, v)) => v.as_str().map(str::to_string).ok_or_else(|| (path, format!("is {v}: expected a string"))),
+            Some((path, v)) => {
+                v.as_str().map(str::to_string).ok_or_else(|| (path, format!("is {v}: expected a string")))
+            }
         }
     }
 
@@ -382,10 +387,16 @@ mod tests {
             (hf.replace("\"model_type\": \"internvl\"", "\"model_type\": \"llava\""), "model_type"),
             (hf.replace("\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\""), "text_config.hidden_act"),
             (hf.replace("\"vocab_size\": 151674", "\"vocab_size\": \"big\""), "text_config.vocab_size"),
-            (hf.replace("\"image_size\": [\n      448,\n      448\n    ]", "\"image_size\": [448, 224]"), "vision_config.image_size"),
+            (
+                hf.replace("\"image_size\": [\n      448,\n      448\n    ]", "\"image_size\": [448, 224]"),
+                "vision_config.image_size",
+            ),
             (hf.replace("\"num_key_value_heads\": 4", "\"num_key_value_heads\": 5"), "text_config.num_attention_heads"),
             (FIXTURES[0].1.replace("\"select_layer\": -1", "\"select_layer\": -4"), "select_layer"),
-            (FIXTURES[0].1.replace("\"norm_type\": \"layer_norm\"", "\"norm_type\": \"batch_norm\""), "vision_config.norm_type"),
+            (
+                FIXTURES[0].1.replace("\"norm_type\": \"layer_norm\"", "\"norm_type\": \"batch_norm\""),
+                "vision_config.norm_type",
+            ),
         ];
         for (text, field) in cases {
             assert_ne!(text, hf.replace('x', "x"), "{field}: the fixture edit did not apply");

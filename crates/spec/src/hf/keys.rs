@@ -145,7 +145,8 @@ pub fn parse_key(stored: &str) -> Option<StoredKey> {
             return whole(format!("llm.{body}"));
         }
         if let Some(body) = stored.strip_prefix(p.projector) {
-            let col = |row: &(&str, &'static str, &'static str)| if layout == HfLayout::Original { row.1 } else { row.2 };
+            let col =
+                |row: &(&str, &'static str, &'static str)| if layout == HfLayout::Original { row.1 } else { row.2 };
             return PROJECTOR.iter().find(|r| col(r) == body).and_then(|r| whole(format!("projector.{}", r.0)));
         }
         if let Some(body) = stored.strip_prefix(p.vision) {
@@ -229,14 +230,20 @@ mod tests {
             ("model.language_model.embed_tokens.weight", w("language_model.model.embed_tokens.weight")),
             ("vision_tower.embeddings.cls_token", w("vision_model.embeddings.class_embedding")),
             ("model.vision_tower.embeddings.position_embeddings", w("vision_model.embeddings.position_embedding")),
-            ("vision_tower.embeddings.patch_embeddings.projection.bias", w("vision_model.embeddings.patch_embedding.bias")),
+            (
+                "vision_tower.embeddings.patch_embeddings.projection.bias",
+                w("vision_model.embeddings.patch_embedding.bias"),
+            ),
             ("vision_tower.encoder.layer.11.lambda_2", w("vision_model.encoder.layers.11.ls2")),
             ("vision_tower.encoder.layer.0.layernorm_before.bias", w("vision_model.encoder.layers.0.norm1.bias")),
             (
                 "vision_tower.encoder.layer.0.attention.projection_layer.weight",
                 w("vision_model.encoder.layers.0.attn.proj.weight"),
             ),
-            ("vision_tower.encoder.layer.2.attention.q_norm.weight", w("vision_model.encoder.layers.2.attn.q_norm.weight")),
+            (
+                "vision_tower.encoder.layer.2.attention.q_norm.weight",
+                w("vision_model.encoder.layers.2.attn.q_norm.weight"),
+            ),
             (
                 "vision_tower.encoder.layer.2.attention.k_proj.bias",
                 Some(("vision_model.encoder.layers.2.attn.qkv.bias".into(), Some(1))),

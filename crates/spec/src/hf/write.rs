@@ -119,7 +119,8 @@ pub fn config_for_layout(
         }
         // OpenGVLab's config has no image token id (its code asks the tokenizer); one exported
         // from a transformers-layout model carries it as `img_context_token_id`.
-        let from_original = src_raw.filter(|_| source.is_some_and(|s| !s.native())).and_then(|r| r.get(IMG_CONTEXT_KEY));
+        let from_original =
+            src_raw.filter(|_| source.is_some_and(|s| !s.native())).and_then(|r| r.get(IMG_CONTEXT_KEY));
         top.entry("image_token_id")
             .or_insert_with(|| from_original.cloned().unwrap_or(json!(INTERNVL3_IMG_CONTEXT_ID)));
         top.entry("projector_hidden_act").or_insert(json!("gelu"));

@@ -227,7 +227,6 @@ pub fn convert(src: &[u8], from: DType, to: DType, out: &mut Vec<u8>) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,234 @@
+//! Reading checkpoints: what `--load` (and `--auto-resume`'s save folder) accepts, in this
+//! order of detection:
+//! 1. a save dir with `latest_checkpointed_iteration.txt` (Megatron's tracker): its `release`
+//!    (a converted checkpoint: weights only) or `iter_NNNNNNN` (a training state: weights,
+//!    optimizer, data position, RNG seed);
+//! 2. an iteration folder itself (it has `manifest.json`);
+//! 3. an HF folder (config.json + safetensors, any key spelling `mm_spec::hf::keys` knows).
+//!
+//! MM checkpoints of any tp/pp split are merged on load with the manifest's split plan, so a
+//! checkpoint converted for a cluster layout also loads here. The engine's own files in an
+//! iteration folder (optimizer state, `trainer_state.json`) are named here and read by
+//! `train::checkpoint`, which also writes every save.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use mm_spec::checkpoint::{
+    iteration_dir, latest_path, shard_rel_path, Iteration, Manifest, SplitKind, HF_ASSETS_DIR, LATEST_FILE,
+    MANIFEST_FILE,
+};
+use mm_spec::hf::original_key as from_mm;
+use mm_spec::ModelPreset;
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use super::hf::{self, HfCheckpoint, MismatchReport, WeightsError};
+use super::safetensors::{self as st, SafetensorsFile};
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// The file of DP rank `rank`'s optimizer shard (distributed optimizer over `size` ranks).
+pub fn optimizer_shard_file(rank: usize, size: usize) -> String {
+    format!("optimizer.dp{rank}-of-{size}.safetensors")
+}
+pub const STATE_FILE: &str = "trainer_state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Safetensors(#[from] st::SafetensorsError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error(
+        "{path}: not a checkpoint: expected {LATEST_FILE} (a save dir), {MANIFEST_FILE} (an MM iteration folder) \
+         or config.json with safetensors (an HF folder)"
+    )]
+    Unknown { path: PathBuf },
+}
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+pub(crate) fn format_err(path: &Path, reason: impl Into<String>) -> CheckpointError {
+    CheckpointError::Format { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// What `--load` pointed at.
+#[derive(Debug)]
+pub enum Source {
+    Hf { dir: PathBuf, ckpt: HfCheckpoint },
+    Mm { iter_dir: PathBuf, manifest: Box<Manifest> },
+}
+
+/// Detects the kind of checkpoint at `path` (see the module doc).
+pub fn resolve(path: &Path) -> Result<Source, CheckpointError> {
+    let tracker = latest_path(path);
+    let iter_dir = if tracker.exists() {
+        let text = fs::read_to_string(&tracker).map_err(io(&tracker))?;
+        let it = Iteration::parse_latest(&text).map_err(|e| format_err(&tracker, e.to_string()))?;
+        Some(iteration_dir(path, it))
+    } else if path.join(MANIFEST_FILE).exists() {
+        Some(path.to_path_buf())
+    } else {
+        None
+    };
+    if let Some(iter_dir) = iter_dir {
+        let mpath = iter_dir.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| format_err(&mpath, format!("not an MM manifest: {e}")))?;
+        return Ok(Source::Mm { iter_dir, manifest: Box::new(manifest) });
+    }
+    if path.join(hf::CONFIG).exists() {
+        let ckpt = HfCheckpoint::open(path)?;
+        return Ok(Source::Hf { dir: path.to_path_buf(), ckpt });
+    }
+    Err(CheckpointError::Unknown { path: path.to_path_buf() })
+}
+
+impl Source {
+    /// The architecture the checkpoint declares.
+    pub fn preset(&self, name: &str) -> Result<ModelPreset, CheckpointError> {
+        match self {
+            Source::Hf { dir, .. } => Ok(hf::load_config(dir, name)?),
+            Source::Mm { manifest, .. } => Ok(manifest.architecture.clone()),
+        }
+    }
+
+    /// Whether the checkpoint has an untied lm_head (else the model ties it).
+    pub fn has_lm_head(&self) -> bool {
+        match self {
+            Source::Hf { ckpt, .. } => ckpt.has("language_model.lm_head.weight"),
+            Source::Mm { manifest, .. } => manifest.tensors.iter().any(|t| t.key == "llm.lm_head.weight"),
+        }
+    }
+
+    /// The training iteration it holds (None for HF folders and converted `release` ones).
+    pub fn iteration(&self) -> Option<u64> {
+        match self {
+            Source::Mm { manifest, .. } => match manifest.iteration {
+                Iteration::Step(n) => Some(n),
+                Iteration::Release => None,
+            },
+            Source::Hf { .. } => None,
+        }
+    }
+
+    /// Where config.json and the tokenizer files are.
+    pub fn assets_dir(&self) -> PathBuf {
+        match self {
+            Source::Hf { dir, .. } => dir.clone(),
+            Source::Mm { iter_dir, .. } => iter_dir.join(HF_ASSETS_DIR),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Hf { dir, .. } => format!("HF folder {}", dir.display()),
+            Source::Mm { iter_dir, manifest } => format!(
+                "MM checkpoint {} (iteration {}, tp {}, pp {})",
+                iter_dir.display(),
+                manifest.iteration,
+                manifest.parallel.tp,
+                manifest.parallel.pp
+            ),
+        }
+    }
+
+    /// Copies the weights into the VarStore, after checking every key and shape.
+    pub fn load_weights(&self, vs: &VarStore) -> Result<(), CheckpointError> {
+        match self {
+            Source::Hf { ckpt, .. } => {
+                hf::load_into(vs, ckpt)?;
+                Ok(())
+            }
+            Source::Mm { iter_dir, manifest } => load_mm(vs, iter_dir, manifest),
+        }
+    }
+}
+
+/// Reassembles every logical tensor from its tp shards and copies it into the VarStore.
+fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
+    let mpath = iter_dir.join(MANIFEST_FILE);
+    let plan = manifest.verify().map_err(|e| format_err(&mpath, e.to_string()))?;
+    let vars = vs.variables();
+    let mut report = MismatchReport::default();
+    let mut planned: HashMap<String, usize> = HashMap::new();
+    for (i, t) in plan.iter().enumerate() {
+        match from_mm(&t.key) {
+            Some(name) if vars.contains_key(&name) => {
+                let want = vars[&name].size();
+                let have: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                if want != have {
+                    report.misshaped.push((name.clone(), want, have));
+                }
+                planned.insert(name, i);
+            }
+            _ => report.unexpected.push(t.key.clone()),
+        }
+    }
+    for name in vars.keys() {
+        if !planned.contains_key(name) {
+            report.missing.push(name.clone());
+        }
+    }
+    report.missing.sort();
+    if !report.is_empty() {
+        return Err(WeightsError::Mismatch { dir: iter_dir.to_path_buf(), report }.into());
+    }
+    let mut files: HashMap<String, SafetensorsFile> = HashMap::new();
+    let pp = manifest.parallel.pp;
+    for (name, var) in &vars {
+        let t = &plan[planned[name]];
+        let ranks = if t.split == SplitKind::Replicated { 1 } else { t.shards.len() };
+        let rows = t.shape.first().copied().unwrap_or(1) as i64;
+        let cols: i64 = t.shape.iter().skip(1).product::<usize>() as i64;
+        let full = Tensor::zeros([rows, cols], (var.kind(), Device::Cpu));
+        for (tp_rank, shard) in t.shards.iter().enumerate().take(ranks) {
+            let rel = shard_rel_path(tp_rank, t.pp_rank, pp);
+            if !files.contains_key(&rel) {
+                files.insert(rel.clone(), SafetensorsFile::open(&iter_dir.join(&rel))?);
+            }
+            let data = files[&rel].read(&t.local_key, Device::Cpu)?;
+            let want: Vec<i64> = shard.shape.iter().map(|&d| d as i64).collect();
+            if data.size() != want {
+                return Err(format_err(
+                    &iter_dir.join(&rel),
+                    format!("tensor {:?}: shape {:?}, the manifest's plan says {want:?}", t.local_key, data.size()),
+                ));
+            }
+            let shard_rows = want.first().copied().unwrap_or(1);
+            let data = data.reshape([shard_rows, -1]).to_kind(var.kind());
+            let mut offset = 0i64;
+            for piece in &shard.pieces {
+                let n = piece.rows.len() as i64;
+                let keep = (rows - piece.rows.start as i64).clamp(0, n);
+                if keep > 0 {
+                    let src = data.narrow(0, offset, keep);
+                    let mut dst = full.narrow(0, piece.rows.start as i64, keep).narrow(
+                        1,
+                        piece.cols.start as i64,
+                        piece.cols.len() as i64,
+                    );
+                    dst.copy_(&src);
+                }
+                offset += n;
+            }
+        }
+        let mut v = var.shallow_clone();
+        tch::no_grad(|| v.f_copy_(&full.reshape(var.size())))
+            .map_err(|e| format_err(iter_dir, format!("tensor {}: {e}", t.key)))?;
+    }
+    Ok(())
+}
