@@ -76,16 +76,16 @@ pub fn to_text(plan: &Plan, rendered: &Rendered) -> String {
     } else {
         format!("{} nodes with {:?} devices", plan.nnodes, per_node)
     };
-    let vpp = d.vpp.map(|v| format!(" × vpp {v}")).unwrap_or_default();
+    let vpp = d.vpp().map(|v| format!(" × vpp {v}")).unwrap_or_default();
     let _ = writeln!(
         o,
         "WORLD_SIZE {} = {shape}; tp {} × cp {} × pp {}{vpp} × dp {}",
-        plan.world_size, d.tp, d.cp, d.pp, d.dp
+        plan.world_size, d.tp(), d.cp(), d.pp(), d.dp()
     );
     let _ = writeln!(
         o,
         "batch: micro {} × grad accumulation {} × dp {} = global {}; seq {}; {} iterations",
-        b.micro_batch_size, b.grad_accumulation, d.dp, b.global_batch_size, r.train.seq_length, r.train.train_iters
+        b.micro_batch_size, b.grad_accumulation, d.dp(), b.global_batch_size, r.train.seq_length, r.train.train_iters
     );
     let port = if plan.master_port == 0 {
         "0 (a free port is picked at launch)".to_string()
@@ -98,7 +98,7 @@ pub fn to_text(plan: &Plan, rendered: &Rendered) -> String {
     let _ = writeln!(o, "\npipeline (layers per stage, model order):");
     let _ = writeln!(o, "  {:<10} {:<18} vit", "stage", "llm");
     for (i, s) in plan.llm_stages.iter().enumerate() {
-        let name = match d.vpp {
+        let name = match d.vpp() {
             Some(_) => format!("pp{} v{}", s.pp_rank, s.vp_stage),
             None => format!("pp{}", s.pp_rank),
         };

@@ -5,8 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use mm_spec::layout::{split_layers, GroupKind, LayoutError, LayoutOptions, ParallelDims, Placement, StageLayers};
-use mm_spec::presets::{preset, ModelPreset};
+use mm_spec::layout::{
+    mm_engine_unsupported, split_layers, vit_pp_layers_or_default, BatchSizes, GroupKind, LayoutError, LayoutOptions,
+    ParallelDims, Placement, StageLayers,
+};
+use mm_spec::presets::ModelPreset;
 use serde::Serialize;
 
 use crate::cluster::{Accelerator, ClusterSpec, ResolvedHost, Template};
@@ -23,8 +26,10 @@ pub struct Plan {
     pub master_addr: String,
     /// 0: a free port is picked on the master host at launch.
     pub master_port: u16,
-    pub dims: Dims,
-    pub batch: Batch,
+    /// The checked parallel sizes: render, checks and the dry run read these, never the
+    /// recipe's raw numbers.
+    pub dims: ParallelDims,
+    pub batch: BatchSizes,
     pub recipe: Recipe,
     pub model: ModelPreset,
     pub nodes: Vec<NodePlan>,
@@ -35,22 +40,6 @@ pub struct Plan {
     pub vit_stages: Vec<StageLayers>,
     /// Estimated bytes of one saved checkpoint (weights, plus optimizer state when saved).
     pub checkpoint_bytes: u64,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Dims {
-    pub tp: usize,
-    pub cp: usize,
-    pub dp: usize,
-    pub pp: usize,
-    pub vpp: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Batch {
-    pub micro_batch_size: usize,
-    pub grad_accumulation: usize,
-    pub global_batch_size: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +89,7 @@ impl std::error::Error for PlanError {}
 impl Plan {
     pub fn build(cluster: &ClusterSpec, recipe: &Recipe) -> Result<Plan, PlanError> {
         let mut problems = Vec::new();
-        let model = preset(&recipe.model).map_err(|e| PlanError { problems: vec![e.to_string()] })?;
+        let model = crate::recipe::model_architecture(&recipe.model).map_err(|e| PlanError { problems: vec![e] })?;
         let hosts = cluster.hosts_resolved();
         let slots: Vec<usize> = hosts.iter().map(|h| h.devices.len()).collect();
         let world: usize = slots.iter().sum();
@@ -120,47 +109,62 @@ impl Plan {
         }
 
         let t = &recipe.train;
-        let dp = dims.dp();
-        let batch = match (t.global_batch_size, t.grad_accumulation) {
-            (Some(g), Some(a)) if g != t.micro_batch_size * a * dp => {
-                problems.push(format!(
-                    "global batch {g} ≠ micro batch {} × grad accumulation {a} × dp {dp} = {}: set only one of \
-                     train.global_batch_size and train.grad_accumulation (the other is derived)",
-                    t.micro_batch_size,
-                    t.micro_batch_size * a * dp
-                ));
-                None
-            }
-            (Some(g), _) if g % (t.micro_batch_size * dp) != 0 => {
-                problems.push(format!(
-                    "global batch {g} is not a multiple of micro batch {} × dp {dp} = {}: choose a global batch that \
-                     is, e.g. {}",
-                    t.micro_batch_size,
-                    t.micro_batch_size * dp,
-                    (g / (t.micro_batch_size * dp)).max(1) * t.micro_batch_size * dp
-                ));
-                None
-            }
-            (Some(g), _) => Some(Batch {
-                micro_batch_size: t.micro_batch_size,
-                grad_accumulation: g / (t.micro_batch_size * dp),
-                global_batch_size: g,
-            }),
-            (None, Some(a)) => Some(Batch {
-                micro_batch_size: t.micro_batch_size,
-                grad_accumulation: a,
-                global_batch_size: t.micro_batch_size * a * dp,
-            }),
-            (None, None) => {
-                problems.push("set train.global_batch_size or train.grad_accumulation".into());
+        let batch = match BatchSizes::derive(t.micro_batch_size, t.global_batch_size, t.grad_accumulation, dims.dp()) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                problems.push(format!("train.{e}"));
                 None
             }
         };
+        // (On NPUs the template itself is refused below.)
+        if cluster.template == Template::MmEngine && cluster.accelerator != Accelerator::Npu {
+            let unsupported = mm_engine_unsupported(dims.tp(), dims.cp(), dims.pp(), dims.vpp(), p.sequence_parallel);
+            if !unsupported.is_empty() {
+                let what: Vec<String> = unsupported.iter().map(|u| format!("{} {}", u.key, u.value)).collect();
+                let mut fix: Vec<String> = unsupported
+                    .iter()
+                    .map(|u| if u.key == "parallel.sequence_parallel" { format!("{}=false", u.key) } else { format!("{}=1", u.key) })
+                    .collect();
+                if dims.pp() > 1 || dims.vpp().is_some() {
+                    fix.push("parallel.llm_pp_layers=null".into());
+                    fix.push("parallel.vit_pp_layers=null".into());
+                }
+                let fix: Vec<String> = fix.iter().map(|f| format!("--set {f}")).collect();
+                problems.push(format!(
+                    "the mm-engine template cannot run this layout ({}): {}; run it data parallel with `{}`, or set \
+                     `template: mindspeed-mm-torchrun` in the cluster file to run it with MindSpeed-MM",
+                    what.join(", "),
+                    mm_spec::layout::MM_ENGINE_DP_ONLY,
+                    fix.join(" ")
+                ));
+            }
+        }
+        if let Some(load) = recipe.checkpoint.load.as_deref().map(std::path::Path::new) {
+            if load.is_dir() && load != std::path::Path::new(&recipe.model) {
+                match mm_spec::checkpoint::read_architecture(load) {
+                    Ok((arch, _)) => {
+                        let diff = mm_spec::checkpoint::architecture_differences(&model, &arch);
+                        if !diff.is_empty() {
+                            problems.push(format!(
+                                "checkpoint.load {} holds another model than `{}` ({}): plan with the checkpoint's \
+                                 own architecture (`finetune {}`), or load a checkpoint of `{}`",
+                                load.display(),
+                                recipe.model,
+                                diff.join(", "),
+                                load.display(),
+                                recipe.model
+                            ));
+                        }
+                    }
+                    Err(e) => problems.push(format!("checkpoint.load: {e}")),
+                }
+            }
+        }
 
-        let vit_layers = vit_list(&model, p);
+        let vit_layers = vit_pp_layers_or_default(p.vit_pp_layers.as_deref(), model.vision.num_hidden_layers, dims.pp(), dims.vpp());
         let opts = LayoutOptions {
             llm_pp_layers: p.llm_pp_layers.clone(),
-            vit_pp_layers: vit_layers.clone(),
+            vit_pp_layers: Some(vit_layers.clone()),
             seq_length: t.seq_length,
             sequence_parallel: p.sequence_parallel,
             unaligned_linear: p.unaligned_linear,
@@ -192,8 +196,8 @@ impl Plan {
             ));
         }
 
-        let llm_stages = split_layers(model.llm.num_hidden_layers, p.pp, p.vpp, p.llm_pp_layers.as_deref());
-        let vit_stages = split_layers(model.vision.num_hidden_layers, p.pp, p.vpp, vit_layers.as_deref());
+        let llm_stages = split_layers(model.llm.num_hidden_layers, dims.pp(), dims.vpp(), p.llm_pp_layers.as_deref());
+        let vit_stages = split_layers(model.vision.num_hidden_layers, dims.pp(), dims.vpp(), Some(&vit_layers));
 
         let (Ok(placement), Some(batch), Ok(llm_stages), Ok(vit_stages), true) =
             (placement, batch, llm_stages, vit_stages, problems.is_empty())
@@ -258,7 +262,7 @@ impl Plan {
             nnodes: nodes.len(),
             master_addr: cluster.master.addr.clone(),
             master_port: cluster.master.port,
-            dims: Dims { tp: dims.tp(), cp: dims.cp(), dp: dims.dp(), pp: dims.pp(), vpp: dims.vpp() },
+            dims,
             batch,
             recipe: recipe.clone(),
             model,
@@ -270,19 +274,6 @@ impl Plan {
             checkpoint_bytes,
         })
     }
-}
-
-/// The ViT split the engine and converter use: the explicit list, else everything on the
-/// first stage (InternVL's vision tower is small next to the LLM and feeds stage 0).
-fn vit_list(model: &ModelPreset, p: &crate::recipe::ParallelRecipe) -> Option<Vec<usize>> {
-    p.vit_pp_layers.clone().or_else(|| {
-        let chunks = p.pp * p.vpp.unwrap_or(1);
-        (chunks > 1).then(|| {
-            let mut v = vec![0; chunks];
-            v[0] = model.vision.num_hidden_layers;
-            v
-        })
-    })
 }
 
 /// Layout errors that happen before anything else get the recipe's numbers as context.

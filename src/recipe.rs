@@ -188,9 +188,46 @@ pub struct OutputRecipe {
     pub log_tps: bool,
 }
 
+/// Whether `finetune MODEL` names a checkpoint folder rather than a preset.
+pub fn is_model_folder(model: &str) -> bool {
+    model.contains('/') || Path::new(model).is_dir()
+}
+
+/// The architecture `finetune MODEL` names: a preset's, or a checkpoint folder's own (an HF
+/// folder's config.json in either schema, an MM save or iteration folder's manifest), read
+/// through mm-spec, so custom, newer or smaller InternVL checkpoints plan with their real
+/// layer and head counts.
+pub fn model_architecture(model: &str) -> Result<mm_spec::ModelPreset, String> {
+    if is_model_folder(model) {
+        mm_spec::checkpoint::read_architecture(Path::new(model)).map(|(arch, _)| arch)
+    } else {
+        let key = model.trim().to_ascii_lowercase();
+        mm_spec::preset(key.strip_prefix("internvl3-").unwrap_or(&key)).map_err(|e| e.to_string())
+    }
+}
+
 impl Recipe {
-    /// The defaults of `finetune <model>`.
+    /// The defaults of `finetune <model>`. For a checkpoint folder: the recipe of the preset
+    /// with the same architecture (the seed's 8B folder gets the seed's 8B recipe), else the
+    /// plain data-parallel one; the folder is what is loaded (and its tokenizer, for HF).
     pub fn defaults(model: &str) -> Result<Recipe, String> {
+        if is_model_folder(model) {
+            let dir = Path::new(model);
+            let (arch, kind) = mm_spec::checkpoint::read_architecture(dir)?;
+            let base = RECIPE_MODELS
+                .iter()
+                .find(|m| {
+                    mm_spec::preset(m)
+                        .is_ok_and(|p| mm_spec::checkpoint::architecture_differences(&p, &arch).is_empty())
+                })
+                .unwrap_or(&"2b");
+            let mut r = Recipe::defaults(base)?;
+            r.model = model.to_string();
+            r.checkpoint.load = Some(model.into());
+            // An MM folder carries its tokenizer in hf_assets/, which the engine reads itself.
+            r.checkpoint.tokenizer = (kind == mm_spec::checkpoint::FolderKind::Hf).then(|| model.into());
+            return Ok(r);
+        }
         let key = model.trim().to_ascii_lowercase();
         let key = key.strip_prefix("internvl3-").unwrap_or(&key);
         if !RECIPE_MODELS.contains(&key) {

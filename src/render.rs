@@ -167,7 +167,7 @@ impl Renderer {
         node: &NodePlan,
         t: Template,
     ) -> Result<LaunchUnit, RenderError> {
-        let model = plan.recipe.model.as_str();
+        let model = plan.model.name.as_str();
         let data_json_path = format!("{GENERATED_DIR}/data_{model}.json");
         let model_json_path = format!("{GENERATED_DIR}/model_{model}.json");
         let ctx = json!({
@@ -253,15 +253,16 @@ fn common_args(plan: &Plan) -> Vec<String> {
     let r: &Recipe = &plan.recipe;
     let (p, t, c, o) = (&r.parallel, &r.train, &r.checkpoint, &r.output);
     let mut a = Vec::new();
-    kv(&mut a, "--tensor-model-parallel-size", p.tp);
-    kv(&mut a, "--pipeline-model-parallel-size", p.pp);
-    kv(&mut a, "--context-parallel-size", p.cp);
-    if let Some(v) = p.vpp {
+    let d = &plan.dims;
+    kv(&mut a, "--tensor-model-parallel-size", d.tp());
+    kv(&mut a, "--pipeline-model-parallel-size", d.pp());
+    kv(&mut a, "--context-parallel-size", d.cp());
+    if let Some(v) = d.vpp() {
         kv(&mut a, "--virtual-pipeline-model-parallel-size", v);
     }
     flag(&mut a, "--unaligned-linear", p.unaligned_linear);
     flag(&mut a, "--sequence-parallel", p.sequence_parallel);
-    if p.cp > 1 {
+    if d.cp() > 1 {
         kv(&mut a, "--context-parallel-algo", &p.context_parallel_algo);
     }
     kv(&mut a, "--micro-batch-size", plan.batch.micro_batch_size);
@@ -298,7 +299,7 @@ fn common_args(plan: &Plan) -> Vec<String> {
     }
     path_arg(&mut a, "--load", &c.load);
     // The seed: pipeline parallelism needs --variable-seq-lengths.
-    flag(&mut a, "--variable-seq-lengths", p.pp > 1);
+    flag(&mut a, "--variable-seq-lengths", d.pp() > 1);
     kv(&mut a, "--num-workers", t.num_workers);
     kv(&mut a, "--log-interval", o.log_interval);
     kv(&mut a, "--save-interval", o.save_interval);
@@ -318,11 +319,11 @@ pub fn engine_args(plan: &Plan) -> Vec<String> {
     path_arg(&mut a, "--data-folder", &r.data.data_folder);
     path_arg(&mut a, "--tokenizer", &r.checkpoint.tokenizer);
     a.extend(common_args(plan));
-    if let Some(l) = &r.parallel.llm_pp_layers {
-        kv(&mut a, "--llm-pp-layers", list(l));
-    }
-    if let Some(l) = &r.parallel.vit_pp_layers {
-        kv(&mut a, "--vit-pp-layers", list(l));
+    // The checked stage split, whenever there is more than one chunk.
+    if plan.llm_stages.len() > 1 {
+        let counts = |stages: &[mm_spec::layout::StageLayers]| stages.iter().map(|s| s.num_layers).collect::<Vec<_>>();
+        kv(&mut a, "--llm-pp-layers", list(&counts(&plan.llm_stages)));
+        kv(&mut a, "--vit-pp-layers", list(&counts(&plan.vit_stages)));
     }
     kv(&mut a, "--grad-accumulation", plan.batch.grad_accumulation);
     kv(&mut a, "--loss-reduction", serde_plain(&r.train.loss_reduction));
@@ -434,7 +435,7 @@ fn pipeline_layers(stages: &[mm_spec::layout::StageLayers], pp: usize, vpp: Opti
 pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
     let m = &plan.model;
     let (l, v) = (&m.llm, &m.vision);
-    let p = &plan.recipe.parallel;
+    let (pp, vpp) = (plan.dims.pp(), plan.dims.vpp());
     let bf16 = plan.recipe.train.precision == Precision::Bf16;
     let dtype = if bf16 { "bf16" } else { "fp32" };
     let rms = v.norm_type == mm_spec::presets::NormType::RmsNorm;
@@ -442,7 +443,7 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
     let text_decoder = json!({
         "model_id": "internllm",
         "num_layers": l.num_hidden_layers,
-        "pipeline_num_layers": pipeline_layers(&plan.llm_stages, p.pp, p.vpp),
+        "pipeline_num_layers": pipeline_layers(&plan.llm_stages, pp, vpp),
         "hidden_size": l.hidden_size,
         "ffn_hidden_size": l.intermediate_size,
         "num_attention_heads": l.num_attention_heads,
@@ -470,7 +471,7 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
         "add_bias_linear": false,
         "add_qkv_bias": true,
         "reset_attention_mask": false,
-        "variable_seq_lengths": p.pp > 1,
+        "variable_seq_lengths": plan.dims.pp() > 1,
         "recompute_granularity": if recompute { json!("full") } else { json!(null) },
         "recompute_method": if recompute { json!("uniform") } else { json!(null) },
         "recompute_num_layers": if recompute { json!(1) } else { json!(null) }
@@ -479,7 +480,7 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
         "vision_encoder": {
             "model_id": "InternViT",
             "num_layers": v.num_hidden_layers,
-            "pipeline_num_layers": pipeline_layers(&plan.vit_stages, p.pp, p.vpp),
+            "pipeline_num_layers": pipeline_layers(&plan.vit_stages, pp, vpp),
             "hidden_size": v.hidden_size,
             "ffn_hidden_size": v.intermediate_size,
             "num_attention_heads": v.num_attention_heads,
@@ -497,8 +498,8 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
             "init_method_std": 0.02,
             "initializer_factor": 1.0,
             "output_hidden_states": false,
-            "context_parallel_size": p.cp,
-            "sequence_parallel": p.sequence_parallel,
+            "context_parallel_size": plan.dims.cp(),
+            "sequence_parallel": plan.recipe.parallel.sequence_parallel,
             "use_return_dict": false,
             "params_dtype": dtype,
             "post_layer_norm": false,

@@ -35,7 +35,7 @@ fn arg_value<'a>(script: &'a str, flag: &str) -> Option<&'a str> {
 #[test]
 fn seed_8b_on_one_node_of_eight_npus() {
     let (plan, r) = dry("clusters/ascend-1x8-8b.yaml", "8b", &[]);
-    assert_eq!((plan.world_size, plan.dims.tp, plan.dims.pp, plan.dims.dp), (8, 1, 4, 2));
+    assert_eq!((plan.world_size, plan.dims.tp(), plan.dims.pp(), plan.dims.dp()), (8, 1, 4, 2));
     assert_eq!(plan.groups["pp"], vec![vec![0, 2, 4, 6], vec![1, 3, 5, 7]]);
     assert_eq!(plan.groups["dp"], vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]);
     assert_eq!(plan.groups["tp"].len(), 8);
@@ -105,7 +105,7 @@ fn seed_8b_on_one_node_of_eight_npus() {
 #[test]
 fn seed_78b_on_two_nodes_of_eight_npus() {
     let (plan, r) = dry("clusters/ascend-2x8-78b.yaml", "78b", &[]);
-    assert_eq!((plan.world_size, plan.nnodes, plan.dims.tp, plan.dims.pp, plan.dims.dp), (16, 2, 8, 2, 1));
+    assert_eq!((plan.world_size, plan.nnodes, plan.dims.tp(), plan.dims.pp(), plan.dims.dp()), (16, 2, 8, 2, 1));
     assert_eq!(plan.groups["tp"], vec![(0..8).collect::<Vec<_>>(), (8..16).collect()]);
     assert_eq!(plan.groups["pp"], (0..8).map(|i| vec![i, i + 8]).collect::<Vec<_>>());
     for row in &plan.ranks {
@@ -180,8 +180,23 @@ fn json_dry_run_is_the_same_plan_with_secrets_redacted() {
     let text = text.replacen("\nenv:\n", "\nenv:\n  HF_TOKEN: hf_very_secret_value\n", 1);
     assert!(text.contains("HF_TOKEN"), "the example has an env map to extend");
     let cluster = ClusterSpec::from_str(&text, std::path::Path::new("gpu.yaml")).unwrap();
+    // The seed's 8B recipe is TP1 × PP4: the mm-engine template cannot run it yet, so the plan
+    // refuses it (dry run included) with the fix, before any host is touched.
     let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &[]).unwrap();
+    let err = Plan::build(&cluster, &recipe).unwrap_err().to_string();
+    assert!(err.contains("the mm-engine template cannot run this layout (parallel.pp 4)"), "{err}");
+    assert!(
+        err.contains(
+            "--set parallel.pp=1 --set parallel.llm_pp_layers=null --set parallel.vit_pp_layers=null`, or set \
+             `template: mindspeed-mm-torchrun`"
+        ),
+        "{err}"
+    );
+    let fix: Vec<String> =
+        ["parallel.pp=1", "parallel.llm_pp_layers=null", "parallel.vit_pp_layers=null"].map(String::from).to_vec();
+    let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &fix).unwrap();
     let plan = Plan::build(&cluster, &recipe).unwrap();
+    assert_eq!((plan.dims.pp(), plan.dims.dp()), (1, 16));
     let r = Renderer::new(None).unwrap().render_plan(&plan, &cluster).unwrap();
     let json = dryrun::to_json(&plan, &r);
     let text_out = dryrun::to_text(&plan, &r);
@@ -193,4 +208,39 @@ fn json_dry_run_is_the_same_plan_with_secrets_redacted() {
     assert_eq!(v["plan"]["world_size"], plan.world_size);
     assert_eq!(v["launch"]["nodes"][0]["units"][0]["env"]["HF_TOKEN"], "<redacted>");
     assert_eq!(v["plan"]["ranks"].as_array().unwrap().len(), plan.world_size);
+}
+
+/// `finetune MODEL` takes a checkpoint folder as well as a preset: the architecture comes from
+/// its config.json through mm-spec, and a `checkpoint.load` of another model is refused with
+/// what differs.
+#[test]
+fn a_checkpoint_folder_is_a_model_and_a_mismatched_load_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("My-InternVL3");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut arch = mm_spec::preset("tiny").unwrap();
+    arch.llm.num_hidden_layers = 3;
+    let cfg = mm_spec::hf::config_for_layout(&arch, None, mm_spec::HfLayout::Hf, None);
+    std::fs::write(folder.join("config.json"), cfg.to_string()).unwrap();
+    let model = folder.display().to_string();
+
+    let cluster = ClusterSpec::from_file("clusters/local.yaml").unwrap();
+    // Not a preset's architecture: the plain data-parallel recipe (bf16), so fp32 for the CPU.
+    let fp32 = ["train.precision=fp32".to_string()];
+    let recipe = Recipe::resolve(&model, Some((&cluster.job, &cluster.origin)), None, &fp32).unwrap();
+    assert_eq!(recipe.checkpoint.load.as_deref(), Some(folder.as_path()));
+    assert_eq!(recipe.checkpoint.tokenizer.as_deref(), Some(folder.as_path()));
+    let plan = Plan::build(&cluster, &recipe).unwrap();
+    assert_eq!(plan.model.llm.num_hidden_layers, 3, "the folder's own depth, not a preset's");
+    assert_eq!(plan.model.name, "My-InternVL3");
+    assert_eq!(plan.llm_stages[0].num_layers, 3);
+
+    let set = [format!("checkpoint.load={model}")];
+    let recipe = Recipe::resolve("tiny", Some((&cluster.job, &cluster.origin)), None, &set).unwrap();
+    let err = Plan::build(&cluster, &recipe).unwrap_err().to_string();
+    assert!(err.contains("holds another model than `tiny` (llm_config.num_hidden_layers 2 → 3)"), "{err}");
+    assert!(err.contains(&format!("(`finetune {model}`)")), "{err}");
+
+    let err = Recipe::resolve(&dir.path().join("nothing").display().to_string(), None, None, &[]).unwrap_err();
+    assert!(err.to_string().contains("not a checkpoint folder"), "{err}");
 }

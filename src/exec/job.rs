@@ -105,7 +105,7 @@ pub fn run_job(
     backend: Box<dyn Backend>,
     opts: &JobOptions,
 ) -> Result<i32, String> {
-    let run = RunDir::create(&cluster.log_dir, &plan.recipe.model, opts.max_restarts > 0)
+    let run = RunDir::create(&cluster.log_dir, &plan.model.name, opts.max_restarts > 0)
         .map_err(|e| format!("cannot create a run directory under {}: {e}", cluster.log_dir.display()))?;
     init_tracing(&run.launcher_log());
     tracing::info!(run = %run.id, hosts = plan.nodes.len(), ranks = plan.world_size, "launch starting");

@@ -49,6 +49,7 @@ mod keys;
 mod manifest;
 mod names;
 mod plan;
+mod read;
 mod split;
 #[cfg(test)]
 mod testing;
@@ -68,4 +69,5 @@ pub use names::{
 pub use plan::{
     file_order, plan_checkpoint, LayoutRequest, MmLayout, PlannedTensor, DEFAULT_VOCAB_DIVISOR, MAX_PARAMS,
 };
+pub use read::{architecture_differences, read_architecture, FolderKind};
 pub use split::{padded_vocab_size, split_spec, Piece, Shard, SplitKind};

@@ -13,6 +13,8 @@
 //!        ├─► Placement::new(dims, slots_per_node)   rank → node, local rank (TP stays on a node)
 //!        ├─► split_layers(L, pp, vpp, list)         stage → layer range (model order)
 //!        ├─► tp_partition / attention_partition     tp rank → heads / columns
+//!        ├─► mm_engine_unsupported(…)               what mm-engine cannot run yet
+//!        ├─► BatchSizes::derive(mbs, gbs, gas, dp)   the one batch arithmetic
 //!        └─► validate_model_layout(preset, dims, opts) → every problem at once
 //! ```
 //!
@@ -20,16 +22,20 @@
 //! order every rank must create them in (c10d group creation is collective). Pipeline stage
 //! lists are in *model order* (chunk `c = vp_stage·PP + pp_rank`), not in rank order.
 
+mod batch;
 mod dims;
 mod error;
 mod pipeline;
 mod placement;
+mod support;
 mod tensor;
 mod validate;
 
+pub use batch::BatchSizes;
 pub use dims::{GroupKind, ParallelDims, RankCoord};
 pub use error::LayoutError;
-pub use pipeline::{layer_owner, split_layers, stages_of, LayerOwner, StageLayers};
+pub use pipeline::{layer_owner, split_layers, stages_of, vit_pp_layers_or_default, LayerOwner, StageLayers};
 pub use placement::{Placement, RankPlace};
+pub use support::{mm_engine_unsupported, Unsupported, MM_ENGINE_DP_ONLY};
 pub use tensor::{attention_partition, tp_partition, AttentionShard};
 pub use validate::{validate_model_layout, LayoutOptions};

@@ -247,8 +247,7 @@ fn parse_list(s: &str) -> Option<Vec<usize>> {
 }
 
 /// Why tp/pp/cp > 1 are refused.
-pub const DP_ONLY: &str = "mm-engine trains data parallel only (tensor, pipeline and context parallel size 1; \
-     WORLD_SIZE ranks are all data parallel); use the MindSpeed-MM engine for model parallelism";
+pub use mm_spec::layout::MM_ENGINE_DP_ONLY as DP_ONLY;
 
 impl TrainArgs {
     /// Checks everything that does not need the model, reporting all problems at once.
@@ -256,20 +255,19 @@ impl TrainArgs {
     pub fn validate(&self, world_size: usize) -> Result<Resolved, String> {
         let mut errs: Vec<String> = Vec::new();
         let dp = world_size.max(1);
-        for (flag, v) in [
-            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
-            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
-            ("--context-parallel-size", self.context_parallel_size),
-        ] {
-            if v != 1 {
-                errs.push(format!("{flag} {v}: {DP_ONLY}"));
+        let unsupported = mm_spec::layout::mm_engine_unsupported(
+            self.tensor_model_parallel_size,
+            self.context_parallel_size,
+            self.pipeline_model_parallel_size,
+            self.virtual_pipeline_model_parallel_size,
+            self.sequence_parallel,
+        );
+        for u in unsupported {
+            if u.flag == "--sequence-parallel" {
+                errs.push(format!("--sequence-parallel: {DP_ONLY} (it needs tensor parallelism)"));
+            } else {
+                errs.push(format!("{} {}: {DP_ONLY}", u.flag, u.value));
             }
-        }
-        if let Some(v) = self.virtual_pipeline_model_parallel_size.filter(|&v| v != 1) {
-            errs.push(format!("--virtual-pipeline-model-parallel-size {v}: {DP_ONLY}"));
-        }
-        if self.sequence_parallel {
-            errs.push(format!("--sequence-parallel: {DP_ONLY} (it needs tensor parallelism)"));
         }
         for (flag, v) in [("--llm-pp-layers", &self.llm_pp_layers), ("--vit-pp-layers", &self.vit_pp_layers)] {
             if let Some(s) = v {
@@ -285,35 +283,20 @@ impl TrainArgs {
         if !(self.dp_bucket_mb.is_finite() && self.dp_bucket_mb > 0.0) {
             errs.push(format!("--dp-bucket-mb {}: expected a size above 0", self.dp_bucket_mb));
         }
-        if self.micro_batch_size == 0 {
-            errs.push("--micro-batch-size 0: expected at least 1".into());
-        }
-        let mbs = self.micro_batch_size.max(1);
-        let (ga, gbs) = match (self.grad_accumulation, self.global_batch_size) {
-            (Some(ga), Some(gbs)) if ga * mbs * dp != gbs => {
-                errs.push(format!(
-                    "--global-batch-size {gbs} is not --micro-batch-size {mbs} × --grad-accumulation {ga} \
-                     × {dp} data-parallel rank{}",
-                    if dp == 1 { "" } else { "s" }
-                ));
-                (ga, gbs)
+        let batch = mm_spec::layout::BatchSizes::derive(
+            self.micro_batch_size,
+            self.global_batch_size,
+            self.grad_accumulation,
+            dp,
+        );
+        let (ga, gbs) = match batch {
+            Ok(b) => (b.grad_accumulation, b.global_batch_size),
+            Err(e) => {
+                let flags = mm_spec::layout::BatchSizes::flag_names(&e.to_string());
+                errs.push(format!("{flags} ({dp} data-parallel rank{})", if dp == 1 { "" } else { "s" }));
+                (1, 1)
             }
-            (Some(ga), _) => (ga, ga * mbs * dp),
-            (None, Some(gbs)) => {
-                if gbs % (mbs * dp) != 0 || gbs == 0 {
-                    errs.push(format!(
-                        "--global-batch-size {gbs}: expected a positive multiple of --micro-batch-size {mbs} × \
-                         {dp} data-parallel rank{}",
-                        if dp == 1 { "" } else { "s" }
-                    ));
-                }
-                (gbs / (mbs * dp), gbs)
-            }
-            (None, None) => (1, mbs * dp),
         };
-        if ga == 0 {
-            errs.push("--grad-accumulation 0: expected at least 1".into());
-        }
         if self.seq_length < 2 {
             errs.push(format!("--seq-length {}: expected at least 2", self.seq_length));
         }
@@ -429,9 +412,16 @@ mod tests {
         let r = args("--micro-batch-size 1 --grad-accumulation 2 --global-batch-size 4").validate(2).unwrap();
         assert_eq!(r.grad_accumulation, 2);
         let e = args("--micro-batch-size 1 --grad-accumulation 2 --global-batch-size 4").validate(4).unwrap_err();
-        assert!(e.contains("is not --micro-batch-size 1 × --grad-accumulation 2 × 4 data-parallel ranks"), "{e}");
+        assert!(
+            e.contains(
+                "--global-batch-size 4 does not equal --micro-batch-size × --grad-accumulation × dp = 1×2×4 = 8: set \
+                 --global-batch-size to 8"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("(4 data-parallel ranks)"), "{e}");
         let e = args("--micro-batch-size 2 --global-batch-size 6").validate(2).unwrap_err();
-        assert!(e.contains("multiple of --micro-batch-size 2 × 2 data-parallel ranks"), "{e}");
+        assert!(e.contains("--global-batch-size 6 is not a multiple of --micro-batch-size × dp = 2×2 = 4"), "{e}");
     }
 
     #[test]

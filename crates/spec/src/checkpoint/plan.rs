@@ -10,8 +10,8 @@ use super::keys::{fill_template, logical_tensors, Part};
 use super::names::{chunk_prefix, shard_rel_path};
 use super::split::{padded_vocab_size, resolve_rule, Shard, SplitKind};
 use crate::layout::{
-    layer_owner, split_layers, tp_partition, validate_model_layout, LayoutError, LayoutOptions, ParallelDims,
-    StageLayers,
+    layer_owner, split_layers, tp_partition, validate_model_layout, vit_pp_layers_or_default, LayoutError,
+    LayoutOptions, ParallelDims, StageLayers,
 };
 use crate::presets::ModelPreset;
 
@@ -70,11 +70,8 @@ impl MmLayout {
             .unwrap_or(1);
         let world = req.tp.saturating_mul(pp).max(1);
         let dims = ParallelDims::new(world, req.tp, 1, pp, req.vpp).map_err(|e| CheckpointError::Layout(vec![e]))?;
-        let chunks = pp * v;
-        let vit_list = req
-            .vit_pp_layers
-            .clone()
-            .unwrap_or_else(|| (0..chunks).map(|c| if c == 0 { arch.vision.num_hidden_layers } else { 0 }).collect());
+        let vit_list =
+            vit_pp_layers_or_default(req.vit_pp_layers.as_deref(), arch.vision.num_hidden_layers, pp, req.vpp);
         let opts = LayoutOptions {
             llm_pp_layers: req.llm_pp_layers.clone(),
             vit_pp_layers: Some(vit_list.clone()),

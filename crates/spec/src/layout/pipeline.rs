@@ -144,6 +144,24 @@ fn suggest(total: usize, chunks: usize, names: &ListNames) -> String {
     join(&counts, ",")
 }
 
+/// The ViT split every tool uses when none is given: the explicit list, else every ViT layer on
+/// the first chunk (InternVL's vision tower is small next to the LLM and feeds stage 0, as the
+/// seed's `24,0,0,0` and `45,0` do). One entry per chunk (`pp × vpp`), in model order.
+pub fn vit_pp_layers_or_default(
+    explicit: Option<&[usize]>,
+    vit_layers: usize,
+    pp: usize,
+    vpp: Option<usize>,
+) -> Vec<usize> {
+    match explicit {
+        Some(list) => list.to_vec(),
+        None => {
+            let chunks = pp.max(1) * vpp.unwrap_or(1).max(1);
+            (0..chunks).map(|c| if c == 0 { vit_layers } else { 0 }).collect()
+        }
+    }
+}
+
 /// The chunk and local index that own global `layer`; `None` past the last layer.
 pub fn layer_owner(stages: &[StageLayers], layer: usize) -> Option<LayerOwner> {
     stages.iter().find(|s| s.layers().contains(&layer)).map(|s| LayerOwner {
@@ -172,6 +190,14 @@ mod tests {
         assert_eq!(layer_owner(&s, 14), Some(LayerOwner { pp_rank: 2, vp_stage: 0, local_index: 0 }));
         assert_eq!(layer_owner(&s, 27).unwrap().local_index, 5);
         assert_eq!(layer_owner(&s, 28), None);
+    }
+
+    #[test]
+    fn vit_default_is_all_on_the_first_chunk() {
+        assert_eq!(vit_pp_layers_or_default(None, 24, 4, None), vec![24, 0, 0, 0]);
+        assert_eq!(vit_pp_layers_or_default(None, 45, 2, Some(2)), vec![45, 0, 0, 0]);
+        assert_eq!(vit_pp_layers_or_default(None, 24, 1, None), vec![24]);
+        assert_eq!(vit_pp_layers_or_default(Some(&[12, 12]), 24, 2, None), vec![12, 12]);
     }
 
     #[test]

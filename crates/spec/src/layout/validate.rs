@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::batch::BatchSizes;
 use super::dims::ParallelDims;
 use super::error::LayoutError;
 use super::pipeline::{split_layers_named, ListNames};
@@ -113,28 +114,9 @@ pub fn validate_model_layout(preset: &ModelPreset, dims: &ParallelDims, opts: &L
     }
 
     // Batch: one optimizer step consumes micro batch × accumulation steps × dp samples.
-    let mbs = opts.micro_batch_size;
-    let dp = dims.dp();
-    if mbs == 0 {
-        errors.push(LayoutError::Zero { name: "micro_batch_size".into() });
-    } else {
-        match (opts.global_batch_size, opts.grad_accumulation) {
-            (_, Some(0)) => errors.push(LayoutError::Zero { name: "grad_accumulation".into() }),
-            (Some(0), _) => errors.push(LayoutError::Zero { name: "global_batch_size".into() }),
-            (Some(gbs), Some(gas)) => {
-                let product = mbs.saturating_mul(gas).saturating_mul(dp);
-                if gbs != product {
-                    errors.push(LayoutError::BatchMismatch { gbs, mbs, gas, dp, product });
-                }
-            }
-            (Some(gbs), None) => {
-                let unit = mbs.saturating_mul(dp);
-                if gbs % unit != 0 {
-                    errors.push(LayoutError::GbsNotMultiple { gbs, mbs, dp, unit, suggestion: round_up(gbs, unit) });
-                }
-            }
-            (None, _) => {}
-        }
+    if let Err(e) = BatchSizes::derive(opts.micro_batch_size, opts.global_batch_size, opts.grad_accumulation, dims.dp())
+    {
+        errors.push(e);
     }
 
     errors
