@@ -32,5 +32,6 @@ lint: setup
 test: setup
 	cargo fmt --all --check
 	bash scripts/check-no-libtorch.sh
+	bash scripts/import-graph.sh
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace --no-fail-fast

@@ -80,12 +80,21 @@ pub fn to_text(plan: &Plan, rendered: &Rendered) -> String {
     let _ = writeln!(
         o,
         "WORLD_SIZE {} = {shape}; tp {} × cp {} × pp {}{vpp} × dp {}",
-        plan.world_size, d.tp(), d.cp(), d.pp(), d.dp()
+        plan.world_size,
+        d.tp(),
+        d.cp(),
+        d.pp(),
+        d.dp()
     );
     let _ = writeln!(
         o,
         "batch: micro {} × grad accumulation {} × dp {} = global {}; seq {}; {} iterations",
-        b.micro_batch_size, b.grad_accumulation, d.dp(), b.global_batch_size, r.train.seq_length, r.train.train_iters
+        b.micro_batch_size,
+        b.grad_accumulation,
+        d.dp(),
+        b.global_batch_size,
+        r.train.seq_length,
+        r.train.train_iters
     );
     let port = if plan.master_port == 0 {
         "0 (a free port is picked at launch)".to_string()

@@ -123,7 +123,13 @@ impl Plan {
                 let what: Vec<String> = unsupported.iter().map(|u| format!("{} {}", u.key, u.value)).collect();
                 let mut fix: Vec<String> = unsupported
                     .iter()
-                    .map(|u| if u.key == "parallel.sequence_parallel" { format!("{}=false", u.key) } else { format!("{}=1", u.key) })
+                    .map(|u| {
+                        if u.key == "parallel.sequence_parallel" {
+                            format!("{}=false", u.key)
+                        } else {
+                            format!("{}=1", u.key)
+                        }
+                    })
                     .collect();
                 if dims.pp() > 1 || dims.vpp().is_some() {
                     fix.push("parallel.llm_pp_layers=null".into());
@@ -161,7 +167,8 @@ impl Plan {
             }
         }
 
-        let vit_layers = vit_pp_layers_or_default(p.vit_pp_layers.as_deref(), model.vision.num_hidden_layers, dims.pp(), dims.vpp());
+        let vit_layers =
+            vit_pp_layers_or_default(p.vit_pp_layers.as_deref(), model.vision.num_hidden_layers, dims.pp(), dims.vpp());
         let opts = LayoutOptions {
             llm_pp_layers: p.llm_pp_layers.clone(),
             vit_pp_layers: Some(vit_layers.clone()),

@@ -206,17 +206,15 @@ impl Console {
             if let ProgressEvent::Checkpoint { path, .. } = ev {
                 self.last_checkpoint = Some(path.clone());
             }
-            if let ProgressEvent::Done { iteration, final_loss, tokens_per_sec, checkpoint, steps } = ev {
+            if let ProgressEvent::Done(done) = ev {
                 // Every rank may report the end; keep the first.
                 if self.training.is_some() {
                     return;
                 }
+                let (final_loss, tokens_per_sec) = (done.final_loss, done.tokens_per_sec);
                 self.training = Some(TrainingSummary {
-                    iteration: *iteration,
-                    final_loss: *final_loss,
-                    tokens_per_sec: *tokens_per_sec,
-                    checkpoint: checkpoint.clone().or_else(|| self.last_checkpoint.clone()),
-                    steps: *steps,
+                    checkpoint: done.checkpoint.clone().or_else(|| self.last_checkpoint.clone()),
+                    ..done.clone()
                 });
                 if let Some(b) = self.bars.as_ref().and_then(|b| b.train.as_ref()) {
                     b.finish_with_message(format!("done: loss {final_loss:.4} · {tokens_per_sec:.0} tok/s"));

@@ -169,23 +169,9 @@ pub fn failure_headline(f: &Failure, node: &NodeReport) -> String {
     }
 }
 
-/// What the engine's `done` progress line said (rank 0), kept for the final summary and
-/// status.json.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TrainingSummary {
-    pub iteration: u64,
-    /// Written as a string when not finite (NaN, ±inf), so status.json always reads back.
-    #[serde(with = "mm_spec::progress::lossless_f64")]
-    pub final_loss: f64,
-    #[serde(with = "mm_spec::progress::lossless_f64")]
-    pub tokens_per_sec: f64,
-    /// The last checkpoint written (a path on the hosts), if any; with `steps` 0, the
-    /// checkpoint the run loaded.
-    pub checkpoint: Option<String>,
-    /// Iterations this run trained (0: nothing was left to train); None from older engines.
-    #[serde(default)]
-    pub steps: Option<u64>,
-}
+/// The engine's end-of-run summary (its `done` progress event), kept for the report and
+/// status.json: one type, mm-spec's.
+pub use mm_spec::progress::RunSummary as TrainingSummary;
 
 #[cfg(test)]
 mod tests {

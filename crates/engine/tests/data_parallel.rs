@@ -156,7 +156,7 @@ fn two_and_four_ranks_give_the_losses_of_one_with_and_without_zero1() {
         let ProgressEvent::Step(last) = &done[done.len() - 2] else { panic!("{done:?}") };
         assert_eq!(last.consumed_samples, 16);
         assert!(last.tokens_per_sec > 0.0 && last.samples_per_sec > 0.0);
-        assert!(matches!(done.last(), Some(ProgressEvent::Done { iteration: 4, .. })));
+        assert!(matches!(done.last(), Some(ProgressEvent::Done(mm_spec::progress::RunSummary { iteration: 4, .. }))));
         assert_eq!(summary_tokens(&out[0]), tokens, "{world} ranks: tokens over the group");
         let stdout = String::from_utf8_lossy(&out[0].stdout);
         assert!(stdout.contains(&format!("throughput over {world} data-parallel ranks: 4 iterations")), "{stdout}");

@@ -126,7 +126,7 @@ fn resume_gives_bit_identical_losses_and_weights() {
     let done = String::from_utf8_lossy(&a.stdout)
         .lines()
         .filter_map(|l| ProgressEvent::parse(l)?.ok())
-        .find(|e| matches!(e, ProgressEvent::Done { .. }))
+        .find(|e| matches!(e, ProgressEvent::Done(_)))
         .expect("a done event");
     assert_eq!(done.iteration(), 6);
 

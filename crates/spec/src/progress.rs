@@ -48,19 +48,26 @@ pub enum ProgressEvent {
     /// A checkpoint was written completely at `path`.
     Checkpoint { iteration: u64, path: String },
     /// Training finished normally.
-    Done {
-        iteration: u64,
-        #[serde(with = "lossless_f64")]
-        final_loss: f64,
-        #[serde(with = "lossless_f64")]
-        tokens_per_sec: f64,
-        /// The last checkpoint written, if any (when `steps` is 0: the checkpoint loaded).
-        #[serde(default)]
-        checkpoint: Option<String>,
-        /// Iterations this run trained (0: the checkpoint already reached --train-iters).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        steps: Option<u64>,
-    },
+    Done(RunSummary),
+}
+
+/// The end of a run, as the engine reports it and the launcher keeps it (report, status.json).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub iteration: u64,
+    /// Written as a string when not finite (NaN, ±inf), so it always reads back.
+    #[serde(with = "lossless_f64")]
+    pub final_loss: f64,
+    #[serde(with = "lossless_f64")]
+    pub tokens_per_sec: f64,
+    /// The last checkpoint written, if any (when `steps` is 0: the checkpoint loaded); a path
+    /// on the hosts.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// Iterations this run trained (0: the checkpoint already reached --train-iters); None
+    /// from older engines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
 }
 
 /// How much of a bad line an error message quotes.
@@ -95,7 +102,9 @@ impl ProgressEvent {
     pub fn iteration(&self) -> u64 {
         match self {
             ProgressEvent::Step(p) => p.iteration,
-            ProgressEvent::Checkpoint { iteration, .. } | ProgressEvent::Done { iteration, .. } => *iteration,
+            ProgressEvent::Checkpoint { iteration, .. } | ProgressEvent::Done(RunSummary { iteration, .. }) => {
+                *iteration
+            }
         }
     }
 }
@@ -250,13 +259,13 @@ mod tests {
         let line = step(1.5, Some(0.75)).to_line();
         assert!(line.starts_with("@@mm-progress {\"event\":\"step\",\"iteration\":12,"), "{line}");
         assert!(!line.contains('\n'));
-        let done = ProgressEvent::Done {
+        let done = ProgressEvent::Done(RunSummary {
             iteration: 5000,
             final_loss: 0.5,
             tokens_per_sec: 2000.0,
             checkpoint: None,
             steps: None,
-        };
+        });
         assert_eq!(
             done.to_line(),
             "@@mm-progress {\"event\":\"done\",\"iteration\":5000,\"final_loss\":0.5,\
@@ -270,13 +279,13 @@ mod tests {
             step(1.5, Some(0.75)),
             step(1.5, None),
             ProgressEvent::Checkpoint { iteration: 100, path: "save/iter_0000100".into() },
-            ProgressEvent::Done {
+            ProgressEvent::Done(RunSummary {
                 iteration: 5000,
                 final_loss: 0.4,
                 tokens_per_sec: 2211.93,
                 checkpoint: Some("save/iter_0005000".into()),
                 steps: Some(40),
-            },
+            }),
         ];
         for e in events {
             let back = ProgressEvent::parse(&e.to_line()).unwrap().unwrap();
@@ -297,13 +306,13 @@ mod tests {
         assert_eq!(p.grad_norm, Some(f64::INFINITY));
         assert!(same(&back, &e));
 
-        let done = ProgressEvent::Done {
+        let done = ProgressEvent::Done(RunSummary {
             iteration: 1,
             final_loss: f64::NEG_INFINITY,
             tokens_per_sec: 0.0,
             checkpoint: None,
             steps: None,
-        };
+        });
         let back = ProgressEvent::parse(&done.to_line()).unwrap().unwrap();
         assert_eq!(back, done);
     }

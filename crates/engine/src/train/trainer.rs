@@ -535,13 +535,13 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
             };
             println!(
                 "{}",
-                ProgressEvent::Done {
+                ProgressEvent::Done(mm_spec::progress::RunSummary {
                     iteration,
                     final_loss: last_loss,
                     tokens_per_sec: 0.0,
                     checkpoint,
                     steps: Some(0)
-                }
+                })
                 .to_line()
             );
         }
@@ -693,13 +693,13 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     if dp.global_rank == 0 {
         println!(
             "{}",
-            ProgressEvent::Done {
+            ProgressEvent::Done(mm_spec::progress::RunSummary {
                 iteration,
                 final_loss: last_loss,
                 tokens_per_sec: tps,
                 checkpoint: last_ckpt.map(|p| p.display().to_string()),
                 steps: Some(steps_done),
-            }
+            })
             .to_line()
         );
     }
