@@ -399,7 +399,7 @@ mod tests {
             ),
         ];
         for (text, field) in cases {
-            assert_ne!(text, hf.replace('x', "x"), "{field}: the fixture edit did not apply");
+            assert!(text != hf && text != FIXTURES[0].1, "{field}: the fixture edit did not apply");
             let err = parse(&text).unwrap_err();
             assert_eq!(err.field.as_deref(), Some(field), "{err}");
         }
