@@ -109,12 +109,20 @@ impl Plan {
         }
 
         let t = &recipe.train;
-        let batch = match BatchSizes::derive(t.micro_batch_size, t.global_batch_size, t.grad_accumulation, dims.dp()) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                problems.push(format!("train.{e}"));
+        // A recipe says how big a step is; the engines' fallback (one micro batch per rank) is
+        // never what a fine-tune wants.
+        let batch = match (t.global_batch_size, t.grad_accumulation) {
+            (None, None) => {
+                problems.push("set train.global_batch_size or train.grad_accumulation".into());
                 None
             }
+            (gbs, gas) => match BatchSizes::derive(t.micro_batch_size, gbs, gas, dims.dp()) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    problems.push(format!("train.{e}"));
+                    None
+                }
+            },
         };
         // (On NPUs the template itself is refused below.)
         if cluster.template == Template::MmEngine && cluster.accelerator != Accelerator::Npu {
@@ -145,24 +153,33 @@ impl Plan {
                 ));
             }
         }
-        if let Some(load) = recipe.checkpoint.load.as_deref().map(std::path::Path::new) {
-            if load.is_dir() && load != std::path::Path::new(&recipe.model) {
-                match mm_spec::checkpoint::read_architecture(load) {
-                    Ok((arch, _)) => {
-                        let diff = mm_spec::checkpoint::architecture_differences(&model, &arch);
-                        if !diff.is_empty() {
-                            problems.push(format!(
-                                "checkpoint.load {} holds another model than `{}` ({}): plan with the checkpoint's \
-                                 own architecture (`finetune {}`), or load a checkpoint of `{}`",
-                                load.display(),
-                                recipe.model,
-                                diff.join(", "),
-                                load.display(),
-                                recipe.model
-                            ));
-                        }
+        if crate::recipe::is_model_folder(&recipe.model) && cluster.template != Template::MmEngine {
+            problems.push(format!(
+                "finetune {}: a checkpoint folder as MODEL plans for mm-engine; MindSpeed-MM loads its own \
+                 converted checkpoints: name the preset (e.g. `finetune 8b`) and set checkpoint.load to the folder \
+                 `mm-convert hf-to-mm` wrote",
+                recipe.model
+            ));
+        }
+        // Only what the launching machine can read, and means the same path there as on the
+        // hosts (absolute, or relative with no workdir); a folder that is no checkpoint of ours
+        // (a MindSpeed-MM save) is left to the engine.
+        if let Some(load) = recipe.checkpoint.load.as_deref() {
+            let comparable = load.is_absolute() || cluster.workdir.is_none();
+            if comparable && load.is_dir() && load != std::path::Path::new(&recipe.model) {
+                if let Ok((arch, _)) = mm_spec::checkpoint::read_architecture(load) {
+                    let diff = mm_spec::checkpoint::architecture_differences(&model, &arch);
+                    if !diff.is_empty() {
+                        problems.push(format!(
+                            "checkpoint.load {} holds another model than `{}` ({}): plan with the checkpoint's own \
+                             architecture (`finetune {}`), or load a checkpoint of `{}`",
+                            load.display(),
+                            recipe.model,
+                            diff.join(", "),
+                            load.display(),
+                            recipe.model
+                        ));
                     }
-                    Err(e) => problems.push(format!("checkpoint.load: {e}")),
                 }
             }
         }

@@ -188,9 +188,16 @@ pub struct OutputRecipe {
     pub log_tps: bool,
 }
 
-/// Whether `finetune MODEL` names a checkpoint folder rather than a preset.
+/// Whether `finetune MODEL` names a checkpoint folder rather than a preset: a preset name always
+/// wins (a folder called `8b` in the working directory does not shadow it); a path with a `/`,
+/// one starting with `.`, or an existing folder is a folder.
 pub fn is_model_folder(model: &str) -> bool {
-    model.contains('/') || Path::new(model).is_dir()
+    let key = model.trim().to_ascii_lowercase();
+    let key = key.strip_prefix("internvl3-").unwrap_or(&key);
+    if RECIPE_MODELS.contains(&key) {
+        return false;
+    }
+    model.contains('/') || model.starts_with('.') || Path::new(model).is_dir()
 }
 
 /// The architecture `finetune MODEL` names: a preset's, or a checkpoint folder's own (an HF
@@ -224,6 +231,8 @@ impl Recipe {
             let mut r = Recipe::defaults(base)?;
             r.model = model.to_string();
             r.checkpoint.load = Some(model.into());
+            // Its own save folder: never auto-resume a preset's earlier run.
+            r.checkpoint.save = Some(Path::new("save_dir").join(&arch.name));
             // An MM folder carries its tokenizer in hf_assets/, which the engine reads itself.
             r.checkpoint.tokenizer = (kind == mm_spec::checkpoint::FolderKind::Hf).then(|| model.into());
             return Ok(r);

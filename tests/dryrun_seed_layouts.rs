@@ -222,6 +222,8 @@ fn a_checkpoint_folder_is_a_model_and_a_mismatched_load_is_named() {
     arch.llm.num_hidden_layers = 3;
     let cfg = mm_spec::hf::config_for_layout(&arch, None, mm_spec::HfLayout::Hf, None);
     std::fs::write(folder.join("config.json"), cfg.to_string()).unwrap();
+    // An HF folder holds weights beside its config (the plan reads only the config).
+    mm_spec::io::SafetensorsWriter::create(&folder.join("model.safetensors"), vec![], &[]).unwrap().finish().unwrap();
     let model = folder.display().to_string();
 
     let cluster = ClusterSpec::from_file("clusters/local.yaml").unwrap();
@@ -233,6 +235,7 @@ fn a_checkpoint_folder_is_a_model_and_a_mismatched_load_is_named() {
     let plan = Plan::build(&cluster, &recipe).unwrap();
     assert_eq!(plan.model.llm.num_hidden_layers, 3, "the folder's own depth, not a preset's");
     assert_eq!(plan.model.name, "My-InternVL3");
+    assert_eq!(recipe.checkpoint.save.as_deref(), Some(std::path::Path::new("save_dir/My-InternVL3")));
     assert_eq!(plan.llm_stages[0].num_layers, 3);
 
     let set = [format!("checkpoint.load={model}")];
@@ -242,5 +245,11 @@ fn a_checkpoint_folder_is_a_model_and_a_mismatched_load_is_named() {
     assert!(err.contains(&format!("(`finetune {model}`)")), "{err}");
 
     let err = Recipe::resolve(&dir.path().join("nothing").display().to_string(), None, None, &[]).unwrap_err();
-    assert!(err.to_string().contains("not a checkpoint folder"), "{err}");
+    assert!(err.to_string().contains("nothing: no such folder"), "{err}");
+    // A preset name wins over a folder of that name; a folder MODEL is for the mm-engine template.
+    assert!(!launch::recipe::is_model_folder("8b") && launch::recipe::is_model_folder("./8b"));
+    let npu = ClusterSpec::from_file("clusters/ascend-1x8-8b.yaml").unwrap();
+    let recipe = Recipe::resolve(&model, Some((&npu.job, &npu.origin)), None, &[]).unwrap();
+    let err = Plan::build(&npu, &recipe).unwrap_err().to_string();
+    assert!(err.contains("a checkpoint folder as MODEL plans for mm-engine"), "{err}");
 }

@@ -3,8 +3,9 @@
 //! Order of work: refuse an existing output → open the HF folder (config, every header) →
 //! resolve the layout against config.json → plan every tensor (mm_spec) → map every planned
 //! tensor to its HF source, checking keys, shapes and dtypes → only then create
-//! `<mm_dir>.tmp-<pid>`, write one safetensors file per (tp, pp) rank in parallel, the manifest,
-//! the assets and `latest_checkpointed_iteration.txt`, and rename it into place.
+//! `.<mm_dir name>.tmp-<pid>` beside it, write one safetensors file per (tp, pp) rank in
+//! parallel, the manifest, the assets and `latest_checkpointed_iteration.txt`, and rename it
+//! into place.
 
 use std::fs;
 use std::path::PathBuf;

@@ -130,7 +130,11 @@ impl OutputDir {
         if self.staged.final_path().exists() && !self.force {
             return Err(ConvertError::OutputExists { path: self.staged.final_path().to_path_buf() });
         }
-        Ok(self.staged.commit()?)
+        let (path, note) = self.staged.commit()?;
+        if let Some(note) = note {
+            tracing::warn!("{note}");
+        }
+        Ok(path)
     }
 }
 

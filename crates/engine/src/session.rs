@@ -102,6 +102,14 @@ impl Session {
             None => mm_spec::preset(o.model).with_context(|| format!("--model {}", o.model))?,
         };
         preset.validate().with_context(|| format!("model {}", preset.name))?;
+        if preset.ps_version != "v2" {
+            anyhow::bail!(
+                "model {}: ps_version {:?}: mm-engine implements InternVL3's pixel shuffle (ps_version \"v2\"); the \
+                 checkpoint's config.json says otherwise (or leaves it out, which OpenGVLab's code reads as \"v1\")",
+                preset.name,
+                preset.ps_version
+            );
+        }
         let tok_path = match (o.tokenizer, &source) {
             (Some(t), _) => t.to_path_buf(),
             (None, Some(s)) => s.assets_dir(),

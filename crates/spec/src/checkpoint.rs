@@ -69,5 +69,5 @@ pub use names::{
 pub use plan::{
     file_order, plan_checkpoint, LayoutRequest, MmLayout, PlannedTensor, DEFAULT_VOCAB_DIVISOR, MAX_PARAMS,
 };
-pub use read::{architecture_differences, read_architecture, FolderKind};
+pub use read::{architecture_differences, locate, read_architecture, FolderKind, LocateError, Located};
 pub use split::{padded_vocab_size, split_spec, Piece, Shard, SplitKind};

@@ -14,7 +14,7 @@ pub mod safetensors;
 
 use std::path::{Path, PathBuf};
 
-pub use commit::{fsync_dir, move_into_place, replace_file, staging_path, write_synced, StagedDir};
+pub use commit::{fsync_dir, move_into_place, replace_file, staging_path, sync_tree, write_synced, StagedDir};
 pub use safetensors::{convert, header_bytes, st_dtype, trainable, SafetensorsWriter, TensorHeader};
 
 /// A write that failed: the file, what was being done, and why.

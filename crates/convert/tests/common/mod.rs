@@ -149,12 +149,13 @@ pub fn assert_same_tensors(a: &BTreeMap<String, Stored>, b: &BTreeMap<String, St
     }
 }
 
-/// Entries of a folder whose names start with `prefix` (to find leftovers like `out.tmp-123`).
+/// Entries of a folder whose names start with `prefix`, hidden or not (to find leftovers like
+/// the staging folder `.out.tmp-123` or a replaced `.out.old-123`).
 pub fn entries_starting_with(dir: &Path, prefix: &str) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(prefix))
+        .filter(|n| n.trim_start_matches('.').starts_with(prefix))
         .collect()
 }
 

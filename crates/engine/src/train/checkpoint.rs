@@ -308,7 +308,9 @@ pub fn commit(save_dir: &Path, tmp: &Path, iteration: u64) -> Result<PathBuf, Ch
     fsync_dir(&tmp.join(ck::rank_dir_name(0, 0, 1)))?;
     fsync_dir(tmp)?;
     let final_dir = iteration_dir(save_dir, it);
-    mm_spec::io::move_into_place(tmp, &final_dir).map_err(WeightsError::from)?;
+    if let Some(note) = mm_spec::io::move_into_place(tmp, &final_dir).map_err(WeightsError::from)? {
+        eprintln!("warning: {note}");
+    }
     mm_spec::io::replace_file(&latest_path(save_dir), it.latest_text().as_bytes()).map_err(WeightsError::from)?;
     Ok(final_dir)
 }

@@ -12,13 +12,9 @@
 //! `train::checkpoint`, which also writes every save.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
-use mm_spec::checkpoint::{
-    iteration_dir, latest_path, shard_rel_path, Iteration, Manifest, SplitKind, HF_ASSETS_DIR, LATEST_FILE,
-    MANIFEST_FILE,
-};
+use mm_spec::checkpoint::{shard_rel_path, Iteration, Located, Manifest, SplitKind, HF_ASSETS_DIR, MANIFEST_FILE};
 use mm_spec::hf::original_key as from_mm;
 use mm_spec::ModelPreset;
 use tch::nn::VarStore;
@@ -49,11 +45,8 @@ pub enum CheckpointError {
     },
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
-    #[error(
-        "{path}: not a checkpoint: expected {LATEST_FILE} (a save dir), {MANIFEST_FILE} (an MM iteration folder) \
-         or config.json with safetensors (an HF folder)"
-    )]
-    Unknown { path: PathBuf },
+    #[error(transparent)]
+    Locate(#[from] mm_spec::checkpoint::LocateError),
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -71,30 +64,16 @@ pub enum Source {
     Mm { iter_dir: PathBuf, manifest: Box<Manifest> },
 }
 
-/// Detects the kind of checkpoint at `path` (see the module doc).
+/// Detects the kind of checkpoint at `path` (mm-spec's one detection, see the module doc) and
+/// opens it: an HF folder's weight headers are read, an MM manifest is already parsed.
 pub fn resolve(path: &Path) -> Result<Source, CheckpointError> {
-    let tracker = latest_path(path);
-    let iter_dir = if tracker.exists() {
-        let text = fs::read_to_string(&tracker).map_err(io(&tracker))?;
-        let it = Iteration::parse_latest(&text).map_err(|e| format_err(&tracker, e.to_string()))?;
-        Some(iteration_dir(path, it))
-    } else if path.join(MANIFEST_FILE).exists() {
-        Some(path.to_path_buf())
-    } else {
-        None
-    };
-    if let Some(iter_dir) = iter_dir {
-        let mpath = iter_dir.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&mpath).map_err(io(&mpath))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| format_err(&mpath, format!("not an MM manifest: {e}")))?;
-        return Ok(Source::Mm { iter_dir, manifest: Box::new(manifest) });
+    match mm_spec::checkpoint::locate(path)? {
+        Located::Mm { iter_dir, manifest } => Ok(Source::Mm { iter_dir, manifest }),
+        Located::Hf { dir } => {
+            let ckpt = HfCheckpoint::open(&dir)?;
+            Ok(Source::Hf { dir, ckpt })
+        }
     }
-    if path.join(hf::CONFIG).exists() {
-        let ckpt = HfCheckpoint::open(path)?;
-        return Ok(Source::Hf { dir: path.to_path_buf(), ckpt });
-    }
-    Err(CheckpointError::Unknown { path: path.to_path_buf() })
 }
 
 impl Source {

@@ -12,15 +12,30 @@
 //! - the numbers that size the model are required (a config without them is truncated, and a
 //!   guessed 24-layer model would only fail later, obscurely): ViT and LLM `num_hidden_layers`,
 //!   `hidden_size`, `num_attention_heads`, `intermediate_size`, the ViT's `image_size` and
-//!   `patch_size`, the LLM's `vocab_size`;
-//! - everything else takes the default of the upstream class that schema belongs to, because
-//!   that is the model transformers or OpenGVLab's code would build from the same file
-//!   ([`DEFAULTS`] lists them);
+//!   `patch_size`, the LLM's `num_key_value_heads` (Qwen2Config's default is 32 whatever the
+//!   head count) and `vocab_size`;
+//! - every other key is read under its own schema's name and, when absent, takes the default of
+//!   the upstream class, because that is the model transformers or OpenGVLab's code would build
+//!   from the same file:
+//!
+//!   | key (original / transformers)                          | original      | transformers |
+//!   |--------------------------------------------------------|---------------|--------------|
+//!   | vision `norm_type`                                     | rms_norm      | layer_norm   |
+//!   | vision `qkv_bias` / `attention_bias`                   | false         | false        |
+//!   | vision `qk_normalization` / `use_qk_norm`              | true          | false        |
+//!   | vision `initializer_factor` / `layer_scale_init_value` | 0.1           | 0.1          |
+//!   | vision `layer_norm_eps`, `num_channels`, `drop_path_rate` | 1e-6, 3, 0 | 1e-6, 3, 0   |
+//!   | LLM `rms_norm_eps`, `rope_theta`, `max_position_embeddings` | 1e-6, 1e4, 32768 | same |
+//!   | LLM `tie_word_embeddings`                              | always false  | false        |
+//!   | `downsample_ratio`                                     | 0.5           | 0.5          |
+//!   | `ps_version`                                           | v1            | (v2, fixed)  |
+//!   | `template`                                             | required      | (internvl2_5)|
+//!
+//! - `tie_word_embeddings` is the language model's own: OpenGVLab's InternVLChatConfig forces
+//!   it false ("tie_word_embeddings=False for models of all sizes"), transformers ties through
+//!   `get_text_config()` (InternVLConfig's top-level flag is not read for it);
 //! - settings that would make upstream build a different network than InternVL3's are refused
 //!   by name (`vision_feature_layer` ≠ −1, `use_mean_pooling: false`, another activation, …);
-//! - `tie_word_embeddings` is the language model's own (`llm_config` / `text_config`): both
-//!   upstream classes tie through the text config, and InternVLConfig's top-level flag is not
-//!   read by transformers for this;
 //! - every error names the file and the full key path (`text_config.num_hidden_layers`).
 
 use std::path::{Path, PathBuf};
@@ -85,27 +100,6 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// Defaults for keys a config.json may leave out, per schema: (key path, original, transformers).
-/// From OpenGVLab's InternVLChatConfig/InternVisionConfig and transformers'
-/// InternVLConfig/InternVLVisionConfig; Qwen2Config's for the language model in both.
-pub const DEFAULTS: &[(&str, &str, &str)] = &[
-    ("vision_config.norm_type", "rms_norm", "layer_norm"),
-    ("vision_config.qkv_bias | attention_bias", "false", "false"),
-    ("vision_config.qk_normalization | use_qk_norm", "true", "false"),
-    ("vision_config.layer_norm_eps", "1e-6", "1e-6"),
-    ("vision_config.num_channels", "3", "3"),
-    ("vision_config.drop_path_rate", "0.0", "0.0"),
-    ("vision_config.initializer_factor | layer_scale_init_value", "0.1", "0.1"),
-    ("llm_config | text_config.num_key_value_heads", "num_attention_heads", "num_attention_heads"),
-    ("llm_config | text_config.rms_norm_eps", "1e-6", "1e-6"),
-    ("llm_config | text_config.rope_theta", "10000", "10000"),
-    ("llm_config | text_config.max_position_embeddings", "32768", "32768"),
-    ("llm_config | text_config.tie_word_embeddings", "false", "false"),
-    ("downsample_ratio", "0.5", "0.5"),
-    ("template", "internvl2_5", "internvl2_5 (not a key of this schema)"),
-    ("ps_version", "v2", "v2 (not a key of this schema)"),
-];
-
 /// Reads `<dir>/config.json`; the preset's name is the folder's name.
 pub fn read_config(dir: &Path) -> Result<HfConfig, ConfigError> {
     let path = dir.join(CONFIG_FILE);
@@ -117,15 +111,14 @@ pub fn read_config(dir: &Path) -> Result<HfConfig, ConfigError> {
         )));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| err(format!("cannot read it: {e}")))?;
-    let name = dir
-        .canonicalize()
-        .ok()
-        .as_deref()
-        .unwrap_or(dir)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    parse_config(&path, &name, &text)
+    parse_config(&path, &folder_name(dir), &text)
+}
+
+/// The name a folder gives its model: its own name as the user spelled the path (a symlink to a
+/// hub cache snapshot keeps the link's name), `.` resolved against the working directory.
+pub fn folder_name(dir: &Path) -> String {
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
 }
 
 /// Parses config.json text in either schema; `path` only names the file in errors.
@@ -238,6 +231,20 @@ impl<'a> Section<'a> {
         }
     }
 
+    fn required_text(&self, key: &str) -> FieldResult<String> {
+        match self.get(&[key]) {
+            None => Err((
+                self.path(key),
+                "is missing: the conversation template the data is formatted with, \
+                                          \"internvl2_5\" for InternVL3"
+                    .into(),
+            )),
+            Some((path, v)) => {
+                v.as_str().map(str::to_string).ok_or_else(|| (path, format!("is {v}: expected a string")))
+            }
+        }
+    }
+
     /// A setting InternVL3 fixes: absent or equal to `want`.
     fn fixed(&self, key: &str, want: &Value, why: &str) -> FieldResult<()> {
         match self.get(&[key]) {
@@ -263,6 +270,14 @@ fn arch_of(raw: &Value, schema: Schema, name: &str) -> FieldResult<ModelPreset> 
     let vc = section("vision_config")?;
     let tc = section(schema.text_key())?;
 
+    // Each schema's own key names (a stale key of the other schema is not read).
+    let key = |orig: &'static str, hf: &'static str| -> &'static str {
+        if original {
+            orig
+        } else {
+            hf
+        }
+    };
     let norm_type = match vc.text("norm_type", if original { "rms_norm" } else { "layer_norm" })?.as_str() {
         "layer_norm" => NormType::LayerNorm,
         "rms_norm" => NormType::RmsNorm,
@@ -278,27 +293,28 @@ fn arch_of(raw: &Value, schema: Schema, name: &str) -> FieldResult<ModelPreset> 
         num_attention_heads: vc.count("num_attention_heads", None)?,
         intermediate_size: vc.count("intermediate_size", None)?,
         norm_type,
-        qkv_bias: vc.flag(&["qkv_bias", "attention_bias"], false)?,
-        qk_normalization: vc.flag(&["qk_normalization", "use_qk_norm"], original)?,
+        qkv_bias: vc.flag(&[key("qkv_bias", "attention_bias")], false)?,
+        qk_normalization: vc.flag(&[key("qk_normalization", "use_qk_norm")], original)?,
         layer_norm_eps: vc.float(&["layer_norm_eps"], 1e-6)?,
         image_size: vc.count("image_size", None)?,
         patch_size: vc.count("patch_size", None)?,
         num_channels: vc.count("num_channels", Some(3))?,
         drop_path_rate: vc.float(&["drop_path_rate"], 0.0)?,
-        initializer_factor: vc.float(&["initializer_factor", "layer_scale_init_value"], 0.1)?,
+        initializer_factor: vc.float(&[key("initializer_factor", "layer_scale_init_value")], 0.1)?,
     };
     let heads = tc.count("num_attention_heads", None)?;
     let llm = LlmConfig {
         num_hidden_layers: tc.count("num_hidden_layers", None)?,
         hidden_size: tc.count("hidden_size", None)?,
         num_attention_heads: heads,
-        num_key_value_heads: tc.count("num_key_value_heads", Some(heads))?,
+        num_key_value_heads: tc.count("num_key_value_heads", None)?,
         intermediate_size: tc.count("intermediate_size", None)?,
         rms_norm_eps: tc.float(&["rms_norm_eps"], 1e-6)?,
         rope_theta: tc.float(&["rope_theta"], 10_000.0)?,
         vocab_size: tc.count("vocab_size", None)?,
         max_position_embeddings: tc.count("max_position_embeddings", Some(32_768))?,
-        tie_word_embeddings: tc.flag(&["tie_word_embeddings"], false)?,
+        // OpenGVLab's config class forces false; transformers reads the text config's.
+        tie_word_embeddings: !original && tc.flag(&["tie_word_embeddings"], false)?,
     };
     if original {
         top.fixed("select_layer", &(-1).into(), "InternVL3 feeds the last ViT layer to the projector")?;
@@ -322,8 +338,8 @@ fn arch_of(raw: &Value, schema: Schema, name: &str) -> FieldResult<ModelPreset> 
         vision,
         llm,
         downsample_ratio: top.float(&["downsample_ratio"], 0.5)?,
-        template: top.text("template", "internvl2_5")?,
-        ps_version: top.text("ps_version", "v2")?,
+        template: if original { top.required_text("template")? } else { "internvl2_5".into() },
+        ps_version: if original { top.text("ps_version", "v1")? } else { "v2".into() },
     };
     preset.validate().map_err(|e| match e {
         crate::SpecError::InvalidModel { field, found, expected, .. } => {
@@ -416,16 +432,31 @@ mod tests {
             for k in keys {
                 vc.remove(*k);
             }
-            v["llm_config"].as_object_mut().map(|t| t.remove("num_key_value_heads"));
             v.to_string()
         };
         let orig = parse(&strip(FIXTURES[0].1, &["norm_type", "qk_normalization", "qkv_bias"])).unwrap().arch;
         assert_eq!(orig.vision.norm_type, NormType::RmsNorm);
         assert!(orig.vision.qk_normalization && !orig.vision.qkv_bias);
-        assert_eq!(orig.llm.num_key_value_heads, orig.llm.num_attention_heads);
         let hf = parse(&strip(FIXTURES[1].1, &["norm_type", "use_qk_norm", "attention_bias"])).unwrap().arch;
         assert_eq!(hf.vision.norm_type, NormType::LayerNorm);
         assert!(!hf.vision.qk_normalization && !hf.vision.qkv_bias);
+        // A stale key of the other schema is not read: transformers ignores `qkv_bias`.
+        let mut v: Value = serde_json::from_str(FIXTURES[1].1).unwrap();
+        v["vision_config"]["qkv_bias"] = false.into();
+        assert!(parse(&v.to_string()).unwrap().arch.vision.qkv_bias, "attention_bias: true still decides");
+        // The size-deciding kv heads are required; ps_version means v1 when absent (OpenGVLab).
+        let mut v: Value = serde_json::from_str(FIXTURES[1].1).unwrap();
+        v["text_config"].as_object_mut().unwrap().remove("num_key_value_heads");
+        assert_eq!(parse(&v.to_string()).unwrap_err().field.as_deref(), Some("text_config.num_key_value_heads"));
+        let mut v: Value = serde_json::from_str(FIXTURES[0].1).unwrap();
+        v.as_object_mut().unwrap().remove("ps_version");
+        assert_eq!(parse(&v.to_string()).unwrap().arch.ps_version, "v1");
+        v.as_object_mut().unwrap().remove("template");
+        assert_eq!(parse(&v.to_string()).unwrap_err().field.as_deref(), Some("template"));
+        // OpenGVLab's config class forces an untied head.
+        let mut v: Value = serde_json::from_str(FIXTURES[0].1).unwrap();
+        v["llm_config"]["tie_word_embeddings"] = true.into();
+        assert!(!parse(&v.to_string()).unwrap().arch.llm.tie_word_embeddings);
         // tie_word_embeddings is the text config's; InternVLConfig's top-level True is not read.
         let mut v: Value = serde_json::from_str(FIXTURES[1].1).unwrap();
         v["tie_word_embeddings"] = true.into();

@@ -46,22 +46,40 @@ fn parent_of(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// Moves the complete folder `staged` to `final_path` (replacing an old one) and fsyncs both
-/// ends. The old folder is moved aside before the rename and removed after it, so at every
-/// instant `final_path` is the old or the new folder, whole.
-pub fn move_into_place(staged: &Path, final_path: &Path) -> Result<(), FileError> {
-    fsync_dir(staged)?;
-    if final_path.exists() {
-        let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let old = final_path.with_file_name(format!(".{name}.old-{}", std::process::id()));
-        fs::rename(final_path, &old).map_err(|e| FileError::io("move aside", final_path, e))?;
-        fs::rename(staged, final_path).map_err(|e| FileError::io("rename into place", staged, e))?;
-        let removed = if old.is_dir() { fs::remove_dir_all(&old) } else { fs::remove_file(&old) };
-        removed.map_err(|e| FileError::io("remove the replaced", &old, e))?;
-    } else {
-        fs::rename(staged, final_path).map_err(|e| FileError::io("rename into place", staged, e))?;
+/// Fsyncs every file and folder under `dir` (and `dir`): whatever wrote them, the tree is on
+/// disk before it is renamed into place.
+pub fn sync_tree(dir: &Path) -> Result<(), FileError> {
+    for entry in fs::read_dir(dir).map_err(|e| FileError::io("list", dir, e))? {
+        let path = entry.map_err(|e| FileError::io("list", dir, e))?.path();
+        let meta = fs::symlink_metadata(&path).map_err(|e| FileError::io("stat", &path, e))?;
+        if meta.is_dir() {
+            sync_tree(&path)?;
+        } else if meta.is_file() {
+            fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| FileError::io("sync", &path, e))?;
+        }
     }
-    fsync_dir(parent_of(final_path))
+    fsync_dir(dir)
+}
+
+/// Moves the complete folder `staged` to `final_path` (replacing an old one), with the whole
+/// staged tree and the parent fsynced. The old folder is moved aside before the rename and
+/// removed after it, so at every instant `final_path` is the old or the new folder, whole.
+/// Returns a note when the replaced folder could not be removed (the commit itself stands).
+pub fn move_into_place(staged: &Path, final_path: &Path) -> Result<Option<String>, FileError> {
+    sync_tree(staged)?;
+    let parent = parent_of(final_path);
+    if !final_path.exists() {
+        fs::rename(staged, final_path).map_err(|e| FileError::io("rename into place", staged, e))?;
+        fsync_dir(parent)?;
+        return Ok(None);
+    }
+    let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let old = final_path.with_file_name(format!(".{name}.old-{}", std::process::id()));
+    fs::rename(final_path, &old).map_err(|e| FileError::io("move aside", final_path, e))?;
+    fs::rename(staged, final_path).map_err(|e| FileError::io("rename into place", staged, e))?;
+    fsync_dir(parent)?;
+    let removed = if old.is_dir() { fs::remove_dir_all(&old) } else { fs::remove_file(&old) };
+    Ok(removed.err().map(|e| format!("the replaced {} could not be removed: {e}", old.display())))
 }
 
 /// A folder written in its staging place and committed with [`move_into_place`]. Dropped
@@ -105,11 +123,12 @@ impl StagedDir {
         &self.final_path
     }
 
-    /// Moves the finished folder into place (replacing an old one); returns the final path.
-    pub fn commit(mut self) -> Result<PathBuf, FileError> {
-        move_into_place(&self.staging, &self.final_path)?;
+    /// Moves the finished folder into place (replacing an old one); returns the final path and
+    /// a note when the replaced folder could not be removed.
+    pub fn commit(mut self) -> Result<(PathBuf, Option<String>), FileError> {
+        let note = move_into_place(&self.staging, &self.final_path)?;
         self.committed = true;
-        Ok(self.final_path.clone())
+        Ok((self.final_path.clone(), note))
     }
 }
 
@@ -143,7 +162,7 @@ mod tests {
         o.commit().unwrap();
         let mut o = StagedDir::new(&target, "2");
         fs::write(o.create().unwrap().join("new"), "y").unwrap();
-        assert_eq!(o.commit().unwrap(), target);
+        assert_eq!(o.commit().unwrap(), (target.clone(), None));
         assert!(target.join("new").is_file() && !target.join("old").exists());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no .old or .tmp left");
     }
