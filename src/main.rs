@@ -214,8 +214,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 return Ok(ExitCode::SUCCESS);
             }
             // Reach the hosts now: connecting and starting their agents overlaps the rest of the
-            // setup. The checks' probe travels over these first links (over SSH the first attempt
-            // then connects again: the early connections are used up by the probe).
+            // setup. The checks' probe travels over these first links and then has the backend
+            // reach the hosts again ahead of the first attempt.
             let backend = launch::exec::job::backend_for(&plan, &cluster, args.agent_path.as_deref())
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
             if !args.no_checks {
@@ -227,6 +227,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         "error: environment checks failed (fix them, or skip one with --skip-check ID)".into(),
                     ));
                 }
+                // The probe took the connections made ahead of time: make the job's now.
+                backend.reach_ahead();
                 for r in rows.iter().filter(|r| r.status == Status::Warn) {
                     eprintln!("warning: {} on {}: found {}, expected {}", r.check, r.host, r.found, r.expected);
                 }

@@ -36,4 +36,8 @@ pub trait Backend: Send + Sync {
     /// Reach node `node` and start its agent; everything it reports goes to `events`.
     /// Must be called inside a tokio runtime; returns at once.
     fn open(&self, node: usize, events: EventTx) -> Box<dyn Link>;
+    /// Start reaching the hosts again ahead of the next [`Backend::open`], where a backend can
+    /// (SSH: connect and start the agent in the background). Called after a short-lived use of
+    /// the links, such as the checks' probe, so the first attempt does not wait to connect.
+    fn reach_ahead(&self) {}
 }

@@ -122,19 +122,19 @@ impl SshBackend {
     /// links pick these up. An agent started this way runs nothing until told to, and exits
     /// when its connection is dropped.
     pub fn start_early(targets: Vec<SshTarget>, agent: AgentSource) -> SshBackend {
-        let early = targets
-            .iter()
-            .map(|t| {
-                let (tx, rx) = mpsc::channel();
-                let (t, a) = (t.clone(), agent.clone());
-                let spawned = std::thread::Builder::new().name(format!("ssh-early-{}", t.host)).spawn(move || {
-                    let _ = tx.send(prepare(&t, &a));
-                });
-                spawned.ok().map(|_| rx)
-            })
-            .collect();
+        let early = targets.iter().map(|t| connect_ahead(t, &agent)).collect();
         SshBackend { targets, agent, early: Mutex::new(early) }
     }
+}
+
+/// Connects to `t` and starts its agent on a thread; the receiver gets the result.
+fn connect_ahead(t: &SshTarget, agent: &AgentSource) -> Option<Early> {
+    let (tx, rx) = mpsc::channel();
+    let (t, a) = (t.clone(), agent.clone());
+    let spawned = std::thread::Builder::new().name(format!("ssh-early-{}", t.host)).spawn(move || {
+        let _ = tx.send(prepare(&t, &a));
+    });
+    spawned.ok().map(|_| rx)
 }
 
 enum Cmd {
@@ -187,6 +187,15 @@ impl Link for SshLink {
 impl Backend for SshBackend {
     fn name(&self) -> &'static str {
         "ssh"
+    }
+
+    fn reach_ahead(&self) {
+        let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
+        for (slot, t) in early.iter_mut().zip(&self.targets) {
+            if slot.is_none() {
+                *slot = connect_ahead(t, &self.agent);
+            }
+        }
     }
 
     fn open(&self, node: usize, events: EventTx) -> Box<dyn Link> {
