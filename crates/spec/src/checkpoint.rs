@@ -47,6 +47,7 @@ mod error;
 mod hf_layout;
 mod keys;
 mod manifest;
+mod mindspeed;
 mod names;
 mod plan;
 mod read;
@@ -62,12 +63,17 @@ pub use keys::{
     Unit, KEY_TABLE, QK_NORM_NOTE, VOCAB_NOTE,
 };
 pub use manifest::{FileEntry, Manifest, SourceInfo, TensorEntry};
+pub use mindspeed::{
+    mindspeed_row, plan_mindspeed, Fuse, MsFile, MsPlan, MsRow, MsSplit, MsTensor, CHECKPOINT_VERSION, MINDSPEED_FILE,
+    MINDSPEED_TABLE,
+};
 pub use names::{
     chunk_prefix, iteration_dir, latest_path, rank_dir_name, shard_rel_path, Iteration, FORMAT_NAME, FORMAT_VERSION,
     HF_ASSETS_DIR, LATEST_FILE, MANIFEST_FILE, SHARD_FILE,
 };
 pub use plan::{
-    file_order, plan_checkpoint, LayoutRequest, MmLayout, PlannedTensor, DEFAULT_VOCAB_DIVISOR, MAX_PARAMS,
+    file_order, place_tensors, plan_checkpoint, LayoutRequest, MmLayout, Placed, PlannedTensor, DEFAULT_VOCAB_DIVISOR,
+    MAX_PARAMS,
 };
 pub use read::{architecture_differences, locate, read_architecture, FolderKind, LocateError, Located};
 pub use split::{padded_vocab_size, split_spec, Piece, Shard, SplitKind};

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::CheckpointError;
-use super::keys::{fill_template, logical_tensors, Part};
+use super::keys::{fill_template, logical_tensors, LogicalTensor, Part};
 use super::names::{chunk_prefix, shard_rel_path};
 use super::split::{padded_vocab_size, resolve_rule, Shard, SplitKind};
 use crate::layout::{
@@ -121,7 +121,7 @@ impl MmLayout {
         (0..self.pp).flat_map(|p| (0..self.tp).map(move |t| (t, p, shard_rel_path(t, p, self.pp)))).collect()
     }
 
-    fn stages(&self, arch: &ModelPreset) -> Result<(Vec<StageLayers>, Vec<StageLayers>), CheckpointError> {
+    pub(super) fn stages(&self, arch: &ModelPreset) -> Result<(Vec<StageLayers>, Vec<StageLayers>), CheckpointError> {
         let vit = split_layers(arch.vision.num_hidden_layers, self.pp, self.vpp, Some(&self.vit_pp_layers));
         let llm = split_layers(arch.llm.num_hidden_layers, self.pp, self.vpp, Some(&self.llm_pp_layers));
         match (vit, llm) {
@@ -158,14 +158,34 @@ pub struct PlannedTensor {
     pub shards: Vec<Shard>,
 }
 
-/// Every tensor of `arch` split for `layout`, in model order.
-pub fn plan_checkpoint(arch: &ModelPreset, layout: &MmLayout) -> Result<Vec<PlannedTensor>, CheckpointError> {
+/// Where one logical tensor lives in a pipeline layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub tensor: LogicalTensor,
+    pub pp_rank: usize,
+    pub vp_stage: usize,
+    /// Stage-local layer number for layer tensors.
+    pub local_layer: Option<usize>,
+}
+
+/// Every logical tensor of `arch` placed on the pipeline of `layout`, in model order: layers by
+/// the stage lists, the ViT embeddings with ViT layer 0, the projector with the last ViT layer,
+/// the LLM's final norm and head on the last chunk, and its embedding on chunk 0 (ours) or on
+/// the first chunk holding LLM layers (`embedding_with_first_llm_layer`, Megatron's
+/// pre-process stage as MindSpeed-MM places it). Both encodings share everything else.
+pub fn place_tensors(
+    arch: &ModelPreset,
+    layout: &MmLayout,
+    embedding_with_first_llm_layer: bool,
+) -> Result<Vec<Placed>, CheckpointError> {
     let (vit, llm) = layout.stages(arch)?;
     let pp = layout.pp;
     let chunk_of = |c: usize| (c % pp, c / pp);
     // Chunks holding ViT layer 0 and the last ViT layer (the first / last non-empty chunk).
     let first_vit = vit.iter().position(|s| s.num_layers > 0).unwrap_or(0);
     let last_vit = vit.iter().rposition(|s| s.num_layers > 0).unwrap_or(0);
+    let first_llm =
+        if embedding_with_first_llm_layer { llm.iter().position(|s| s.num_layers > 0).unwrap_or(0) } else { 0 };
     let last_chunk = layout.chunks() - 1;
 
     let mut out = Vec::new();
@@ -184,13 +204,25 @@ pub fn plan_checkpoint(arch: &ModelPreset, layout: &MmLayout) -> Result<Vec<Plan
                 let (p, v) = chunk_of(last_vit);
                 (p, v, None)
             }
-            (Part::LlmEmbeddings, _) => (0, 0, None),
+            (Part::LlmEmbeddings, _) => {
+                let (p, v) = chunk_of(first_llm);
+                (p, v, None)
+            }
             (Part::LlmFinal, _) => {
                 let (p, v) = chunk_of(last_chunk);
                 (p, v, None)
             }
             (_, None) => return Err(CheckpointError::UnknownKey { key: t.key.clone() }),
         };
+        out.push(Placed { tensor: t, pp_rank, vp_stage, local_layer });
+    }
+    Ok(out)
+}
+
+/// Every tensor of `arch` split for `layout`, in model order.
+pub fn plan_checkpoint(arch: &ModelPreset, layout: &MmLayout) -> Result<Vec<PlannedTensor>, CheckpointError> {
+    let mut out = Vec::new();
+    for Placed { tensor: t, pp_rank, vp_stage, local_layer } in place_tensors(arch, layout, false)? {
         let split = resolve_rule(t.row.split, arch, layout.tp, layout.make_vocab_size_divisible_by);
         let shards = split
             .shards(&t.shape, layout.tp, layout.unaligned_linear)
