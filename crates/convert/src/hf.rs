@@ -11,7 +11,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use mm_spec::checkpoint::PlannedTensor;
 use mm_spec::{DType, HfLayout};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use serde_json::Value;
@@ -271,24 +270,24 @@ impl HfCheckpoint {
 
     /// The source parts of every planned tensor; checks the key set, every shape against
     /// config.json and every dtype, and reports all problems at once.
-    pub fn map_sources(
+    pub fn map_sources<'a>(
         &self,
-        plan: &[PlannedTensor],
+        tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
         convert_to: Option<DType>,
     ) -> Result<Vec<Vec<SourcePart>>, ConvertError> {
         let layout = self.layout;
         let mut problems = Vec::new();
         let mut claimed: BTreeSet<String> = BTreeSet::new();
-        let mut sources = Vec::with_capacity(plan.len());
-        for t in plan {
-            let Some(names) = hf_keys(&t.key, layout) else {
+        let mut sources = Vec::new();
+        for (key, shape) in tensors {
+            let Some(names) = hf_keys(key, layout) else {
                 return Err(ConvertError::Config {
                     path: self.dir.clone(),
-                    message: format!("internal error: no {layout} key for {:?}", t.key),
+                    message: format!("internal error: no {layout} key for {key:?}"),
                 });
             };
             let n = names.len();
-            let mut expected = t.shape.clone();
+            let mut expected = shape.to_vec();
             if let Some(first) = expected.first_mut() {
                 *first /= n;
             }
@@ -307,7 +306,7 @@ impl HfCheckpoint {
                         key: name.clone(),
                         found: meta.shape.clone(),
                         expected: expected.clone(),
-                        source: format!("config.json (logical tensor {})", t.key),
+                        source: format!("config.json (logical tensor {key})"),
                     });
                 }
                 match trainable(meta.dtype) {
@@ -317,7 +316,7 @@ impl HfCheckpoint {
             }
             if parts.len() > 1 && convert_to.is_none() && parts.iter().any(|p| p.dtype != parts[0].dtype) {
                 problems.push(Problem::MixedDtypes {
-                    key: t.key.clone(),
+                    key: key.to_string(),
                     found: parts.iter().map(|p| p.dtype.to_string()).collect(),
                 });
             }

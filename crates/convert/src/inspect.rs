@@ -201,7 +201,7 @@ fn inspect_hf(o: &InspectOptions) -> Result<Report, ConvertError> {
     let single = LayoutRequest { tp: 1, pp: Some(1), ..LayoutRequest::default() };
     let mut problems = Vec::new();
     match MmLayout::resolve(arch, &single).map_err(ConvertError::from).and_then(|l| Ok(plan_checkpoint(arch, &l)?)) {
-        Ok(plan) => match ck.map_sources(&plan, None) {
+        Ok(plan) => match ck.map_sources(plan.iter().map(|t| (t.key.as_str(), t.shape.as_slice())), None) {
             Ok(_) => {}
             Err(ConvertError::Invalid { problems: p, .. }) => problems.extend(p.iter().map(|p| p.to_string())),
             Err(e) => problems.push(e.to_string()),

@@ -22,13 +22,15 @@ pub mod mm;
 pub mod split;
 pub mod synth;
 pub mod to_hf;
+pub mod to_mindspeed;
 pub mod to_mm;
 pub mod write;
 
 pub use error::{ConvertError, Problem};
 pub use inspect::{inspect, InspectOptions, Report};
 pub use to_hf::{mm_to_hf, MmToHf, DEFAULT_MAX_SHARD_BYTES};
-pub use to_mm::{hf_to_mm, HfToMm, Summary};
+pub use to_mindspeed::hf_to_mindspeed;
+pub use to_mm::{hf_to_mm, HfToMm, OutputFormat, Summary};
 
 /// Parses a byte size: `5GB`, `500MB`, `2GiB`, `4096` (decimal units as transformers'
 /// `max_shard_size`, binary ones with `i`).

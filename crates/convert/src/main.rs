@@ -117,6 +117,18 @@ struct HfToMmArgs {
     /// Output files written in parallel (default: available cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Checkpoint layout to write: ours (mp_rank_*/model.safetensors + manifest, for mm-engine) or
+    /// MindSpeed-MM's Megatron torch files (mp_rank_*/model_optim_rng.pt, for pretrain_vlm.py).
+    #[arg(long, value_enum, default_value_t = FormatArg::Mm)]
+    format: FormatArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    /// mp_rank_*/model.safetensors with manifest.json (mm-engine).
+    Mm,
+    /// mp_rank_*/model_optim_rng.pt, torch.save files (MindSpeed-MM's pretrain_vlm.py).
+    Mindspeed,
 }
 
 #[derive(clap::Args)]
@@ -263,6 +275,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::HfToMm(a) => {
             let o = HfToMm {
+                format: match a.format {
+                    FormatArg::Mm => mm_convert::OutputFormat::Mm,
+                    FormatArg::Mindspeed => mm_convert::OutputFormat::Mindspeed,
+                },
                 hf_dir: a.hf_dir,
                 mm_dir: a.mm_dir,
                 layout: LayoutRequest {

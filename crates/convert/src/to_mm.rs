@@ -26,9 +26,20 @@ use crate::write::{
     RELEASE_STEP,
 };
 
+/// Which checkpoint layout `hf-to-mm` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// Ours: `mp_rank_*/model.safetensors` with a manifest (mm-engine loads it).
+    #[default]
+    Mm,
+    /// MindSpeed-MM's Megatron torch files (`mp_rank_*/model_optim_rng.pt`).
+    Mindspeed,
+}
+
 /// Options of `hf-to-mm`.
 #[derive(Debug, Clone)]
 pub struct HfToMm {
+    pub format: OutputFormat,
     pub hf_dir: PathBuf,
     pub mm_dir: PathBuf,
     pub layout: LayoutRequest,
@@ -49,6 +60,9 @@ pub struct Summary {
 }
 
 pub fn hf_to_mm(o: &HfToMm) -> Result<Summary, ConvertError> {
+    if o.format == OutputFormat::Mindspeed {
+        return crate::to_mindspeed::hf_to_mindspeed(o);
+    }
     let started = Instant::now();
     let mut out = OutputDir::prepare(&o.mm_dir, o.force)?;
     let ckpt = HfCheckpoint::open(&o.hf_dir)?;
@@ -61,7 +75,7 @@ pub fn hf_to_mm(o: &HfToMm) -> Result<Summary, ConvertError> {
         ),
     })?;
     let plan = plan_checkpoint(arch, &layout)?;
-    let sources = ckpt.map_sources(&plan, o.dtype)?;
+    let sources = ckpt.map_sources(plan.iter().map(|t| (t.key.as_str(), t.shape.as_slice())), o.dtype)?;
     // Every part of a tensor has one dtype unless --dtype converts them (map_sources checked).
     let dtypes: Vec<DType> =
         sources.iter().map(|parts| o.dtype.or(parts.first().map(|p| p.dtype)).unwrap_or(DType::F32)).collect();
