@@ -13,9 +13,7 @@ use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use mm_spec::checkpoint::{
-    latest_path, plan_mindspeed, MsFile, MsPlan, CHECKPOINT_VERSION, MINDSPEED_FILE,
-};
+use mm_spec::checkpoint::{latest_path, plan_mindspeed, MsFile, MsPlan, CHECKPOINT_VERSION, MINDSPEED_FILE};
 use mm_spec::{DType, Iteration, LayoutRequest, MmLayout};
 use torchfile::{TensorRef, Value, Writer};
 
@@ -48,10 +46,8 @@ pub fn hf_to_mindspeed(o: &HfToMm) -> Result<Summary, ConvertError> {
         ),
     })?;
     let plan = plan_mindspeed(arch, &layout)?;
-    let sources = ckpt.map_sources(
-        plan.tensors.iter().map(|p| (p.tensor.key.as_str(), p.tensor.shape.as_slice())),
-        o.dtype,
-    )?;
+    let sources =
+        ckpt.map_sources(plan.tensors.iter().map(|p| (p.tensor.key.as_str(), p.tensor.shape.as_slice())), o.dtype)?;
     let dtypes: Vec<DType> =
         sources.iter().map(|parts| o.dtype.or(parts.first().map(|p| p.dtype)).unwrap_or(DType::F32)).collect();
     tracing::info!(

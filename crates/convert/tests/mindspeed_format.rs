@@ -51,10 +51,14 @@ fn vit_300m_flavour_matches_the_reference_at_every_split() {
     let hf = root.path().join("hf");
     // tiny: 2 ViT layers (4 heads), 2 LLM layers (2 kv heads), sharded input.
     synth(&hf, preset("tiny").unwrap(), HfLayout::Original, 3, true);
-    for (i, (tp, llm, vit, vpp)) in
-        [(1, "2", "2", None), (2, "1,1", "2,0", None), (2, "1,0,0,1", "1,1,0,0", None), (1, "1,0,0,1", "2,0,0,0", Some(2))]
-            .into_iter()
-            .enumerate()
+    for (i, (tp, llm, vit, vpp)) in [
+        (1, "2", "2", None),
+        (2, "1,1", "2,0", None),
+        (2, "1,0,0,1", "1,1,0,0", None),
+        (1, "1,0,0,1", "2,0,0,0", Some(2)),
+    ]
+    .into_iter()
+    .enumerate()
     {
         convert_and_compare(&hf, &root.path().join(format!("ms{i}")), tp, llm, vit, vpp);
     }
@@ -84,10 +88,7 @@ fn llm_widths_that_tp_does_not_divide_are_refused_with_the_reason() {
     let hf = root.path().join("hf");
     synth(&hf, preset("tiny").unwrap(), HfLayout::Original, 3, false);
     let out = root.path().join("ms");
-    let o = run(
-        &["hf-to-mm", "--format", "mindspeed", "--hf-dir", s(&hf), "--mm-dir", s(&out), "--tp", "4"],
-        1,
-    );
+    let o = run(&["hf-to-mm", "--format", "mindspeed", "--hf-dir", s(&hf), "--mm-dir", s(&out), "--tp", "4"], 1);
     assert!(stderr(&o).contains("key/value heads"), "{}", stderr(&o));
     assert!(!out.exists() && entries_starting_with(root.path(), "ms").is_empty(), "nothing left behind");
 }
