@@ -19,7 +19,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_depth: 512, max_output_units: 1 << 27 }
+        Limits { max_depth: 100, max_output_units: 1 << 27 }
     }
 }
 
