@@ -8,7 +8,8 @@
 //!     --cfg.parallel_config.llm_pp_layers [6,8,8,6] --cfg.parallel_config.vit_pp_layers [24,0,0,0] ...
 //! ```
 //!
-//! [`translate`] rewrites such an argv into this tool's own before clap sees it. Nested lists
+//! [`translate`] rewrites such an argv into this tool's own before clap sees it; `hf_to_mm`
+//! writes MindSpeed-MM's torch files (`--format mindspeed`), as the seed's converter does. Nested lists
 //! are one inner list per virtual pipeline stage (MindSpeed's `[[0,0,0,1],[4,4,4,4],[4,4,4,3]]`),
 //! so they flatten chunk-major, which is model order, and their count becomes `--vpp`.
 
@@ -181,6 +182,11 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
             out.extend(["--vpp".into(), v.to_string()]);
         }
     }
+    if command == "hf-to-mm" {
+        // What the seed's users expect from its converter: MindSpeed-MM's own torch files,
+        // which its pretrain_vlm.py --load reads (mm-to-hf reads them back).
+        out.extend(["--format".into(), "mindspeed".into()]);
+    }
     Ok(out.into_iter().map(OsString::from).collect())
 }
 
@@ -230,7 +236,9 @@ mod tests {
                 "--vit-pp-layers",
                 "24,0,0,0",
                 "--tp",
-                "8"
+                "8",
+                "--format",
+                "mindspeed"
             ]
         );
     }
@@ -256,7 +264,8 @@ mod tests {
         ]);
         let out = strings(translate(&a).unwrap());
         assert_eq!(out[2..4], ["--llm-pp-layers".to_string(), "0,0,0,1,4,4,4,4,4,4,4,3".to_string()]);
-        assert_eq!(out[out.len() - 2..], ["--vpp".to_string(), "3".to_string()]);
+        assert_eq!(out[out.len() - 4..out.len() - 2], ["--vpp".to_string(), "3".to_string()]);
+        assert_eq!(out[out.len() - 2..], ["--format".to_string(), "mindspeed".to_string()]);
     }
 
     #[test]

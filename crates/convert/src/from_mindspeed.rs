@@ -52,14 +52,15 @@ fn bad(path: &Path, message: impl Into<String>) -> ConvertError {
 }
 
 /// The rank folders: (tp rank, pp rank) → file, and the pp size (`mp_rank_TT` means pp 1).
-fn rank_files(iter_dir: &Path) -> Result<(BTreeMap<(usize, usize), PathBuf>, usize, usize), ConvertError> {
+fn rank_files(iter_dir: &Path) -> Result<(Paths, usize, usize), ConvertError> {
     let mut files = BTreeMap::new();
     let mut with_pp = None;
     for e in fs::read_dir(iter_dir).map_err(|e| ConvertError::io("list", iter_dir, e))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(rest) = name.strip_prefix("mp_rank_") else { continue };
         let parts: Vec<&str> = rest.split('_').collect();
-        let num = |s: &str| s.parse::<usize>().map_err(|_| bad(&e.path(), "not an mp_rank_TT or mp_rank_TT_PPP folder"));
+        let num =
+            |s: &str| s.parse::<usize>().map_err(|_| bad(&e.path(), "not an mp_rank_TT or mp_rank_TT_PPP folder"));
         let (tp, pp) = match parts.as_slice() {
             [t] => (num(t)?, None),
             [t, p] => (num(t)?, Some(num(p)?)),
@@ -88,8 +89,9 @@ fn rank_files(iter_dir: &Path) -> Result<(BTreeMap<(usize, usize), PathBuf>, usi
 }
 
 /// The `model` / `model{v}` state dicts of a file, in vp order.
-fn chunks(path: &Path, root: &Value) -> Result<Vec<Vec<(String, torchfile::TensorRef)>>, ConvertError> {
-    let dict = root.as_dict().ok_or_else(|| bad(path, "the file's object is not a dict (not a Megatron checkpoint)"))?;
+fn chunks(path: &Path, root: &Value) -> Result<Vec<StateDict>, ConvertError> {
+    let dict =
+        root.as_dict().ok_or_else(|| bad(path, "the file's object is not a dict (not a Megatron checkpoint)"))?;
     let mut models: Vec<(usize, &Value)> = Vec::new();
     for (k, v) in dict {
         let Value::Str(k) = k else { continue };
@@ -145,6 +147,14 @@ fn dtype_of(path: &Path, name: &str, d: torchfile::DType) -> Result<DType, Conve
 pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertError> {
     let started = Instant::now();
     let mut out = OutputDir::prepare(&o.hf_dir, o.force)?;
+    let (paths, tp, pp) = rank_files(iter_dir)?;
+    if let Some(expect) = o.expect.as_ref().filter(|e| e.tp != tp) {
+        return Err(ConvertError::Usage(format!(
+            "the checkpoint in {} is not split as the command says: tp {} (checkpoint: {tp})",
+            iter_dir.display(),
+            expect.tp
+        )));
+    }
     let assets_dir = o.assets_from.clone().ok_or_else(|| {
         bad(
             iter_dir,
@@ -155,8 +165,7 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
     let source = read_config(&assets_dir)?;
     let arch: ModelPreset = source.arch.clone();
 
-    let (paths, tp, pp) = rank_files(iter_dir)?;
-    let mut files: BTreeMap<(usize, usize), (TorchFile, Vec<Vec<(String, torchfile::TensorRef)>>)> = BTreeMap::new();
+    let mut files: Files = BTreeMap::new();
     for (&k, path) in &paths {
         let tf = TorchFile::open(path).map_err(|e| bad(path, e.to_string()))?;
         let root = tf.root().map_err(|e| bad(path, e.to_string()))?;
@@ -205,7 +214,7 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
         }
     }
     let plan = plan_mindspeed(&arch, &layout)?;
-    let dtypes = check_files(&plan, &files, &paths)?;
+    let dtypes = check_files(iter_dir, &plan, &files, &paths)?;
 
     let target = o.layout.unwrap_or(if source.native() { HfLayout::Hf } else { HfLayout::Original });
     // Output tensors in model order, one file per max_shard_bytes.
@@ -246,7 +255,11 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
         let path = root.join(file_name(g));
         let headers = group
             .iter()
-            .map(|&k| TensorHeader { name: outputs[k].0.clone(), dtype: st_dtype(to(outputs[k].1)), shape: outputs[k].3.clone() })
+            .map(|&k| TensorHeader {
+                name: outputs[k].0.clone(),
+                dtype: st_dtype(to(outputs[k].1)),
+                shape: outputs[k].3.clone(),
+            })
             .collect();
         let mut w = SafetensorsWriter::create(&path, headers, &[("format", "pt")])?;
         let mut scratch = Vec::new();
@@ -281,21 +294,37 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
     let assets: Vec<String> = asset_names(&assets_dir).into_iter().filter(|n| n != CONFIG_FILE).collect();
     copy_files(&assets_dir, &root, &assets)?;
     let out_dir = out.commit()?;
-    Ok(Summary { out_dir, files: n_files, tensors: outputs.len(), bytes: total, seconds: started.elapsed().as_secs_f64() })
+    Ok(Summary {
+        out_dir,
+        files: n_files,
+        tensors: outputs.len(),
+        bytes: total,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
-type Files = BTreeMap<(usize, usize), (TorchFile, Vec<Vec<(String, torchfile::TensorRef)>>)>;
+/// A model chunk's state dict: (name, tensor) in file order.
+type StateDict = Vec<(String, torchfile::TensorRef)>;
+/// The opened files by (tp rank, pp rank), each with its chunks' state dicts in vp order.
+type Files = BTreeMap<(usize, usize), (TorchFile, Vec<StateDict>)>;
+/// The file of each (tp rank, pp rank).
+type Paths = BTreeMap<(usize, usize), PathBuf>;
 
 /// Checks every file against the plan (every name present with the planned shape, nothing
 /// else, one float dtype per logical tensor); returns each logical tensor's dtype.
-fn check_files(plan: &MsPlan, files: &Files, paths: &BTreeMap<(usize, usize), PathBuf>) -> Result<Vec<DType>, ConvertError> {
+fn check_files(iter_dir: &Path, plan: &MsPlan, files: &Files, paths: &Paths) -> Result<Vec<DType>, ConvertError> {
     let mut dtypes: Vec<Option<DType>> = vec![None; plan.tensors.len()];
     let mut problems = Vec::new();
     for f in &plan.files {
         let path = &paths[&(f.tp_rank, f.pp_rank)];
         let (_, have) = &files[&(f.tp_rank, f.pp_rank)];
         if have.len() != f.chunks.len() {
-            problems.push(format!("{}: {} model chunks, the layout has {}", path.display(), have.len(), f.chunks.len()));
+            problems.push(format!(
+                "{}: {} model chunks, the layout has {}",
+                path.display(),
+                have.len(),
+                f.chunks.len()
+            ));
             continue;
         }
         for ((key, want), got) in f.chunks.iter().zip(have) {
@@ -337,11 +366,14 @@ fn check_files(plan: &MsPlan, files: &Files, paths: &BTreeMap<(usize, usize), Pa
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(20);
-        return Err(ConvertError::Usage(format!(
-            "the MindSpeed-MM checkpoint does not match the model and layout ({n} problem{}):\n  {}",
+        return Err(bad(
+            iter_dir,
+            format!(
+            "the MindSpeed-MM checkpoint does not match the model of --assets-from and its layout ({n} problem{}):\n  {}",
             if n == 1 { "" } else { "s" },
             problems.join("\n  ")
-        )));
+        ),
+        ));
     }
     Ok(dtypes.into_iter().map(|d| d.unwrap_or(DType::F32)).collect())
 }

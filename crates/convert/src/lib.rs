@@ -16,6 +16,7 @@
 
 pub mod alias;
 pub mod error;
+pub mod from_mindspeed;
 pub mod hf;
 pub mod inspect;
 pub mod mm;

@@ -64,6 +64,9 @@ impl HfTensor {
 }
 
 pub fn mm_to_hf(o: &MmToHf) -> Result<Summary, ConvertError> {
+    if let Some(iter_dir) = crate::from_mindspeed::mindspeed_iteration(&o.mm_dir, o.iteration) {
+        return crate::from_mindspeed::mindspeed_to_hf(o, &iter_dir);
+    }
     let started = Instant::now();
     let mut out = OutputDir::prepare(&o.hf_dir, o.force)?;
     let ck = MmCheckpoint::open(&o.mm_dir, o.iteration)?;

@@ -45,11 +45,16 @@ fn seed_spelling_converts_like_the_native_one() {
             "24,0,0,0",
             "--tp",
             "2",
+            "--format",
+            "mindspeed",
         ],
         0,
     );
+    // The seed's spelling writes MindSpeed-MM's torch files, as its converter does.
     for rank in ["mp_rank_00_000", "mp_rank_01_002", "mp_rank_01_003"] {
-        assert_eq!(read_shard(&seed, rank), read_shard(&native, rank), "{rank}");
+        let seed_file = read_torch(&release(&seed).join(rank).join("model_optim_rng.pt"));
+        assert!(!seed_file.is_empty(), "{rank}");
+        assert_eq!(seed_file, read_torch(&release(&native).join(rank).join("model_optim_rng.pt")), "{rank}");
     }
     // VPP through nested lists: 3 inner lists → vpp 3, chunk-major.
     let vpp = root.path().join("pretrained/vpp");
@@ -68,14 +73,13 @@ fn seed_spelling_converts_like_the_native_one() {
         ],
         0,
     );
-    let m = manifest(&vpp);
-    assert_eq!(m["parallel"]["vpp"], 3);
-    assert_eq!(m["parallel"]["pp"], 4);
-    // LLM layer 0 is chunk 3 = pp 3 vp 0; the projector follows ViT layer 23, also on chunk 3.
-    let last = read_shard(&vpp, "mp_rank_00_003");
-    assert!(last.contains_key("chunk0.llm.layers.0.mlp.up_proj.weight"));
-    assert!(last.contains_key("chunk0.projector.linear_1.weight"));
-    assert!(last.contains_key("chunk2.llm.lm_head.weight"));
+    // pp 4 rank folders, each with model0..model2 (vpp 3). LLM layer 0 is chunk 3 = pp 3 vp 0;
+    // the projector follows ViT layer 23, also on chunk 3; the head is on the last chunk.
+    assert_eq!(std::fs::read_dir(release(&vpp)).unwrap().count(), 4);
+    let last = read_torch(&release(&vpp).join("mp_rank_00_003").join("model_optim_rng.pt"));
+    assert!(last.contains_key("model0/text_decoder.decoder.layers.0.mlp.linear_fc1.weight"), "{:?}", last.keys());
+    assert!(last.contains_key("model0/image_encoder.projector.linear_fc1.weight"));
+    assert!(last.contains_key("model2/text_decoder.output_layer.weight"));
 
     // mm_to_hf in the seed's spelling, with its (checked) layer lists.
     let out = root.path().join("export");

@@ -92,6 +92,22 @@ pub fn read_shard(mm: &Path, rank_dir: &str) -> BTreeMap<String, Stored> {
     read_file(&release(mm).join(rank_dir).join("model.safetensors"))
 }
 
+/// Every tensor of a torch.save file (through torchfile), keyed `<model entry>/<name>`.
+pub fn read_torch(path: &Path) -> BTreeMap<String, Stored> {
+    let f = torchfile::TorchFile::open(path).unwrap_or_else(|e| panic!("{e}"));
+    let root = f.root().unwrap_or_else(|e| panic!("{e}"));
+    let mut out = BTreeMap::new();
+    for (k, v) in root.as_dict().expect("a dict") {
+        let (torchfile::Value::Str(k), Some(items)) = (k, v.as_dict()) else { continue };
+        for (name, t) in items {
+            let (torchfile::Value::Str(name), torchfile::Value::Tensor(t)) = (name, t) else { continue };
+            let data = f.tensor_bytes(t).unwrap().into_owned();
+            out.insert(format!("{k}/{name}"), Stored { dtype: format!("{:?}", t.dtype), shape: t.shape.clone(), data });
+        }
+    }
+    out
+}
+
 pub fn manifest(mm: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(release(mm).join("manifest.json")).unwrap()).unwrap()
 }

@@ -27,6 +27,8 @@ def parse():
     p.add_argument("--vit", required=True)
     p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--write", action="store_true", help="write the reference files with torch.save instead")
+    p.add_argument("--iteration", type=int, default=None,
+                   help="with --write: a training save iter_NNNNNNN with args, iteration, optimizer and RNG state")
     return p.parse_args()
 
 
@@ -184,12 +186,33 @@ def main():
     want = build(cfg, w, a.tp, llm, vit, pp, a.vpp)
     release = os.path.join(a.out_dir, "release")
     if a.write:
-        os.makedirs(release, exist_ok=True)
+        folder = "release" if a.iteration is None else f"iter_{a.iteration:07d}"
+        target = os.path.join(a.out_dir, folder)
+        os.makedirs(target, exist_ok=True)
         with open(os.path.join(a.out_dir, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write("release")
+            f.write("release" if a.iteration is None else str(a.iteration))
         for name, obj in want.items():
-            os.makedirs(os.path.join(release, name), exist_ok=True)
-            torch.save(obj, os.path.join(release, name, "model_optim_rng.pt"))
+            if a.iteration is not None:
+                # What Megatron's save_checkpoint adds beside the model.
+                import argparse as ap
+                import random
+                import numpy as np
+                tensors = [t for k, v in obj.items() if k.startswith("model") for t in v.values()]
+                some = tensors[0].float() if tensors else torch.zeros(4)
+                obj["args"] = ap.Namespace(tensor_model_parallel_size=a.tp, params_dtype=torch.bfloat16, lr=2e-5,
+                                           model_type="internvl", variable_seq_lengths=True)
+                obj["iteration"] = a.iteration
+                obj["optimizer"] = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": some.clone(),
+                                                                "exp_avg_sq": some * some}},
+                                                  "param_groups": [{"lr": 2e-5, "betas": (0.9, 0.999), "params": [0]}]},
+                                    "fp32_from_fp16_params": [[some.clone()]]}
+                obj["opt_param_scheduler"] = {"max_lr": 2e-5, "num_steps": a.iteration, "decay_style": "cosine"}
+                obj["rng_state"] = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                                     "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.get_rng_state(),
+                                     "rng_tracker_states": {}}]
+                obj["num_floating_point_operations_so_far"] = 12345
+            os.makedirs(os.path.join(target, name), exist_ok=True)
+            torch.save(obj, os.path.join(target, name, "model_optim_rng.pt"))
         print(f"wrote {len(want)} files")
         return 0
     errors, n = [], 0
