@@ -3,7 +3,8 @@
 #
 # Generates a synthetic InternVL3-8B-shaped checkpoint (8B layer shapes, fewer LLM layers; with
 # the default 4 LLM layers it is 4.4 GiB of bf16), then ROUNDS times, alternating: `cp -r` of it,
-# `hf-to-mm` to TP2 x PP4, `mm-to-hf` back; each timed with GNU time after dropping the page
+# `hf-to-mm` to TP2 x PP4 in our layout and in MindSpeed-MM's (`--format mindspeed`, torch files),
+# `mm-to-hf` back from each; each timed with GNU time after dropping the page
 # cache (when root). Reports medians: wall time, throughput relative to cp, peak RSS against the
 # largest tensor. Not run by the tests.
 #
@@ -65,7 +66,11 @@ for r in $(seq "$ROUNDS"); do
     timed to_mm "$BIN" hf-to-mm --hf-dir "$WORK/hf" --mm-dir "$WORK/mm" --tp 2 \
         --llm-pp-layers "$LLM_LIST" --vit-pp-layers 24,0,0,0
     timed to_hf "$BIN" mm-to-hf --mm-dir "$WORK/mm" --hf-dir "$WORK/back"
-    echo "round $r: cp $(cut -d' ' -f1 < "$WORK/cp.last") s, hf-to-mm $(cut -d' ' -f1 < "$WORK/to_mm.last") s, mm-to-hf $(cut -d' ' -f1 < "$WORK/to_hf.last") s" >&2
+    rm -rf "$WORK/ms" "$WORK/back_ms"
+    timed to_ms "$BIN" hf-to-mm --format mindspeed --hf-dir "$WORK/hf" --mm-dir "$WORK/ms" --tp 2 \
+        --llm-pp-layers "$LLM_LIST" --vit-pp-layers 24,0,0,0
+    timed ms_hf "$BIN" mm-to-hf --mm-dir "$WORK/ms" --hf-dir "$WORK/back_ms" --assets-from "$WORK/hf"
+    echo "round $r: cp $(cut -d' ' -f1 < "$WORK/cp.last") s, hf-to-mm $(cut -d' ' -f1 < "$WORK/to_mm.last") s, mm-to-hf $(cut -d' ' -f1 < "$WORK/to_hf.last") s, --format mindspeed $(cut -d' ' -f1 < "$WORK/to_ms.last") s, back $(cut -d' ' -f1 < "$WORK/ms_hf.last") s" >&2
 done
 OUT_BYTES=$(du -sb "$WORK/mm" | cut -f1)
 
@@ -75,7 +80,9 @@ median() { # median of column $2 of file $1
 
 awk -v bytes="$BYTES" -v out="$OUT_BYTES" -v rounds="$ROUNDS" \
     -v cp="$(median "$WORK/cp.runs" 1)" -v conv="$(median "$WORK/to_mm.runs" 1)" -v back="$(median "$WORK/to_hf.runs" 1)" \
-    -v rss="$(median "$WORK/to_mm.runs" 2)" -v brss="$(median "$WORK/to_hf.runs" 2)" -v largest="$LARGEST" 'BEGIN {
+    -v rss="$(median "$WORK/to_mm.runs" 2)" -v brss="$(median "$WORK/to_hf.runs" 2)" -v largest="$LARGEST" \
+    -v ms="$(median "$WORK/to_ms.runs" 1)" -v msrss="$(median "$WORK/to_ms.runs" 2)" \
+    -v msback="$(median "$WORK/ms_hf.runs" 1)" -v msbrss="$(median "$WORK/ms_hf.runs" 2)" 'BEGIN {
     gib = 1024 * 1024 * 1024; mib = 1024 * 1024
     limit = 2 * largest + 256 * mib
     printf "input      %.2f GiB (synthetic 8B shapes), output %.2f GiB (TP2 x PP4); medians of %d rounds\n", bytes / gib, out / gib, rounds
@@ -84,4 +91,6 @@ awk -v bytes="$BYTES" -v out="$OUT_BYTES" -v rounds="$ROUNDS" \
     printf "mm-to-hf   %6.2f s  %5.2f GiB/s  throughput vs cp %.2f\n", back, bytes / gib / back, cp / back
     printf "peak RSS   hf-to-mm %.0f MiB, mm-to-hf %.0f MiB; largest tensor %.0f MiB; target <= %.0f MiB\n",
         rss * 1024 / mib, brss * 1024 / mib, largest / mib, limit / mib
+    printf "mindspeed  hf-to-mm %6.2f s (vs cp %.2f, peak RSS %.0f MiB); mm-to-hf from it %6.2f s (vs cp %.2f, peak RSS %.0f MiB)\n",
+        ms, cp / ms, msrss * 1024 / mib, msback, cp / msback, msbrss * 1024 / mib
 }'

@@ -415,3 +415,53 @@ fn assemble(plan: &MsPlan, files: &Files, i: usize, dtype: DType) -> Result<Vec<
     }
     Ok(data)
 }
+
+/// What `inspect` says about a MindSpeed-MM checkpoint: the format, the split read off its
+/// files, the other entries of a training save (args, optimizer, RNG …) and the tensor count.
+pub fn describe(iter_dir: &Path) -> Result<String, ConvertError> {
+    let (paths, tp, pp) = rank_files(iter_dir)?;
+    let mut per_chunk: Vec<Vec<String>> = Vec::new();
+    let mut vpp = 1;
+    let mut tensors = 0usize;
+    let mut others: BTreeSet<String> = BTreeSet::new();
+    for (&(t, p), path) in &paths {
+        let tf = TorchFile::open(path).map_err(|e| bad(path, e.to_string()))?;
+        let root = tf.root().map_err(|e| bad(path, e.to_string()))?;
+        let c = chunks(path, &root)?;
+        vpp = c.len();
+        tensors += c.iter().map(Vec::len).sum::<usize>();
+        for (k, _) in root.as_dict().unwrap_or_default() {
+            if let Value::Str(k) = k {
+                if k != "model" && !k.strip_prefix("model").is_some_and(|n| n.parse::<usize>().is_ok()) {
+                    others.insert(k.clone());
+                }
+            }
+        }
+        if t == 0 {
+            if per_chunk.is_empty() {
+                per_chunk = vec![Vec::new(); pp * vpp];
+            }
+            for (v, names) in c.iter().enumerate() {
+                per_chunk[v * pp + p] = names.iter().map(|(n, _)| n.clone()).collect();
+            }
+        }
+    }
+    let (vit, llm) = layer_lists(&per_chunk);
+    let list = |l: &[usize]| l.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+    let mut s = String::new();
+    s.push_str(&format!("MindSpeed-MM checkpoint (Megatron torch files, {MINDSPEED_FILE}): {}\n", iter_dir.display()));
+    s.push_str(&format!(
+        "layout:    tp {tp}, pp {pp}{}, llm_pp_layers {}, vit_pp_layers {}\n",
+        if vpp > 1 { format!(", vpp {vpp}") } else { String::new() },
+        list(&llm),
+        list(&vit)
+    ));
+    s.push_str(&format!("files:     {} ({} tensors)\n", paths.len(), tensors));
+    let others: Vec<String> = others.into_iter().collect();
+    s.push_str(&format!(
+        "also:      {}\n",
+        if others.is_empty() { "nothing else (a converted checkpoint)".to_string() } else { others.join(", ") }
+    ));
+    s.push_str("export:    mm-convert mm-to-hf --mm-dir <this> --hf-dir <out> --assets-from <its HF folder>\n");
+    Ok(s)
+}

@@ -1,4 +1,4 @@
-//! `inspect`: what a checkpoint folder holds (HF or MM), whether it is intact, and whether it
+//! `inspect`: what a checkpoint folder holds (HF, MM or MindSpeed-MM's torch files), whether it is intact, and whether it
 //! fits a given tp / pp / layer split.
 
 use std::fmt::Write as _;
@@ -32,6 +32,10 @@ pub struct Report {
 }
 
 pub fn inspect(o: &InspectOptions) -> Result<Report, ConvertError> {
+    if let Some(iter_dir) = crate::from_mindspeed::mindspeed_iteration(&o.dir, o.iteration) {
+        let text = crate::from_mindspeed::describe(&iter_dir)?;
+        return Ok(Report { text, problems: Vec::new(), fits: None });
+    }
     let is_mm = o.dir.join(LATEST_FILE).is_file() || o.dir.join(MANIFEST_FILE).is_file() || o.iteration.is_some();
     if !is_mm && o.dir.join(CONFIG_FILE).is_file() {
         inspect_hf(o)

@@ -124,6 +124,12 @@ fn mindspeed_checkpoints_come_back_bit_identical_through_mm_to_hf() {
     run(&["mm-to-hf", "--mm-dir", s(&trained), "--hf-dir", s(&back2), "--assets-from", s(&hf)], 0);
     assert_eq!(read_hf(&back2), original, "a MindSpeed training save → HF");
 
+    // inspect tells the format and reads the split off the files.
+    let o = run(&["inspect", s(&trained)], 0);
+    let out = stdout(&o);
+    assert!(out.contains("MindSpeed-MM checkpoint"), "{out}");
+    assert!(out.contains("tp 2, pp 2, vpp 2, llm_pp_layers 1,0,0,1, vit_pp_layers 2,0,0,0"), "{out}");
+    assert!(out.contains("args") && out.contains("optimizer") && out.contains("rng_state"), "{out}");
     // No config.json in a MindSpeed checkpoint: without --assets-from the error says what to pass.
     let o = run(&["mm-to-hf", "--mm-dir", s(&trained), "--hf-dir", s(&root.path().join("x"))], 1);
     assert!(stderr(&o).contains("pass --assets-from"), "{}", stderr(&o));

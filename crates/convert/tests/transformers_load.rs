@@ -7,7 +7,8 @@
 //! exports it, loads the export with from_pretrained and compares: no missing, unexpected or
 //! mis-shaped key, and logits bit-identical (the tensors are). The original-layout export goes
 //! back through hf-to-mm and out in transformers' layout, as a user with an OpenGVLab download
-//! who wants a transformers model would.
+//! who wants a transformers model would; and through MindSpeed-MM's torch files
+//! (`--format mindspeed`) and back.
 
 mod common;
 
@@ -88,6 +89,14 @@ fn loads_in_transformers(flavour: &str) {
     let back = r.join("export-hf-again");
     run(&["mm-to-hf", "--mm-dir", s(&mm2), "--hf-dir", s(&back), "--layout", "hf"], 0);
     check(&back, &expected);
+
+    // Through MindSpeed-MM's own torch files and back: transformers loads the export.
+    let ms = r.join("mindspeed");
+    let ms_split = ["--tp", "2", "--llm-pp-layers", "1,1", "--vit-pp-layers", "2,0"];
+    run(&[&["hf-to-mm", "--format", "mindspeed", "--hf-dir", s(&src), "--mm-dir", s(&ms)][..], &ms_split].concat(), 0);
+    let ms_hf = r.join("export-from-mindspeed");
+    run(&["mm-to-hf", "--mm-dir", s(&ms), "--hf-dir", s(&ms_hf), "--layout", "hf", "--assets-from", s(&src)], 0);
+    check(&ms_hf, &expected);
 }
 
 #[test]
