@@ -432,7 +432,8 @@ pub fn describe(iter_dir: &Path) -> Result<String, ConvertError> {
         tensors += c.iter().map(Vec::len).sum::<usize>();
         for (k, _) in root.as_dict().unwrap_or_default() {
             if let Value::Str(k) = k {
-                if k != "model" && !k.strip_prefix("model").is_some_and(|n| n.parse::<usize>().is_ok()) {
+                let model_entry = k == "model" || k.strip_prefix("model").is_some_and(|n| n.parse::<usize>().is_ok());
+                if !model_entry {
                     others.insert(k.clone());
                 }
             }

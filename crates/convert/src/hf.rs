@@ -121,6 +121,13 @@ pub struct HfCheckpoint {
     pub layout: HfLayout,
 }
 
+/// What [`HfCheckpoint::stream_pieces`] hands its sink: source bytes (elements of `from`), or a
+/// run of zero elements (vocab padding).
+pub enum Chunk<'a> {
+    Bytes { bytes: &'a [u8], from: DType },
+    Zeros(usize),
+}
+
 /// One HF tensor feeding (part of) a logical tensor.
 #[derive(Debug, Clone)]
 pub struct SourcePart {
@@ -131,6 +138,43 @@ pub struct SourcePart {
 }
 
 impl HfCheckpoint {
+    /// Streams the blocks `pieces` of the logical tensor made of `parts` (stacked along dim 0,
+    /// `row_elems` elements per row) into `sink`, in order, in steps of at most
+    /// [`crate::write::RELEASE_STEP`] bytes, dropping the mapped pages behind the reader.
+    pub fn stream_pieces(
+        &self,
+        parts: &[SourcePart],
+        row_elems: usize,
+        pieces: &[mm_spec::checkpoint::Piece],
+        mut sink: impl FnMut(Chunk<'_>) -> Result<(), ConvertError>,
+    ) -> Result<(), ConvertError> {
+        use crate::split::{split_ops, SplitOp};
+        use crate::write::{Releaser, RELEASE_STEP};
+        let part_rows: Vec<usize> = parts.iter().map(|p| p.meta.shape.first().copied().unwrap_or(1)).collect();
+        let mut releasers: Vec<Releaser> =
+            parts.iter().map(|p| Releaser::new(&self.files[p.file].map, p.meta.start, p.meta.end)).collect();
+        for op in split_ops(&part_rows, row_elems, pieces) {
+            match op {
+                SplitOp::Copy { part, offset, len } => {
+                    let p = &parts[part];
+                    let es = p.dtype.size_bytes();
+                    let bytes = self.files[p.file].bytes(&p.meta);
+                    // RELEASE_STEP is a multiple of every element size.
+                    let (mut a, b) = (offset * es, (offset + len) * es);
+                    while a < b {
+                        let e = (a + RELEASE_STEP).min(b);
+                        sink(Chunk::Bytes { bytes: &bytes[a..e], from: p.dtype })?;
+                        releasers[part].advance(p.meta.start + e);
+                        a = e;
+                    }
+                }
+                SplitOp::Zeros { len } => sink(Chunk::Zeros(len))?,
+            }
+        }
+        releasers.into_iter().for_each(Releaser::finish);
+        Ok(())
+    }
+
     /// Reads config.json, maps every shard and parses every header; reports every missing or
     /// damaged file and index inconsistency at once.
     pub fn open(dir: &Path) -> Result<HfCheckpoint, ConvertError> {

@@ -18,10 +18,9 @@ use mm_spec::{DType, Iteration, LayoutRequest, MmLayout};
 use torchfile::{TensorRef, Value, Writer};
 
 use crate::error::ConvertError;
-use crate::hf::{HfCheckpoint, SourcePart};
-use crate::split::{split_ops, SplitOp};
+use crate::hf::{Chunk, HfCheckpoint, SourcePart};
 use crate::to_mm::{HfToMm, Summary};
-use crate::write::{convert, run_parallel, thread_count, write_text, OutputDir, Releaser, RELEASE_STEP};
+use crate::write::{convert, run_parallel, thread_count, write_text, OutputDir};
 
 /// The torchfile dtype of a trainable dtype.
 fn torch_dtype(d: DType) -> torchfile::DType {
@@ -136,34 +135,19 @@ fn write_file(
             }
             w.begin_storage(&r.storage).map_err(torch_err)?;
             for (i, piece) in &t.pieces {
-                let parts = &sources[*i];
-                let logical = &plan.tensors[*i].tensor;
-                let part_rows: Vec<usize> = parts.iter().map(|p| p.meta.shape.first().copied().unwrap_or(1)).collect();
-                let row_elems: usize = logical.shape.iter().skip(1).product();
+                let row_elems: usize = plan.tensors[*i].tensor.shape.iter().skip(1).product();
                 let to = dtypes[*i];
-                let mut releasers: Vec<Releaser> =
-                    parts.iter().map(|p| Releaser::new(&ckpt.files[p.file].map, p.meta.start, p.meta.end)).collect();
-                for op in split_ops(&part_rows, row_elems, std::slice::from_ref(piece)) {
-                    let SplitOp::Copy { part, offset, len } = op else {
-                        return Err(ConvertError::Usage(format!(
-                            "internal error: {} asks for padding, which MindSpeed-MM's layout has none of",
-                            t.name
-                        )));
-                    };
-                    let p = &parts[part];
-                    let es = p.dtype.size_bytes();
-                    let bytes = ckpt.files[p.file].bytes(&p.meta);
-                    let (mut a, b) = (offset * es, (offset + len) * es);
-                    while a < b {
-                        let e = (a + RELEASE_STEP).min(b);
+                ckpt.stream_pieces(&sources[*i], row_elems, std::slice::from_ref(piece), |chunk| match chunk {
+                    Chunk::Bytes { bytes, from } => {
                         scratch.clear();
-                        convert(&bytes[a..e], p.dtype, to, &mut scratch);
-                        w.write(&scratch).map_err(torch_err)?;
-                        releasers[part].advance(p.meta.start + e);
-                        a = e;
+                        convert(bytes, from, to, &mut scratch);
+                        w.write(&scratch).map_err(torch_err)
                     }
-                }
-                releasers.into_iter().for_each(Releaser::finish);
+                    Chunk::Zeros(_) => Err(ConvertError::Usage(format!(
+                        "internal error: {} asks for padding, which MindSpeed-MM's layout has none of",
+                        t.name
+                    ))),
+                })?;
             }
             w.end_storage().map_err(torch_err)?;
         }

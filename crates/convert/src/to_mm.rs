@@ -19,11 +19,9 @@ use mm_spec::checkpoint::{
 use mm_spec::{DType, Iteration, LayoutRequest, Manifest, MmLayout};
 
 use crate::error::ConvertError;
-use crate::hf::{HfCheckpoint, SourcePart};
-use crate::split::{split_ops, SplitOp};
+use crate::hf::{Chunk, HfCheckpoint, SourcePart};
 use crate::write::{
-    copy_files, run_parallel, st_dtype, thread_count, write_text, OutputDir, Releaser, SafetensorsWriter, TensorHeader,
-    RELEASE_STEP,
+    copy_files, run_parallel, st_dtype, thread_count, write_text, OutputDir, SafetensorsWriter, TensorHeader,
 };
 
 /// Which checkpoint layout `hf-to-mm` writes.
@@ -167,32 +165,13 @@ fn write_shard(
         }
         let t = &plan[i];
         let parts = &sources[i];
-        let part_rows: Vec<usize> = parts.iter().map(|p| p.meta.shape.first().copied().unwrap_or(1)).collect();
         let row_elems: usize = t.shape.iter().skip(1).product();
         let to = dtypes[i];
-        let mut releasers: Vec<Releaser> =
-            parts.iter().map(|p| Releaser::new(&ckpt.files[p.file].map, p.meta.start, p.meta.end)).collect();
-        for op in split_ops(&part_rows, row_elems, &t.shards[tp].pieces) {
-            match op {
-                SplitOp::Copy { part, offset, len } => {
-                    let p = &parts[part];
-                    let es = p.dtype.size_bytes();
-                    let bytes = ckpt.files[p.file].bytes(&p.meta);
-                    // In steps, so the pages behind the reader can be dropped (RELEASE_STEP is a
-                    // multiple of every element size).
-                    let (mut a, b) = (offset * es, (offset + len) * es);
-                    while a < b {
-                        let e = (a + RELEASE_STEP).min(b);
-                        w.write_converted(&bytes[a..e], p.dtype, to)?;
-                        releasers[part].advance(p.meta.start + e);
-                        a = e;
-                    }
-                }
-                SplitOp::Zeros { len } => w.write_zeros(len * to.size_bytes())?,
-            }
-        }
+        ckpt.stream_pieces(parts, row_elems, &t.shards[tp].pieces, |chunk| match chunk {
+            Chunk::Bytes { bytes, from } => w.write_converted(bytes, from, to).map_err(Into::into),
+            Chunk::Zeros(n) => w.write_zeros(n * to.size_bytes()).map_err(Into::into),
+        })?;
         w.end_tensor()?;
-        releasers.into_iter().for_each(Releaser::finish);
     }
     w.finish()?;
     Ok(())
