@@ -223,6 +223,10 @@ impl Plan {
         let llm_stages = split_layers(model.llm.num_hidden_layers, dims.pp(), dims.vpp(), p.llm_pp_layers.as_deref());
         let vit_stages = split_layers(model.vision.num_hidden_layers, dims.pp(), dims.vpp(), Some(&vit_layers));
 
+        if let (Ok(llm), Ok(vit)) = (&llm_stages, &vit_stages) {
+            problems.extend(load_format_problem(cluster, recipe, &dims, llm, vit));
+        }
+
         let (Ok(placement), Some(batch), Ok(llm_stages), Ok(vit_stages), true) =
             (placement, batch, llm_stages, vit_stages, problems.is_empty())
         else {
@@ -297,6 +301,49 @@ impl Plan {
             vit_stages,
             checkpoint_bytes,
         })
+    }
+}
+
+/// The checkpoint format the template's engine loads against what `checkpoint.load` holds,
+/// when the launching machine can read it (absolute, or relative with no workdir): mm-engine
+/// loads ours and HF folders, MindSpeed-MM its own torch files. The fix is the conversion
+/// command, with this plan's split.
+fn load_format_problem(
+    cluster: &ClusterSpec,
+    recipe: &Recipe,
+    dims: &ParallelDims,
+    llm: &[StageLayers],
+    vit: &[StageLayers],
+) -> Option<String> {
+    use mm_spec::checkpoint::Located;
+    let load = recipe.checkpoint.load.as_deref()?;
+    if !(load.is_absolute() || cluster.workdir.is_none()) || !load.is_dir() {
+        return None;
+    }
+    let list = |s: &[StageLayers]| s.iter().map(|s| s.num_layers.to_string()).collect::<Vec<_>>().join(",");
+    let split = format!(
+        "--tp {}{} --llm-pp-layers {} --vit-pp-layers {}",
+        dims.tp(),
+        dims.vpp().map(|v| format!(" --vpp {v}")).unwrap_or_default(),
+        list(llm),
+        list(vit)
+    );
+    let l = load.display();
+    match (cluster.template, mm_spec::checkpoint::locate(load).ok()?) {
+        (Template::MmEngine, Located::MindSpeed { .. }) => Some(format!(
+            "checkpoint.load {l} holds MindSpeed-MM's torch files, which mm-engine does not load yet: export it with \
+             `mm-convert mm-to-hf --mm-dir {l} --hf-dir {l}-hf --assets-from <its HF folder>` and load {l}-hf"
+        )),
+        (Template::MindspeedMmTorchrun | Template::MindspeedMmMsrun, Located::Hf { .. }) => Some(format!(
+            "checkpoint.load {l} is an HF folder; MindSpeed-MM loads its converted checkpoints: `mm-convert hf-to-mm \
+             --format mindspeed --hf-dir {l} --mm-dir {l}-mm {split}`, then load {l}-mm"
+        )),
+        (Template::MindspeedMmTorchrun | Template::MindspeedMmMsrun, Located::Mm { .. }) => Some(format!(
+            "checkpoint.load {l} is in mm-engine's layout; MindSpeed-MM loads its own torch files: `mm-convert \
+             mm-to-hf --mm-dir {l} --hf-dir {l}-hf`, then `mm-convert hf-to-mm --format mindspeed --hf-dir {l}-hf \
+             --mm-dir {l}-mindspeed {split}`, and load {l}-mindspeed"
+        )),
+        _ => None,
     }
 }
 

@@ -253,3 +253,37 @@ fn a_checkpoint_folder_is_a_model_and_a_mismatched_load_is_named() {
     let err = Plan::build(&npu, &recipe).unwrap_err().to_string();
     assert!(err.contains("a checkpoint folder as MODEL plans for mm-engine"), "{err}");
 }
+
+/// `checkpoint.load` in the format the template's engine cannot load is refused at plan time
+/// with the conversion command for this very split: an HF (or mm-engine) folder for the seed's
+/// MindSpeed-MM 8B, MindSpeed-MM's torch files for mm-engine.
+#[test]
+fn a_load_in_the_wrong_format_for_the_template_names_the_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("InternVL3-8B");
+    std::fs::create_dir_all(&hf).unwrap();
+    std::fs::copy("crates/spec/tests/configs/internvl3-8b.json", hf.join("config.json")).unwrap();
+    mm_spec::io::SafetensorsWriter::create(&hf.join("model.safetensors"), vec![], &[]).unwrap().finish().unwrap();
+    let cluster = ClusterSpec::from_file("clusters/ascend-1x8-8b.yaml").unwrap();
+    let set = [format!("checkpoint.load={}", hf.display())];
+    let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &set).unwrap();
+    let err = Plan::build(&cluster, &recipe).unwrap_err().to_string();
+    assert!(err.contains("is an HF folder; MindSpeed-MM loads its converted checkpoints"), "{err}");
+    assert!(
+        err.contains("--format mindspeed --hf-dir")
+            && err.contains("--tp 1 --llm-pp-layers 6,8,8,6 --vit-pp-layers 24,0,0,0"),
+        "{err}"
+    );
+    assert!(!err.contains("holds another model"), "the same architecture: {err}");
+
+    let ms = dir.path().join("ms-save");
+    std::fs::create_dir_all(ms.join("iter_0000020/mp_rank_00")).unwrap();
+    std::fs::write(ms.join("latest_checkpointed_iteration.txt"), "20").unwrap();
+    std::fs::write(ms.join("iter_0000020/mp_rank_00/model_optim_rng.pt"), b"PK").unwrap();
+    let local = ClusterSpec::from_file("clusters/local.yaml").unwrap();
+    let set = [format!("checkpoint.load={}", ms.display())];
+    let recipe = Recipe::resolve("tiny", Some((&local.job, &local.origin)), None, &set).unwrap();
+    let err = Plan::build(&local, &recipe).unwrap_err().to_string();
+    assert!(err.contains("holds MindSpeed-MM's torch files, which mm-engine does not load yet"), "{err}");
+    assert!(err.contains("mm-convert mm-to-hf --mm-dir"), "{err}");
+}

@@ -16,7 +16,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use mm_spec::checkpoint::{iteration_dir, latest_path, plan_mindspeed, Iteration, MsPlan, MINDSPEED_FILE};
+use mm_spec::checkpoint::{
+    has_mindspeed_files, iteration_dir, plan_mindspeed, Iteration, Located, MsPlan, MINDSPEED_FILE,
+};
 use mm_spec::{DType, HfLayout, LayoutRequest, MmLayout, ModelPreset};
 use serde_json::json;
 use torchfile::{TorchFile, Value};
@@ -30,20 +32,12 @@ use crate::write::{convert, copy_files, st_dtype, write_text, OutputDir, Safeten
 /// The iteration folder of `dir` when it holds MindSpeed-MM torch files (a save folder with a
 /// tracker, or the iteration folder itself); None for anything else.
 pub fn mindspeed_iteration(dir: &Path, explicit: Option<u64>) -> Option<PathBuf> {
-    let has_files = |d: &Path| {
-        fs::read_dir(d).ok().is_some_and(|rd| {
-            rd.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("mp_rank_") && e.path().join(MINDSPEED_FILE).is_file()
-            })
-        })
-    };
-    let it = match explicit {
-        Some(n) => Some(Iteration::Step(n)),
-        None => fs::read_to_string(latest_path(dir)).ok().and_then(|t| Iteration::parse_latest(&t).ok()),
-    };
-    match it {
-        Some(it) => Some(iteration_dir(dir, it)).filter(|d| has_files(d)),
-        None => Some(dir.to_path_buf()).filter(|d| has_files(d)),
+    match explicit {
+        Some(n) => Some(iteration_dir(dir, Iteration::Step(n))).filter(|d| has_mindspeed_files(d)),
+        None => match mm_spec::checkpoint::locate(dir) {
+            Ok(Located::MindSpeed { iter_dir }) => Some(iter_dir),
+            _ => None,
+        },
     }
 }
 

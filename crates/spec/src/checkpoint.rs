@@ -75,5 +75,7 @@ pub use plan::{
     file_order, place_tensors, plan_checkpoint, LayoutRequest, MmLayout, Placed, PlannedTensor, DEFAULT_VOCAB_DIVISOR,
     MAX_PARAMS,
 };
-pub use read::{architecture_differences, locate, read_architecture, FolderKind, LocateError, Located};
+pub use read::{
+    architecture_differences, has_mindspeed_files, locate, read_architecture, FolderKind, LocateError, Located,
+};
 pub use split::{padded_vocab_size, split_spec, Piece, Shard, SplitKind};

@@ -73,6 +73,13 @@ pub fn resolve(path: &Path) -> Result<Source, CheckpointError> {
             let ckpt = HfCheckpoint::open(&dir)?;
             Ok(Source::Hf { dir, ckpt })
         }
+        Located::MindSpeed { iter_dir } => Err(CheckpointError::Format {
+            path: iter_dir,
+            reason: "holds MindSpeed-MM's torch files (mp_rank_*/model_optim_rng.pt), which mm-engine does not load \
+                     yet: export it with `mm-convert mm-to-hf --mm-dir <it> --hf-dir <out> --assets-from <its HF \
+                     folder>` and load that folder (or convert it again with `mm-convert hf-to-mm`)"
+                .into(),
+        }),
     }
 }
 

@@ -5,6 +5,10 @@
 //!    `release` or `iter_NNNNNNN` folder;
 //! 2. an MM iteration folder itself (`manifest.json`);
 //! 3. an HF folder (`config.json`, either schema; weights beside it).
+//!
+//! A save or iteration folder holding MindSpeed-MM's torch files instead of a manifest is
+//! [`Located::MindSpeed`]: the converter reads it; the engine and the MindSpeed templates are
+//! told which format they need.
 
 use std::path::{Path, PathBuf};
 
@@ -15,8 +19,26 @@ use crate::presets::ModelPreset;
 /// A located checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Located {
-    Mm { iter_dir: PathBuf, manifest: Box<Manifest> },
-    Hf { dir: PathBuf },
+    Mm {
+        iter_dir: PathBuf,
+        manifest: Box<Manifest>,
+    },
+    Hf {
+        dir: PathBuf,
+    },
+    /// MindSpeed-MM's Megatron torch files (`mp_rank_*/model_optim_rng.pt`, no manifest).
+    MindSpeed {
+        iter_dir: PathBuf,
+    },
+}
+
+/// Whether `dir` holds MindSpeed-MM rank folders (`mp_rank_*/model_optim_rng.pt`).
+pub fn has_mindspeed_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).ok().is_some_and(|rd| {
+        rd.flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("mp_rank_") && e.path().join(super::MINDSPEED_FILE).is_file()
+        })
+    })
 }
 
 /// Why a folder is not a readable checkpoint; names the file.
@@ -41,12 +63,15 @@ pub fn locate(path: &Path) -> Result<Located, LocateError> {
         let text = std::fs::read_to_string(&tracker).map_err(|e| unreadable(&tracker, e.to_string()))?;
         let it = Iteration::parse_latest(&text).map_err(|e| unreadable(&tracker, e.to_string()))?;
         Some(iteration_dir(path, it))
-    } else if path.join(MANIFEST_FILE).exists() {
+    } else if path.join(MANIFEST_FILE).exists() || has_mindspeed_files(path) {
         Some(path.to_path_buf())
     } else {
         None
     };
     if let Some(iter_dir) = iter_dir {
+        if !iter_dir.join(MANIFEST_FILE).exists() && has_mindspeed_files(&iter_dir) {
+            return Ok(Located::MindSpeed { iter_dir });
+        }
         let mpath = iter_dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&mpath).map_err(|e| unreadable(&mpath, e.to_string()))?;
         let manifest: Manifest =
@@ -85,6 +110,10 @@ pub fn read_architecture(dir: &Path) -> Result<(ModelPreset, FolderKind), String
             Ok((ModelPreset { name, ..cfg.arch }, FolderKind::Hf))
         }
         Located::Mm { manifest, .. } => Ok((ModelPreset { name, ..manifest.architecture }, FolderKind::Mm)),
+        Located::MindSpeed { iter_dir } => Err(format!(
+            "{}: MindSpeed-MM's torch files carry no config.json, so the architecture is not known here",
+            iter_dir.display()
+        )),
     }
 }
 
