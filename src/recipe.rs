@@ -106,6 +106,10 @@ pub struct TrainRecipe {
     pub freeze_llm: bool,
     /// Activation recomputation (gradient checkpointing) of every layer.
     pub recompute: bool,
+    /// InternViT's stochastic depth while fine-tuning; null = the model's config value.
+    /// MindSpeed-MM's InternVL3-78B example trains with 0.4.
+    #[serde(default)]
+    pub vit_drop_path_rate: Option<f64>,
     pub flash_attention: bool,
     pub num_workers: usize,
 }
@@ -280,6 +284,7 @@ impl Recipe {
                 freeze_projector: false,
                 freeze_llm: false,
                 recompute: false,
+                vit_drop_path_rate: None,
                 flash_attention: true,
                 num_workers: 4,
             },
@@ -375,6 +380,10 @@ impl Recipe {
                 p.vit_pp_layers = Some(vec![45, 0]);
                 r.train.global_batch_size = None;
                 r.train.grad_accumulation = Some(128);
+                // MindSpeed-MM's examples/internvl3/model_78B.json, which the seed's 78B script
+                // uses: full recomputation (uniform, 1 layer) and ViT drop path 0.4.
+                r.train.recompute = true;
+                r.train.vit_drop_path_rate = Some(0.4);
                 r.checkpoint.load = Some("pretrained/InternVL3-78B".into());
                 r.checkpoint.tokenizer = Some("raw_ckpt/InternVL3-78B".into());
             }
@@ -506,6 +515,9 @@ impl Recipe {
         }
         if !(0.0..=t.lr).contains(&t.min_lr) {
             return Err(("train.min_lr".into(), format!("min_lr {} must lie between 0 and lr ({})", t.min_lr, t.lr)));
+        }
+        if let Some(d) = t.vit_drop_path_rate.filter(|d| !(0.0..1.0).contains(d)) {
+            return Err(("train.vit_drop_path_rate".into(), format!("{d} must lie in [0, 1)")));
         }
         if !(0.0..1.0).contains(&t.lr_warmup_fraction) {
             return Err(("train.lr_warmup_fraction".into(), format!("{} is not in [0, 1)", t.lr_warmup_fraction)));

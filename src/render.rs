@@ -431,7 +431,12 @@ fn pipeline_layers(stages: &[mm_spec::layout::StageLayers], pp: usize, vpp: Opti
     }
 }
 
-/// MindSpeed-MM's model JSON (examples/internvl3/model_*.json) for this model and split.
+/// MindSpeed-MM's model JSON (examples/internvl3/model_*.json) for this model and split. Where
+/// each value comes from: sizes, norms, qkv bias, qk layernorm (InternViT-6B), rope θ and
+/// `rope_scaling` from the model (the preset, or the checkpoint's config.json); the pipeline
+/// split from the plan; precision, recomputation (`train.recompute`: full, uniform, 1 layer, as
+/// the 78B example), ViT drop path (`train.vit_drop_path_rate`, else the model's) and freezing
+/// from the recipe.
 pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
     let m = &plan.model;
     let (l, v) = (&m.llm, &m.vision);
@@ -440,7 +445,7 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
     let dtype = if bf16 { "bf16" } else { "fp32" };
     let rms = v.norm_type == mm_spec::presets::NormType::RmsNorm;
     let recompute = plan.recipe.train.recompute;
-    let text_decoder = json!({
+    let mut text_decoder = json!({
         "model_id": "internllm",
         "num_layers": l.num_hidden_layers,
         "pipeline_num_layers": pipeline_layers(&plan.llm_stages, pp, vpp),
@@ -476,7 +481,11 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
         "recompute_method": if recompute { json!("uniform") } else { json!(null) },
         "recompute_num_layers": if recompute { json!(1) } else { json!(null) }
     });
-    let image_encoder = json!({
+    // From the checkpoint's config (InternVL3-78B: dynamic, factor 2.0).
+    if let Some(r) = &l.rope_scaling {
+        text_decoder["rope_scaling"] = json!({"type": r.kind, "factor": r.factor});
+    }
+    let mut image_encoder = json!({
         "vision_encoder": {
             "model_id": "InternViT",
             "num_layers": v.num_hidden_layers,
@@ -493,7 +502,7 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
             "normalization": if rms { "RMSNorm" } else { "LayerNorm" },
             "layernorm_epsilon": v.layer_norm_eps,
             "hidden_dropout": 0.0,
-            "drop_path_rate": v.drop_path_rate,
+            "drop_path_rate": plan.recipe.train.vit_drop_path_rate.unwrap_or(v.drop_path_rate),
             "attention_dropout": 0.0,
             "init_method_std": 0.02,
             "initializer_factor": 1.0,
@@ -517,6 +526,11 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
             "freeze": plan.recipe.train.freeze_projector
         }
     });
+    // InternViT-6B normalizes q and k (RMSNorm over the full width).
+    if v.qk_normalization {
+        image_encoder["vision_encoder"]["q_layernorm"] = json!("RMSNorm");
+        image_encoder["vision_encoder"]["k_layernorm"] = json!("RMSNorm");
+    }
     json!({
         "model_id": "InternVL3",
         "pre_process": true,

@@ -161,6 +161,46 @@ fn parallel_mode_flags_follow_the_seed_rules() {
     assert!(!s.contains("--variable-seq-lengths"), "only pipeline parallelism needs it");
 }
 
+/// The generated model.json agrees with MindSpeed-MM's own InternVL3 examples on the fields that
+/// change the model or its memory (compared field by field with examples/internvl3/model_78B.json
+/// of MindSpeed-MM, as facts): InternViT-6B's q/k RMSNorm, the LLM's rope scaling, full
+/// recomputation and ViT drop path 0.4 for the 78B; none of them for the 8B's InternViT-300M.
+#[test]
+fn generated_model_json_matches_mindspeed_mm_examples() {
+    let (plan, _) = dry("clusters/ascend-2x8-78b.yaml", "78b", &[]);
+    let m = launch::render::mindspeed_model_json(&plan);
+    let (t, v) = (&m["text_decoder"], &m["image_encoder"]["vision_encoder"]);
+    assert_eq!(t["rope_scaling"], serde_json::json!({"type": "dynamic", "factor": 2.0}));
+    assert_eq!(
+        (&t["recompute_granularity"], &t["recompute_method"], &t["recompute_num_layers"]),
+        (&"full".into(), &"uniform".into(), &1.into())
+    );
+    assert_eq!(
+        (&v["q_layernorm"], &v["k_layernorm"], &v["qk_layernorm"]),
+        (&"RMSNorm".into(), &"RMSNorm".into(), &true.into())
+    );
+    assert_eq!(v["drop_path_rate"], 0.4);
+    assert_eq!(
+        (&v["normalization"], &v["add_qkv_bias"], &v["num_attention_heads"]),
+        (&"RMSNorm".into(), &false.into(), &25.into())
+    );
+    assert_eq!((&t["num_query_groups"], &t["add_qkv_bias"], &t["rotary_base"]), (&8.into(), &true.into(), &1e6.into()));
+
+    let (plan, _) = dry("clusters/ascend-1x8-8b.yaml", "8b", &[]);
+    let m = launch::render::mindspeed_model_json(&plan);
+    let (t, v) = (&m["text_decoder"], &m["image_encoder"]["vision_encoder"]);
+    assert!(t.get("rope_scaling").is_none() && v.get("q_layernorm").is_none(), "{m}");
+    assert_eq!(
+        (&v["normalization"], &v["add_qkv_bias"], &v["drop_path_rate"]),
+        (&"LayerNorm".into(), &true.into(), &0.0.into())
+    );
+    // The recipe decides, documented in recipe.rs: --set overrides both.
+    let (plan, _) = dry("clusters/ascend-1x8-8b.yaml", "8b", &["train.vit_drop_path_rate=0.1", "train.recompute=true"]);
+    let m = launch::render::mindspeed_model_json(&plan);
+    assert_eq!(m["image_encoder"]["vision_encoder"]["drop_path_rate"], 0.1);
+    assert_eq!(m["text_decoder"]["recompute_granularity"], "full");
+}
+
 #[test]
 fn msrun_template_renders_the_mindspore_launch() {
     let cluster = ClusterSpec::from_file("clusters/ascend-2x8-78b.yaml").unwrap();

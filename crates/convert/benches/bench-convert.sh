@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark of mm-convert hf-to-mm against `cp -r` of the same bytes on the same disk.
+# Benchmark of mm-convert hf-to-mm against `cp -r` + `sync` of the same bytes on the same disk
+# (the converter fsyncs its output, so the baseline does too).
 #
 # Generates a synthetic InternVL3-8B-shaped checkpoint (8B layer shapes, fewer LLM layers; with
 # the default 4 LLM layers it is 4.4 GiB of bf16), then ROUNDS times, alternating: `cp -r` of it,
@@ -61,7 +62,9 @@ timed() {
 }
 
 for r in $(seq "$ROUNDS"); do
-    timed cp cp -r "$WORK/hf" "$WORK/cp"
+    # The converter fsyncs what it writes (a crash never leaves a complete-looking folder that
+    # is not on disk), so the baseline is cp -r followed by sync.
+    timed cp bash -c 'cp -r "$1" "$2" && sync' _ "$WORK/hf" "$WORK/cp"
     rm -rf "$WORK/cp" "$WORK/mm" "$WORK/back"
     timed to_mm "$BIN" hf-to-mm --hf-dir "$WORK/hf" --mm-dir "$WORK/mm" --tp 2 \
         --llm-pp-layers "$LLM_LIST" --vit-pp-layers 24,0,0,0
@@ -86,7 +89,7 @@ awk -v bytes="$BYTES" -v out="$OUT_BYTES" -v rounds="$ROUNDS" \
     gib = 1024 * 1024 * 1024; mib = 1024 * 1024
     limit = 2 * largest + 256 * mib
     printf "input      %.2f GiB (synthetic 8B shapes), output %.2f GiB (TP2 x PP4); medians of %d rounds\n", bytes / gib, out / gib, rounds
-    printf "cp -r      %6.2f s  %5.2f GiB/s\n", cp, bytes / gib / cp
+    printf "cp -r+sync %6.2f s  %5.2f GiB/s\n", cp, bytes / gib / cp
     printf "hf-to-mm   %6.2f s  %5.2f GiB/s  throughput vs cp %.2f (target >= 0.70)\n", conv, bytes / gib / conv, cp / conv
     printf "mm-to-hf   %6.2f s  %5.2f GiB/s  throughput vs cp %.2f\n", back, bytes / gib / back, cp / back
     printf "peak RSS   hf-to-mm %.0f MiB, mm-to-hf %.0f MiB; largest tensor %.0f MiB; target <= %.0f MiB\n",

@@ -32,7 +32,7 @@ pub use layout::{
     attention_partition, layer_owner, split_layers, stages_of, tp_partition, validate_model_layout, AttentionShard,
     GroupKind, LayerOwner, LayoutError, LayoutOptions, ParallelDims, Placement, RankCoord, RankPlace, StageLayers,
 };
-pub use presets::{preset, LlmConfig, ModelPreset, NormType, ParamCounts, VisionConfig, PRESET_NAMES};
+pub use presets::{preset, LlmConfig, ModelPreset, NormType, ParamCounts, RopeScaling, VisionConfig, PRESET_NAMES};
 pub use progress::{Progress, ProgressEvent, PROGRESS_PREFIX};
 
 /// Bytes for people: `512 B`, `3.00 GiB` (binary units, two decimals). Shared by the

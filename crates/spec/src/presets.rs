@@ -74,6 +74,19 @@ pub struct LlmConfig {
     /// presets; a loader still ties when the checkpoint lacks `lm_head`.
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// The config's `rope_scaling` (InternVL3-78B: dynamic NTK, factor 2.0). It only changes
+    /// positions past `max_position_embeddings`; carried into MindSpeed-MM's model.json and
+    /// every exported config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// `rope_scaling` of a Qwen2 config: the kind (`dynamic`, `linear`, `yarn`, …) and its factor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub factor: f64,
 }
 
 /// A whole InternVL3 model: ViT, pixel shuffle + `mlp1` projector, LLM.
@@ -408,7 +421,12 @@ pub fn preset(name: &str) -> Result<ModelPreset, SpecError> {
         // checkpoint's own config.json (mm_spec::hf::read_config) over the preset.
         "14b" => real("14b", vit_300m(), qwen(48, 5120, 40, 8, 13824, 1e-5)),
         "38b" => real("38b", vit_6b(), qwen(64, 5120, 40, 8, 27648, 1e-5)),
-        "78b" => real("78b", vit_6b(), qwen(80, 8192, 64, 8, 29568, 1e-6)),
+        // Qwen2.5-72B as InternVL3-78B ships it: dynamic rope scaling, factor 2.0.
+        "78b" => {
+            let mut p = real("78b", vit_6b(), qwen(80, 8192, 64, 8, 29568, 1e-6));
+            p.llm.rope_scaling = Some(RopeScaling { kind: "dynamic".into(), factor: 2.0 });
+            p
+        }
         _ => return Err(SpecError::UnknownPreset { name: name.to_string(), known: PRESET_NAMES.join(", ") }),
     };
     Ok(preset)
@@ -460,6 +478,7 @@ fn qwen(layers: usize, hidden: usize, heads: usize, kv_heads: usize, intermediat
         vocab_size: 151_674,
         max_position_embeddings: 32_768,
         tie_word_embeddings: false,
+        rope_scaling: None,
     }
 }
 
@@ -500,6 +519,7 @@ fn tiny() -> ModelPreset {
             vocab_size: 512,
             max_position_embeddings: 2048,
             tie_word_embeddings: false,
+            rope_scaling: None,
         },
         downsample_ratio: 0.5,
         template: "internvl2_5".to_string(),

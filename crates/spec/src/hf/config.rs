@@ -245,6 +245,19 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// `rope_scaling`: absent or null, or `{"type" | "rope_type": str, "factor": number}`.
+    fn rope_scaling(&self) -> FieldResult<Option<crate::presets::RopeScaling>> {
+        let Some((path, v)) = self.get(&["rope_scaling"]) else { return Ok(None) };
+        let kind = v.get("type").or_else(|| v.get("rope_type")).and_then(Value::as_str);
+        let factor = v.get("factor").and_then(Value::as_f64);
+        match (kind, factor) {
+            (Some(kind), Some(factor)) if factor.is_finite() && factor > 0.0 => {
+                Ok(Some(crate::presets::RopeScaling { kind: kind.to_string(), factor }))
+            }
+            _ => Err((path, format!("is {v}: expected {{\"type\": \"dynamic\", \"factor\": 2.0}} or null"))),
+        }
+    }
+
     /// A setting InternVL3 fixes: absent or equal to `want`.
     fn fixed(&self, key: &str, want: &Value, why: &str) -> FieldResult<()> {
         match self.get(&[key]) {
@@ -315,6 +328,7 @@ fn arch_of(raw: &Value, schema: Schema, name: &str) -> FieldResult<ModelPreset> 
         max_position_embeddings: tc.count("max_position_embeddings", Some(32_768))?,
         // OpenGVLab's config class forces false; transformers reads the text config's.
         tie_word_embeddings: !original && tc.flag(&["tie_word_embeddings"], false)?,
+        rope_scaling: tc.rope_scaling()?,
     };
     if original {
         top.fixed("select_layer", &(-1).into(), "InternVL3 feeds the last ViT layer to the projector")?;

@@ -66,6 +66,14 @@ pub fn config_for_layout(
         text.insert(k.into(), val);
     }
     text.entry("hidden_act").or_insert(json!("silu"));
+    match &l.rope_scaling {
+        Some(r) => {
+            text.insert("rope_scaling".into(), json!({"type": r.kind, "rope_type": r.kind, "factor": r.factor}));
+        }
+        None => {
+            text.remove("rope_scaling");
+        }
+    }
 
     let mut vision = object_without(
         src_vision,

@@ -21,7 +21,7 @@ LLM = {
     "8b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                intermediate_size=18944, rms_norm_eps=1e-6),
     "78b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                intermediate_size=29568, rms_norm_eps=1e-6),
+                intermediate_size=29568, rms_norm_eps=1e-6, rope_scaling={"type": "dynamic", "factor": 2.0}),
 }
 COMMON_LLM = dict(vocab_size=151674, rope_theta=1000000.0, max_position_embeddings=32768,
                   tie_word_embeddings=False, hidden_act="silu")
