@@ -157,7 +157,7 @@ impl Plan {
             problems.push(format!(
                 "finetune {}: a checkpoint folder as MODEL plans for mm-engine; MindSpeed-MM loads its own \
                  converted checkpoints: name the preset (e.g. `finetune 8b`) and set checkpoint.load to the folder \
-                 `mm-convert hf-to-mm` wrote",
+                 `mm-convert hf-to-mm --format mindspeed` wrote",
                 recipe.model
             ));
         }

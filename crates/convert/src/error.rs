@@ -30,6 +30,10 @@ pub enum ConvertError {
     #[error(transparent)]
     File(#[from] mm_spec::io::FileError),
 
+    /// A torch.save file torchfile could not write or read (it names the file).
+    #[error(transparent)]
+    Torch(#[from] torchfile::Error),
+
     /// A config.json mm-spec refused (it names the file and the key).
     #[error(transparent)]
     HfConfig(#[from] mm_spec::hf::ConfigError),

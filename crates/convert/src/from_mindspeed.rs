@@ -53,8 +53,13 @@ fn rank_files(iter_dir: &Path) -> Result<(Paths, usize, usize), ConvertError> {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(rest) = name.strip_prefix("mp_rank_") else { continue };
         let parts: Vec<&str> = rest.split('_').collect();
-        let num =
-            |s: &str| s.parse::<usize>().map_err(|_| bad(&e.path(), "not an mp_rank_TT or mp_rank_TT_PPP folder"));
+        // Ranks beyond any real cluster are a damaged or foreign folder, not a size to allocate.
+        let num = |s: &str| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|&n| n < 100_000)
+                .ok_or_else(|| bad(&e.path(), "not an mp_rank_TT or mp_rank_TT_PPP folder"))
+        };
         let (tp, pp) = match parts.as_slice() {
             [t] => (num(t)?, None),
             [t, p] => (num(t)?, Some(num(p)?)),
@@ -86,25 +91,34 @@ fn rank_files(iter_dir: &Path) -> Result<(Paths, usize, usize), ConvertError> {
 fn chunks(path: &Path, root: &Value) -> Result<Vec<StateDict>, ConvertError> {
     let dict =
         root.as_dict().ok_or_else(|| bad(path, "the file's object is not a dict (not a Megatron checkpoint)"))?;
+    let mut plain: Option<&Value> = None;
     let mut models: Vec<(usize, &Value)> = Vec::new();
     for (k, v) in dict {
         let Value::Str(k) = k else { continue };
         if k == "model" {
-            models.push((0, v));
+            plain = Some(v);
         } else if let Some(n) = k.strip_prefix("model").and_then(|n| n.parse::<usize>().ok()) {
             models.push((n, v));
         }
     }
-    if models.is_empty() {
-        return Err(bad(path, "has no 'model' entry: not a Megatron model checkpoint"));
-    }
     models.sort_by_key(|m| m.0);
+    // Exactly `model`, or `model0` … `model{n-1}` (virtual pipeline chunks), as Megatron saves.
+    let models: Vec<(usize, &Value)> = match (plain, models.is_empty()) {
+        (Some(v), true) => vec![(0, v)],
+        (None, false) if models.iter().enumerate().all(|(i, m)| m.0 == i) => models,
+        (None, true) => return Err(bad(path, "has no 'model' entry: not a Megatron model checkpoint")),
+        _ => {
+            return Err(bad(path, "its model entries are neither 'model' alone nor 'model0', 'model1', … without gaps"))
+        }
+    };
     models
         .into_iter()
         .map(|(_, m)| {
             let items = m.as_dict().ok_or_else(|| bad(path, "its 'model' entry is not a state dict"))?;
             items
                 .iter()
+                // Transformer Engine's per-module state (fp8 metadata), not weights.
+                .filter(|(k, _)| !matches!(k, Value::Str(k) if k.ends_with("._extra_state")))
                 .map(|(k, v)| match (k, v) {
                     (Value::Str(k), Value::Tensor(t)) => Ok((k.clone(), t.clone())),
                     (Value::Str(k), _) => Err(bad(path, format!("state dict entry {k:?} is not a tensor"))),
@@ -113,6 +127,15 @@ fn chunks(path: &Path, root: &Value) -> Result<Vec<StateDict>, ConvertError> {
                 .collect()
         })
         .collect()
+}
+
+/// The number of model chunks every file holds (they must agree).
+fn same_chunk_count(iter_dir: &Path, mut counts: impl Iterator<Item = usize>) -> Result<usize, ConvertError> {
+    let first = counts.next().unwrap_or(1);
+    if counts.any(|c| c != first) {
+        return Err(bad(iter_dir, "its files hold different numbers of model chunks (model0, model1, …)"));
+    }
+    Ok(first.max(1))
 }
 
 /// Layers per chunk (model order `v·pp + p`) of the ViT and the LLM, counted in tp rank 0.
@@ -161,12 +184,14 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
 
     let mut files: Files = BTreeMap::new();
     for (&k, path) in &paths {
-        let tf = TorchFile::open(path).map_err(|e| bad(path, e.to_string()))?;
-        let root = tf.root().map_err(|e| bad(path, e.to_string()))?;
+        let tf = TorchFile::open(path)?;
+        // The export reads every byte anyway: a damaged file is an error, not a silent export.
+        tf.verify_crc()?;
+        let root = tf.root()?;
         let c = chunks(path, &root)?;
         files.insert(k, (tf, c));
     }
-    let vpp = files.values().next().map_or(1, |f| f.1.len());
+    let vpp = same_chunk_count(iter_dir, files.values().map(|f| f.1.len()))?;
     let mut per_chunk = vec![Vec::new(); pp * vpp];
     for p in 0..pp {
         for (v, names) in files[&(0, p)].1.iter().enumerate() {
@@ -389,7 +414,7 @@ fn assemble(plan: &MsPlan, files: &Files, i: usize, dtype: DType) -> Result<Vec<
                     let n = piece.rows.len();
                     if *j == i && seen < data.len() {
                         let r = &got.iter().find(|(name, _)| *name == ms.name).expect("checked").1;
-                        let bytes = tf.tensor_bytes(r).map_err(|e| bad(tf.path(), e.to_string()))?;
+                        let bytes = tf.tensor_bytes(r)?;
                         let ms_cols = ms.shape.iter().skip(1).product::<usize>();
                         let w = piece.cols.len();
                         for k in 0..n {
@@ -415,14 +440,17 @@ fn assemble(plan: &MsPlan, files: &Files, i: usize, dtype: DType) -> Result<Vec<
 pub fn describe(iter_dir: &Path) -> Result<String, ConvertError> {
     let (paths, tp, pp) = rank_files(iter_dir)?;
     let mut per_chunk: Vec<Vec<String>> = Vec::new();
-    let mut vpp = 1;
+    let mut vpp = None;
     let mut tensors = 0usize;
     let mut others: BTreeSet<String> = BTreeSet::new();
     for (&(t, p), path) in &paths {
-        let tf = TorchFile::open(path).map_err(|e| bad(path, e.to_string()))?;
-        let root = tf.root().map_err(|e| bad(path, e.to_string()))?;
+        let tf = TorchFile::open(path)?;
+        let root = tf.root()?;
         let c = chunks(path, &root)?;
-        vpp = c.len();
+        if vpp.is_some_and(|v| v != c.len()) {
+            return Err(bad(iter_dir, "its files hold different numbers of model chunks (model0, model1, …)"));
+        }
+        vpp = Some(c.len());
         tensors += c.iter().map(Vec::len).sum::<usize>();
         for (k, _) in root.as_dict().unwrap_or_default() {
             if let Value::Str(k) = k {
@@ -434,13 +462,14 @@ pub fn describe(iter_dir: &Path) -> Result<String, ConvertError> {
         }
         if t == 0 {
             if per_chunk.is_empty() {
-                per_chunk = vec![Vec::new(); pp * vpp];
+                per_chunk = vec![Vec::new(); pp * c.len()];
             }
             for (v, names) in c.iter().enumerate() {
                 per_chunk[v * pp + p] = names.iter().map(|(n, _)| n.clone()).collect();
             }
         }
     }
+    let vpp = vpp.unwrap_or(1);
     let (vit, llm) = layer_lists(&per_chunk);
     let list = |l: &[usize]| l.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
     let mut s = String::new();

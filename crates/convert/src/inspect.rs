@@ -33,6 +33,13 @@ pub struct Report {
 
 pub fn inspect(o: &InspectOptions) -> Result<Report, ConvertError> {
     if let Some(iter_dir) = crate::from_mindspeed::mindspeed_iteration(&o.dir, o.iteration) {
+        if o.recipe.is_some() {
+            return Err(ConvertError::Usage(format!(
+                "{}: a MindSpeed-MM checkpoint carries no config.json, so inspect cannot check it against a recipe \
+                 here; its split is printed without --recipe-*",
+                iter_dir.display()
+            )));
+        }
         let text = crate::from_mindspeed::describe(&iter_dir)?;
         return Ok(Report { text, problems: Vec::new(), fits: None });
     }

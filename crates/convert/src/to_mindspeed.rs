@@ -36,6 +36,14 @@ pub fn hf_to_mindspeed(o: &HfToMm) -> Result<Summary, ConvertError> {
     let mut out = OutputDir::prepare(&o.mm_dir, o.force)?;
     let ckpt = HfCheckpoint::open(&o.hf_dir)?;
     let arch = &ckpt.config.arch;
+    if arch.llm.tie_word_embeddings {
+        return Err(ConvertError::Config {
+            path: ckpt.dir.join(crate::hf::CONFIG_FILE),
+            message: "ties the output layer to the embedding; MindSpeed-MM's InternVL3 layout has an untied \
+                      output_layer (every InternVL3 size ships one): write our layout instead (no --format)"
+                .into(),
+        });
+    }
     let req = LayoutRequest { unaligned_linear: true, ..o.layout.clone() };
     let layout = MmLayout::resolve(arch, &req).map_err(|e| ConvertError::Config {
         path: ckpt.dir.join(crate::hf::CONFIG_FILE),
@@ -108,7 +116,7 @@ fn write_file(
     path: &std::path::Path,
     cancel: &AtomicBool,
 ) -> Result<(), ConvertError> {
-    let torch_err = |e: torchfile::Error| ConvertError::Config { path: path.to_path_buf(), message: e.to_string() };
+    let torch_err = ConvertError::from;
     let mut w = Writer::create(path).map_err(torch_err)?;
     let mut refs: Vec<Vec<TensorRef>> = Vec::new();
     let mut root = Vec::new();

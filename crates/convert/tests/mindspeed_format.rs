@@ -140,3 +140,44 @@ fn mindspeed_checkpoints_come_back_bit_identical_through_mm_to_hf() {
         run(&["mm-to-hf", "--mm-dir", s(&ours), "--hf-dir", s(&root.path().join("y")), "--assets-from", s(&other)], 1);
     assert!(stderr(&o).contains("does not match the model") || stderr(&o).contains("do not fit"), "{}", stderr(&o));
 }
+
+/// Damaged or foreign MindSpeed folders are errors that name the problem, never a panic.
+#[test]
+fn damaged_mindspeed_folders_are_refused_by_name() {
+    let root = tempfile::tempdir().unwrap();
+    let hf = root.path().join("hf");
+    synth(&hf, preset("tiny").unwrap(), HfLayout::Original, 3, false);
+    let write = |dir: &Path, keys: &[&str]| {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut w = torchfile::Writer::create(&dir.join("model_optim_rng.pt")).unwrap();
+        let root: Vec<_> = keys
+            .iter()
+            .map(|k| (torchfile::Value::Str(k.to_string()), torchfile::Value::OrderedDict(Vec::new())))
+            .collect();
+        w.write_root(&torchfile::Value::Dict(root)).unwrap();
+        w.finish().unwrap();
+    };
+    let export = |ms: &Path| {
+        let o =
+            run(&["mm-to-hf", "--mm-dir", s(ms), "--hf-dir", s(&ms.with_extension("out")), "--assets-from", s(&hf)], 1);
+        stderr(&o)
+    };
+    let gap = root.path().join("gap");
+    std::fs::create_dir_all(&gap).unwrap();
+    std::fs::write(gap.join("latest_checkpointed_iteration.txt"), "release").unwrap();
+    write(&gap.join("release/mp_rank_00"), &["model0", "model2"]);
+    assert!(export(&gap).contains("without gaps"), "{}", export(&gap));
+
+    let uneven = root.path().join("uneven");
+    std::fs::create_dir_all(&uneven).unwrap();
+    std::fs::write(uneven.join("latest_checkpointed_iteration.txt"), "release").unwrap();
+    write(&uneven.join("release/mp_rank_00_000"), &["model0"]);
+    write(&uneven.join("release/mp_rank_00_001"), &["model0", "model1"]);
+    assert!(export(&uneven).contains("different numbers of model chunks"), "{}", export(&uneven));
+
+    let huge = root.path().join("huge");
+    std::fs::create_dir_all(&huge).unwrap();
+    std::fs::write(huge.join("latest_checkpointed_iteration.txt"), "release").unwrap();
+    write(&huge.join("release/mp_rank_18446744073709551615"), &["model"]);
+    assert!(export(&huge).contains("not an mp_rank_TT"), "{}", export(&huge));
+}

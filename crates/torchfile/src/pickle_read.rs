@@ -19,7 +19,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_depth: 100, max_output_units: 1 << 27 }
+        Limits { max_depth: 100, max_output_units: 1 << 24 }
     }
 }
 
@@ -46,6 +46,9 @@ struct Vm<'a> {
     stack: Vec<Id>,
     marks: Vec<usize>,
     memo: HashMap<u64, Id>,
+    /// Elements REDUCE / NEWOBJ / OrderedDict may still copy out of shared tuples and lists
+    /// (a memoized tuple reduced many times would otherwise cost O(n²) memory).
+    copy_budget: usize,
 }
 
 /// Unpickles `data` with default [`Limits`]. Tensors refer to storages by key; checking those
@@ -55,8 +58,16 @@ pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
 }
 
 pub fn unpickle_with_limits(data: &[u8], limits: Limits) -> Result<Value, Error> {
-    let mut vm =
-        Vm { data, pos: 0, op_at: 0, arena: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut vm = Vm {
+        data,
+        pos: 0,
+        op_at: 0,
+        arena: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        copy_budget: limits.max_output_units,
+    };
     let root = vm.run()?;
     let mut budget = limits.max_output_units;
     vm.export(root, 0, &limits, &mut budget)
@@ -78,6 +89,16 @@ fn dtype_of_storage_class(name: &str) -> Option<DType> {
 }
 
 impl<'a> Vm<'a> {
+    fn spend(&mut self, n: usize) -> Result<(), Error> {
+        match self.copy_budget.checked_sub(n) {
+            Some(left) => {
+                self.copy_budget = left;
+                Ok(())
+            }
+            None => self.err("the pickle copies more values than the output budget allows (a hostile file?)"),
+        }
+    }
+
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, Error> {
         Err(Error::Pickle { path: Default::default(), offset: self.op_at, msg: msg.into() })
     }
@@ -423,6 +444,7 @@ impl<'a> Vm<'a> {
                         Node::Tuple(a) => a.clone(),
                         _ => return self.err("REDUCE arguments are not a tuple"),
                     };
+                    self.spend(args.len() + 1)?;
                     let id = self.call(func, args)?;
                     self.stack.push(id);
                 }
@@ -434,6 +456,7 @@ impl<'a> Vm<'a> {
                         Node::Tuple(a) => a.clone(),
                         _ => return self.err("NEWOBJ arguments are not a tuple"),
                     };
+                    self.spend(args.len() + 1)?;
                     if let Some(kw) = kwargs {
                         if !matches!(&self.arena[kw], Node::Dict { items, .. } if items.is_empty()) {
                             args.push(kw);
@@ -445,16 +468,13 @@ impl<'a> Vm<'a> {
                 b'b' => {
                     let state = self.pop()?;
                     let target = self.top()?;
-                    let state_is_empty = match &self.arena[state] {
-                        Node::Leaf(Value::None) => true,
-                        Node::Dict { items, .. } => items.is_empty(),
-                        _ => false,
-                    };
                     match &mut self.arena[target] {
                         Node::Object { state: s, .. } => *s = Some(state),
                         // Tensor/Parameter metadata and empty dict state carry nothing we model.
                         Node::Tensor(_) => {}
-                        Node::Dict { .. } if state_is_empty => {}
+                        // A state_dict() OrderedDict carries its `_metadata` (module versions)
+                        // as BUILD state: nothing a checkpoint reader needs.
+                        Node::Dict { .. } => {}
                         _ => return self.err("BUILD on a value that takes no state"),
                     }
                 }
@@ -617,6 +637,10 @@ impl<'a> Vm<'a> {
             ("collections", "OrderedDict" | "defaultdict") => {
                 let ordered = name == "OrderedDict";
                 let mut items = Vec::new();
+                if let Some(Node::List(pairs) | Node::Tuple(pairs)) = args.first().map(|&a| &self.arena[a]) {
+                    let n = pairs.len();
+                    self.spend(n)?;
+                }
                 if ordered && args.len() == 1 {
                     if let Node::List(pairs) | Node::Tuple(pairs) = &self.arena[args[0]] {
                         for &p in pairs {

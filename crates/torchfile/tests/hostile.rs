@@ -151,6 +151,20 @@ fn bad_pickles_are_clear_errors() {
     let small = Limits { max_output_units: 1 << 16, ..Limits::default() };
     let e = unpickle_with_limits(&bomb, small).unwrap_err().to_string();
     assert!(e.contains("budget"), "{e}");
+    // …and with the default limits, in well under a second.
+    let e = unpickle(&bomb).unwrap_err().to_string();
+    assert!(e.contains("budget"), "{e}");
+    // A memoized 100k-item tuple reduced 10k times (O(n²) copies): refused by the budget.
+    let mut reduce_bomb = vec![0x80, 2, b'('];
+    reduce_bomb.extend(std::iter::repeat_n(b'N', 100_000));
+    reduce_bomb.extend_from_slice(&[b't', b'q', 0, b'0']); // TUPLE, BINPUT 0, POP
+    for _ in 0..10_000 {
+        reduce_bomb.extend_from_slice(b"cbuiltins\nset\n");
+        reduce_bomb.extend_from_slice(&[b'h', 0, b'R', b'0']); // BINGET 0, REDUCE, POP
+    }
+    reduce_bomb.extend_from_slice(b"N.");
+    let e = unpickle(&reduce_bomb).unwrap_err().to_string();
+    assert!(e.contains("budget"), "{e}");
 }
 
 #[test]

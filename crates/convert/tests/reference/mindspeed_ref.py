@@ -93,7 +93,7 @@ def build(cfg, w, tp, llm_counts, vit_counts, pp, vpp):
     first_vit = next(c for c, n in enumerate(vit_counts) if n > 0)
     last_vit = max(c for c, n in enumerate(vit_counts) if n > 0)
     first_llm = next(c for c, n in enumerate(llm_counts) if n > 0)
-    last = chunks - 1
+    last = max(c for c, n in enumerate(llm_counts) if n > 0)
 
     for k in ["class_embedding", "position_embedding", "patch_embedding.weight", "patch_embedding.bias"]:
         put(first_vit, f"image_encoder.encoder.embeddings.{k}", rep(w[f"vision_model.embeddings.{k}"]))
@@ -211,6 +211,17 @@ def main():
                                      "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.get_rng_state(),
                                      "rng_tracker_states": {}}]
                 obj["num_floating_point_operations_so_far"] = 12345
+            if a.iteration is not None:
+                # A training save's model entries are module.state_dict()s: OrderedDicts with
+                # `_metadata`, pickled with a BUILD, and Transformer Engine's `_extra_state`s.
+                import collections
+                for k in [k for k in obj if k.startswith("model")]:
+                    sd = collections.OrderedDict(obj[k])
+                    sd._metadata = collections.OrderedDict({"": {"version": 1}})
+                    first = next(iter(sd), None)
+                    if first is not None:
+                        sd[first.rsplit(".", 1)[0] + "._extra_state"] = None
+                    obj[k] = sd
             os.makedirs(os.path.join(target, name), exist_ok=True)
             torch.save(obj, os.path.join(target, name, "model_optim_rng.pt"))
         print(f"wrote {len(want)} files")

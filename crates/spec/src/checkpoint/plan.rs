@@ -170,9 +170,10 @@ pub struct Placed {
 
 /// Every logical tensor of `arch` placed on the pipeline of `layout`, in model order: layers by
 /// the stage lists, the ViT embeddings with ViT layer 0, the projector with the last ViT layer,
-/// the LLM's final norm and head on the last chunk, and its embedding on chunk 0 (ours) or on
-/// the first chunk holding LLM layers (`embedding_with_first_llm_layer`, Megatron's
-/// pre-process stage as MindSpeed-MM places it). Both encodings share everything else.
+/// the LLM's final norm and head on the last chunk and its embedding on chunk 0 (ours), or both
+/// with the first and last chunks holding LLM layers (`embedding_with_first_llm_layer`:
+/// Megatron's pre- and post-process stages as MindSpeed-MM places them). Both encodings share
+/// everything else.
 pub fn place_tensors(
     arch: &ModelPreset,
     layout: &MmLayout,
@@ -186,7 +187,11 @@ pub fn place_tensors(
     let last_vit = vit.iter().rposition(|s| s.num_layers > 0).unwrap_or(0);
     let first_llm =
         if embedding_with_first_llm_layer { llm.iter().position(|s| s.num_layers > 0).unwrap_or(0) } else { 0 };
-    let last_chunk = layout.chunks() - 1;
+    // MindSpeed-MM's post-process stage is the last one holding LLM layers; ours is the last chunk.
+    let last_chunk = match embedding_with_first_llm_layer {
+        true => llm.iter().rposition(|s| s.num_layers > 0).unwrap_or(layout.chunks() - 1),
+        false => layout.chunks() - 1,
+    };
 
     let mut out = Vec::new();
     for t in logical_tensors(arch) {

@@ -35,7 +35,7 @@ model(torch.randn(2, 4)).sum().backward()
 opt.step()
 
 base = torch.arange(20, dtype=torch.float32)
-sd = collections.OrderedDict(model.state_dict())
+sd = model.state_dict()  # keeps its _metadata: pickled as OrderedDict + BUILD, as Megatron saves it
 sd["bf16"] = torch.randn(3, 5).to(torch.bfloat16)
 sd["f16"] = torch.randn(4).half()
 sd["f64"] = torch.randn(2, 2, dtype=torch.float64)
