@@ -5,8 +5,8 @@
 //! is known before the first byte is copied, so [`SafetensorsWriter::create`] writes the whole
 //! header first and the caller then appends each tensor's bytes in header order, in pieces of
 //! any size. The writer counts bytes and refuses a tensor that comes out short or long, so a bug
-//! in the shard math cannot produce a file whose offsets lie. [`SafetensorsWriter::finish`]
-//! fsyncs, so a file is on disk before the folder holding it is committed.
+//! in the shard math cannot produce a file whose offsets lie. Files reach the disk when their
+//! folder is committed (`commit::move_into_place` fsyncs the staged tree).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -190,14 +190,16 @@ impl SafetensorsWriter {
         Ok(())
     }
 
-    /// Flushes and fsyncs; every tensor must have been written. Returns the file's size.
+    /// Flushes; every tensor must have been written. Returns the file's size. The file reaches
+    /// the disk when its folder is committed ([`super::commit::move_into_place`] fsyncs the
+    /// whole staged tree once): fsyncing each file here would serialize the writeback of files
+    /// written in parallel.
     pub fn finish(mut self) -> Result<u64, FileError> {
         if self.current != self.tensors.len() {
             return Err(self.internal(format!("{} of {} tensors written", self.current, self.tensors.len())));
         }
         self.out.flush().map_err(|e| FileError::io("write", &self.path, e))?;
         let file = self.out.get_ref();
-        file.sync_all().map_err(|e| FileError::io("sync", &self.path, e))?;
         file.metadata().map(|m| m.len()).map_err(|e| FileError::io("stat", &self.path, e))
     }
 }
