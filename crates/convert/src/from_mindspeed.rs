@@ -187,6 +187,7 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
         let tf = TorchFile::open(path)?;
         // The export reads every byte anyway: a damaged file is an error, not a silent export.
         tf.verify_crc()?;
+        tf.release_all();
         let root = tf.root()?;
         let c = chunks(path, &root)?;
         files.insert(k, (tf, c));
@@ -423,6 +424,8 @@ fn assemble(plan: &MsPlan, files: &Files, i: usize, dtype: DType) -> Result<Vec<
                             data[dst..dst + w * es].copy_from_slice(&bytes[src..src + w * es]);
                         }
                         seen += n * w * es;
+                        drop(bytes);
+                        tf.release_storage(&r.storage);
                     }
                     row0 += n;
                 }

@@ -155,6 +155,37 @@ impl TorchFile {
         Ok(&self.data.bytes()[r.offset..r.offset + r.size])
     }
 
+    /// Drops this process's resident pages of `len` bytes at `start` of the map (a no-op for
+    /// in-memory files). Bytes read later fault back in from the page cache unchanged, so
+    /// readers of large files keep their memory near what they hold, not what they touched.
+    fn release(&self, start: usize, len: usize) {
+        if let Backing::Map(map) = &self.data {
+            let len = len.min(map.len().saturating_sub(start));
+            if len > 0 {
+                // SAFETY: a read-only MAP_SHARED file mapping: MADV_DONTNEED only unmaps the pages
+                // from this process; later reads see the same file bytes.
+                #[cfg(unix)]
+                unsafe {
+                    let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
+                }
+            }
+        }
+    }
+
+    /// Drops the resident pages of the whole file (e.g. after [`TorchFile::verify_crc`]).
+    pub fn release_all(&self) {
+        self.release(0, self.data.bytes().len());
+    }
+
+    /// Drops the resident pages of storage `key` once its bytes have been used.
+    pub fn release_storage(&self, key: &str) {
+        let name = format!("data/{key}");
+        if let Ok(bytes) = self.record(&name) {
+            let start = bytes.as_ptr() as usize - self.data.bytes().as_ptr() as usize;
+            self.release(start, bytes.len());
+        }
+    }
+
     /// The raw little-endian bytes of storage `key` (record `data/<key>`).
     pub fn storage(&self, key: &str) -> Result<&[u8], Error> {
         self.record(&format!("data/{key}"))
