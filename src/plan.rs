@@ -162,24 +162,23 @@ impl Plan {
             ));
         }
         // Only what the launching machine can read, and means the same path there as on the
-        // hosts (absolute, or relative with no workdir); a folder that is no checkpoint of ours
-        // (a MindSpeed-MM save) is left to the engine.
-        if let Some(load) = recipe.checkpoint.load.as_deref() {
-            let comparable = load.is_absolute() || cluster.workdir.is_none();
-            if comparable && load.is_dir() && load != std::path::Path::new(&recipe.model) {
-                if let Ok((arch, _)) = mm_spec::checkpoint::read_architecture(load) {
-                    let diff = mm_spec::checkpoint::architecture_differences(&model, &arch);
-                    if !diff.is_empty() {
-                        problems.push(format!(
-                            "checkpoint.load {} holds another model than `{}` ({}): plan with the checkpoint's own \
-                             architecture (`finetune {}`), or load a checkpoint of `{}`",
-                            load.display(),
-                            recipe.model,
-                            diff.join(", "),
-                            load.display(),
-                            recipe.model
-                        ));
-                    }
+        // hosts (absolute, or relative with no workdir); located once for both checks.
+        let load = recipe.checkpoint.load.as_deref().filter(|l| l.is_absolute() || cluster.workdir.is_none());
+        let located = load.filter(|l| l.is_dir()).and_then(|l| mm_spec::checkpoint::locate(l).ok().map(|x| (l, x)));
+        // A folder that is no checkpoint of ours (a MindSpeed-MM save) is left to the engine.
+        if let Some((load, located)) = located.as_ref().filter(|(l, _)| *l != std::path::Path::new(&recipe.model)) {
+            if let Ok(arch) = located.architecture(&model.name) {
+                let diff = mm_spec::checkpoint::architecture_differences(&model, &arch);
+                if !diff.is_empty() {
+                    problems.push(format!(
+                        "checkpoint.load {} holds another model than `{}` ({}): plan with the checkpoint's own \
+                         architecture (`finetune {}`), or load a checkpoint of `{}`",
+                        load.display(),
+                        recipe.model,
+                        diff.join(", "),
+                        load.display(),
+                        recipe.model
+                    ));
                 }
             }
         }
@@ -224,7 +223,9 @@ impl Plan {
         let vit_stages = split_layers(model.vision.num_hidden_layers, dims.pp(), dims.vpp(), Some(&vit_layers));
 
         if let (Ok(llm), Ok(vit)) = (&llm_stages, &vit_stages) {
-            problems.extend(load_format_problem(cluster, recipe, &dims, llm, vit));
+            if let Some((load, located)) = &located {
+                problems.extend(load_format_problem(cluster.template, load, located, &dims, llm, vit));
+            }
         }
 
         let (Ok(placement), Some(batch), Ok(llm_stages), Ok(vit_stages), true) =
@@ -304,22 +305,19 @@ impl Plan {
     }
 }
 
-/// The checkpoint format the template's engine loads against what `checkpoint.load` holds,
-/// when the launching machine can read it (absolute, or relative with no workdir): mm-engine
+/// The checkpoint format the template's engine loads against what `checkpoint.load` holds
+/// (located by the plan when the launching machine can read it): mm-engine
 /// loads ours and HF folders, MindSpeed-MM its own torch files. The fix is the conversion
 /// command, with this plan's split.
 fn load_format_problem(
-    cluster: &ClusterSpec,
-    recipe: &Recipe,
+    template: Template,
+    load: &std::path::Path,
+    located: &mm_spec::checkpoint::Located,
     dims: &ParallelDims,
     llm: &[StageLayers],
     vit: &[StageLayers],
 ) -> Option<String> {
     use mm_spec::checkpoint::Located;
-    let load = recipe.checkpoint.load.as_deref()?;
-    if !(load.is_absolute() || cluster.workdir.is_none()) || !load.is_dir() {
-        return None;
-    }
     let list = |s: &[StageLayers]| s.iter().map(|s| s.num_layers.to_string()).collect::<Vec<_>>().join(",");
     let split = format!(
         "--tp {}{} --llm-pp-layers {} --vit-pp-layers {}",
@@ -329,7 +327,7 @@ fn load_format_problem(
         list(vit)
     );
     let l = load.display();
-    match (cluster.template, mm_spec::checkpoint::locate(load).ok()?) {
+    match (template, located) {
         (Template::MmEngine, Located::MindSpeed { .. }) => Some(format!(
             "checkpoint.load {l} holds MindSpeed-MM's torch files, which mm-engine does not load yet: export it with \
              `mm-convert mm-to-hf --mm-dir {l} --hf-dir {l}-hf --assets-from <its HF folder>` and load {l}-hf"

@@ -15,14 +15,6 @@ const MAX_LISTED: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
-    #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
 
@@ -59,8 +51,9 @@ pub enum ConvertError {
 }
 
 impl ConvertError {
+    /// An I/O failure: the file, what was being done and why (mm-spec's one wording).
     pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
-        ConvertError::Io { action, path: path.to_path_buf(), source }
+        ConvertError::File(mm_spec::io::FileError::io(action, path, source))
     }
 }
 

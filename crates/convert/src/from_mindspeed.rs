@@ -20,14 +20,13 @@ use mm_spec::checkpoint::{
     has_mindspeed_files, iteration_dir, plan_mindspeed, Iteration, Located, MsPlan, MINDSPEED_FILE,
 };
 use mm_spec::{DType, HfLayout, LayoutRequest, MmLayout, ModelPreset};
-use serde_json::json;
 use torchfile::{TorchFile, Value};
 
 use crate::error::ConvertError;
-use crate::hf::{asset_names, config_for_layout, hf_keys, read_config, CONFIG_FILE, INDEX_FILE};
-use crate::to_hf::MmToHf;
+use crate::hf::{asset_names, config_for_layout, hf_keys, read_config, CONFIG_FILE};
+use crate::to_hf::{check_expected, group_by_size, write_index_and_assets, MmToHf};
 use crate::to_mm::Summary;
-use crate::write::{convert, copy_files, st_dtype, write_text, OutputDir, SafetensorsWriter, TensorHeader};
+use crate::write::{convert, st_dtype, OutputDir, SafetensorsWriter, TensorHeader};
 
 /// The iteration folder of `dir` when it holds MindSpeed-MM torch files (a save folder with a
 /// tracker, or the iteration folder itself); None for anything else.
@@ -161,16 +160,56 @@ fn dtype_of(path: &Path, name: &str, d: torchfile::DType) -> Result<DType, Conve
     }
 }
 
+/// A MindSpeed-MM iteration folder opened: every rank file with its model chunks, the split
+/// read off them, and the other top-level entries of a training save (args, optimizer, …).
+struct Opened {
+    files: Files,
+    tp: usize,
+    pp: usize,
+    vpp: usize,
+    vit: Vec<usize>,
+    llm: Vec<usize>,
+    others: BTreeSet<String>,
+}
+
+fn is_model_entry(key: &str) -> bool {
+    key == "model" || key.strip_prefix("model").is_some_and(|n| n.parse::<usize>().is_ok())
+}
+
+fn open_checkpoint(iter_dir: &Path) -> Result<Opened, ConvertError> {
+    let (paths, tp, pp) = rank_files(iter_dir)?;
+    let mut files: Files = BTreeMap::new();
+    let mut others = BTreeSet::new();
+    for (&k, path) in &paths {
+        let tf = TorchFile::open(path)?;
+        let root = tf.root()?;
+        let c = chunks(path, &root)?;
+        for (key, _) in root.as_dict().unwrap_or_default() {
+            if let Value::Str(key) = key {
+                if !is_model_entry(key) {
+                    others.insert(key.clone());
+                }
+            }
+        }
+        files.insert(k, (tf, c));
+    }
+    let vpp = same_chunk_count(iter_dir, files.values().map(|f| f.1.len()))?;
+    let mut per_chunk = vec![Vec::new(); pp * vpp];
+    for p in 0..pp {
+        for (v, names) in files[&(0, p)].1.iter().enumerate() {
+            per_chunk[v * pp + p] = names.iter().map(|(n, _)| n.clone()).collect();
+        }
+    }
+    let (vit, llm) = layer_lists(&per_chunk);
+    Ok(Opened { files, tp, pp, vpp, vit, llm, others })
+}
+
 pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertError> {
     let started = Instant::now();
     let mut out = OutputDir::prepare(&o.hf_dir, o.force)?;
-    let (paths, tp, pp) = rank_files(iter_dir)?;
-    if let Some(expect) = o.expect.as_ref().filter(|e| e.tp != tp) {
-        return Err(ConvertError::Usage(format!(
-            "the checkpoint in {} is not split as the command says: tp {} (checkpoint: {tp})",
-            iter_dir.display(),
-            expect.tp
-        )));
+    let Opened { files, tp, pp, vpp, vit: vit_list, llm: llm_list, .. } = open_checkpoint(iter_dir)?;
+    if let Some(expect) = &o.expect {
+        check_expected(iter_dir, expect, tp, &llm_list, &vit_list)?;
     }
     let assets_dir = o.assets_from.clone().ok_or_else(|| {
         bad(
@@ -181,25 +220,6 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
     })?;
     let source = read_config(&assets_dir)?;
     let arch: ModelPreset = source.arch.clone();
-
-    let mut files: Files = BTreeMap::new();
-    for (&k, path) in &paths {
-        let tf = TorchFile::open(path)?;
-        // The export reads every byte anyway: a damaged file is an error, not a silent export.
-        tf.verify_crc()?;
-        tf.release_all();
-        let root = tf.root()?;
-        let c = chunks(path, &root)?;
-        files.insert(k, (tf, c));
-    }
-    let vpp = same_chunk_count(iter_dir, files.values().map(|f| f.1.len()))?;
-    let mut per_chunk = vec![Vec::new(); pp * vpp];
-    for p in 0..pp {
-        for (v, names) in files[&(0, p)].1.iter().enumerate() {
-            per_chunk[v * pp + p] = names.iter().map(|(n, _)| n.clone()).collect();
-        }
-    }
-    let (vit_list, llm_list) = layer_lists(&per_chunk);
     let req = LayoutRequest {
         tp,
         pp: Some(pp),
@@ -212,29 +232,13 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
     let layout = MmLayout::resolve(&arch, &req).map_err(|e| {
         bad(iter_dir, format!("its files do not fit the model of {}: {e}", assets_dir.join(CONFIG_FILE).display()))
     })?;
-    if let Some(expect) = &o.expect {
-        let mut diffs = Vec::new();
-        if expect.tp != layout.tp {
-            diffs.push(format!("tp {} (checkpoint: {})", expect.tp, layout.tp));
-        }
-        for (name, want, have) in [
-            ("llm_pp_layers", &expect.llm_pp_layers, &layout.llm_pp_layers),
-            ("vit_pp_layers", &expect.vit_pp_layers, &layout.vit_pp_layers),
-        ] {
-            if want.as_ref().is_some_and(|w| w != have) {
-                diffs.push(format!("{name} {:?} (checkpoint: {have:?})", want.as_ref().unwrap_or(have)));
-            }
-        }
-        if !diffs.is_empty() {
-            return Err(ConvertError::Usage(format!(
-                "the checkpoint in {} is not split as the command says: {}",
-                iter_dir.display(),
-                diffs.join(", ")
-            )));
-        }
+    // The export reads every byte anyway: a damaged file is an error, not a silent export.
+    for (tf, _) in files.values() {
+        tf.verify_crc()?;
+        tf.release_all();
     }
     let plan = plan_mindspeed(&arch, &layout)?;
-    let dtypes = check_files(iter_dir, &plan, &files, &paths)?;
+    let dtypes = check_files(iter_dir, &plan, &files)?;
 
     let target = o.layout.unwrap_or(if source.native() { HfLayout::Hf } else { HfLayout::Original });
     // Output tensors in model order, one file per max_shard_bytes.
@@ -255,17 +259,8 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
     let nbytes = |x: &(String, usize, std::ops::Range<usize>, Vec<usize>)| -> u64 {
         (x.3.iter().product::<usize>() * to(x.1).size_bytes()) as u64
     };
-    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut size = 0u64;
-    for (k, x) in outputs.iter().enumerate() {
-        let n = nbytes(x);
-        if size > 0 && size + n > o.max_shard_bytes {
-            groups.push(Vec::new());
-            size = 0;
-        }
-        size += n;
-        groups.last_mut().expect("one group").push(k);
-    }
+    let sizes: Vec<u64> = outputs.iter().map(nbytes).collect();
+    let groups = group_by_size(&sizes, o.max_shard_bytes);
     let n_files = groups.len();
     let file_name = |k: usize| format!("model-{:05}-of-{:05}.safetensors", k + 1, n_files);
 
@@ -300,19 +295,15 @@ pub fn mindspeed_to_hf(o: &MmToHf, iter_dir: &Path) -> Result<Summary, ConvertEr
         }
         w.finish()?;
     }
-    let total: u64 = outputs.iter().map(nbytes).sum();
-    let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
-    write_text(&root.join(INDEX_FILE), &pretty(&index))?;
     let main_dtype = o.dtype.or_else(|| dtypes.first().copied());
     let config = if source.native() == target.is_transformers_native() && o.dtype.is_none() {
         source.raw.clone()
     } else {
         config_for_layout(&arch, Some(&source), target, main_dtype)
     };
-    write_text(&root.join(CONFIG_FILE), &pretty(&config))?;
     let assets: Vec<String> = asset_names(&assets_dir).into_iter().filter(|n| n != CONFIG_FILE).collect();
-    copy_files(&assets_dir, &root, &assets)?;
+    let total: u64 = sizes.iter().sum();
+    write_index_and_assets(&root, &weight_map, total, &config, &assets_dir, &assets)?;
     let out_dir = out.commit()?;
     Ok(Summary {
         out_dir,
@@ -332,12 +323,12 @@ type Paths = BTreeMap<(usize, usize), PathBuf>;
 
 /// Checks every file against the plan (every name present with the planned shape, nothing
 /// else, one float dtype per logical tensor); returns each logical tensor's dtype.
-fn check_files(iter_dir: &Path, plan: &MsPlan, files: &Files, paths: &Paths) -> Result<Vec<DType>, ConvertError> {
+fn check_files(iter_dir: &Path, plan: &MsPlan, files: &Files) -> Result<Vec<DType>, ConvertError> {
     let mut dtypes: Vec<Option<DType>> = vec![None; plan.tensors.len()];
     let mut problems = Vec::new();
     for f in &plan.files {
-        let path = &paths[&(f.tp_rank, f.pp_rank)];
-        let (_, have) = &files[&(f.tp_rank, f.pp_rank)];
+        let (tf, have) = &files[&(f.tp_rank, f.pp_rank)];
+        let path = tf.path();
         if have.len() != f.chunks.len() {
             problems.push(format!(
                 "{}: {} model chunks, the layout has {}",
@@ -441,39 +432,8 @@ fn assemble(plan: &MsPlan, files: &Files, i: usize, dtype: DType) -> Result<Vec<
 /// What `inspect` says about a MindSpeed-MM checkpoint: the format, the split read off its
 /// files, the other entries of a training save (args, optimizer, RNG …) and the tensor count.
 pub fn describe(iter_dir: &Path) -> Result<String, ConvertError> {
-    let (paths, tp, pp) = rank_files(iter_dir)?;
-    let mut per_chunk: Vec<Vec<String>> = Vec::new();
-    let mut vpp = None;
-    let mut tensors = 0usize;
-    let mut others: BTreeSet<String> = BTreeSet::new();
-    for (&(t, p), path) in &paths {
-        let tf = TorchFile::open(path)?;
-        let root = tf.root()?;
-        let c = chunks(path, &root)?;
-        if vpp.is_some_and(|v| v != c.len()) {
-            return Err(bad(iter_dir, "its files hold different numbers of model chunks (model0, model1, …)"));
-        }
-        vpp = Some(c.len());
-        tensors += c.iter().map(Vec::len).sum::<usize>();
-        for (k, _) in root.as_dict().unwrap_or_default() {
-            if let Value::Str(k) = k {
-                let model_entry = k == "model" || k.strip_prefix("model").is_some_and(|n| n.parse::<usize>().is_ok());
-                if !model_entry {
-                    others.insert(k.clone());
-                }
-            }
-        }
-        if t == 0 {
-            if per_chunk.is_empty() {
-                per_chunk = vec![Vec::new(); pp * c.len()];
-            }
-            for (v, names) in c.iter().enumerate() {
-                per_chunk[v * pp + p] = names.iter().map(|(n, _)| n.clone()).collect();
-            }
-        }
-    }
-    let vpp = vpp.unwrap_or(1);
-    let (vit, llm) = layer_lists(&per_chunk);
+    let Opened { files, tp, pp, vpp, vit, llm, others } = open_checkpoint(iter_dir)?;
+    let tensors: usize = files.values().flat_map(|(_, c)| c).map(Vec::len).sum();
     let list = |l: &[usize]| l.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
     let mut s = String::new();
     s.push_str(&format!("MindSpeed-MM checkpoint (Megatron torch files, {MINDSPEED_FILE}): {}\n", iter_dir.display()));
@@ -483,7 +443,7 @@ pub fn describe(iter_dir: &Path) -> Result<String, ConvertError> {
         list(&llm),
         list(&vit)
     ));
-    s.push_str(&format!("files:     {} ({} tensors)\n", paths.len(), tensors));
+    s.push_str(&format!("files:     {} ({} tensors)\n", files.len(), tensors));
     let others: Vec<String> = others.into_iter().collect();
     s.push_str(&format!(
         "also:      {}\n",

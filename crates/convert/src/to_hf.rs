@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -72,7 +72,8 @@ pub fn mm_to_hf(o: &MmToHf) -> Result<Summary, ConvertError> {
     let ck = MmCheckpoint::open(&o.mm_dir, o.iteration)?;
     let m = &ck.manifest;
     if let Some(expect) = &o.expect {
-        check_expected(&ck, expect)?;
+        let have = &m.parallel;
+        check_expected(&ck.iter_dir, expect, have.tp, &have.llm_pp_layers, &have.vit_pp_layers)?;
     }
     let source_layout = m.source.as_ref().map(|s| s.layout);
     let target = o.layout.or(source_layout).unwrap_or(HfLayout::Original);
@@ -100,7 +101,8 @@ pub fn mm_to_hf(o: &MmToHf) -> Result<Summary, ConvertError> {
             });
         }
     }
-    let groups = group_by_size(&tensors, o.max_shard_bytes);
+    let sizes: Vec<u64> = tensors.iter().map(HfTensor::nbytes).collect();
+    let groups = group_by_size(&sizes, o.max_shard_bytes);
     let n_files = groups.len();
     let file_name = |k: usize| format!("model-{:05}-of-{:05}.safetensors", k + 1, n_files);
 
@@ -133,12 +135,8 @@ pub fn mm_to_hf(o: &MmToHf) -> Result<Summary, ConvertError> {
             weight_map.insert(tensors[t].key.clone(), file_name(k));
         }
     }
-    let total: u64 = tensors.iter().map(HfTensor::nbytes).sum();
-    let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
-    write_text(&root.join(INDEX_FILE), &pretty(&index))?;
-    write_text(&root.join(CONFIG_FILE), &pretty(&config))?;
-    copy_files(&assets_dir, &root, &assets)?;
+    let total: u64 = sizes.iter().sum();
+    write_index_and_assets(&root, &weight_map, total, &config, &assets_dir, &assets)?;
     let out_dir = out.commit()?;
     Ok(Summary {
         out_dir,
@@ -149,13 +147,29 @@ pub fn mm_to_hf(o: &MmToHf) -> Result<Summary, ConvertError> {
     })
 }
 
-/// Consecutive tensors packed into files of at most `max` bytes (a larger tensor gets its own
-/// file), as transformers' `save_pretrained` shards.
-fn group_by_size(tensors: &[HfTensor], max: u64) -> Vec<Vec<usize>> {
+/// The tail of an HF export: the shard index, config.json and the tokenizer/processor files.
+pub(crate) fn write_index_and_assets(
+    root: &Path,
+    weight_map: &BTreeMap<String, String>,
+    total: u64,
+    config: &serde_json::Value,
+    assets_dir: &Path,
+    assets: &[String],
+) -> Result<(), ConvertError> {
+    let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    write_text(&root.join(INDEX_FILE), &pretty(&index))?;
+    write_text(&root.join(CONFIG_FILE), &pretty(config))?;
+    copy_files(assets_dir, root, assets)?;
+    Ok(())
+}
+
+/// Consecutive tensors (by byte size) packed into files of at most `max` bytes (a larger tensor
+/// gets its own file), as transformers' `save_pretrained` shards.
+pub(crate) fn group_by_size(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut size = 0u64;
-    for (i, t) in tensors.iter().enumerate() {
-        let n = t.nbytes();
+    for (i, &n) in sizes.iter().enumerate() {
         match groups.last_mut() {
             Some(g) if size + n <= max => {
                 g.push(i);
@@ -302,29 +316,34 @@ pub fn token_id(path: &std::path::Path, token: &str) -> Result<Option<u64>, Conv
     Ok(v["model"]["vocab"][token].as_u64())
 }
 
-fn check_expected(ck: &MmCheckpoint, expect: &LayoutRequest) -> Result<(), ConvertError> {
-    let have = &ck.manifest.parallel;
+/// Refuses an export whose command names another split than the checkpoint's (the seed's
+/// `mm_to_hf` spelling repeats tp and the layer lists).
+pub(crate) fn check_expected(
+    dir: &Path,
+    expect: &LayoutRequest,
+    tp: usize,
+    llm_pp_layers: &[usize],
+    vit_pp_layers: &[usize],
+) -> Result<(), ConvertError> {
     let mut diffs = Vec::new();
-    if expect.tp != have.tp {
-        diffs.push(format!("tp {} (checkpoint: {})", expect.tp, have.tp));
+    if expect.tp != tp {
+        diffs.push(format!("tp {} (checkpoint: {tp})", expect.tp));
     }
-    if let Some(l) = &expect.llm_pp_layers {
-        if *l != have.llm_pp_layers {
-            diffs.push(format!("llm_pp_layers {l:?} (checkpoint: {:?})", have.llm_pp_layers));
-        }
-    }
-    if let Some(l) = &expect.vit_pp_layers {
-        if *l != have.vit_pp_layers {
-            diffs.push(format!("vit_pp_layers {l:?} (checkpoint: {:?})", have.vit_pp_layers));
+    for (name, want, have) in [
+        ("llm_pp_layers", &expect.llm_pp_layers, llm_pp_layers),
+        ("vit_pp_layers", &expect.vit_pp_layers, vit_pp_layers),
+    ] {
+        if let Some(l) = want.as_deref().filter(|l| *l != have) {
+            diffs.push(format!("{name} {l:?} (checkpoint: {have:?})"));
         }
     }
     if diffs.is_empty() {
         Ok(())
     } else {
         Err(ConvertError::Usage(format!(
-            "the checkpoint in {} is not split as the command says: {}; the manifest records the real layout, \
+            "the checkpoint in {} is not split as the command says: {}; the checkpoint records its real layout, \
              so drop those options or fix them",
-            ck.iter_dir.display(),
+            dir.display(),
             diffs.join(", ")
         )))
     }

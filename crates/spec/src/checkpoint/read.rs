@@ -103,17 +103,26 @@ pub enum FolderKind {
 /// Reads the architecture of the checkpoint folder `dir`; the preset is named after the folder.
 /// Errors name the file and what was expected.
 pub fn read_architecture(dir: &Path) -> Result<(ModelPreset, FolderKind), String> {
-    let name = crate::hf::config::folder_name(dir);
-    match locate(dir).map_err(|e| e.to_string())? {
-        Located::Hf { dir } => {
-            let cfg = crate::hf::read_config(&dir).map_err(|e| e.to_string())?;
-            Ok((ModelPreset { name, ..cfg.arch }, FolderKind::Hf))
-        }
-        Located::Mm { manifest, .. } => Ok((ModelPreset { name, ..manifest.architecture }, FolderKind::Mm)),
-        Located::MindSpeed { iter_dir } => Err(format!(
-            "{}: MindSpeed-MM's torch files carry no config.json, so the architecture is not known here",
-            iter_dir.display()
-        )),
+    let located = locate(dir).map_err(|e| e.to_string())?;
+    let kind = if matches!(located, Located::Hf { .. }) { FolderKind::Hf } else { FolderKind::Mm };
+    Ok((located.architecture(&crate::hf::config::folder_name(dir))?, kind))
+}
+
+impl Located {
+    /// The architecture the checkpoint declares (an HF folder's config.json, an MM manifest),
+    /// named `name`; MindSpeed-MM's files declare none.
+    pub fn architecture(&self, name: &str) -> Result<ModelPreset, String> {
+        let arch = match self {
+            Located::Hf { dir } => crate::hf::read_config(dir).map_err(|e| e.to_string())?.arch,
+            Located::Mm { manifest, .. } => manifest.architecture.clone(),
+            Located::MindSpeed { iter_dir } => {
+                return Err(format!(
+                    "{}: MindSpeed-MM's torch files carry no config.json, so the architecture is not known here",
+                    iter_dir.display()
+                ))
+            }
+        };
+        Ok(ModelPreset { name: name.to_string(), ..arch })
     }
 }
 
