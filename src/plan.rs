@@ -13,7 +13,7 @@ use mm_spec::presets::ModelPreset;
 use serde::Serialize;
 
 use crate::cluster::{Accelerator, ClusterSpec, ResolvedHost, Template};
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, SaveFormat};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -204,6 +204,13 @@ impl Plan {
                     .into(),
             );
         }
+        if cluster.template != Template::MmEngine && recipe.checkpoint.save_format == Some(SaveFormat::Mm) {
+            problems.push(
+                "checkpoint.save_format mm: MindSpeed-MM saves its own torch files only; remove the setting (or \
+                 set it to torch), or use `template: mm-engine`"
+                    .into(),
+            );
+        }
         if cluster.accelerator == Accelerator::Npu && cluster.template == Template::MmEngine {
             problems.push(
                 "accelerator npu runs through MindSpeed-MM: set `template: mindspeed-mm-torchrun` (or \
@@ -224,7 +231,8 @@ impl Plan {
 
         if let (Ok(llm), Ok(vit)) = (&llm_stages, &vit_stages) {
             if let Some((load, located)) = &located {
-                problems.extend(load_format_problem(cluster.template, load, located, &dims, llm, vit));
+                let tokenizer = recipe.checkpoint.tokenizer.as_deref();
+                problems.extend(load_format_problem(cluster.template, load, tokenizer, located, &dims, llm, vit));
             }
         }
 
@@ -306,18 +314,20 @@ impl Plan {
 }
 
 /// The checkpoint format the template's engine loads against what `checkpoint.load` holds
-/// (located by the plan when the launching machine can read it): mm-engine
-/// loads ours and HF folders, MindSpeed-MM its own torch files. The fix is the conversion
+/// (located by the plan when the launching machine can read it): mm-engine loads ours, HF
+/// folders and MindSpeed-MM's torch files (given a config.json: `tokenizer`'s folder or the
+/// save's hf_assets/), MindSpeed-MM only its own torch files. The fix is the conversion
 /// command, with this plan's split.
 fn load_format_problem(
     template: Template,
     load: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
     located: &mm_spec::checkpoint::Located,
     dims: &ParallelDims,
     llm: &[StageLayers],
     vit: &[StageLayers],
 ) -> Option<String> {
-    use mm_spec::checkpoint::Located;
+    use mm_spec::checkpoint::{Located, HF_ASSETS_DIR};
     let list = |s: &[StageLayers]| s.iter().map(|s| s.num_layers.to_string()).collect::<Vec<_>>().join(",");
     let split = format!(
         "--tp {}{} --llm-pp-layers {} --vit-pp-layers {}",
@@ -328,10 +338,17 @@ fn load_format_problem(
     );
     let l = load.display();
     match (template, located) {
-        (Template::MmEngine, Located::MindSpeed { .. }) => Some(format!(
-            "checkpoint.load {l} holds MindSpeed-MM's torch files, which mm-engine does not load yet: export it with \
-             `mm-convert mm-to-hf --mm-dir {l} --hf-dir {l}-hf --assets-from <its HF folder>` and load {l}-hf"
-        )),
+        // MindSpeed-MM's files carry no config.json: mm-engine reads it from the save's
+        // hf_assets/ (its own --ckpt-format torch saves) or from the tokenizer folder.
+        (Template::MmEngine, Located::MindSpeed { iter_dir })
+            if tokenizer.is_none() && !iter_dir.join(HF_ASSETS_DIR).join("config.json").is_file() =>
+        {
+            Some(format!(
+                "checkpoint.load {l} holds MindSpeed-MM's torch files, which carry no config.json: set \
+                 checkpoint.tokenizer to the HF folder they were converted from (mm-engine reads the architecture \
+                 and the tokenizer there): --set checkpoint.tokenizer=<HF folder>"
+            ))
+        }
         (Template::MindspeedMmTorchrun | Template::MindspeedMmMsrun, Located::Hf { .. }) => Some(format!(
             "checkpoint.load {l} is an HF folder; MindSpeed-MM loads its converted checkpoints: `mm-convert hf-to-mm \
              --format mindspeed --hf-dir {l} --mm-dir {l}-mm {split}`, then load {l}-mm"

@@ -146,6 +146,21 @@ pub struct CheckpointRecipe {
     /// mm-engine only: resume from `save` when it already holds a checkpoint (a rerun or a
     /// `--max-restarts` restart continues where the job stopped); `load` otherwise.
     pub auto_resume: bool,
+    /// mm-engine only: the weights' format in its saves (`--ckpt-format`): `mm` (its
+    /// safetensors layout) or `torch` (MindSpeed-MM's `model_optim_rng.pt`, for a job that
+    /// moves on to an Ascend cluster). Unset: `mm` for mm-engine; the MindSpeed templates
+    /// always save `torch`.
+    #[serde(default)]
+    pub save_format: Option<SaveFormat>,
+}
+
+/// The format of the weights in mm-engine's saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveFormat {
+    #[default]
+    Mm,
+    Torch,
 }
 
 impl CheckpointRecipe {
@@ -308,6 +323,7 @@ impl Recipe {
                 no_load_rng: true,
                 no_save_rng: true,
                 auto_resume: true,
+                save_format: None,
             },
             output: OutputRecipe {
                 log_interval: 1,
@@ -342,6 +358,7 @@ impl Recipe {
                     no_load_rng: false,
                     no_save_rng: false,
                     auto_resume: true,
+                    save_format: None,
                 };
                 r.output.save_interval = 20;
                 r.output.eval_interval = 20;

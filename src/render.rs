@@ -338,6 +338,9 @@ pub fn engine_args(plan: &Plan) -> Vec<String> {
     kv(&mut a, "--min-num-frame", r.data.min_num_frame);
     kv(&mut a, "--max-num-frame", r.data.max_num_frame);
     kv(&mut a, "--max-bad-fraction", fnum(r.data.max_bad_fraction));
+    if r.checkpoint.save_format == Some(crate::recipe::SaveFormat::Torch) {
+        kv(&mut a, "--ckpt-format", "torch");
+    }
     flag(&mut a, "--auto-resume", r.checkpoint.auto_resume && r.checkpoint.save.is_some());
     a
 }
@@ -595,5 +598,9 @@ mod tests {
         assert!(with(&[]).contains(&"--auto-resume".to_string()));
         assert!(!with(&["checkpoint.auto_resume=false"]).contains(&"--auto-resume".to_string()));
         assert!(!with(&["checkpoint.save=null"]).iter().any(|a| a == "--auto-resume" || a == "--save"));
+        // checkpoint.save_format torch: mm-engine saves MindSpeed-MM's files; unset: its own.
+        let torch = with(&["checkpoint.save_format=torch"]);
+        assert!(torch.windows(2).any(|w| w == ["--ckpt-format", "torch"]), "{torch:?}");
+        assert!(!with(&[]).contains(&"--ckpt-format".to_string()));
     }
 }

@@ -320,10 +320,30 @@ fn a_load_in_the_wrong_format_for_the_template_names_the_conversion() {
     std::fs::create_dir_all(ms.join("iter_0000020/mp_rank_00")).unwrap();
     std::fs::write(ms.join("latest_checkpointed_iteration.txt"), "20").unwrap();
     std::fs::write(ms.join("iter_0000020/mp_rank_00/model_optim_rng.pt"), b"PK").unwrap();
+    // mm-engine loads MindSpeed-MM's files given a config.json: the tokenizer folder's (the HF
+    // folder they came from) or the save's hf_assets/ (mm-engine's --ckpt-format torch saves).
     let local = ClusterSpec::from_file("clusters/local.yaml").unwrap();
-    let set = [format!("checkpoint.load={}", ms.display())];
-    let recipe = Recipe::resolve("tiny", Some((&local.job, &local.origin)), None, &set).unwrap();
-    let err = Plan::build(&local, &recipe).unwrap_err().to_string();
-    assert!(err.contains("holds MindSpeed-MM's torch files, which mm-engine does not load yet"), "{err}");
-    assert!(err.contains("mm-convert mm-to-hf --mm-dir"), "{err}");
+    let plan = |set: &[String]| {
+        let recipe = Recipe::resolve("tiny", Some((&local.job, &local.origin)), None, set).unwrap();
+        Plan::build(&local, &recipe).map_err(|e| e.to_string())
+    };
+    let load = format!("checkpoint.load={}", ms.display());
+    let err = plan(&[load.clone(), "checkpoint.tokenizer=null".into()]).unwrap_err();
+    assert!(err.contains("holds MindSpeed-MM's torch files, which carry no config.json"), "{err}");
+    assert!(err.contains("--set checkpoint.tokenizer=<HF folder>"), "{err}");
+    let with_tokenizer = plan(&[load.clone(), format!("checkpoint.tokenizer={}", hf.display())]);
+    assert!(
+        with_tokenizer.as_ref().is_err_and(|e| !e.contains("MindSpeed")) || with_tokenizer.is_ok(),
+        "{with_tokenizer:?}"
+    );
+    std::fs::create_dir_all(ms.join("iter_0000020/hf_assets")).unwrap();
+    std::fs::write(ms.join("iter_0000020/hf_assets/config.json"), "{}").unwrap();
+    let own_assets = plan(&[load.clone(), "checkpoint.tokenizer=null".into()]);
+    assert!(own_assets.as_ref().is_err_and(|e| !e.contains("MindSpeed")) || own_assets.is_ok(), "{own_assets:?}");
+
+    // MindSpeed-MM saves torch files only.
+    let set = ["checkpoint.save_format=mm".to_string()];
+    let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &set).unwrap();
+    let err = Plan::build(&cluster, &recipe).unwrap_err().to_string();
+    assert!(err.contains("checkpoint.save_format mm: MindSpeed-MM saves its own torch files only"), "{err}");
 }

@@ -50,6 +50,17 @@ pub enum ConvertError {
     Cancelled(String),
 }
 
+impl From<mm_spec::checkpoint::MindSpeedError> for ConvertError {
+    fn from(e: mm_spec::checkpoint::MindSpeedError) -> Self {
+        use mm_spec::checkpoint::MindSpeedError as E;
+        match e {
+            E::Bad { path, message } => ConvertError::Config { path, message },
+            E::Torch(e) => ConvertError::Torch(e),
+            E::Checkpoint(e) => ConvertError::Checkpoint(e),
+        }
+    }
+}
+
 impl ConvertError {
     /// An I/O failure: the file, what was being done and why (mm-spec's one wording).
     pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {

@@ -13,23 +13,13 @@ use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use mm_spec::checkpoint::{latest_path, plan_mindspeed, MsFile, MsPlan, CHECKPOINT_VERSION, MINDSPEED_FILE};
+use mm_spec::checkpoint::{latest_path, plan_mindspeed, write_mindspeed_file, MsFile, MsPlan, MINDSPEED_FILE};
 use mm_spec::{DType, Iteration, LayoutRequest, MmLayout};
-use torchfile::{TensorRef, Value, Writer};
 
 use crate::error::ConvertError;
 use crate::hf::{Chunk, HfCheckpoint, SourcePart};
 use crate::to_mm::{HfToMm, Summary};
 use crate::write::{convert, run_parallel, thread_count, write_text, OutputDir};
-
-/// The torchfile dtype of a trainable dtype.
-fn torch_dtype(d: DType) -> torchfile::DType {
-    match d {
-        DType::BF16 => torchfile::DType::BF16,
-        DType::F16 => torchfile::DType::F16,
-        DType::F32 => torchfile::DType::F32,
-    }
-}
 
 pub fn hf_to_mindspeed(o: &HfToMm) -> Result<Summary, ConvertError> {
     let started = Instant::now();
@@ -105,8 +95,8 @@ pub fn hf_to_mindspeed(o: &HfToMm) -> Result<Summary, ConvertError> {
     })
 }
 
-/// Writes one `model_optim_rng.pt`: the object tree first (names, shapes, storages), then each
-/// tensor's bytes, piece by piece from the mapped HF files, converted on the way.
+/// Writes one `model_optim_rng.pt` (mm-spec's writer: the object tree first), each tensor's
+/// bytes piece by piece from the mapped HF files, converted on the way.
 fn write_file(
     ckpt: &HfCheckpoint,
     plan: &MsPlan,
@@ -116,50 +106,30 @@ fn write_file(
     path: &std::path::Path,
     cancel: &AtomicBool,
 ) -> Result<(), ConvertError> {
-    let torch_err = ConvertError::from;
-    let mut w = Writer::create(path).map_err(torch_err)?;
-    let mut refs: Vec<Vec<TensorRef>> = Vec::new();
-    let mut root = Vec::new();
-    for (key, tensors) in &file.chunks {
-        let mut entries = Vec::with_capacity(tensors.len());
-        let mut chunk_refs = Vec::with_capacity(tensors.len());
-        for t in tensors {
-            let dtype = t.pieces.first().map_or(DType::F32, |(i, _)| dtypes[*i]);
-            let r = w.new_tensor(torch_dtype(dtype), &t.shape);
-            entries.push((Value::Str(t.name.clone()), Value::Tensor(r.clone())));
-            chunk_refs.push(r);
-        }
-        root.push((Value::Str(key.clone()), Value::OrderedDict(entries)));
-        refs.push(chunk_refs);
-    }
-    root.push((Value::Str("checkpoint_version".into()), Value::Float(CHECKPOINT_VERSION)));
-    w.write_root(&Value::Dict(root)).map_err(torch_err)?;
-
     let mut scratch = Vec::new();
-    for ((_, tensors), chunk_refs) in file.chunks.iter().zip(&refs) {
-        for (t, r) in tensors.iter().zip(chunk_refs) {
+    write_mindspeed_file(
+        path,
+        file,
+        |i| dtypes[i],
+        Vec::new(),
+        |w, t, i, piece| {
             if cancel.load(Ordering::Relaxed) {
                 return Err(ConvertError::Cancelled("another output file failed".into()));
             }
-            w.begin_storage(&r.storage).map_err(torch_err)?;
-            for (i, piece) in &t.pieces {
-                let row_elems: usize = plan.tensors[*i].tensor.shape.iter().skip(1).product();
-                let to = dtypes[*i];
-                ckpt.stream_pieces(&sources[*i], row_elems, std::slice::from_ref(piece), |chunk| match chunk {
-                    Chunk::Bytes { bytes, from } => {
-                        scratch.clear();
-                        convert(bytes, from, to, &mut scratch);
-                        w.write(&scratch).map_err(torch_err)
-                    }
-                    Chunk::Zeros(_) => Err(ConvertError::Usage(format!(
-                        "internal error: {} asks for padding, which MindSpeed-MM's layout has none of",
-                        t.name
-                    ))),
-                })?;
-            }
-            w.end_storage().map_err(torch_err)?;
-        }
-    }
-    w.finish().map_err(torch_err)?;
+            let row_elems: usize = plan.tensors[i].tensor.shape.iter().skip(1).product();
+            let to = dtypes[i];
+            ckpt.stream_pieces(&sources[i], row_elems, std::slice::from_ref(piece), |chunk| match chunk {
+                Chunk::Bytes { bytes, from } => {
+                    scratch.clear();
+                    convert(bytes, from, to, &mut scratch);
+                    Ok(w.write(&scratch)?)
+                }
+                Chunk::Zeros(_) => Err(ConvertError::Usage(format!(
+                    "internal error: {} asks for padding, which MindSpeed-MM's layout has none of",
+                    t.name
+                ))),
+            })
+        },
+    )?;
     Ok(())
 }

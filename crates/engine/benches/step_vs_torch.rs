@@ -73,7 +73,7 @@ struct Run {
 
 /// `steps` timed steps of mm-engine after `warmup`, on a freshly loaded model.
 fn engine_steps(dir: &Path, steps: usize, warmup: usize) -> Run {
-    let src = resolve(&dir.join("model")).expect("the bench model");
+    let src = resolve(&dir.join("model"), None).expect("the bench model");
     let preset = src.preset("bench").expect("preset");
     let vs = VarStore::new(Device::Cpu);
     let model = InternVL::new(&vs.root(), &preset, IMAGE_TOKEN, !src.has_lm_head());

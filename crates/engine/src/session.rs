@@ -83,7 +83,7 @@ pub struct SessionOptions<'a> {
 impl Session {
     pub fn open(o: SessionOptions) -> anyhow::Result<Session> {
         let source = match o.load {
-            Some(p) => Some(checkpoint::resolve(p).with_context(|| format!("--load {}", p.display()))?),
+            Some(p) => Some(checkpoint::resolve(p, o.tokenizer).with_context(|| format!("--load {}", p.display()))?),
             None => None,
         };
         let preset = match &source {

@@ -106,7 +106,7 @@ fn an_mm_checkpoint_split_for_tp2_pp2_loads_as_the_whole_model() {
     std::fs::write(iter.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
     std::fs::write(dir.path().join(LATEST_FILE), "release").unwrap();
 
-    let source = resolve(dir.path()).unwrap();
+    let source = resolve(dir.path(), None).unwrap();
     assert!(matches!(source, Source::Mm { .. }));
     assert_eq!(source.iteration(), None, "a converted checkpoint is not a training state");
     let target = model(&arch, 4);
@@ -150,6 +150,7 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
     };
     let save = dir.path().join("save");
     let out = mm_engine::train::checkpoint::save(mm_engine::train::checkpoint::SaveRequest {
+        format: Default::default(),
         save_dir: &save,
         iteration: 1,
         preset: &s.preset,
@@ -163,7 +164,7 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert!(manifest.tensors.iter().all(|t| t.key != "llm.lm_head.weight"));
     manifest.verify().unwrap();
-    let back = resolve(&save).unwrap();
+    let back = resolve(&save, None).unwrap();
     assert_eq!(back.iteration(), Some(1));
     assert!(!back.has_lm_head());
 }

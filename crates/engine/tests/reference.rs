@@ -83,7 +83,7 @@ fn read_all(path: &Path) -> BTreeMap<String, Tensor> {
 
 /// A model loaded from one of the reference folders.
 fn load(folder: &Path) -> (VarStore, InternVL) {
-    let src = resolve(folder).unwrap();
+    let src = resolve(folder, None).unwrap();
     assert!(matches!(src, Source::Hf { .. }));
     let preset = src.preset("reference").unwrap();
     let vs = VarStore::new(Device::Cpu);

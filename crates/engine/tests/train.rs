@@ -370,3 +370,114 @@ fn a_fine_tuned_checkpoint_exports_to_transformers_with_the_same_logits() {
     let rel = v["max_rel_diff"].as_f64().unwrap();
     assert!(rel <= 1e-5, "transformers' logits differ from mm-engine's by {rel:e} (relative to the largest): {v}");
 }
+
+/// MindSpeed-MM's format both ways. The HF model converted by `mm-convert hf-to-mm --format
+/// mindspeed` at tp 2 × pp 2 loads into mm-engine with the HF folder's weights (bit-identical
+/// losses); `--ckpt-format torch` saves resume exactly; the venv's torch loads them
+/// (`weights_only=True, mmap=True`) with MindSpeed-MM's names and Megatron's entries; and
+/// `mm-to-hf` exports them bit-identical to the MM-format save of the same run.
+#[test]
+fn mindspeed_torch_files_load_save_and_resume_exactly() {
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_mm-engine")).parent().unwrap();
+    let convert = fresh::binary(profile_dir, "mm-convert", "mm-convert", &["crates/convert/src", "crates/spec/src"]);
+    let d = synth();
+    let work = tempfile::tempdir().unwrap();
+    let run_convert = |args: &[&str], paths: &[(&str, &Path)]| {
+        let mut c = Command::new(&convert);
+        c.args(args);
+        for (flag, p) in paths {
+            c.arg(flag).arg(p);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "mm-convert {args:?} failed:\n{}", text(&o));
+    };
+    let ms = work.path().join("ms");
+    run_convert(
+        &["hf-to-mm", "--format", "mindspeed", "--tp", "2", "--llm-pp-layers", "1,1", "--vit-pp-layers", "2,0"],
+        &[("--hf-dir", &d.join("model")), ("--mm-dir", &ms)],
+    );
+    assert!(ms.join("release/mp_rank_01_001/model_optim_rng.pt").is_file());
+
+    let common = "--micro-batch-size 1 --global-batch-size 2 --train-iters 4 --lr 0.002 --max-dynamic-patch 2 --seed 3";
+    let mm_save = work.path().join("mm-save");
+    let a = run_ok(train_cmd(common).arg("--load").arg(d.join("model")).arg("--save").arg(&mm_save));
+    let torch_save = work.path().join("torch-save");
+    let torch_run = |extra: &str| {
+        run_ok(
+            train_cmd(&format!("{common} --ckpt-format torch {extra}"))
+                .arg("--load")
+                .arg(&ms)
+                .arg("--save")
+                .arg(&torch_save),
+        )
+    };
+    let b1 = torch_run("--exit-interval 2");
+    assert!(text(&b1).contains("loaded MindSpeed-MM checkpoint"), "{}", text(&b1));
+    let b2 = torch_run("--auto-resume");
+    assert!(text(&b2).contains("iteration 2, tp 1, pp 1"), "resumed from the torch save:\n{}", text(&b2));
+    let (la, lb) = (steps(&a), [steps(&b1), steps(&b2)].concat());
+    assert_eq!(lb.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4], "{}", text(&b2));
+    assert_eq!(la.len(), 4, "{}", text(&a));
+    for ((i, x), (_, y)) in la.iter().zip(&lb) {
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
+            "iteration {i}: {x} from HF (mm saves) vs {y} from MindSpeed (torch saves)"
+        );
+    }
+
+    let iter = torch_save.join("iter_0000004");
+    assert!(iter.join("mp_rank_00/model_optim_rng.pt").is_file());
+    assert!(iter.join("hf_assets/config.json").is_file() && iter.join("trainer_state.json").is_file());
+    assert!(!iter.join("manifest.json").exists(), "a torch-format save has no MM manifest");
+
+    let (ea, eb) = (work.path().join("export-mm"), work.path().join("export-torch"));
+    run_convert(&["mm-to-hf", "--layout", "hf"], &[("--mm-dir", &mm_save), ("--hf-dir", &ea)]);
+    run_convert(&["mm-to-hf", "--layout", "hf"], &[("--mm-dir", &torch_save), ("--hf-dir", &eb)]);
+    let script = r#"
+import glob, json, os, sys, torch
+from safetensors.torch import load_file
+pt, a, b = sys.argv[1:4]
+sd = torch.load(pt, weights_only=True, mmap=True)
+def tensors(d):
+    out = {}
+    for p in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+        out.update(load_file(p))
+    return out
+ta, tb = tensors(a), tensors(b)
+print(json.dumps({
+    "iteration": sd["iteration"], "version": sd["checkpoint_version"], "keys": sorted(sd["model"]),
+    "exported": len(ta), "only_one_side": sorted(set(ta) ^ set(tb)),
+    "differ": sorted(k for k in ta if k in tb and not torch.equal(ta[k], tb[k])),
+}))
+"#;
+    let python = fresh::root().join(".venv/bin/python");
+    let o = Command::new(python)
+        .args(["-c", script])
+        .arg(iter.join("mp_rank_00/model_optim_rng.pt"))
+        .arg(&ea)
+        .arg(&eb)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "torch could not load the save:\n{}", text(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(v["iteration"], 4, "{v}");
+    assert_eq!(v["version"], 3.0, "{v}");
+    let keys: Vec<&str> = v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    for k in [
+        "image_encoder.encoder.embeddings.patch_embedding.weight",
+        "image_encoder.encoder.encoder.layers.1.self_attention.linear_qkv.weight",
+        "image_encoder.projector.linear_fc2.weight",
+        "text_decoder.embedding.word_embeddings.weight",
+        "text_decoder.decoder.layers.1.mlp.linear_fc1.weight",
+        "text_decoder.decoder.final_layernorm.weight",
+        "text_decoder.output_layer.weight",
+    ] {
+        assert!(keys.contains(&k), "{k} is not in the save: {keys:?}");
+    }
+    assert!(keys.iter().all(|k| k.starts_with("image_encoder.") || k.starts_with("text_decoder.")), "{keys:?}");
+    assert!(v["exported"].as_u64().unwrap() > 20, "{v}");
+    assert_eq!(v["only_one_side"], serde_json::json!([]), "{v}");
+    assert_eq!(v["differ"], serde_json::json!([]), "the two formats hold different weights: {v}");
+}

@@ -48,6 +48,7 @@ mod hf_layout;
 mod keys;
 mod manifest;
 mod mindspeed;
+mod mindspeed_files;
 mod names;
 mod plan;
 mod read;
@@ -66,6 +67,10 @@ pub use manifest::{FileEntry, Manifest, SourceInfo, TensorEntry};
 pub use mindspeed::{
     mindspeed_row, plan_mindspeed, Fuse, MsFile, MsPlan, MsRow, MsSplit, MsTensor, CHECKPOINT_VERSION, MINDSPEED_FILE,
     MINDSPEED_TABLE,
+};
+pub use mindspeed_files::{
+    dtype_of as mindspeed_dtype, torch_dtype, write_file as write_mindspeed_file, MindSpeedCheckpoint, MindSpeedError,
+    StateDict,
 };
 pub use names::{
     chunk_prefix, iteration_dir, latest_path, rank_dir_name, shard_rel_path, Iteration, FORMAT_NAME, FORMAT_VERSION,

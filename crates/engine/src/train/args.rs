@@ -132,6 +132,11 @@ pub struct TrainArgs {
     pub load: Option<PathBuf>,
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// The weights' format in saves: `mm` (mm-engine's safetensors layout) or `torch`
+    /// (MindSpeed-MM's `model_optim_rng.pt`, Megatron's flag, which MindSpeed-MM loads).
+    /// Either format loads with --load, whatever this says.
+    #[arg(long, value_enum, default_value_t = super::checkpoint::CkptFormat::Mm)]
+    pub ckpt_format: super::checkpoint::CkptFormat,
     /// Resume from --save when it already holds a checkpoint (its
     /// latest_checkpointed_iteration.txt), ignoring --load: rerunning the same command, or a
     /// launcher restart, continues where the job stopped. Without a checkpoint there, --load is

@@ -13,8 +13,11 @@
 //!
 //! Saves use the MM layout of `mm_spec::checkpoint` at tp 1, pp 1 (`mp_rank_00/model.safetensors`
 //! with logical keys, vocab rows zero-padded as Megatron does, `manifest.json`, `hf_assets/`),
-//! plus the engine's own files in the iteration folder: the optimizer state and
-//! `trainer_state.json`. The optimizer state is `mp_rank_00/optimizer.safetensors` (per
+//! or with `--ckpt-format torch` MindSpeed-MM's own format (`mp_rank_00/model_optim_rng.pt`:
+//! `{'model': state dict, 'checkpoint_version': 3.0, 'iteration': N}`, mm-spec's MindSpeed plan,
+//! no manifest; MindSpeed-MM loads it with `--no-load-optim --no-load-rng`, since the optimizer
+//! state stays in the engine's files), plus the engine's own files in the iteration folder:
+//! `hf_assets/`, the optimizer state and `trainer_state.json`. The optimizer state is `mp_rank_00/optimizer.safetensors` (per
 //! parameter), or with the distributed optimizer one `mp_rank_00/optimizer.dp{r}-of-{n}.safetensors`
 //! per data-parallel rank plus the flat layout in trainer_state.json (see `train::zero`).
 //!
@@ -28,12 +31,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use mm_spec::checkpoint::{
-    self as ck, iteration_dir, latest_path, plan_checkpoint, DType, Iteration, LayoutRequest, Manifest, MmLayout,
-    HF_ASSETS_DIR, LATEST_FILE, MANIFEST_FILE,
+    self as ck, iteration_dir, latest_path, plan_checkpoint, plan_mindspeed, write_mindspeed_file, DType, Iteration,
+    LayoutRequest, Manifest, MmLayout, HF_ASSETS_DIR, LATEST_FILE, MANIFEST_FILE, MINDSPEED_FILE,
 };
 use mm_spec::ModelPreset;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+use torchfile::Value;
 
 use mm_spec::hf::{mm_key_of_original as to_mm, original_key as from_mm};
 
@@ -83,7 +87,7 @@ pub trait SavedState {
 impl SavedState for Source {
     /// trainer_state.json of a training iteration.
     fn trainer_state(&self) -> Result<Option<TrainerState>, CheckpointError> {
-        let Source::Mm { iter_dir, .. } = self else { return Ok(None) };
+        let Some(iter_dir) = self.engine_dir() else { return Ok(None) };
         let p = iter_dir.join(STATE_FILE);
         if !p.exists() {
             return Ok(None);
@@ -94,7 +98,7 @@ impl SavedState for Source {
 
     /// The optimizer tensors, keyed as saved (`exp_avg.<mm key>`, …).
     fn optimizer_tensors(&self, device: Device) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError> {
-        let Source::Mm { iter_dir, .. } = self else { return Ok(None) };
+        let Some(iter_dir) = self.engine_dir() else { return Ok(None) };
         let p = iter_dir.join(ck::rank_dir_name(0, 0, 1)).join(OPTIMIZER_FILE);
         if !p.exists() {
             return Ok(None);
@@ -111,7 +115,7 @@ impl SavedState for Source {
     /// files of a distributed optimizer (opened, read lazily), or the per-parameter file.
     /// None when there is none (HF folder, --no-save-optim).
     fn saved_optimizer(&self, state: &TrainerState) -> Result<Option<SavedOptimizer>, CheckpointError> {
-        let Source::Mm { iter_dir, .. } = self else { return Ok(None) };
+        let Some(iter_dir) = self.engine_dir() else { return Ok(None) };
         let Some(layout) = &state.optimizer_layout else {
             return Ok(self.optimizer_tensors(Device::Cpu)?.map(SavedOptimizer::PerParam));
         };
@@ -174,8 +178,19 @@ fn asset_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The weights' format in a save (`--ckpt-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CkptFormat {
+    /// mm-engine's own layout: safetensors shards and manifest.json (mm-convert's default).
+    #[default]
+    Mm,
+    /// MindSpeed-MM's (Megatron's `--ckpt-format torch`): `model_optim_rng.pt` files.
+    Torch,
+}
+
 /// Everything one save writes.
 pub struct SaveRequest<'a> {
+    pub format: CkptFormat,
     pub save_dir: &'a Path,
     pub iteration: u64,
     pub preset: &'a ModelPreset,
@@ -234,8 +249,55 @@ pub fn write_optimizer_shard(
 /// Writes the files one process writes for everyone: weights, per-parameter optimizer state
 /// (if any), hf_assets, manifest and trainer state.
 pub fn write_shared(tmp: &Path, req: &SaveRequest) -> Result<(), CheckpointError> {
-    let it = Iteration::Step(req.iteration);
-    // Weights in the MM layout at tp 1, pp 1.
+    let rank_dir = tmp.join(ck::rank_dir_name(0, 0, 1));
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let (dtype, manifest) = match req.format {
+        CkptFormat::Mm => {
+            let (dtype, manifest) = write_mm_weights(&rank_dir, req)?;
+            (dtype, Some(manifest))
+        }
+        CkptFormat::Torch => (write_torch_weights(&rank_dir, req)?, None),
+    };
+    if let Some(opt) = &req.optimizer {
+        let opt: Vec<(String, Tensor)> = opt.iter().map(|(k, t)| (k.clone(), t.to_device(Device::Cpu))).collect();
+        st::write(&rank_dir.join(OPTIMIZER_FILE), &opt, &meta)?;
+    }
+    fsync_dir(&rank_dir)?;
+
+    // hf_assets: config.json of the architecture, then tokenizer and other small files.
+    let assets = tmp.join(HF_ASSETS_DIR);
+    fs::create_dir_all(&assets).map_err(io(&assets))?;
+    let mut names = vec![hf::CONFIG.to_string()];
+    write_synced(
+        &assets.join(hf::CONFIG),
+        serde_json::to_string_pretty(&hf::config_json(req.preset, dtype)).expect("json").as_bytes(),
+    )?;
+    for dir in &req.assets_from {
+        for f in asset_files(dir) {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if names.contains(&name) || name == MANIFEST_FILE || name == STATE_FILE || name == LATEST_FILE {
+                continue;
+            }
+            let bytes = fs::read(&f).map_err(io(&f))?;
+            write_synced(&assets.join(&name), &bytes)?;
+            names.push(name);
+        }
+    }
+    names.sort();
+    fsync_dir(&assets)?;
+
+    if let Some(mut manifest) = manifest {
+        manifest.hf_assets = names;
+        write_synced(&tmp.join(MANIFEST_FILE), serde_json::to_string_pretty(&manifest).expect("json").as_bytes())?;
+    }
+    write_synced(&tmp.join(STATE_FILE), serde_json::to_string_pretty(req.state).expect("json").as_bytes())?;
+    fsync_dir(tmp)?;
+    Ok(())
+}
+
+/// The weights in the MM layout at tp 1, pp 1 (`model.safetensors`); returns their dtype and
+/// the manifest (its `hf_assets` filled in by the caller).
+fn write_mm_weights(rank_dir: &Path, req: &SaveRequest) -> Result<(Option<DType>, Manifest), CheckpointError> {
     let layout = MmLayout::resolve(req.preset, &LayoutRequest { tp: 1, ..LayoutRequest::default() })
         .map_err(|e| format_err(req.save_dir, e.to_string()))?;
     let plan = plan_checkpoint(req.preset, &layout).map_err(|e| format_err(req.save_dir, e.to_string()))?;
@@ -256,50 +318,69 @@ pub fn write_shared(tmp: &Path, req: &SaveRequest) -> Result<(), CheckpointError
         } else {
             w
         };
-        dtypes.push(match w.kind() {
-            Kind::BFloat16 => DType::BF16,
-            Kind::Half => DType::F16,
-            _ => DType::F32,
-        });
+        dtypes.push(dtype_of_kind(w.kind()));
         tensors.push((t.local_key.clone(), w));
     }
-    let rank_dir = tmp.join(ck::rank_dir_name(0, 0, 1));
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     st::write(&rank_dir.join(ck::SHARD_FILE), &tensors, &meta)?;
-    if let Some(opt) = &req.optimizer {
-        let opt: Vec<(String, Tensor)> = opt.iter().map(|(k, t)| (k.clone(), t.to_device(Device::Cpu))).collect();
-        st::write(&rank_dir.join(OPTIMIZER_FILE), &opt, &meta)?;
-    }
-    fsync_dir(&rank_dir)?;
+    let manifest = Manifest::new(Iteration::Step(req.iteration), req.preset, &layout, &plan, |i| dtypes[i]);
+    Ok((dtypes.first().copied(), manifest))
+}
 
-    // hf_assets: config.json of the architecture, then tokenizer and other small files.
-    let assets = tmp.join(HF_ASSETS_DIR);
-    fs::create_dir_all(&assets).map_err(io(&assets))?;
-    let mut names = vec![hf::CONFIG.to_string()];
-    write_synced(
-        &assets.join(hf::CONFIG),
-        serde_json::to_string_pretty(&hf::config_json(req.preset, dtypes.first().copied())).expect("json").as_bytes(),
+/// The weights as MindSpeed-MM's `model_optim_rng.pt` at tp 1, pp 1 (mm-spec's MindSpeed plan:
+/// its names, the LLM's fused qkv and gate/up, no vocabulary padding), with the iteration as
+/// Megatron's training saves record it; returns their dtype.
+fn write_torch_weights(rank_dir: &Path, req: &SaveRequest) -> Result<Option<DType>, CheckpointError> {
+    if req.preset.llm.tie_word_embeddings {
+        return Err(format_err(
+            req.save_dir,
+            "--ckpt-format torch: the model ties its output layer to the embedding, which MindSpeed-MM's InternVL3 \
+             layout cannot express (every InternVL3 size has its own output_layer); save with --ckpt-format mm",
+        ));
+    }
+    let layout = MmLayout::resolve(req.preset, &LayoutRequest { tp: 1, ..LayoutRequest::default() })
+        .map_err(|e| format_err(req.save_dir, e.to_string()))?;
+    let plan = plan_mindspeed(req.preset, &layout).map_err(|e| format_err(req.save_dir, e.to_string()))?;
+    let by_name: HashMap<&str, &Tensor> = req.weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut logical = Vec::with_capacity(plan.tensors.len());
+    for p in &plan.tensors {
+        let name = from_mm(&p.tensor.key).unwrap_or_default();
+        let Some(w) = by_name.get(name.as_str()) else {
+            return Err(format_err(req.save_dir, format!("the model has no parameter {name} for {}", p.tensor.key)));
+        };
+        let rows = p.tensor.shape.first().copied().unwrap_or(1) as i64;
+        logical.push(w.detach().to_device(Device::Cpu).reshape([rows, -1]));
+    }
+    let dtypes: Vec<DType> = logical.iter().map(|t| dtype_of_kind(t.kind())).collect();
+    let [file] = plan.files.as_slice() else {
+        return Err(format_err(req.save_dir, format!("tp 1 × pp 1 planned {} files", plan.files.len())));
+    };
+    let path = rank_dir.join(MINDSPEED_FILE);
+    let extra = vec![(Value::Str("iteration".into()), Value::Int(req.iteration as i64))];
+    write_mindspeed_file(
+        &path,
+        file,
+        |i| dtypes[i],
+        extra,
+        |w, t, i, piece| {
+            let block = logical[i].narrow(0, piece.rows.start as i64, piece.rows.len() as i64).narrow(
+                1,
+                piece.cols.start as i64,
+                piece.cols.len() as i64,
+            );
+            let bytes = st::tensor_bytes(&block).map_err(|e| format_err(&path, format!("{}: {e}", t.name)))?;
+            w.write(&bytes).map_err(CheckpointError::from)
+        },
     )?;
-    for dir in &req.assets_from {
-        for f in asset_files(dir) {
-            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-            if names.contains(&name) || name == MANIFEST_FILE || name == STATE_FILE || name == LATEST_FILE {
-                continue;
-            }
-            let bytes = fs::read(&f).map_err(io(&f))?;
-            write_synced(&assets.join(&name), &bytes)?;
-            names.push(name);
-        }
-    }
-    names.sort();
-    fsync_dir(&assets)?;
+    Ok(dtypes.first().copied())
+}
 
-    let mut manifest = Manifest::new(it, req.preset, &layout, &plan, |i| dtypes[i]);
-    manifest.hf_assets = names;
-    write_synced(&tmp.join(MANIFEST_FILE), serde_json::to_string_pretty(&manifest).expect("json").as_bytes())?;
-    write_synced(&tmp.join(STATE_FILE), serde_json::to_string_pretty(req.state).expect("json").as_bytes())?;
-    fsync_dir(tmp)?;
-    Ok(())
+fn dtype_of_kind(kind: Kind) -> DType {
+    match kind {
+        Kind::BFloat16 => DType::BF16,
+        Kind::Half => DType::F16,
+        _ => DType::F32,
+    }
 }
 
 /// Fsyncs the temporary folder, renames it into place and points the tracker at it.

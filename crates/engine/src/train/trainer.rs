@@ -22,7 +22,7 @@ use mm_spec::{Progress, ProgressEvent};
 use tch::{Kind, Tensor};
 
 use super::args::{Resolved, TrainArgs};
-use super::checkpoint::{self, mm_name, SaveRequest, SavedState, TrainerState};
+use super::checkpoint::{self, mm_name, CkptFormat, SaveRequest, SavedState, TrainerState};
 use super::dp::{fingerprint, DataParallel};
 use super::loss::{objective, sample_losses, StepTotals};
 use super::optimizer::{AdamW, AdamWConfig};
@@ -242,6 +242,7 @@ impl Saver<'_> {
                 _ => None,
             };
             let req = SaveRequest {
+                format: self.a.ckpt_format,
                 save_dir: dir,
                 iteration: c.iteration,
                 preset: &self.session.preset,
@@ -315,7 +316,7 @@ fn resume_point(a: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
     if !tracker.exists() {
         return Ok(a.load.clone());
     }
-    source::resolve(save).with_context(|| {
+    source::resolve(save, a.tokenizer.as_deref()).with_context(|| {
         format!(
             "--auto-resume: {} names a checkpoint that cannot be read; fix or remove it, or drop --auto-resume",
             tracker.display()
@@ -367,6 +368,12 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         bf16: r.bf16,
     })?;
     let preset = session.preset.clone();
+    if a.save.is_some() && a.ckpt_format == CkptFormat::Torch && preset.llm.tie_word_embeddings {
+        anyhow::bail!(
+            "--ckpt-format torch: the model ties its output layer to the embedding, which MindSpeed-MM's InternVL3 \
+             layout cannot express; save with --ckpt-format mm"
+        );
+    }
     for (flag, v, depth) in [
         ("--llm-pp-layers", &a.llm_pp_layers, preset.llm.num_hidden_layers),
         ("--vit-pp-layers", &a.vit_pp_layers, preset.vision.num_hidden_layers),
@@ -514,6 +521,13 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     );
     if let (Some(src), 0) = (&session.source, dp.global_rank) {
         println!("loaded {}", src.describe());
+        if let Some(n) = src.foreign_iteration() {
+            println!(
+                "note: iteration {n} was saved by MindSpeed-MM: its weights are loaded, its optimizer, scheduler and \
+                 RNG state are Megatron's and are not; training starts at iteration 0 with a fresh optimizer (as \
+                 Megatron's --finetune)"
+            );
+        }
     }
     let saver = Saver { a: &a, r: &r, session: &session, dp: &dp, seed, tag };
 
@@ -530,8 +544,8 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         );
         if dp.global_rank == 0 {
             let checkpoint = match &session.source {
-                Some(source::Source::Mm { iter_dir, .. }) => Some(iter_dir.display().to_string()),
-                _ => None,
+                Some(src) => src.engine_dir().map(|d| d.display().to_string()),
+                None => None,
             };
             println!(
                 "{}",

@@ -3,22 +3,32 @@
 //! 1. a save dir with `latest_checkpointed_iteration.txt` (Megatron's tracker): its `release`
 //!    (a converted checkpoint: weights only) or `iter_NNNNNNN` (a training state: weights,
 //!    optimizer, data position, RNG seed);
-//! 2. an iteration folder itself (it has `manifest.json`);
+//! 2. an iteration folder itself (it has `manifest.json`, or MindSpeed-MM's
+//!    `mp_rank_*/model_optim_rng.pt`);
 //! 3. an HF folder (config.json + safetensors, any key spelling `mm_spec::hf::keys` knows).
 //!
 //! MM checkpoints of any tp/pp split are merged on load with the manifest's split plan, so a
-//! checkpoint converted for a cluster layout also loads here. The engine's own files in an
+//! checkpoint converted for a cluster layout also loads here. MindSpeed-MM's torch files
+//! (converted by `mm-convert … --format mindspeed`, trained by MindSpeed-MM, or saved by
+//! mm-engine with `--ckpt-format torch`) are merged the same way with mm-spec's MindSpeed plan;
+//! they carry no config.json, so the architecture and tokenizer come from the iteration's
+//! `hf_assets/` (mm-engine's saves) or the `--tokenizer` folder (the HF folder they were
+//! converted from). The engine's own files in an
 //! iteration folder (optimizer state, `trainer_state.json`) are named here and read by
 //! `train::checkpoint`, which also writes every save.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use mm_spec::checkpoint::{shard_rel_path, Iteration, Located, Manifest, SplitKind, HF_ASSETS_DIR, MANIFEST_FILE};
+use mm_spec::checkpoint::{
+    shard_rel_path, Iteration, Located, Manifest, MindSpeedCheckpoint, MindSpeedError, SplitKind, HF_ASSETS_DIR,
+    MANIFEST_FILE,
+};
 use mm_spec::hf::original_key as from_mm;
+use mm_spec::DType;
 use mm_spec::ModelPreset;
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::hf::{self, HfCheckpoint, MismatchReport, WeightsError};
 use super::safetensors::{self as st, SafetensorsFile};
@@ -47,6 +57,14 @@ pub enum CheckpointError {
     Format { path: PathBuf, reason: String },
     #[error(transparent)]
     Locate(#[from] mm_spec::checkpoint::LocateError),
+    #[error(transparent)]
+    MindSpeed(#[from] MindSpeedError),
+}
+
+impl From<torchfile::Error> for CheckpointError {
+    fn from(e: torchfile::Error) -> Self {
+        CheckpointError::MindSpeed(MindSpeedError::Torch(e))
+    }
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -60,26 +78,56 @@ pub(crate) fn format_err(path: &Path, reason: impl Into<String>) -> CheckpointEr
 /// What `--load` pointed at.
 #[derive(Debug)]
 pub enum Source {
-    Hf { dir: PathBuf, ckpt: HfCheckpoint },
-    Mm { iter_dir: PathBuf, manifest: Box<Manifest> },
+    Hf {
+        dir: PathBuf,
+        ckpt: HfCheckpoint,
+    },
+    Mm {
+        iter_dir: PathBuf,
+        manifest: Box<Manifest>,
+    },
+    /// MindSpeed-MM's torch files; `assets` holds the config.json `arch` was read from.
+    MindSpeed {
+        ckpt: Box<MindSpeedCheckpoint>,
+        assets: PathBuf,
+        arch: Box<ModelPreset>,
+    },
 }
 
 /// Detects the kind of checkpoint at `path` (mm-spec's one detection, see the module doc) and
-/// opens it: an HF folder's weight headers are read, an MM manifest is already parsed.
-pub fn resolve(path: &Path) -> Result<Source, CheckpointError> {
+/// opens it: an HF folder's weight headers are read, an MM manifest is already parsed, a
+/// MindSpeed-MM folder's rank files are opened (their architecture read from its `hf_assets/`,
+/// else from `assets_from`, the `--tokenizer` folder).
+pub fn resolve(path: &Path, assets_from: Option<&Path>) -> Result<Source, CheckpointError> {
     match mm_spec::checkpoint::locate(path)? {
         Located::Mm { iter_dir, manifest } => Ok(Source::Mm { iter_dir, manifest }),
         Located::Hf { dir } => {
             let ckpt = HfCheckpoint::open(&dir)?;
             Ok(Source::Hf { dir, ckpt })
         }
-        Located::MindSpeed { iter_dir } => Err(CheckpointError::Format {
-            path: iter_dir,
-            reason: "holds MindSpeed-MM's torch files (mp_rank_*/model_optim_rng.pt), which mm-engine does not load \
-                     yet: export it with `mm-convert mm-to-hf --mm-dir <it> --hf-dir <out> --assets-from <its HF \
-                     folder>` and load that folder (or convert it again with `mm-convert hf-to-mm`)"
-                .into(),
-        }),
+        Located::MindSpeed { iter_dir } => {
+            let own = iter_dir.join(HF_ASSETS_DIR);
+            let assets = [Some(own.as_path()), assets_from]
+                .into_iter()
+                .flatten()
+                .find(|d| d.join(hf::CONFIG).is_file())
+                .map(Path::to_path_buf)
+                .ok_or_else(|| {
+                    format_err(
+                        &iter_dir,
+                        format!(
+                            "holds MindSpeed-MM's torch files, which carry no config.json: pass --tokenizer <the HF \
+                             folder it was converted from> (mm-engine reads the architecture and the tokenizer \
+                             there){}",
+                            assets_from.map(|d| format!("; {} has no {}", d.display(), hf::CONFIG)).unwrap_or_default()
+                        ),
+                    )
+                })?;
+            let name = mm_spec::hf::config::folder_name(&assets);
+            let arch = hf::load_config(&assets, &name)?;
+            let ckpt = MindSpeedCheckpoint::open(&iter_dir)?;
+            Ok(Source::MindSpeed { ckpt: Box::new(ckpt), assets, arch: Box::new(arch) })
+        }
     }
 }
 
@@ -89,6 +137,7 @@ impl Source {
         match self {
             Source::Hf { dir, .. } => Ok(hf::load_config(dir, name)?),
             Source::Mm { manifest, .. } => Ok(manifest.architecture.clone()),
+            Source::MindSpeed { arch, .. } => Ok(arch.as_ref().clone()),
         }
     }
 
@@ -97,16 +146,40 @@ impl Source {
         match self {
             Source::Hf { ckpt, .. } => ckpt.has("language_model.lm_head.weight"),
             Source::Mm { manifest, .. } => manifest.tensors.iter().any(|t| t.key == "llm.lm_head.weight"),
+            // MindSpeed-MM's layout always has its own output_layer.
+            Source::MindSpeed { .. } => true,
         }
     }
 
-    /// The training iteration it holds (None for HF folders and converted `release` ones).
+    /// The training iteration it holds (None for HF folders and converted `release` ones; None
+    /// for MindSpeed-MM's own training saves too, whose optimizer and RNG state are Megatron's:
+    /// their weights load as a fine-tune start, see [`Source::foreign_iteration`]).
     pub fn iteration(&self) -> Option<u64> {
         match self {
             Source::Mm { manifest, .. } => match manifest.iteration {
                 Iteration::Step(n) => Some(n),
                 Iteration::Release => None,
             },
+            Source::MindSpeed { ckpt, .. } if ckpt.iter_dir.join(STATE_FILE).exists() => ckpt.saved_iteration,
+            Source::Hf { .. } | Source::MindSpeed { .. } => None,
+        }
+    }
+
+    /// The iteration of a MindSpeed-MM training save that mm-engine did not write (no
+    /// trainer_state.json): only its weights are taken.
+    pub fn foreign_iteration(&self) -> Option<u64> {
+        match self {
+            Source::MindSpeed { ckpt, .. } if !ckpt.iter_dir.join(STATE_FILE).exists() => ckpt.saved_iteration,
+            _ => None,
+        }
+    }
+
+    /// The iteration folder whose engine files (trainer_state.json, optimizer state) a resume
+    /// reads: MM and MindSpeed-format saves; None for HF folders.
+    pub fn engine_dir(&self) -> Option<&Path> {
+        match self {
+            Source::Mm { iter_dir, .. } => Some(iter_dir),
+            Source::MindSpeed { ckpt, .. } => Some(&ckpt.iter_dir),
             Source::Hf { .. } => None,
         }
     }
@@ -116,6 +189,7 @@ impl Source {
         match self {
             Source::Hf { dir, .. } => dir.clone(),
             Source::Mm { iter_dir, .. } => iter_dir.join(HF_ASSETS_DIR),
+            Source::MindSpeed { assets, .. } => assets.clone(),
         }
     }
 
@@ -129,6 +203,15 @@ impl Source {
                 manifest.parallel.tp,
                 manifest.parallel.pp
             ),
+            Source::MindSpeed { ckpt, assets, .. } => format!(
+                "MindSpeed-MM checkpoint {} ({}tp {}, pp {}{}; config.json from {})",
+                ckpt.iter_dir.display(),
+                ckpt.saved_iteration.map(|n| format!("iteration {n}, ")).unwrap_or_default(),
+                ckpt.tp,
+                ckpt.pp,
+                if ckpt.vpp > 1 { format!(", vpp {}", ckpt.vpp) } else { String::new() },
+                assets.display()
+            ),
         }
     }
 
@@ -140,28 +223,31 @@ impl Source {
                 Ok(())
             }
             Source::Mm { iter_dir, manifest } => load_mm(vs, iter_dir, manifest),
+            Source::MindSpeed { ckpt, assets, arch } => load_mindspeed(vs, ckpt, arch, &assets.join(hf::CONFIG)),
         }
     }
 }
 
-/// Reassembles every logical tensor from its tp shards and copies it into the VarStore.
-fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
-    let mpath = iter_dir.join(MANIFEST_FILE);
-    let plan = manifest.verify().map_err(|e| format_err(&mpath, e.to_string()))?;
-    let vars = vs.variables();
+/// Matches the checkpoint's logical tensors (MM keys and shapes) to the VarStore's variables:
+/// variable name → index of its tensor; everything that does not fit, reported at once.
+fn match_variables<'a>(
+    vars: &HashMap<String, Tensor>,
+    dir: &Path,
+    tensors: impl Iterator<Item = (&'a str, &'a [usize])>,
+) -> Result<HashMap<String, usize>, CheckpointError> {
     let mut report = MismatchReport::default();
     let mut planned: HashMap<String, usize> = HashMap::new();
-    for (i, t) in plan.iter().enumerate() {
-        match from_mm(&t.key) {
+    for (i, (key, shape)) in tensors.enumerate() {
+        match from_mm(key) {
             Some(name) if vars.contains_key(&name) => {
                 let want = vars[&name].size();
-                let have: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                let have: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 if want != have {
                     report.misshaped.push((name.clone(), want, have));
                 }
                 planned.insert(name, i);
             }
-            _ => report.unexpected.push(t.key.clone()),
+            _ => report.unexpected.push(key.to_string()),
         }
     }
     for name in vars.keys() {
@@ -171,8 +257,51 @@ fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest) -> Result<(), Ch
     }
     report.missing.sort();
     if !report.is_empty() {
-        return Err(WeightsError::Mismatch { dir: iter_dir.to_path_buf(), report }.into());
+        return Err(WeightsError::Mismatch { dir: dir.to_path_buf(), report }.into());
     }
+    Ok(planned)
+}
+
+/// Assembles every logical tensor from MindSpeed-MM's files (mm-spec's plan for the split the
+/// files were written with) and copies it into the VarStore.
+fn load_mindspeed(
+    vs: &VarStore,
+    ckpt: &MindSpeedCheckpoint,
+    arch: &ModelPreset,
+    config: &Path,
+) -> Result<(), CheckpointError> {
+    let (_, plan) = ckpt.plan(arch, config)?;
+    let dtypes = ckpt.check(&plan)?;
+    let vars = vs.variables();
+    let planned = match_variables(
+        &vars,
+        &ckpt.iter_dir,
+        plan.tensors.iter().map(|p| (p.tensor.key.as_str(), p.tensor.shape.as_slice())),
+    )?;
+    for (name, var) in &vars {
+        let i = planned[name];
+        let bytes = ckpt.assemble(&plan, i, dtypes[i])?;
+        let kind = match dtypes[i] {
+            DType::BF16 => Kind::BFloat16,
+            DType::F16 => Kind::Half,
+            DType::F32 => Kind::Float,
+        };
+        let key = &plan.tensors[i].tensor.key;
+        let data = Tensor::f_from_data_size(&bytes, &var.size(), kind)
+            .map_err(|e| format_err(&ckpt.iter_dir, format!("tensor {key}: {e}")))?;
+        let mut v = var.shallow_clone();
+        tch::no_grad(|| v.f_copy_(&data.to_kind(var.kind())))
+            .map_err(|e| format_err(&ckpt.iter_dir, format!("tensor {key}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Reassembles every logical tensor from its tp shards and copies it into the VarStore.
+fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
+    let mpath = iter_dir.join(MANIFEST_FILE);
+    let plan = manifest.verify().map_err(|e| format_err(&mpath, e.to_string()))?;
+    let vars = vs.variables();
+    let planned = match_variables(&vars, iter_dir, plan.iter().map(|t| (t.key.as_str(), t.shape.as_slice())))?;
     let mut files: HashMap<String, SafetensorsFile> = HashMap::new();
     let pp = manifest.parallel.pp;
     for (name, var) in &vars {
