@@ -429,3 +429,114 @@ impl Shape {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{one_f_one_b, schedule};
+    use super::*;
+
+    fn ranks(pp: usize, m: usize, vpp: usize) -> Vec<Vec<Action>> {
+        (0..pp).map(|rank| schedule(pp, rank, m, vpp).unwrap()).collect()
+    }
+
+    #[test]
+    fn one_f_one_b_timeline_pp2_m2() {
+        // Rank 1 starts once F0's output arrives, and each of rank 0's backwards waits for
+        // the gradient of rank 1's: makespan (m + pp − 1)·3 = 9, of which 6 are work.
+        let t = simulate(2, 1, 2, &ranks(2, 2, 1)).unwrap();
+        let spans = |rank: usize| t.ranks[rank].computes.iter().map(|c| (c.start, c.end)).collect::<Vec<_>>();
+        assert_eq!(spans(0), vec![(0, 1), (1, 2), (4, 6), (7, 9)]);
+        assert_eq!(spans(1), vec![(1, 2), (2, 4), (4, 5), (5, 7)]);
+        assert_eq!(t.makespan, 9);
+        assert_eq!(t.bubble_fraction(), 1.0 / 3.0);
+        assert_eq!(t.ranks.iter().map(|r| r.peak_in_flight).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    #[test]
+    fn one_by_one_blocking_transfers_deadlock() {
+        // Split every exchange into single transfers, sends first: rank 0 sends F1's output
+        // while rank 1 sends B0's gradient, and neither reaches its receive.
+        let split: Vec<Vec<Action>> = ranks(2, 2, 1)
+            .into_iter()
+            .map(|actions| {
+                actions
+                    .into_iter()
+                    .flat_map(|a| match a {
+                        Action::Exchange(mut ops) => {
+                            ops.sort_by_key(|op| op.dir == Dir::Recv);
+                            ops.into_iter().map(|op| Action::Exchange(vec![op])).collect()
+                        }
+                        other => vec![other],
+                    })
+                    .collect()
+            })
+            .collect();
+        let err = simulate(2, 1, 2, &split).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the schedules deadlock: rank 0 waits at action 3 (exchange [send activation chunk 0 \
+             micro 1 to rank 1]) for send activation chunk 0 micro 1 to rank 1; rank 1 waits at \
+             action 3 (exchange [send gradient chunk 0 micro 0 to rank 0]) for send gradient \
+             chunk 0 micro 0 to rank 0"
+        );
+    }
+
+    #[test]
+    fn a_missing_receive_is_found() {
+        let mut s = ranks(2, 2, 1);
+        s[1].remove(0);
+        let err = simulate(2, 1, 2, &s).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rank 1, action 0 (forward chunk 0 micro 0): its input activation has not been received"
+        );
+    }
+
+    #[test]
+    fn a_wrong_peer_or_stage_flag_is_found() {
+        let mut s = ranks(3, 3, 1);
+        let Action::Exchange(ops) = &mut s[1][0] else { panic!("{}", s[1][0]) };
+        ops[0].peer = 2;
+        let err = simulate(3, 1, 3, &s).unwrap_err();
+        assert!(err.to_string().contains("virtual stage 0 lives on rank 0"), "{err}");
+
+        let mut s = ranks(2, 2, 1);
+        let Action::Forward(step) = &mut s[1][1] else { panic!("{}", s[1][1]) };
+        step.last = false;
+        let err = simulate(2, 1, 2, &s).unwrap_err();
+        assert!(
+            err.to_string().contains("it is virtual stage 1 of 2, so first should be false and last true"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn transfers_out_of_order_are_found() {
+        // Rank 1 asks for micro 1 first: the channel from rank 0 delivers micro 0.
+        let mut s = ranks(2, 2, 1);
+        let Action::Exchange(ops) = &mut s[1][0] else { panic!() };
+        ops[0].micro = 1;
+        let err = simulate(2, 1, 2, &s).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rank 0 sends the activation of virtual stage 0 for micro 0 to rank 1, but rank 1 \
+             expects the activation of virtual stage 0 for micro 1 next from rank 0: the two \
+             ranks' exchanges are out of order"
+        );
+    }
+
+    #[test]
+    fn unfinished_or_miscounted_schedules_are_found() {
+        let mut s = ranks(1, 2, 1);
+        s[0].pop();
+        assert_eq!(
+            simulate(1, 1, 2, &s).unwrap_err().to_string(),
+            "rank 0 finished without running the backward of chunk 0 micro 1"
+        );
+        assert_eq!(simulate(2, 1, 2, &ranks(1, 2, 1)), Err(ScheduleError::RankCount { found: 1, pp: 2 }));
+        assert_eq!(simulate(2, 1, 0, &[]).unwrap_err().to_string(), "micro batches is 0 but must be at least 1");
+        let once = one_f_one_b(1, 0, 1).unwrap();
+        let twice = vec![[once.clone(), once].concat()];
+        assert!(simulate(1, 1, 1, &twice).unwrap_err().to_string().contains("it already ran"));
+    }
+}
