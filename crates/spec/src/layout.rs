@@ -2,8 +2,8 @@
 //!
 //! Owns the mapping rank ↔ (tp, cp, dp, pp) in Megatron order (tp fastest:
 //! `rank = tp + TP·(cp + CP·(dp + DP·pp))`), the process groups derived from it, placement of
-//! ranks on nodes, the pipeline layer split, tensor-parallel partitions (with MindSpeed's
-//! unaligned rule), and the checks of a model against a layout. All pure functions: the
+//! ranks on nodes, the pipeline layer split and schedules (1F1B, interleaved), tensor-parallel
+//! partitions (with MindSpeed's unaligned rule), and the checks of a model against a layout. All pure functions: the
 //! launcher prints them in `--dry-run`, the converter shards checkpoints with them, the engine
 //! builds its communicators with them, and none can drift from the others.
 //!
@@ -15,6 +15,7 @@
 //!        ├─► tp_partition / attention_partition     tp rank → heads / columns
 //!        ├─► mm_engine_unsupported(…)               what mm-engine cannot run yet
 //!        ├─► BatchSizes::derive(mbs, gbs, gas, dp)   the one batch arithmetic
+//!        ├─► schedule(pp, rank, m, vpp)             1F1B / interleaved actions of one rank
 //!        └─► validate_model_layout(preset, dims, opts) → every problem at once
 //! ```
 //!
@@ -27,6 +28,7 @@ mod dims;
 mod error;
 mod pipeline;
 mod placement;
+mod schedule;
 mod support;
 mod tensor;
 mod validate;
@@ -36,6 +38,10 @@ pub use dims::{GroupKind, ParallelDims, RankCoord};
 pub use error::LayoutError;
 pub use pipeline::{layer_owner, split_layers, stages_of, vit_pp_layers_or_default, LayerOwner, StageLayers};
 pub use placement::{Placement, RankPlace};
+pub use schedule::{
+    interleaved, one_f_one_b, schedule, simulate, theoretical_bubble, Action, Compute, Dir, P2p, Pass, Payload,
+    RankTimeline, ScheduleError, Step, Timeline, BACKWARD_COST, FORWARD_COST,
+};
 pub use support::{mm_engine_unsupported, Unsupported, MM_ENGINE_DP_ONLY};
 pub use tensor::{attention_partition, tp_partition, AttentionShard};
 pub use validate::{validate_model_layout, LayoutOptions};
