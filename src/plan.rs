@@ -126,29 +126,25 @@ impl Plan {
         };
         // (On NPUs the template itself is refused below.)
         if cluster.template == Template::MmEngine && cluster.accelerator != Accelerator::Npu {
-            let unsupported = mm_engine_unsupported(dims.tp(), dims.cp(), dims.pp(), dims.vpp(), p.sequence_parallel);
+            let vit_chunks = p.vit_pp_layers.as_deref().unwrap_or(&[]);
+            let unsupported = mm_engine_unsupported(dims.tp(), dims.cp(), p.sequence_parallel, vit_chunks);
             if !unsupported.is_empty() {
                 let what: Vec<String> = unsupported.iter().map(|u| format!("{} {}", u.key, u.value)).collect();
-                let mut fix: Vec<String> = unsupported
+                let fix: Vec<String> = unsupported
                     .iter()
-                    .map(|u| {
-                        if u.key == "parallel.sequence_parallel" {
-                            format!("{}=false", u.key)
-                        } else {
-                            format!("{}=1", u.key)
-                        }
+                    .map(|u| match u.key {
+                        "parallel.sequence_parallel" => format!("{}=false", u.key),
+                        "parallel.vit_pp_layers" => format!("{}=null", u.key),
+                        _ => format!("{}=1", u.key),
                     })
                     .collect();
-                if dims.pp() > 1 || dims.vpp().is_some() {
-                    fix.push("parallel.llm_pp_layers=null".into());
-                    fix.push("parallel.vit_pp_layers=null".into());
-                }
+
                 let fix: Vec<String> = fix.iter().map(|f| format!("--set {f}")).collect();
                 problems.push(format!(
-                    "the mm-engine template cannot run this layout ({}): {}; run it data parallel with `{}`, or set \
+                    "the mm-engine template cannot run this layout ({}): {}; run it with `{}`, or set \
                      `template: mindspeed-mm-torchrun` in the cluster file to run it with MindSpeed-MM",
                     what.join(", "),
-                    mm_spec::layout::MM_ENGINE_DP_ONLY,
+                    mm_spec::layout::MM_ENGINE_LIMITS,
                     fix.join(" ")
                 ));
             }

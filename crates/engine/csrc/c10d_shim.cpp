@@ -230,6 +230,34 @@ char* mm_pg_recv(mm_pg* pg, at::Tensor* t, int src, int tag) {
   });
 }
 
+// Posts every transfer (sends and receives, in order) and then waits for all of them, as
+// torch.distributed.batch_isend_irecv does, so two ranks sending to each other at once do not
+// deadlock (pipeline parallelism's steady state). NCCL's transfers go in one coalesced group
+// (on one stream per pair of ranks, a send posted alone would wait for the peer's receive);
+// Gloo posts each op asynchronously. Tensors are matched per pair of ranks in posting order.
+char* mm_pg_batch_p2p(mm_pg* pg, int n, at::Tensor** ts, const int* peers, const int* is_send, int tag) {
+  return guarded([&] {
+    const bool coalesce = pg->backend->getBackendName() == "nccl";
+    if (coalesce) {
+      pg->backend->startCoalescing();
+    }
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    works.reserve(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      std::vector<at::Tensor> one{*ts[i]};
+      works.push_back(is_send[i] != 0 ? pg->backend->send(one, peers[i], tag)
+                                      : pg->backend->recv(one, peers[i], tag));
+    }
+    if (coalesce) {
+      wait_work(pg->backend->endCoalescing(), pg->timeout);
+    } else {
+      for (auto& w : works) {
+        wait_work(w, pg->timeout);
+      }
+    }
+  });
+}
+
 // Makes `grad` the .grad of the leaf `var` (tch has no setter): the data-parallel engine gives a
 // parameter that received no gradient on this rank, but did on another, the reduced gradient.
 char* mm_tensor_set_grad(at::Tensor* var, at::Tensor* grad) {

@@ -86,6 +86,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         device,
         seed: a.seed,
         bf16: false,
+        parts: None,
     })?;
     let cfg = a.pre.data_config(&session.preset, a.seq_length);
     let ds = open_dataset(&a.data, a.data_folder.as_deref(), &session, cfg)?;

@@ -11,7 +11,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::Batch;
-use crate::model::{InternVL, ModelInput};
+use crate::model::{InternVL, ModelInput, StagePart};
 use crate::tokenizer::ChatTokenizer;
 use crate::weights::checkpoint::{self, Source};
 
@@ -61,7 +61,10 @@ fn local_rank() -> usize {
 
 pub struct Session {
     pub vs: VarStore,
+    /// The whole model, or this pipeline rank's first chunk.
     pub model: InternVL,
+    /// This pipeline rank's further chunks (virtual pipeline stages 1.., in order).
+    pub more_chunks: Vec<InternVL>,
     pub preset: ModelPreset,
     pub tokenizer: Arc<ChatTokenizer>,
     pub source: Option<Source>,
@@ -78,6 +81,9 @@ pub struct SessionOptions<'a> {
     /// Seed of the random init (used when nothing is loaded).
     pub seed: u64,
     pub bf16: bool,
+    /// The pipeline chunks this rank builds, in order, for the checkpoint's architecture
+    /// (None: the whole model). Each loads only its own tensors.
+    pub parts: Option<&'a dyn Fn(&ModelPreset) -> anyhow::Result<Vec<StagePart>>>,
 }
 
 impl Session {
@@ -136,9 +142,18 @@ impl Session {
         preset.llm.tie_word_embeddings = tie;
         tch::manual_seed(o.seed as i64);
         let mut vs = VarStore::new(o.device);
-        let model = InternVL::new(&vs.root(), &preset, tokenizer.special.img_context, tie);
+        let parts = match o.parts {
+            Some(f) => f(&preset)?,
+            None => vec![StagePart::whole(&preset)],
+        };
+        let staged = parts.len() > 1 || parts[0] != StagePart::whole(&preset);
+        let mut chunks: Vec<InternVL> = parts
+            .into_iter()
+            .map(|part| InternVL::part(&vs.root(), &preset, tokenizer.special.img_context, tie, part))
+            .collect();
+        let model = chunks.remove(0);
         if let Some(s) = &source {
-            s.load_weights(&vs).with_context(|| format!("loading {}", s.describe()))?;
+            s.load_weights(&vs, staged).with_context(|| format!("loading {}", s.describe()))?;
         }
         if o.bf16 {
             vs.bfloat16();
@@ -153,7 +168,12 @@ impl Session {
             tok_path.parent().map(Path::to_path_buf).unwrap_or_default()
         };
         assets.push(tok_dir);
-        Ok(Session { vs, model, preset, tokenizer, source, device: o.device, assets })
+        Ok(Session { vs, model, more_chunks: chunks, preset, tokenizer, source, device: o.device, assets })
+    }
+
+    /// This rank's model chunks in order (one without a virtual pipeline).
+    pub fn chunks(&self) -> Vec<&InternVL> {
+        std::iter::once(&self.model).chain(&self.more_chunks).collect()
     }
 
     /// Engine parameter name → tensor, sorted by name.

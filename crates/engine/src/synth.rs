@@ -47,6 +47,13 @@ pub struct SynthArgs {
     /// Leave the video record out (no ffmpeg needed).
     #[arg(long)]
     pub no_video: bool,
+    /// LLM depth instead of the preset's (deeper models for pipeline tests: the seed's 8B
+    /// split 6,8,8,6 needs 28 layers).
+    #[arg(long)]
+    pub llm_layers: Option<usize>,
+    /// ViT depth instead of the preset's.
+    #[arg(long)]
+    pub vit_layers: Option<usize>,
 }
 
 const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
@@ -231,7 +238,15 @@ pub fn write_tokenizer(dir: &Path, texts: &[String], vocab_size: usize) -> anyho
 }
 
 pub fn run(a: SynthArgs) -> anyhow::Result<()> {
-    let preset = mm_spec::preset(&a.model)?;
+    let mut preset = mm_spec::preset(&a.model)?;
+    if let Some(n) = a.llm_layers {
+        anyhow::ensure!(n > 0, "--llm-layers 0: expected at least one layer");
+        preset.llm.num_hidden_layers = n;
+    }
+    if let Some(n) = a.vit_layers {
+        anyhow::ensure!(n > 0, "--vit-layers 0: expected at least one layer");
+        preset.vision.num_hidden_layers = n;
+    }
     anyhow::ensure!(
         preset.llm.vocab_size <= 4096,
         "--model {}: synth builds small models only (tiny, tiny6b), this one has a {}-token vocabulary",

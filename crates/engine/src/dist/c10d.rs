@@ -50,6 +50,14 @@ extern "C" {
     fn mm_pg_reduce_scatter(pg: *mut RawPg, out: RawTensor, input: RawTensor, op: c_int) -> *mut c_char;
     fn mm_pg_send(pg: *mut RawPg, t: RawTensor, dst: c_int, tag: c_int) -> *mut c_char;
     fn mm_pg_recv(pg: *mut RawPg, t: RawTensor, src: c_int, tag: c_int) -> *mut c_char;
+    fn mm_pg_batch_p2p(
+        pg: *mut RawPg,
+        n: c_int,
+        ts: *const RawTensor,
+        peers: *const c_int,
+        is_send: *const c_int,
+        tag: c_int,
+    ) -> *mut c_char;
     fn mm_pg_barrier(pg: *mut RawPg) -> *mut c_char;
     fn mm_tensor_set_grad(var: RawTensor, grad: RawTensor) -> *mut c_char;
 }
@@ -301,6 +309,21 @@ impl ProcessGroup {
 
     pub fn recv(&self, t: &mut Tensor, src: usize, tag: i32) -> Result<(), DistError> {
         self.done(unsafe { mm_pg_recv(self.raw, Self::ptr(t), src as c_int, tag) }, format!("recv from {src}"))
+    }
+
+    /// Posts every transfer at once and waits for all (`batch_isend_irecv`): `(tensor, group
+    /// rank of the peer, send?)`; received tensors are written in place. Transfers between two
+    /// ranks match in posting order, so both ends must post them in the same order.
+    pub fn batch_p2p(&self, ops: &[(&Tensor, usize, bool)], what: &str) -> Result<(), DistError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let ts: Vec<RawTensor> = ops.iter().map(|(t, _, _)| Self::ptr(t)).collect();
+        let peers: Vec<c_int> = ops.iter().map(|(_, p, _)| *p as c_int).collect();
+        let sends: Vec<c_int> = ops.iter().map(|(_, _, s)| c_int::from(*s)).collect();
+        let n = ops.len() as c_int;
+        let err = unsafe { mm_pg_batch_p2p(self.raw, n, ts.as_ptr(), peers.as_ptr(), sends.as_ptr(), 0) };
+        self.done(err, what)
     }
 
     /// Global rank of this process (for error messages).

@@ -11,7 +11,7 @@ use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use super::projector::{pixel_shuffle, Projector};
-use super::qwen2::Qwen2;
+use super::qwen2::{LlmPart, Qwen2};
 use super::vit::VisionModel;
 
 /// One forward's inputs, already on the model's device.
@@ -37,11 +37,31 @@ pub enum ForwardError {
     Torch(#[from] tch::TchError),
 }
 
+/// The part of the model one pipeline chunk holds (the whole model without pipelining).
+/// mm-engine runs the ViT and the projector with the token embedding on the first chunk, as
+/// the seed's recipes place them (`vit_pp_layers` N,0,…,0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagePart {
+    /// ViT, projector and token embedding: the chunk that reads the micro batch.
+    pub first: bool,
+    pub llm_layers: std::ops::Range<usize>,
+    /// Final norm and output layer: the chunk that computes the loss.
+    pub last: bool,
+}
+
+impl StagePart {
+    pub fn whole(cfg: &ModelPreset) -> StagePart {
+        StagePart { first: true, llm_layers: 0..cfg.llm.num_hidden_layers, last: true }
+    }
+}
+
 #[derive(Debug)]
 pub struct InternVL {
     pub cfg: ModelPreset,
-    pub vision_model: VisionModel,
-    pub mlp1: Projector,
+    pub part: StagePart,
+    /// Present on the first chunk.
+    pub vision_model: Option<VisionModel>,
+    pub mlp1: Option<Projector>,
     pub language_model: Qwen2,
     pub img_context_id: i64,
     shuffle: i64,
@@ -51,12 +71,21 @@ impl InternVL {
     /// Builds every parameter under `root` (normally `vs.root()`); `tie_lm_head` shares the
     /// output projection with `embed_tokens` (for checkpoints without `lm_head`).
     pub fn new(root: &Path, cfg: &ModelPreset, img_context_id: i64, tie_lm_head: bool) -> InternVL {
+        InternVL::part(root, cfg, img_context_id, tie_lm_head, StagePart::whole(cfg))
+    }
+
+    /// Builds one pipeline chunk's parameters (original names, global layer numbers).
+    pub fn part(root: &Path, cfg: &ModelPreset, img_context_id: i64, tie_lm_head: bool, part: StagePart) -> InternVL {
         let shuffle = (1.0 / cfg.downsample_ratio).round() as i64;
+        let llm = LlmPart { embed: part.first, layers: part.llm_layers.clone(), head: part.last };
         InternVL {
             cfg: cfg.clone(),
-            vision_model: VisionModel::new(root.sub("vision_model"), &cfg.vision),
-            mlp1: Projector::new(root.sub("mlp1"), cfg.projector_in() as i64, cfg.llm.hidden_size as i64),
-            language_model: Qwen2::new(root.sub("language_model"), &cfg.llm, tie_lm_head),
+            vision_model: part.first.then(|| VisionModel::new(root.sub("vision_model"), &cfg.vision)),
+            mlp1: part
+                .first
+                .then(|| Projector::new(root.sub("mlp1"), cfg.projector_in() as i64, cfg.llm.hidden_size as i64)),
+            language_model: Qwen2::part(root.sub("language_model"), &cfg.llm, tie_lm_head, &llm),
+            part,
             img_context_id,
             shuffle,
         }
@@ -69,11 +98,15 @@ impl InternVL {
 
     /// Tiles [N, 3, S, S] → image embeddings [N, tokens_per_tile, H].
     pub fn embed_images(&self, pixel_values: &Tensor, train: bool) -> Tensor {
-        let h = self.vision_model.forward(pixel_values, train);
+        let (vit, mlp1) = match (&self.vision_model, &self.mlp1) {
+            (Some(v), Some(m)) => (v, m),
+            _ => panic!("the vision model is on the first pipeline chunk"),
+        };
+        let h = vit.forward(pixel_values, train);
         let (n, t, c) = h.size3().expect("vit output is [N, 1 + G², C]");
         let g = ((t - 1) as f64).sqrt().round() as i64;
         let grid = h.narrow(1, 1, t - 1).reshape([n, g, g, c]);
-        self.mlp1.forward(&pixel_shuffle(&grid, self.shuffle))
+        mlp1.forward(&pixel_shuffle(&grid, self.shuffle))
     }
 
     /// Input embeddings with the image features scattered over the `<IMG_CONTEXT>` positions.
@@ -103,5 +136,22 @@ impl InternVL {
     /// Logits [B, T, V].
     pub fn forward(&self, input: &ModelInput, train: bool) -> Result<Tensor, ForwardError> {
         Ok(self.language_model.logits(&self.hidden_states(input, train)?))
+    }
+
+    /// One pipeline chunk's forward: the first chunk embeds `input` (`received` is None), the
+    /// others continue from the previous chunk's activation [B, T, H]; the last returns logits
+    /// [B, T, V], the others their activation. The whole model's chunk is [`InternVL::forward`].
+    pub fn forward_part(
+        &self,
+        input: &ModelInput,
+        received: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor, ForwardError> {
+        let h = match received {
+            Some(h) => h.shallow_clone(),
+            None => self.input_embeddings(input, train)?,
+        };
+        let h = self.language_model.forward_layers(&h, &input.attention_mask);
+        Ok(if self.part.last { self.language_model.logits(&self.language_model.final_norm(&h)) } else { h })
     }
 }

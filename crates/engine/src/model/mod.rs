@@ -7,4 +7,4 @@ pub mod projector;
 pub mod qwen2;
 pub mod vit;
 
-pub use internvl::{ForwardError, InternVL, ModelInput};
+pub use internvl::{ForwardError, InternVL, ModelInput, StagePart};

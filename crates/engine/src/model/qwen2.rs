@@ -11,7 +11,7 @@
 
 use mm_spec::LlmConfig;
 use tch::nn::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::layers::{normal_init, Linear, RmsNorm};
 
@@ -145,16 +145,30 @@ impl Qwen2Layer {
     }
 }
 
-/// `language_model`: `model.{embed_tokens, layers, norm}` and `lm_head`.
+/// `language_model`: `model.{embed_tokens, layers, norm}` and `lm_head`, or the part of it one
+/// pipeline stage holds (layers keep their global numbers in the parameter names).
 #[derive(Debug)]
 pub struct Qwen2 {
-    pub embed_tokens: Tensor,
+    /// Present on the stage that embeds the tokens (and always when tied to `lm_head`).
+    pub embed_tokens: Option<Tensor>,
+    /// Layers `first_layer..first_layer + layers.len()` of the whole model.
     pub layers: Vec<Qwen2Layer>,
-    pub norm: RmsNorm,
-    /// The untied output projection; `None` when tied to `embed_tokens`.
+    pub first_layer: usize,
+    /// Present on the stage that computes the logits.
+    pub norm: Option<RmsNorm>,
+    /// The untied output projection; `None` when tied to `embed_tokens` or not on this stage.
     pub lm_head: Option<Tensor>,
     head_dim: i64,
     rope_theta: f64,
+}
+
+/// What part of the language model to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmPart {
+    pub embed: bool,
+    pub layers: std::ops::Range<usize>,
+    /// The final norm and the output projection.
+    pub head: bool,
 }
 
 /// The boolean attention mask [B, 1, T, T]: query i sees key j when j ≤ i and j is not padding.
@@ -166,40 +180,66 @@ pub fn causal_padding_mask(attention_mask: &Tensor) -> Tensor {
 
 impl Qwen2 {
     pub fn new(p: Path, cfg: &LlmConfig, tie_lm_head: bool) -> Qwen2 {
+        let part = LlmPart { embed: true, layers: 0..cfg.num_hidden_layers, head: true };
+        Qwen2::part(p, cfg, tie_lm_head, &part)
+    }
+
+    /// Builds only `part` (a pipeline stage's share); a tied head needs the embedding on the
+    /// same stage.
+    pub fn part(p: Path, cfg: &LlmConfig, tie_lm_head: bool, part: &LlmPart) -> Qwen2 {
         let h = cfg.hidden_size as i64;
         let v = cfg.vocab_size as i64;
         let m = p.sub("model");
-        let embed_tokens = m.sub("embed_tokens").var("weight", &[v, h], normal_init());
-        let layers = (0..cfg.num_hidden_layers).map(|i| Qwen2Layer::new(m.sub("layers").sub(i), cfg)).collect();
-        let norm = RmsNorm::new(m.sub("norm"), h, cfg.rms_norm_eps);
-        let lm_head = (!tie_lm_head).then(|| p.sub("lm_head").var("weight", &[v, h], normal_init()));
-        Qwen2 { embed_tokens, layers, norm, lm_head, head_dim: cfg.head_dim() as i64, rope_theta: cfg.rope_theta }
+        let embed = part.embed || (part.head && tie_lm_head);
+        let embed_tokens = embed.then(|| m.sub("embed_tokens").var("weight", &[v, h], normal_init()));
+        let layers = part.layers.clone().map(|i| Qwen2Layer::new(m.sub("layers").sub(i), cfg)).collect();
+        let norm = part.head.then(|| RmsNorm::new(m.sub("norm"), h, cfg.rms_norm_eps));
+        let lm_head = (part.head && !tie_lm_head).then(|| p.sub("lm_head").var("weight", &[v, h], normal_init()));
+        Qwen2 {
+            embed_tokens,
+            layers,
+            first_layer: part.layers.start,
+            norm,
+            lm_head,
+            head_dim: cfg.head_dim() as i64,
+            rope_theta: cfg.rope_theta,
+        }
     }
 
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+        let table = self.embed_tokens.as_ref().expect("the token embedding is on this pipeline stage");
+        Tensor::embedding(table, input_ids, -1, false, false)
     }
 
     /// Input embeddings [B, T, H] and the padding mask [B, T] → final hidden states (after
     /// the last norm). Positions run 0..T in every row (padding is on the right).
     pub fn forward_embeds(&self, embeds: &Tensor, attention_mask: &Tensor) -> Tensor {
-        let (b, t, _) = embeds.size3().expect("input embeddings are [B, T, H]");
-        let positions = Tensor::arange(t, (Kind::Int64, embeds.device())).unsqueeze(0).expand([b, t], false);
-        let rope = Rope::new(&positions, self.head_dim, self.rope_theta, embeds.kind());
+        self.final_norm(&self.forward_layers(embeds, attention_mask))
+    }
+
+    /// This part's layers over hidden states [B, T, H] (the rotary tables and the mask are
+    /// rebuilt from the padding mask, so any stage can run from a received activation).
+    pub fn forward_layers(&self, hidden: &Tensor, attention_mask: &Tensor) -> Tensor {
+        let (b, t, _) = hidden.size3().expect("llm hidden states are [B, T, H]");
+        let positions = Tensor::arange(t, (Kind::Int64, hidden.device())).unsqueeze(0).expand([b, t], false);
+        let rope = Rope::new(&positions, self.head_dim, self.rope_theta, hidden.kind());
         let mask = causal_padding_mask(attention_mask);
-        let mut h = embeds.shallow_clone();
+        let mut h = hidden.shallow_clone();
         for layer in &self.layers {
             h = layer.forward(&h, &rope, &mask);
         }
-        self.norm.forward(&h)
+        h
+    }
+
+    /// The final norm (on the stage with the head).
+    pub fn final_norm(&self, hidden: &Tensor) -> Tensor {
+        self.norm.as_ref().expect("the final norm is on this pipeline stage").forward(hidden)
     }
 
     /// Hidden states → logits [.., V].
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
-    }
-
-    pub fn device(&self) -> Device {
-        self.embed_tokens.device()
+        let w =
+            self.lm_head.as_ref().or(self.embed_tokens.as_ref()).expect("the output layer is on this pipeline stage");
+        hidden.linear::<Tensor>(w, None)
     }
 }

@@ -251,39 +251,52 @@ fn parse_list(s: &str) -> Option<Vec<usize>> {
     s.split(',').map(|x| x.trim().parse().ok()).collect()
 }
 
-/// Why tp/pp/cp > 1 are refused.
-pub use mm_spec::layout::MM_ENGINE_DP_ONLY as DP_ONLY;
+/// Why tp/cp > 1 are refused.
+pub use mm_spec::layout::MM_ENGINE_LIMITS as LIMITS;
 
 impl TrainArgs {
     /// Checks everything that does not need the model, reporting all problems at once.
-    /// `world_size` ranks are data parallel.
+    /// `world_size` ranks: pipeline stages × data-parallel replicas.
     pub fn validate(&self, world_size: usize) -> Result<Resolved, String> {
         let mut errs: Vec<String> = Vec::new();
-        let dp = world_size.max(1);
-        let unsupported = mm_spec::layout::mm_engine_unsupported(
-            self.tensor_model_parallel_size,
-            self.context_parallel_size,
-            self.pipeline_model_parallel_size,
-            self.virtual_pipeline_model_parallel_size,
-            self.sequence_parallel,
-        );
-        for u in unsupported {
-            if u.flag == "--sequence-parallel" {
-                errs.push(format!("--sequence-parallel: {DP_ONLY} (it needs tensor parallelism)"));
-            } else {
-                errs.push(format!("{} {}: {DP_ONLY}", u.flag, u.value));
-            }
-        }
+        let pp = self.pipeline_model_parallel_size.max(1);
+        let vpp = self.virtual_pipeline_model_parallel_size.unwrap_or(1).max(1);
+        let mut vit_chunks = Vec::new();
         for (flag, v) in [("--llm-pp-layers", &self.llm_pp_layers), ("--vit-pp-layers", &self.vit_pp_layers)] {
             if let Some(s) = v {
                 match parse_list(s) {
                     None => errs.push(format!("{flag} {s:?}: expected a comma-separated list of layer counts")),
-                    Some(l) if l.len() != 1 => {
-                        errs.push(format!("{flag} {s:?}: {} pipeline chunks, but {DP_ONLY}", l.len()))
-                    }
+                    Some(l) if l.len() != pp * vpp => errs.push(format!(
+                        "{flag} {s:?}: {} entries, but pipeline size {pp} × virtual stages {vpp} needs {}",
+                        l.len(),
+                        pp * vpp
+                    )),
+                    Some(l) if flag == "--vit-pp-layers" => vit_chunks = l,
                     _ => {}
                 }
             }
+        }
+        let unsupported = mm_spec::layout::mm_engine_unsupported(
+            self.tensor_model_parallel_size,
+            self.context_parallel_size,
+            self.sequence_parallel,
+            &vit_chunks,
+        );
+        for u in unsupported {
+            errs.push(format!("{} {}: {LIMITS}", u.flag, u.value));
+        }
+        let model_parallel = pp * self.tensor_model_parallel_size.max(1) * self.context_parallel_size.max(1);
+        let world = world_size.max(1);
+        if world % model_parallel != 0 {
+            errs.push(format!(
+                "WORLD_SIZE {world} is not a multiple of tensor × context × pipeline parallel size {model_parallel}"
+            ));
+        }
+        let dp = (world / model_parallel).max(1);
+        if self.virtual_pipeline_model_parallel_size.is_some_and(|v| v > 1) && pp == 1 {
+            errs.push(format!(
+                "--virtual-pipeline-model-parallel-size {vpp}: needs --pipeline-model-parallel-size above 1"
+            ));
         }
         if !(self.dp_bucket_mb.is_finite() && self.dp_bucket_mb > 0.0) {
             errs.push(format!("--dp-bucket-mb {}: expected a size above 0", self.dp_bucket_mb));
@@ -430,12 +443,23 @@ mod tests {
     }
 
     #[test]
-    fn model_parallelism_and_bad_bucket_sizes_are_refused_together() {
-        let e = args("--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --dp-bucket-mb 0")
-            .validate(4)
-            .unwrap_err();
-        assert!(e.contains("--tensor-model-parallel-size 2: mm-engine trains data parallel only"), "{e}");
-        assert!(e.contains("--pipeline-model-parallel-size 2: mm-engine trains data parallel only"), "{e}");
+    fn tensor_parallelism_a_late_vit_and_bad_bucket_sizes_are_refused_together() {
+        let e = args(
+            "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --vit-pp-layers 1,1 --dp-bucket-mb 0",
+        )
+        .validate(4)
+        .unwrap_err();
+        assert!(e.contains("--tensor-model-parallel-size 2: mm-engine runs data and pipeline parallelism"), "{e}");
+        assert!(e.contains("--vit-pp-layers 1,1: mm-engine runs"), "{e}");
+        assert!(!e.contains("--pipeline-model-parallel-size 2:"), "pipelines run: {e}");
         assert!(e.contains("--dp-bucket-mb 0: expected a size above 0"), "{e}");
+        // Pipeline stages divide the world: 4 ranks at pp 2 are 2 data-parallel replicas.
+        let r =
+            args("--pipeline-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 4").validate(4).unwrap();
+        assert_eq!((r.data_parallel_size, r.grad_accumulation), (2, 2));
+        let e = args("--pipeline-model-parallel-size 2 --llm-pp-layers 1,1,1").validate(2).unwrap_err();
+        assert!(e.contains("3 entries, but pipeline size 2 × virtual stages 1 needs 2"), "{e}");
+        let e = args("--pipeline-model-parallel-size 2").validate(3).unwrap_err();
+        assert!(e.contains("WORLD_SIZE 3 is not a multiple of"), "{e}");
     }
 }

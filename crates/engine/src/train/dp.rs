@@ -24,12 +24,15 @@ use crate::dist::groups::ParallelGroups;
 /// Default gradient bucket size (Megatron/DDP use buckets of tens of MB).
 pub const DEFAULT_BUCKET_MB: f64 = 25.0;
 
-/// This rank's place in the data-parallel group, and the group.
+/// This rank's place in the data-parallel group and in the pipeline, and the groups.
 pub struct DataParallel {
     /// Rank inside the DP group.
     pub rank: usize,
     pub size: usize,
     pub global_rank: usize,
+    /// This rank's pipeline stage and the number of stages (0 and 1 without pipelining).
+    pub pp_rank: usize,
+    pub pp_size: usize,
     device: Device,
     groups: Option<ParallelGroups>,
 }
@@ -93,18 +96,19 @@ pub fn as_bytes(t: &Tensor) -> Tensor {
 impl DataParallel {
     /// One rank: no group, every collective returns its input.
     pub fn single(device: Device) -> DataParallel {
-        DataParallel { rank: 0, size: 1, global_rank: 0, device, groups: None }
+        DataParallel { rank: 0, size: 1, global_rank: 0, pp_rank: 0, pp_size: 1, device, groups: None }
     }
 
-    /// Builds the groups of a pure data-parallel layout (tp = cp = pp = 1) over WORLD_SIZE ranks:
-    /// rendezvous through the launcher's environment, with its timeout.
-    pub fn init(env: &DistEnv, device: Device) -> Result<DataParallel, DistError> {
+    /// Builds this rank's groups of `pp` pipeline stages × WORLD_SIZE / pp data-parallel
+    /// replicas (tp = cp = 1; mm-spec's rank order): rendezvous through the launcher's
+    /// environment, with its timeout.
+    pub fn init(env: &DistEnv, device: Device, pp: usize, vpp: Option<usize>) -> Result<DataParallel, DistError> {
         if env.world_size == 1 {
             return Ok(DataParallel::single(device));
         }
-        let dims = mm_spec::layout::ParallelDims::new(env.world_size, 1, 1, 1, None).map_err(|e| DistError {
+        let dims = mm_spec::layout::ParallelDims::new(env.world_size, 1, 1, pp, vpp).map_err(|e| DistError {
             rank: env.rank,
-            op: "data-parallel layout".into(),
+            op: "parallel layout".into(),
             message: e.to_string(),
         })?;
         let groups = ParallelGroups::init(env, dims, Backend::for_device(device))?;
@@ -112,9 +116,25 @@ impl DataParallel {
             rank: groups.dp.rank(),
             size: groups.dp.size(),
             global_rank: env.rank,
+            pp_rank: groups.pp.rank(),
+            pp_size: groups.pp.size(),
             device,
             groups: Some(groups),
         })
+    }
+
+    /// The pipeline group's communicator (None without pipelining).
+    pub fn pipeline_group(&self) -> Option<&ProcessGroup> {
+        self.groups.as_ref().filter(|_| self.pp_size > 1).map(|g| &g.pp.pg)
+    }
+
+    /// Element-wise sum of `values` over the pipeline stages (the step loss, which only the
+    /// last stage computes; squared gradient norms, each stage its own parameters').
+    pub fn pp_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
+        let Some(pg) = self.pipeline_group() else { return Ok(values.to_vec()) };
+        let mut t = Tensor::from_slice(values).to_device(self.device);
+        pg.all_reduce(&mut t, ReduceOp::Sum).map_err(|e| e.during(what))?;
+        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
     }
 
     fn pg(&self) -> Option<&ProcessGroup> {

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod dp;
 pub mod loss;
 pub mod optimizer;
+pub mod pipeline;
 pub mod schedule;
 pub mod trainer;
 pub mod zero;

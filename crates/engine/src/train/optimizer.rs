@@ -130,6 +130,11 @@ impl AdamW {
 
     /// L2 norm over all gradients (fp32, as clip_grad_norm_ computes it).
     pub fn grad_norm(&self) -> f64 {
+        self.grad_sq().sqrt()
+    }
+
+    /// Σ of the squared per-parameter gradient norms (f64).
+    pub fn grad_sq(&self) -> f64 {
         tch::no_grad(|| {
             let mut sq = 0.0f64;
             for i in 0..self.params.len() {
@@ -138,7 +143,7 @@ impl AdamW {
                     sq += n * n;
                 }
             }
-            sq.sqrt()
+            sq
         })
     }
 
@@ -157,13 +162,19 @@ impl AdamW {
     /// returns the norm before clipping. `max_norm` ≤ 0 only measures.
     pub fn clip(&mut self, max_norm: f64) -> f64 {
         let norm = self.grad_norm();
+        self.clip_to(norm, max_norm);
+        norm
+    }
+
+    /// Scales the gradients so that the global `norm` (this rank's and the other pipeline
+    /// stages') becomes at most `max_norm` (0: no clipping).
+    pub fn clip_to(&mut self, norm: f64, max_norm: f64) {
         if max_norm > 0.0 {
             let coeff = max_norm / (norm + 1e-6);
             if coeff < 1.0 {
                 self.scale_grads(coeff);
             }
         }
-        norm
     }
 
     /// One AdamW step at learning rate `lr`.

@@ -26,11 +26,13 @@ use super::checkpoint::{self, mm_name, CkptFormat, SaveRequest, SavedState, Trai
 use super::dp::{fingerprint, DataParallel};
 use super::loss::{objective, sample_losses, StepTotals};
 use super::optimizer::{AdamW, AdamWConfig};
+use super::pipeline::{self, StepContext};
 use super::schedule::Schedule;
 use super::zero::{SavedOptimizer, ZeroAdamW};
 use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Producer, Share};
 use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
+use crate::model::StagePart;
 use crate::rng::Rng;
 use crate::session::{configure_cpu_threads, pick_device, to_device, Session, SessionOptions};
 use crate::weights::checkpoint as source;
@@ -142,7 +144,11 @@ impl Optim {
 
     fn clip(&mut self, dp: &DataParallel, max_norm: f64) -> Result<f64, DistError> {
         match self {
-            Optim::Replicated(o) => Ok(o.clip(max_norm)),
+            Optim::Replicated(o) => {
+                let norm = dp.pp_sum(&[o.grad_sq()], "squared gradient norms of the pipeline stages")?[0].sqrt();
+                o.clip_to(norm, max_norm);
+                Ok(norm)
+            }
             Optim::Sharded(z) => z.clip(dp, max_norm),
         }
     }
@@ -342,7 +348,8 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     configure_cpu_threads(device, env.local_world_size.min(env.world_size));
     // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
     // others fail fast in their next collective instead of waiting for it at the store.
-    let dp = DataParallel::init(env, device)?;
+    let (pp, vpp) = (a.pipeline_model_parallel_size.max(1), a.virtual_pipeline_model_parallel_size);
+    let dp = DataParallel::init(env, device, pp, vpp.filter(|&v| v > 1))?;
     let load = resume_point(&a)?;
     if a.auto_resume {
         // Every rank reads --save's tracker on its own host: they only agree on shared storage.
@@ -359,6 +366,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
             );
         }
     }
+    let stages = |preset: &mm_spec::ModelPreset| stage_parts(&a, preset, dp.pp_rank);
     let session = Session::open(SessionOptions {
         model: &a.model,
         load: load.as_deref(),
@@ -366,6 +374,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         device,
         seed: a.seed,
         bf16: r.bf16,
+        parts: Some(&stages),
     })?;
     let preset = session.preset.clone();
     if a.save.is_some() && a.ckpt_format == CkptFormat::Torch && preset.llm.tie_word_embeddings {
@@ -374,14 +383,21 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
              layout cannot express; save with --ckpt-format mm"
         );
     }
-    for (flag, v, depth) in [
-        ("--llm-pp-layers", &a.llm_pp_layers, preset.llm.num_hidden_layers),
-        ("--vit-pp-layers", &a.vit_pp_layers, preset.vision.num_hidden_layers),
-    ] {
-        if let Some(s) = v {
-            anyhow::ensure!(
-                s.trim() == depth.to_string(),
-                "{flag} {s}: with one pipeline stage it must be the depth, {depth}"
+    let virtual_stages = vpp.unwrap_or(1).max(1);
+    let actions = mm_spec::layout::schedule(pp, dp.pp_rank, r.grad_accumulation, virtual_stages)
+        .map_err(|e| anyhow::anyhow!("pipeline schedule: {e}"))?;
+    if pp > 1 {
+        anyhow::ensure!(
+            a.eval_interval == 0 || a.eval_iters == 0,
+            "--eval-interval with pipeline parallelism: evaluation runs on one stage holding the whole model; pass \
+             --eval-interval 0 (or evaluate a saved checkpoint with `mm-engine eval`)"
+        );
+        if dp.global_rank == 0 {
+            println!(
+                "pipeline: {pp} stages{}, {} micro batches per step: theoretical bubble {:.1}%",
+                if virtual_stages > 1 { format!(" × {virtual_stages} virtual") } else { String::new() },
+                r.grad_accumulation,
+                100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, r.grad_accumulation)
             );
         }
     }
@@ -572,6 +588,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     let mut last_lr = 0.0;
     let mut saved_at = None;
     let first_mb = (dp.rank * r.grad_accumulation) as u64;
+    let chunks = session.chunks();
 
     while iteration < a.train_iters {
         let step_start = Instant::now();
@@ -594,22 +611,18 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
             StepTotals { micro_batches: global[0] as usize, samples: global[1] as usize, tokens: global[2] as i64 };
         let step_tokens = global[3] as u64;
 
-        let mut local_loss = 0.0;
-        for (j, b) in batches.iter().enumerate() {
-            tch::manual_seed(torch_seed(seed, iteration, first_mb + j as u64));
-            let (input, labels) = to_device(b, preset.vision.image_size, device);
-            let logits = session.model.forward(&input, true)?;
-            let losses = sample_losses(&logits, &labels);
-            let obj = objective(r.loss, &losses, totals);
-            local_loss += obj.double_value(&[]);
-            obj.backward();
-            opt.accumulate();
-        }
+        let seed_micro = |j: usize| tch::manual_seed(torch_seed(seed, iteration, first_mb + j as u64));
+        let objective = |logits: &Tensor, labels: &Tensor| objective(r.loss, &sample_losses(logits, labels), totals);
+        let ctx =
+            StepContext { image_size: preset.vision.image_size, device, seed: &seed_micro, objective: &objective };
+        let local_loss =
+            pipeline::run_step(&actions, &chunks, &batches, &ctx, dp.pipeline_group(), &mut || opt.accumulate())?;
         // The step loss and which parameters got gradients anywhere, in one all-reduce.
         let mut flags = vec![local_loss];
         flags.extend(opt.received().iter().map(|&g| if g { 1.0 } else { 0.0 }));
         let flags = dp.sum(&flags, "step loss and gradient presence")?; // SYNC
-        let step_loss = flags[0];
+                                                                        // Only the last pipeline stage computes the loss.
+        let step_loss = dp.pp_sum(&flags[..1], "step loss from the last pipeline stage")?[0]; // SYNC
         let received: Vec<bool> = flags[1..].iter().map(|&f| f > 0.0).collect();
         opt.reduce(&dp, &received, bucket_bytes)?; // SYNC: gradient all-reduce / reduce-scatter
         let grad_norm = opt.clip(&dp, a.clip_grad)?; // SYNC (distributed optimizer: norm² of the shards)
@@ -718,4 +731,38 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// This pipeline rank's model chunks for `preset` (mm-spec's split of `--llm-pp-layers`, chunk
+/// `v·pp + rank` for each virtual stage `v`): the first holds the ViT, projector and embedding,
+/// the last the final norm and output layer. One stage: the whole model.
+fn stage_parts(a: &TrainArgs, preset: &mm_spec::ModelPreset, pp_rank: usize) -> anyhow::Result<Vec<StagePart>> {
+    let pp = a.pipeline_model_parallel_size.max(1);
+    let vpp = a.virtual_pipeline_model_parallel_size.filter(|&v| v > 1);
+    let list = |flag: &str, s: &Option<String>| -> anyhow::Result<Option<Vec<usize>>> {
+        s.as_deref()
+            .map(|s| s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
+    let llm = list("--llm-pp-layers", &a.llm_pp_layers)?;
+    let vit = list("--vit-pp-layers", &a.vit_pp_layers)?;
+    let (llm_depth, vit_depth) = (preset.llm.num_hidden_layers, preset.vision.num_hidden_layers);
+    let stages = mm_spec::layout::split_layers(llm_depth, pp, vpp, llm.as_deref())
+        .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
+    if let Some(v) = &vit {
+        anyhow::ensure!(
+            v.first() == Some(&vit_depth) && v.iter().skip(1).all(|&n| n == 0),
+            "--vit-pp-layers {}: the model's ViT has {vit_depth} layers, all on the first pipeline chunk \
+             ({vit_depth},0,…)",
+            v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+        );
+    }
+    let chunks = stages.len();
+    Ok((0..vpp.unwrap_or(1))
+        .map(|v| {
+            let c = v * pp + pp_rank;
+            StagePart { first: c == 0, llm_layers: stages[c].layers(), last: c + 1 == chunks }
+        })
+        .collect())
 }

@@ -320,7 +320,8 @@ impl ZeroAdamW {
                 })
                 .sum()
         });
-        let norm = dp.sum(&[local], "squared gradient norms of the optimizer shards")?[0].sqrt();
+        let sq = dp.sum(&[local], "squared gradient norms of the optimizer shards")?[0];
+        let norm = dp.pp_sum(&[sq], "squared gradient norms of the pipeline stages")?[0].sqrt();
         if max_norm > 0.0 {
             let coeff = max_norm / (norm + 1e-6);
             if coeff < 1.0 {

@@ -215,15 +215,17 @@ impl Source {
         }
     }
 
-    /// Copies the weights into the VarStore, after checking every key and shape.
-    pub fn load_weights(&self, vs: &VarStore) -> Result<(), CheckpointError> {
+    /// Copies the weights into the VarStore, after checking every key and shape. `stage`: the
+    /// VarStore holds one pipeline stage, so the checkpoint's other tensors are not unexpected
+    /// (each stage checks that its own are there, with their shapes).
+    pub fn load_weights(&self, vs: &VarStore, stage: bool) -> Result<(), CheckpointError> {
         match self {
             Source::Hf { ckpt, .. } => {
-                hf::load_into(vs, ckpt)?;
+                hf::load_into(vs, ckpt, stage)?;
                 Ok(())
             }
-            Source::Mm { iter_dir, manifest } => load_mm(vs, iter_dir, manifest),
-            Source::MindSpeed { ckpt, assets, arch } => load_mindspeed(vs, ckpt, arch, &assets.join(hf::CONFIG)),
+            Source::Mm { iter_dir, manifest } => load_mm(vs, iter_dir, manifest, stage),
+            Source::MindSpeed { ckpt, assets, arch } => load_mindspeed(vs, ckpt, arch, &assets.join(hf::CONFIG), stage),
         }
     }
 }
@@ -234,6 +236,7 @@ fn match_variables<'a>(
     vars: &HashMap<String, Tensor>,
     dir: &Path,
     tensors: impl Iterator<Item = (&'a str, &'a [usize])>,
+    stage: bool,
 ) -> Result<HashMap<String, usize>, CheckpointError> {
     let mut report = MismatchReport::default();
     let mut planned: HashMap<String, usize> = HashMap::new();
@@ -247,6 +250,7 @@ fn match_variables<'a>(
                 }
                 planned.insert(name, i);
             }
+            Some(_) if stage => {}
             _ => report.unexpected.push(key.to_string()),
         }
     }
@@ -269,6 +273,7 @@ fn load_mindspeed(
     ckpt: &MindSpeedCheckpoint,
     arch: &ModelPreset,
     config: &Path,
+    stage: bool,
 ) -> Result<(), CheckpointError> {
     let (_, plan) = ckpt.plan(arch, config)?;
     let dtypes = ckpt.check(&plan)?;
@@ -277,6 +282,7 @@ fn load_mindspeed(
         &vars,
         &ckpt.iter_dir,
         plan.tensors.iter().map(|p| (p.tensor.key.as_str(), p.tensor.shape.as_slice())),
+        stage,
     )?;
     for (name, var) in &vars {
         let i = planned[name];
@@ -297,11 +303,11 @@ fn load_mindspeed(
 }
 
 /// Reassembles every logical tensor from its tp shards and copies it into the VarStore.
-fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
+fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest, stage: bool) -> Result<(), CheckpointError> {
     let mpath = iter_dir.join(MANIFEST_FILE);
     let plan = manifest.verify().map_err(|e| format_err(&mpath, e.to_string()))?;
     let vars = vs.variables();
-    let planned = match_variables(&vars, iter_dir, plan.iter().map(|t| (t.key.as_str(), t.shape.as_slice())))?;
+    let planned = match_variables(&vars, iter_dir, plan.iter().map(|t| (t.key.as_str(), t.shape.as_slice())), stage)?;
     let mut files: HashMap<String, SafetensorsFile> = HashMap::new();
     let pp = manifest.parallel.pp;
     for (name, var) in &vars {

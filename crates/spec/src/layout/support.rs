@@ -3,28 +3,24 @@
 //! instead of every rank failing at start-up on the hosts.
 
 /// Why mm-engine cannot run a layout yet; the engine and the launcher both quote it.
-pub const MM_ENGINE_DP_ONLY: &str =
-    "mm-engine trains data parallel only (tensor, pipeline and context parallel size 1; \
-     WORLD_SIZE ranks are all data parallel); use the MindSpeed-MM engine for model parallelism";
+pub const MM_ENGINE_LIMITS: &str =
+    "mm-engine runs data and pipeline parallelism (1F1B, interleaved with a virtual pipeline) with the ViT \
+     on the first pipeline chunk; tensor and context parallelism are not built yet: use the MindSpeed-MM \
+     engine for them";
 
 /// One parallel setting an engine cannot run, in the spellings of each tool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsupported {
-    /// The recipe key (`parallel.pp`).
+    /// The recipe key (`parallel.tp`).
     pub key: &'static str,
-    /// The engine's (Megatron's) flag (`--pipeline-model-parallel-size`).
+    /// The engine's (Megatron's) flag (`--tensor-model-parallel-size`).
     pub flag: &'static str,
     pub value: String,
 }
 
-/// The settings of a layout mm-engine cannot run (empty: it can).
-pub fn mm_engine_unsupported(
-    tp: usize,
-    cp: usize,
-    pp: usize,
-    vpp: Option<usize>,
-    sequence_parallel: bool,
-) -> Vec<Unsupported> {
+/// The settings of a layout mm-engine cannot run (empty: it can). `vit_chunks`: ViT layers per
+/// pipeline chunk in model order (empty: all on the first).
+pub fn mm_engine_unsupported(tp: usize, cp: usize, sequence_parallel: bool, vit_chunks: &[usize]) -> Vec<Unsupported> {
     let mut out = Vec::new();
     let mut size = |key, flag, v: usize| {
         if v != 1 {
@@ -32,11 +28,13 @@ pub fn mm_engine_unsupported(
         }
     };
     size("parallel.tp", "--tensor-model-parallel-size", tp);
-    size("parallel.pp", "--pipeline-model-parallel-size", pp);
     size("parallel.cp", "--context-parallel-size", cp);
-    size("parallel.vpp", "--virtual-pipeline-model-parallel-size", vpp.unwrap_or(1));
     if sequence_parallel {
         out.push(Unsupported { key: "parallel.sequence_parallel", flag: "--sequence-parallel", value: "true".into() });
+    }
+    if vit_chunks.iter().skip(1).any(|&n| n > 0) {
+        let list = vit_chunks.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+        out.push(Unsupported { key: "parallel.vit_pp_layers", flag: "--vit-pp-layers", value: list });
     }
     out
 }
@@ -46,14 +44,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn data_parallel_only() {
-        assert!(mm_engine_unsupported(1, 1, 1, None, false).is_empty());
-        assert!(mm_engine_unsupported(1, 1, 1, Some(1), false).is_empty());
-        let u = mm_engine_unsupported(8, 1, 2, Some(2), true);
+    fn data_and_pipeline_parallel_with_the_vit_first() {
+        assert!(mm_engine_unsupported(1, 1, false, &[]).is_empty());
+        assert!(mm_engine_unsupported(1, 1, false, &[24, 0, 0, 0]).is_empty());
+        let u = mm_engine_unsupported(8, 2, true, &[20, 4]);
         let keys: Vec<_> = u.iter().map(|u| (u.key, u.value.as_str())).collect();
         assert_eq!(
             keys,
-            [("parallel.tp", "8"), ("parallel.pp", "2"), ("parallel.vpp", "2"), ("parallel.sequence_parallel", "true")]
+            [
+                ("parallel.tp", "8"),
+                ("parallel.cp", "2"),
+                ("parallel.sequence_parallel", "true"),
+                ("parallel.vit_pp_layers", "20,4")
+            ]
         );
     }
 }

@@ -1,0 +1,157 @@
+//! Pipeline parallelism end to end: the built `mm-engine` binary as 2 and 4 processes on
+//! 127.0.0.1 (Gloo over loopback), each rank one pipeline stage of a tiny model with 4 LLM
+//! layers, gives the single-process losses and gradient norms (1F1B, interleaved, with data
+//! parallelism and the distributed optimizer).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use mm_spec::ProgressEvent;
+
+fn engine() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mm-engine"));
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MM_BIND_ADDR"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A tiny model with 4 LLM layers and 2 ViT layers, and its data.
+fn synth() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mm-engine-pp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let o = engine().args(["synth", "--llm-layers", "4", "--samples", "16", "--out"]).arg(&dir).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        dir
+    })
+}
+
+fn train_args(extra: &str) -> Vec<String> {
+    let d = synth();
+    let mut v: Vec<String> = vec!["train".into(), "--model".into(), "tiny".into()];
+    for (k, p) in [
+        ("--data-path", d.join("data/train.jsonl")),
+        ("--data-folder", d.join("data")),
+        ("--tokenizer", d.join("model")),
+        ("--load", d.join("model")),
+    ] {
+        v.push(k.into());
+        v.push(p.display().to_string());
+    }
+    let common = "--device cpu --seq-length 512 --use-thumbnail --max-dynamic-patch 1 --min-num-frame 2 \
+        --max-num-frame 4 --log-interval 1 --micro-batch-size 1 --global-batch-size 4 --train-iters 4 \
+        --lr 0.002 --clip-grad 0.5 --seed 11";
+    v.extend(common.split_whitespace().map(String::from));
+    v.extend(extra.split_whitespace().map(String::from));
+    v
+}
+
+fn launch(world: usize, args: &[String]) -> Vec<Output> {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let children: Vec<Child> = (0..world)
+        .map(|r| {
+            engine()
+                .args(args)
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("MM_DIST_TIMEOUT_S", "60")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn mm-engine")
+        })
+        .collect();
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for (r, o) in outputs.iter().enumerate() {
+        assert!(o.status.success(), "{world} ranks: rank {r} failed:\n{}", text(o));
+    }
+    outputs
+}
+
+/// (iteration, loss, grad norm) of each step rank 0 reported.
+fn steps(o: &Output) -> Vec<(u64, f64, f64)> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| match ProgressEvent::parse(l)?.ok()? {
+            ProgressEvent::Step(p) => Some((p.iteration, p.loss, p.grad_norm.unwrap_or(f64::NAN))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn single() -> &'static Vec<(u64, f64, f64)> {
+    static ONE: OnceLock<Vec<(u64, f64, f64)>> = OnceLock::new();
+    ONE.get_or_init(|| {
+        let o = launch(1, &train_args(""));
+        let s = steps(&o[0]);
+        assert_eq!(s.len(), 4, "{}", text(&o[0]));
+        s
+    })
+}
+
+/// Runs `world` ranks with `extra` and compares rank 0's losses and norms with one process's.
+fn matches_single(world: usize, extra: &str) -> Vec<Output> {
+    let outs = launch(world, &train_args(extra));
+    let got = steps(&outs[0]);
+    let want = single();
+    assert_eq!(got.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4], "{}", text(&outs[0]));
+    for ((i, l, n), (_, wl, wn)) in got.iter().zip(want) {
+        let (rl, rn) = ((l - wl).abs() / wl.abs(), (n - wn).abs() / wn.abs());
+        assert!(
+            rl <= 1e-5 && rn <= 1e-5,
+            "{extra}: iteration {i}: loss {l} vs {wl} ({rl:e}), norm {n} vs {wn} ({rn:e})"
+        );
+        eprintln!("{extra}: iteration {i}: loss rel diff {rl:e}, grad norm rel diff {rn:e}");
+    }
+    // Only rank 0 reports progress; every rank logs the same loss line.
+    for o in &outs[1..] {
+        assert!(steps(o).is_empty());
+        assert!(String::from_utf8_lossy(&o.stdout).contains(" iteration        4/       4"), "{}", text(o));
+    }
+    outs
+}
+
+#[test]
+fn two_stages_one_f_one_b() {
+    let outs = matches_single(2, "--pipeline-model-parallel-size 2 --llm-pp-layers 3,1 --vit-pp-layers 2,0");
+    assert!(String::from_utf8_lossy(&outs[0].stdout).contains("theoretical bubble 20.0%"), "{}", text(&outs[0]));
+}
+
+#[test]
+fn four_stages_one_layer_each() {
+    matches_single(4, "--pipeline-model-parallel-size 4 --llm-pp-layers 1,1,1,1");
+}
+
+#[test]
+fn two_stages_interleaved_over_two_virtual_stages() {
+    matches_single(
+        2,
+        "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2 --llm-pp-layers 1,1,1,1",
+    );
+}
+
+#[test]
+fn two_replicas_of_two_stages_with_the_distributed_optimizer() {
+    matches_single(4, "--pipeline-model-parallel-size 2 --use-distributed-optimizer");
+}
+
+#[test]
+fn a_vit_off_the_first_chunk_is_refused_by_name() {
+    let o = engine().args(train_args("--pipeline-model-parallel-size 2 --vit-pp-layers 1,1")).output().unwrap();
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("--vit-pp-layers 1,1: mm-engine runs data and pipeline parallelism"), "{t}");
+    assert!(t.contains("WORLD_SIZE 1 is not a multiple of tensor × context × pipeline parallel size 2"), "{t}");
+}
