@@ -73,6 +73,9 @@ pub struct Session {
     pub assets: Vec<PathBuf>,
 }
 
+/// This rank's pipeline chunks for an architecture.
+pub type PartsOf = dyn Fn(&ModelPreset) -> anyhow::Result<Vec<StagePart>>;
+
 pub struct SessionOptions<'a> {
     pub model: &'a str,
     pub load: Option<&'a Path>,
@@ -83,7 +86,7 @@ pub struct SessionOptions<'a> {
     pub bf16: bool,
     /// The pipeline chunks this rank builds, in order, for the checkpoint's architecture
     /// (None: the whole model). Each loads only its own tensors.
-    pub parts: Option<&'a dyn Fn(&ModelPreset) -> anyhow::Result<Vec<StagePart>>>,
+    pub parts: Option<&'a PartsOf>,
 }
 
 impl Session {
