@@ -74,7 +74,7 @@ pub struct Session {
 }
 
 /// This rank's pipeline chunks for an architecture.
-pub type PartsOf = dyn Fn(&ModelPreset) -> anyhow::Result<Vec<StagePart>>;
+pub type PartsOf<'a> = dyn Fn(&ModelPreset) -> anyhow::Result<Vec<StagePart>> + 'a;
 
 pub struct SessionOptions<'a> {
     pub model: &'a str,
@@ -86,7 +86,7 @@ pub struct SessionOptions<'a> {
     pub bf16: bool,
     /// The pipeline chunks this rank builds, in order, for the checkpoint's architecture
     /// (None: the whole model). Each loads only its own tensors.
-    pub parts: Option<&'a PartsOf>,
+    pub parts: Option<&'a PartsOf<'a>>,
 }
 
 impl Session {
