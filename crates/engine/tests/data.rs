@@ -20,6 +20,8 @@ fn synth() -> &'static Path {
             samples: 8,
             seed: 3,
             no_video: false,
+            llm_layers: None,
+            vit_layers: None,
         })
         .unwrap();
         dir

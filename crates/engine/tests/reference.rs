@@ -49,6 +49,8 @@ fn reference() -> &'static Path {
             samples: 8,
             seed: 0,
             no_video: true,
+            llm_layers: None,
+            vit_layers: None,
         })
         .expect("synth");
         let python = workspace().join(".venv/bin/python");
