@@ -7,3 +7,4 @@ pub mod env;
 pub mod groups;
 pub mod selftest;
 pub mod tp;
+pub mod tp_check;
