@@ -1,6 +1,6 @@
-//! Compiles the c10d shim (csrc/c10d_shim.cpp) against the libtorch that torch-sys found,
-//! and sets an rpath to torch/lib so `mm-engine` runs without LD_LIBRARY_PATH on the
-//! machine that built it.
+//! Compiles the c10d shim (csrc/c10d_shim.cpp, and csrc/tp_regions.cpp for the
+//! tensor-parallel autograd functions) against the libtorch that torch-sys found, and sets an
+//! rpath to torch/lib so `mm-engine` runs without LD_LIBRARY_PATH on the machine that built it.
 //!
 //! torch-sys publishes its libtorch lib dir through its `links = "tch"` key, which reaches
 //! this script as DEP_TCH_LIBTORCH_LIB (we depend on torch-sys directly for that reason).
@@ -11,7 +11,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 fn main() {
-    println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=MM_ENGINE_NO_NCCL");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo::rustc-check-cfg=cfg(mm_nccl)");
@@ -47,7 +47,8 @@ fn main() {
         .include(&api_include)
         .define("USE_C10D_GLOO", None)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .file("csrc/c10d_shim.cpp");
+        .file("csrc/c10d_shim.cpp")
+        .file("csrc/tp_regions.cpp");
 
     if let Some(includes) = nccl_headers(&torch_dir, &lib) {
         build.define("USE_C10D_NCCL", None);

@@ -8,6 +8,10 @@
 //   boundary: each entry point catches everything.
 // - tensors arrive as the at::Tensor* that tch::Tensor::as_mut_ptr() hands out.
 // - collectives are synchronous: the call waits for the work to finish (or to time out).
+// - shim.h holds the handle types and these conventions' helpers; tp_regions.cpp adds the
+//   tensor-parallel autograd functions over the same mm_pg.
+#include "shim.h"
+
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -16,45 +20,14 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
-#include <chrono>
-#include <cstdlib>
-#include <cstring>
-#include <string>
+#include <cstdint>
 #include <vector>
 
-struct mm_store {
-  c10::intrusive_ptr<c10d::Store> store;
-};
-
-struct mm_pg {
-  c10::intrusive_ptr<c10d::Backend> backend;
-  std::chrono::milliseconds timeout;
-};
+using mm_shim::dup_str;
+using mm_shim::guarded;
+using mm_shim::wait_work;
 
 namespace {
-
-char* dup_str(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.data(), s.size());
-    out[s.size()] = '\0';
-  }
-  return out;
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return dup_str(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return dup_str(e.what());
-  } catch (...) {
-    return dup_str("unknown C++ exception");
-  }
-}
 
 c10d::ReduceOp to_op(int op) {
   switch (op) {
@@ -66,12 +39,6 @@ c10d::ReduceOp to_op(int op) {
       return c10d::ReduceOp::PRODUCT;
     default:
       return c10d::ReduceOp::SUM;
-  }
-}
-
-void wait_work(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
-  if (!work->wait(timeout)) {
-    throw std::runtime_error("collective did not complete");
   }
 }
 

@@ -9,8 +9,8 @@
 //! - [`train`]: the loop, AdamW, schedule, loss reductions, checkpoints, data parallelism over
 //!   WORLD_SIZE ranks (`train::dp`) and the distributed optimizer, ZeRO-1 (`train::zero`).
 //! - [`eval`], [`synth`]: the `eval` and `synth` subcommands.
-//! - [`dist`]: c10d process groups (Gloo/NCCL) from the launcher's environment, and
-//!   `collective-check`.
+//! - [`dist`]: c10d process groups (Gloo/NCCL) from the launcher's environment,
+//!   `collective-check`, the tensor-parallel regions (`dist::tp`) and `tp-check`.
 
 pub mod data;
 pub mod dist;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mm_engine::dist::{env::DistEnv, selftest};
+use mm_engine::dist::{env::DistEnv, selftest, tp_check};
 use mm_engine::eval::EvalArgs;
 use mm_engine::synth::SynthArgs;
 use mm_engine::train::args::TrainArgs;
@@ -49,6 +49,15 @@ enum Command {
         #[arg(long)]
         cp: Option<usize>,
     },
+    /// Rendezvous like collective-check and verify the tensor-parallel regions (column/row
+    /// parallel MLP, uneven gather/scatter of the last dim, sequence-parallel gather and
+    /// reduce-scatter) against the same computation in one process, forward and backward, in
+    /// f32 and f64. Prints a JSON report; fails when any check exceeds its tolerance.
+    TpCheck {
+        /// cpu (Gloo) or cuda (NCCL, device LOCAL_RANK).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -93,17 +102,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let device = match device.as_str() {
-                "cpu" => tch::Device::Cpu,
-                "cuda" => {
-                    anyhow::ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device is visible");
-                    tch::Device::Cuda(env.local_rank)
-                }
-                other => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
-            };
+            let device = check_device(&device, &env)?;
             let report = selftest::run(&env, device, bytes, dims)?;
             println!("{}", serde_json::to_string(&report)?);
         }
+        Command::TpCheck { device } => {
+            let env = DistEnv::from_process()?;
+            let report = tp_check::run(&env, check_device(&device, &env)?)?;
+            println!("{}", serde_json::to_string(&report)?);
+            report.verdict()?;
+        }
     }
     Ok(())
+}
+
+/// The --device of the check subcommands: cpu, or cuda (device LOCAL_RANK).
+fn check_device(device: &str, env: &DistEnv) -> anyhow::Result<tch::Device> {
+    match device {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => {
+            anyhow::ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device is visible");
+            Ok(tch::Device::Cuda(env.local_rank))
+        }
+        other => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
+    }
 }

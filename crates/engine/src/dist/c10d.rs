@@ -11,11 +11,12 @@ use tch::Tensor;
 struct RawStore {
     _private: [u8; 0],
 }
+/// The shim's `mm_pg` (also taken by the tensor-parallel functions in [`super::tp`]).
 #[repr(C)]
-struct RawPg {
+pub(super) struct RawPg {
     _private: [u8; 0],
 }
-type RawTensor = *mut torch_sys::C_tensor;
+pub(super) type RawTensor = *mut torch_sys::C_tensor;
 
 extern "C" {
     fn mm_c10d_free_str(s: *mut c_char);
@@ -261,8 +262,13 @@ impl ProcessGroup {
         Ok(ProcessGroup { raw, rank, size, global_rank, backend, timeout })
     }
 
+    /// The shim's handle, for the other wrappers of this module's group ([`super::tp`]).
+    pub(super) fn raw(&self) -> *mut RawPg {
+        self.raw
+    }
+
     /// [`check`] plus what the usual failures of a running job mean.
-    fn done(&self, err: *mut c_char, op: impl Into<String>) -> Result<(), DistError> {
+    pub(super) fn done(&self, err: *mut c_char, op: impl Into<String>) -> Result<(), DistError> {
         check(err, self.global_rank, op).map_err(|mut e| {
             let m = e.message.to_lowercase();
             if m.contains("timed out") || m.contains("timeout") {
@@ -280,7 +286,7 @@ impl ProcessGroup {
     /// The at::Tensor behind a tch tensor. Collectives write into the tensor's storage,
     /// never into the handle itself, so a shared borrow of an input is enough; outputs
     /// are taken as `&mut` at the API for honesty.
-    fn ptr(t: &Tensor) -> RawTensor {
+    pub(super) fn ptr(t: &Tensor) -> RawTensor {
         t.as_ptr() as RawTensor
     }
 

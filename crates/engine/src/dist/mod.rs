@@ -1,7 +1,10 @@
 //! Distribution: libtorch's c10d process groups (Gloo on CPU, NCCL on CUDA) and the
-//! rendezvous that builds them from the launcher's environment.
+//! rendezvous that builds them from the launcher's environment, and the tensor-parallel
+//! regions (autograd functions whose backward communicates) over those groups.
 
 pub mod c10d;
 pub mod env;
 pub mod groups;
 pub mod selftest;
+pub mod tp;
+pub mod tp_check;
