@@ -220,23 +220,20 @@ fn json_dry_run_is_the_same_plan_with_secrets_redacted() {
     let text = text.replacen("\nenv:\n", "\nenv:\n  HF_TOKEN: hf_very_secret_value\n", 1);
     assert!(text.contains("HF_TOKEN"), "the example has an env map to extend");
     let cluster = ClusterSpec::from_str(&text, std::path::Path::new("gpu.yaml")).unwrap();
-    // The seed's 8B recipe is TP1 × PP4: the mm-engine template cannot run it yet, so the plan
-    // refuses it (dry run included) with the fix, before any host is touched.
+    // The seed's 8B recipe is TP1 × PP4: mm-engine runs it as 4 pipeline stages (the seed's
+    // split) × 4 data-parallel replicas on the 16 GPUs.
     let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &[]).unwrap();
-    let err = Plan::build(&cluster, &recipe).unwrap_err().to_string();
-    assert!(err.contains("the mm-engine template cannot run this layout (parallel.pp 4)"), "{err}");
-    assert!(
-        err.contains(
-            "--set parallel.pp=1 --set parallel.llm_pp_layers=null --set parallel.vit_pp_layers=null`, or set \
-             `template: mindspeed-mm-torchrun`"
-        ),
-        "{err}"
-    );
-    let fix: Vec<String> =
-        ["parallel.pp=1", "parallel.llm_pp_layers=null", "parallel.vit_pp_layers=null"].map(String::from).to_vec();
-    let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &fix).unwrap();
     let plan = Plan::build(&cluster, &recipe).unwrap();
-    assert_eq!((plan.dims.pp(), plan.dims.dp()), (1, 16));
+    assert_eq!((plan.dims.pp(), plan.dims.dp()), (4, 4));
+    let args = launch::render::engine_args(&plan).join(" ");
+    assert!(args.contains("--pipeline-model-parallel-size 4"), "{args}");
+    assert!(args.contains("--llm-pp-layers 6,8,8,6 --vit-pp-layers 24,0,0,0"), "{args}");
+    // Tensor parallelism is not built in mm-engine yet: refused at plan time with the fix.
+    let tp = ["parallel.tp=2".to_string()];
+    let recipe_tp = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &tp).unwrap();
+    let err = Plan::build(&cluster, &recipe_tp).unwrap_err().to_string();
+    assert!(err.contains("the mm-engine template cannot run this layout (parallel.tp 2)"), "{err}");
+    assert!(err.contains("--set parallel.tp=1`, or set `template: mindspeed-mm-torchrun`"), "{err}");
     let r = Renderer::new(None).unwrap().render_plan(&plan, &cluster).unwrap();
     let json = dryrun::to_json(&plan, &r);
     let text_out = dryrun::to_text(&plan, &r);

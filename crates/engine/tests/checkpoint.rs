@@ -152,6 +152,8 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
     let save = dir.path().join("save");
     let out = mm_engine::train::checkpoint::save(mm_engine::train::checkpoint::SaveRequest {
         format: Default::default(),
+        layout: mm_spec::LayoutRequest { tp: 1, ..Default::default() },
+        pp_rank: 0,
         save_dir: &save,
         iteration: 1,
         preset: &s.preset,

@@ -74,9 +74,13 @@ fn launch(world: usize, args: &[String]) -> Vec<Output> {
         })
         .collect();
     let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
-    for (r, o) in outputs.iter().enumerate() {
-        assert!(o.status.success(), "{world} ranks: rank {r} failed:\n{}", text(o));
-    }
+    let failed: Vec<String> = outputs
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| !o.status.success())
+        .map(|(r, o)| format!("rank {r} failed:\n{}", text(o)))
+        .collect();
+    assert!(failed.is_empty(), "{world} ranks:\n{}", failed.join("\n"));
     outputs
 }
 
@@ -154,4 +158,58 @@ fn a_vit_off_the_first_chunk_is_refused_by_name() {
     let t = text(&o);
     assert!(t.contains("--vit-pp-layers 1,1: mm-engine runs data and pipeline parallelism"), "{t}");
     assert!(t.contains("WORLD_SIZE 1 is not a multiple of tensor × context × pipeline parallel size 2"), "{t}");
+}
+
+/// Per-stage saves: every stage writes its rank folder of one MM checkpoint (one manifest), a
+/// stopped pipeline run resumes exactly, and the same save resumes on one process (the stages'
+/// shards merge) with the same losses.
+#[test]
+fn pipeline_saves_resume_exactly_on_the_same_split_and_on_one_process() {
+    let work = tempfile::tempdir().unwrap();
+    for (world, flags) in [
+        (2, "--pipeline-model-parallel-size 2 --llm-pp-layers 3,1"),
+        (4, "--pipeline-model-parallel-size 2 --use-distributed-optimizer"),
+    ] {
+        let save = work.path().join(format!("save-{world}"));
+        let with_save = |extra: &str| {
+            let mut a = train_args(&format!("{flags} {extra}"));
+            a.push("--save".into());
+            a.push(save.display().to_string());
+            a
+        };
+        let first = launch(world, &with_save("--exit-interval 2"));
+        let second = launch(world, &with_save("--auto-resume"));
+        let got = [steps(&first[0]), steps(&second[0])].concat();
+        let want = single();
+        assert_eq!(got.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4], "{}", text(&second[0]));
+        for ((i, l, _), (_, wl, _)) in got.iter().zip(want) {
+            assert!((l - wl).abs() / wl.abs() <= 1e-5, "{flags}: iteration {i}: resumed {l} vs {wl}");
+        }
+        let iter = save.join("iter_0000004");
+        for stage in ["mp_rank_00_000", "mp_rank_00_001"] {
+            assert!(iter.join(stage).join("model.safetensors").is_file(), "{stage} of {}", iter.display());
+        }
+        let manifest: mm_spec::checkpoint::Manifest =
+            serde_json::from_str(&std::fs::read_to_string(iter.join("manifest.json")).unwrap()).unwrap();
+        manifest.verify().unwrap();
+        assert_eq!(manifest.parallel.pp, 2);
+
+        // The iteration-2 save on one process: the stages' weights (and, per parameter, their
+        // optimizer states) merge; the distributed optimizer's shards need the split they were
+        // saved with, so that one resumes weights only.
+        let mut a = train_args(if world == 4 { "--no-load-optim" } else { "" });
+        let at = a.iter().position(|x| x == "--load").unwrap() + 1;
+        a[at] = save.join("iter_0000002").display().to_string();
+        let one = launch(1, &a);
+        let s = steps(&one[0]);
+        assert_eq!(s.iter().map(|s| s.0).collect::<Vec<_>>(), [3, 4], "{}", text(&one[0]));
+        if world == 2 {
+            for ((i, l, _), (_, wl, _)) in s.iter().zip(&want[2..]) {
+                assert!(
+                    (l - wl).abs() / wl.abs() <= 1e-5,
+                    "one process from the pipeline save: iteration {i}: {l} vs {wl}"
+                );
+            }
+        }
+    }
 }

@@ -81,8 +81,31 @@ pub struct TrainerState {
 pub trait SavedState {
     fn trainer_state(&self) -> Result<Option<TrainerState>, CheckpointError>;
     fn optimizer_tensors(&self, device: Device) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError>;
-    fn saved_optimizer(&self, state: &TrainerState) -> Result<Option<SavedOptimizer>, CheckpointError>;
+    /// The optimizer state of pipeline stage `stage` (`(pp rank, pp)`; `(0, 1)` without pipelining).
+    fn saved_optimizer(
+        &self,
+        state: &TrainerState,
+        stage: (usize, usize),
+    ) -> Result<Option<SavedOptimizer>, CheckpointError>;
 }
+
+/// The rank folders (`mp_rank_*`) of an iteration folder, sorted.
+fn rank_dirs(iter_dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(iter_dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("mp_rank_") && e.path().is_dir())
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// With pipeline stages, the distributed optimizer's flat layout of each stage sits in its rank
+/// folder (each stage flattens its own parameters).
+pub const STAGE_LAYOUT_FILE: &str = "optimizer_layout.json";
 
 impl SavedState for Source {
     /// trainer_state.json of a training iteration.
@@ -96,39 +119,60 @@ impl SavedState for Source {
         serde_json::from_str(&text).map(Some).map_err(|e| format_err(&p, format!("not a trainer state: {e}")))
     }
 
-    /// The optimizer tensors, keyed as saved (`exp_avg.<mm key>`, …).
+    /// The optimizer tensors, keyed as saved (`exp_avg.<mm key>`, …), from every rank folder
+    /// (the pipeline stages each saved their own parameters').
     fn optimizer_tensors(&self, device: Device) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError> {
         let Some(iter_dir) = self.engine_dir() else { return Ok(None) };
-        let p = iter_dir.join(ck::rank_dir_name(0, 0, 1)).join(OPTIMIZER_FILE);
-        if !p.exists() {
-            return Ok(None);
-        }
-        let f = SafetensorsFile::open(&p)?;
         let mut out = BTreeMap::new();
-        for k in f.entries.keys() {
-            out.insert(k.clone(), f.read(k, device)?);
+        let mut any = false;
+        for dir in rank_dirs(iter_dir) {
+            let p = dir.join(OPTIMIZER_FILE);
+            if !p.exists() {
+                continue;
+            }
+            any = true;
+            let f = SafetensorsFile::open(&p)?;
+            for k in f.entries.keys() {
+                out.insert(k.clone(), f.read(k, device)?);
+            }
         }
-        Ok(Some(out))
+        Ok(any.then_some(out))
     }
 
     /// The optimizer state `state` describes, in whichever layout it was saved: the shard
     /// files of a distributed optimizer (opened, read lazily), or the per-parameter file.
     /// None when there is none (HF folder, --no-save-optim).
-    fn saved_optimizer(&self, state: &TrainerState) -> Result<Option<SavedOptimizer>, CheckpointError> {
+    fn saved_optimizer(
+        &self,
+        state: &TrainerState,
+        (pp_rank, pp): (usize, usize),
+    ) -> Result<Option<SavedOptimizer>, CheckpointError> {
         let Some(iter_dir) = self.engine_dir() else { return Ok(None) };
-        let Some(layout) = &state.optimizer_layout else {
-            return Ok(self.optimizer_tensors(Device::Cpu)?.map(SavedOptimizer::PerParam));
+        let rank_dir = iter_dir.join(ck::rank_dir_name(0, pp_rank, pp));
+        let stage_layout = rank_dir.join(STAGE_LAYOUT_FILE);
+        let (layout, layout_path) = match &state.optimizer_layout {
+            Some(l) => (l.clone(), iter_dir.join(STATE_FILE)),
+            None if stage_layout.exists() => {
+                let text = fs::read_to_string(&stage_layout).map_err(io(&stage_layout))?;
+                let l: FlatLayout = serde_json::from_str(&text)
+                    .map_err(|e| format_err(&stage_layout, format!("not an optimizer layout: {e}")))?;
+                (l, stage_layout)
+            }
+            None => return Ok(self.optimizer_tensors(Device::Cpu)?.map(SavedOptimizer::PerParam)),
         };
-        let state_path = iter_dir.join(STATE_FILE);
-        layout.validate().map_err(|e| format_err(&state_path, format!("optimizer_layout: {e}")))?;
-        let rank_dir = iter_dir.join(ck::rank_dir_name(0, 0, 1));
+        layout.validate().map_err(|e| format_err(&layout_path, format!("optimizer_layout: {e}")))?;
         let mut files = Vec::with_capacity(layout.dp);
         for r in 0..layout.dp {
             let p = rank_dir.join(optimizer_shard_file(r, layout.dp));
             if !p.exists() {
                 return Err(format_err(
                     &p,
-                    format!("missing: {STATE_FILE} describes a distributed optimizer over {} ranks", layout.dp),
+                    format!(
+                        "missing: {} describes a distributed optimizer over {} ranks{}",
+                        layout_path.display(),
+                        layout.dp,
+                        if pp > 1 { " (resume with the pipeline split it was saved with)" } else { "" }
+                    ),
                 ));
             }
             let f = SafetensorsFile::open(&p)?;
@@ -150,7 +194,7 @@ impl SavedState for Source {
             }
             files.push(f);
         }
-        Ok(Some(SavedOptimizer::Flat { layout: layout.clone(), files }))
+        Ok(Some(SavedOptimizer::Flat { layout, files }))
     }
 }
 
@@ -191,12 +235,16 @@ pub enum CkptFormat {
 /// Everything one save writes.
 pub struct SaveRequest<'a> {
     pub format: CkptFormat,
+    /// The layout the run trains with (tp 1; pp, vpp and the stage lists) and this rank's
+    /// pipeline stage: each stage writes its own rank folder.
+    pub layout: LayoutRequest,
+    pub pp_rank: usize,
     pub save_dir: &'a Path,
     pub iteration: u64,
     pub preset: &'a ModelPreset,
-    /// Engine parameter name → tensor (all of the model's variables).
+    /// Engine parameter name → tensor (all of this stage's variables).
     pub weights: &'a [(String, Tensor)],
-    /// Optimizer tensors keyed by MM names, None with --no-save-optim.
+    /// Optimizer tensors keyed by MM names (this stage's parameters), None with --no-save-optim.
     pub optimizer: Option<Vec<(String, Tensor)>>,
     pub state: &'a TrainerState,
     /// Folders whose config/tokenizer files go to hf_assets/ (first one wins per file name).
@@ -218,24 +266,32 @@ pub fn tmp_dir(save_dir: &Path, iteration: u64, tag: &str) -> PathBuf {
     mm_spec::io::staging_path(&iteration_dir(save_dir, Iteration::Step(iteration)), tag)
 }
 
-/// Creates the save dir and an empty temporary folder (with its rank folder), removing a stale one.
+/// Creates the save dir and an empty temporary folder, removing a stale one (each stage
+/// creates its rank folder in it).
 pub fn prepare(save_dir: &Path, tmp: &Path) -> Result<(), CheckpointError> {
     fs::create_dir_all(save_dir).map_err(io(save_dir))?;
     if tmp.exists() {
         fs::remove_dir_all(tmp).map_err(io(tmp))?;
     }
-    let rank_dir = tmp.join(ck::rank_dir_name(0, 0, 1));
-    fs::create_dir_all(&rank_dir).map_err(io(&rank_dir))
+    fs::create_dir_all(tmp).map_err(io(tmp))
 }
 
-/// Writes one DP rank's optimizer shard into the temporary folder.
+/// The rank folder of pipeline stage `pp_rank` of `pp` in `dir`, created.
+pub fn stage_dir(dir: &Path, pp_rank: usize, pp: usize) -> Result<PathBuf, CheckpointError> {
+    let d = dir.join(ck::rank_dir_name(0, pp_rank, pp));
+    fs::create_dir_all(&d).map_err(io(&d))?;
+    Ok(d)
+}
+
+/// Writes one DP rank's optimizer shard into its stage's rank folder of the temporary folder.
 pub fn write_optimizer_shard(
     tmp: &Path,
+    (pp_rank, pp): (usize, usize),
     rank: usize,
     size: usize,
     tensors: &[(String, Tensor)],
 ) -> Result<PathBuf, CheckpointError> {
-    let path = tmp.join(ck::rank_dir_name(0, 0, 1)).join(optimizer_shard_file(rank, size));
+    let path = stage_dir(tmp, pp_rank, pp)?.join(optimizer_shard_file(rank, size));
     let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t.to_device(Device::Cpu))).collect();
     let meta = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
@@ -246,24 +302,61 @@ pub fn write_optimizer_shard(
     Ok(path)
 }
 
-/// Writes the files one process writes for everyone: weights, per-parameter optimizer state
-/// (if any), hf_assets, manifest and trainer state.
+/// Writes the files one process writes for everyone (one process, or pipeline stage 0 of a
+/// single-stage run): its stage's files, then the shared ones.
 pub fn write_shared(tmp: &Path, req: &SaveRequest) -> Result<(), CheckpointError> {
-    let rank_dir = tmp.join(ck::rank_dir_name(0, 0, 1));
+    let dtype = write_stage(tmp, req)?;
+    write_common(tmp, req, dtype)
+}
+
+/// The layout of a request.
+fn resolve_layout(req: &SaveRequest) -> Result<MmLayout, CheckpointError> {
+    MmLayout::resolve(req.preset, &req.layout).map_err(|e| format_err(req.save_dir, e.to_string()))
+}
+
+/// Writes this pipeline stage's weights (and per-parameter optimizer state) into its rank
+/// folder; returns the weights' dtype.
+pub fn write_stage(tmp: &Path, req: &SaveRequest) -> Result<Option<DType>, CheckpointError> {
+    let layout = resolve_layout(req)?;
+    let rank_dir = stage_dir(tmp, req.pp_rank, layout.pp)?;
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let (dtype, manifest) = match req.format {
-        CkptFormat::Mm => {
-            let (dtype, manifest) = write_mm_weights(&rank_dir, req)?;
-            (dtype, Some(manifest))
-        }
-        CkptFormat::Torch => (write_torch_weights(&rank_dir, req)?, None),
+    let dtype = match req.format {
+        CkptFormat::Mm => write_mm_weights(&rank_dir, req, &layout)?,
+        CkptFormat::Torch => write_torch_weights(&rank_dir, req, &layout)?,
     };
     if let Some(opt) = &req.optimizer {
         let opt: Vec<(String, Tensor)> = opt.iter().map(|(k, t)| (k.clone(), t.to_device(Device::Cpu))).collect();
         st::write(&rank_dir.join(OPTIMIZER_FILE), &opt, &meta)?;
     }
     fsync_dir(&rank_dir)?;
+    Ok(dtype)
+}
 
+/// Writes a distributed optimizer's flat layout of this stage beside its shards (pipeline
+/// runs; one stage keeps it in trainer_state.json).
+pub fn write_stage_layout(
+    tmp: &Path,
+    (pp_rank, pp): (usize, usize),
+    layout: &FlatLayout,
+) -> Result<(), CheckpointError> {
+    let path = stage_dir(tmp, pp_rank, pp)?.join(STAGE_LAYOUT_FILE);
+    write_synced(&path, serde_json::to_string_pretty(layout).expect("json").as_bytes())?;
+    Ok(())
+}
+
+/// Writes what the whole save shares: hf_assets (config.json of the architecture, tokenizer and
+/// other small files), the manifest (MM format: every stage's tensors, in `dtype`) and the
+/// trainer state.
+pub fn write_common(tmp: &Path, req: &SaveRequest, dtype: Option<DType>) -> Result<(), CheckpointError> {
+    let manifest = match req.format {
+        CkptFormat::Mm => {
+            let layout = resolve_layout(req)?;
+            let plan = plan_checkpoint(req.preset, &layout).map_err(|e| format_err(req.save_dir, e.to_string()))?;
+            let dt = dtype.unwrap_or(DType::F32);
+            Some(Manifest::new(Iteration::Step(req.iteration), req.preset, &layout, &plan, |_| dt))
+        }
+        CkptFormat::Torch => None,
+    };
     // hf_assets: config.json of the architecture, then tokenizer and other small files.
     let assets = tmp.join(HF_ASSETS_DIR);
     fs::create_dir_all(&assets).map_err(io(&assets))?;
@@ -295,16 +388,14 @@ pub fn write_shared(tmp: &Path, req: &SaveRequest) -> Result<(), CheckpointError
     Ok(())
 }
 
-/// The weights in the MM layout at tp 1, pp 1 (`model.safetensors`); returns their dtype and
-/// the manifest (its `hf_assets` filled in by the caller).
-fn write_mm_weights(rank_dir: &Path, req: &SaveRequest) -> Result<(Option<DType>, Manifest), CheckpointError> {
-    let layout = MmLayout::resolve(req.preset, &LayoutRequest { tp: 1, ..LayoutRequest::default() })
-        .map_err(|e| format_err(req.save_dir, e.to_string()))?;
-    let plan = plan_checkpoint(req.preset, &layout).map_err(|e| format_err(req.save_dir, e.to_string()))?;
+/// This stage's weights in the MM layout (`model.safetensors`, stage-local keys, vocabulary
+/// rows padded as Megatron does); returns their dtype.
+fn write_mm_weights(rank_dir: &Path, req: &SaveRequest, layout: &MmLayout) -> Result<Option<DType>, CheckpointError> {
+    let plan = plan_checkpoint(req.preset, layout).map_err(|e| format_err(req.save_dir, e.to_string()))?;
     let by_name: HashMap<&str, &Tensor> = req.weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut tensors = Vec::with_capacity(plan.len());
     let mut dtypes = Vec::with_capacity(plan.len());
-    for t in &plan {
+    for t in plan.iter().filter(|t| t.pp_rank == req.pp_rank) {
         let name = from_mm(&t.key).unwrap_or_default();
         let Some(w) = by_name.get(name.as_str()) else {
             return Err(format_err(req.save_dir, format!("the model has no parameter {name} for {}", t.key)));
@@ -323,14 +414,17 @@ fn write_mm_weights(rank_dir: &Path, req: &SaveRequest) -> Result<(Option<DType>
     }
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     st::write(&rank_dir.join(ck::SHARD_FILE), &tensors, &meta)?;
-    let manifest = Manifest::new(Iteration::Step(req.iteration), req.preset, &layout, &plan, |i| dtypes[i]);
-    Ok((dtypes.first().copied(), manifest))
+    Ok(dtypes.first().copied())
 }
 
 /// The weights as MindSpeed-MM's `model_optim_rng.pt` at tp 1, pp 1 (mm-spec's MindSpeed plan:
 /// its names, the LLM's fused qkv and gate/up, no vocabulary padding), with the iteration as
 /// Megatron's training saves record it; returns their dtype.
-fn write_torch_weights(rank_dir: &Path, req: &SaveRequest) -> Result<Option<DType>, CheckpointError> {
+fn write_torch_weights(
+    rank_dir: &Path,
+    req: &SaveRequest,
+    layout: &MmLayout,
+) -> Result<Option<DType>, CheckpointError> {
     if req.preset.llm.tie_word_embeddings {
         return Err(format_err(
             req.save_dir,
@@ -338,12 +432,20 @@ fn write_torch_weights(rank_dir: &Path, req: &SaveRequest) -> Result<Option<DTyp
              layout cannot express (every InternVL3 size has its own output_layer); save with --ckpt-format mm",
         ));
     }
-    let layout = MmLayout::resolve(req.preset, &LayoutRequest { tp: 1, ..LayoutRequest::default() })
-        .map_err(|e| format_err(req.save_dir, e.to_string()))?;
-    let plan = plan_mindspeed(req.preset, &layout).map_err(|e| format_err(req.save_dir, e.to_string()))?;
+    let plan = plan_mindspeed(req.preset, layout).map_err(|e| format_err(req.save_dir, e.to_string()))?;
+    let Some(file) = plan.files.iter().find(|f| f.tp_rank == 0 && f.pp_rank == req.pp_rank) else {
+        return Err(format_err(req.save_dir, format!("the layout plans no file for pipeline stage {}", req.pp_rank)));
+    };
+    let mine: std::collections::BTreeSet<usize> =
+        file.chunks.iter().flat_map(|(_, ts)| ts.iter().flat_map(|t| t.pieces.iter().map(|p| p.0))).collect();
     let by_name: HashMap<&str, &Tensor> = req.weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut logical = Vec::with_capacity(plan.tensors.len());
-    for p in &plan.tensors {
+    for (i, p) in plan.tensors.iter().enumerate() {
+        if !mine.contains(&i) {
+            // Another stage's tensor: never read here (a placeholder keeps the indices).
+            logical.push(Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+            continue;
+        }
         let name = from_mm(&p.tensor.key).unwrap_or_default();
         let Some(w) = by_name.get(name.as_str()) else {
             return Err(format_err(req.save_dir, format!("the model has no parameter {name} for {}", p.tensor.key)));
@@ -352,9 +454,6 @@ fn write_torch_weights(rank_dir: &Path, req: &SaveRequest) -> Result<Option<DTyp
         logical.push(w.detach().to_device(Device::Cpu).reshape([rows, -1]));
     }
     let dtypes: Vec<DType> = logical.iter().map(|t| dtype_of_kind(t.kind())).collect();
-    let [file] = plan.files.as_slice() else {
-        return Err(format_err(req.save_dir, format!("tp 1 × pp 1 planned {} files", plan.files.len())));
-    };
     let path = rank_dir.join(MINDSPEED_FILE);
     let extra = vec![(Value::Str("iteration".into()), Value::Int(req.iteration as i64))];
     write_mindspeed_file(
@@ -372,7 +471,7 @@ fn write_torch_weights(rank_dir: &Path, req: &SaveRequest) -> Result<Option<DTyp
             w.write(&bytes).map_err(CheckpointError::from)
         },
     )?;
-    Ok(dtypes.first().copied())
+    Ok(mine.first().map(|&i| dtypes[i]))
 }
 
 fn dtype_of_kind(kind: Kind) -> DType {
@@ -386,7 +485,9 @@ fn dtype_of_kind(kind: Kind) -> DType {
 /// Fsyncs the temporary folder, renames it into place and points the tracker at it.
 pub fn commit(save_dir: &Path, tmp: &Path, iteration: u64) -> Result<PathBuf, CheckpointError> {
     let it = Iteration::Step(iteration);
-    fsync_dir(&tmp.join(ck::rank_dir_name(0, 0, 1)))?;
+    for d in rank_dirs(tmp) {
+        fsync_dir(&d)?;
+    }
     fsync_dir(tmp)?;
     let final_dir = iteration_dir(save_dir, it);
     if let Some(note) = mm_spec::io::move_into_place(tmp, &final_dir).map_err(WeightsError::from)? {

@@ -227,6 +227,14 @@ impl DataParallel {
         })
     }
 
+    /// Waits for every rank of the job (pipeline checkpoints: all stages write into one folder).
+    pub fn world_barrier(&self, what: &str) -> Result<(), DistError> {
+        match &self.groups {
+            Some(g) => g.world.barrier().map_err(|e| e.during(what)),
+            None => Ok(()),
+        }
+    }
+
     /// Waits for every DP rank (before and after checkpoint writes).
     pub fn barrier(&self, what: &str) -> Result<(), DistError> {
         match self.pg() {

@@ -193,6 +193,8 @@ impl Optim {
 /// What a checkpoint save needs besides the optimizer and the counters.
 struct Saver<'a> {
     a: &'a TrainArgs,
+    /// The layout the run trains with (each pipeline stage saves its part of it).
+    layout: mm_spec::LayoutRequest,
     r: &'a Resolved,
     session: &'a Session,
     dp: &'a DataParallel,
@@ -228,18 +230,23 @@ impl Saver<'_> {
             lr: c.lr,
             loss: c.loss,
             data_parallel_size: (dp.size > 1).then_some(dp.size),
+            // With pipeline stages each keeps its own beside its shards.
             optimizer_layout: match opt {
-                Optim::Sharded(z) if save_optim => Some(z.layout.clone()),
+                Optim::Sharded(z) if save_optim && dp.pp_size == 1 => Some(z.layout.clone()),
                 _ => None,
             },
         };
+        let stage = (dp.pp_rank, dp.pp_size);
         let tmp = checkpoint::tmp_dir(dir, c.iteration, &self.tag);
-        if dp.rank == 0 {
+        if dp.global_rank == 0 {
             checkpoint::prepare(dir, &tmp).with_context(what)?;
         }
-        dp.barrier("checkpoint: temporary folder ready")?; // SYNC
+        dp.world_barrier("checkpoint: temporary folder ready")?; // SYNC
         if let (Optim::Sharded(z), true) = (opt, save_optim) {
-            checkpoint::write_optimizer_shard(&tmp, dp.rank, dp.size, &z.state_tensors()).with_context(what)?;
+            checkpoint::write_optimizer_shard(&tmp, stage, dp.rank, dp.size, &z.state_tensors()).with_context(what)?;
+            if dp.rank == 0 && dp.pp_size > 1 {
+                checkpoint::write_stage_layout(&tmp, stage, &z.layout).with_context(what)?;
+            }
         }
         if dp.rank == 0 {
             let weights = self.session.named_parameters();
@@ -249,6 +256,8 @@ impl Saver<'_> {
             };
             let req = SaveRequest {
                 format: self.a.ckpt_format,
+                layout: self.layout.clone(),
+                pp_rank: dp.pp_rank,
                 save_dir: dir,
                 iteration: c.iteration,
                 preset: &self.session.preset,
@@ -257,18 +266,21 @@ impl Saver<'_> {
                 state: &state,
                 assets_from: self.session.assets.clone(),
             };
-            checkpoint::write_shared(&tmp, &req).with_context(what)?;
+            let dtype = checkpoint::write_stage(&tmp, &req).with_context(what)?;
+            if dp.pp_rank == 0 {
+                checkpoint::write_common(&tmp, &req, dtype).with_context(what)?;
+            }
         }
-        dp.barrier("checkpoint: every rank's files written")?; // SYNC
-        let path = if dp.rank == 0 {
+        dp.world_barrier("checkpoint: every rank's files written")?; // SYNC
+        let path = if dp.global_rank == 0 {
             checkpoint::commit(dir, &tmp, c.iteration).with_context(what)?
         } else {
             iteration_dir(dir, Iteration::Step(c.iteration))
         };
-        dp.barrier("checkpoint: committed")?; // SYNC
+        dp.world_barrier("checkpoint: committed")?; // SYNC
         if let (Optim::Sharded(_), true) = (opt, save_optim) {
             let mine = path
-                .join(mm_spec::checkpoint::rank_dir_name(0, 0, 1))
+                .join(mm_spec::checkpoint::rank_dir_name(0, dp.pp_rank, dp.pp_size))
                 .join(source::optimizer_shard_file(dp.rank, dp.size));
             anyhow::ensure!(
                 mine.exists(),
@@ -442,7 +454,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
                         src.describe()
                     )
                 })?;
-                let saved = src.saved_optimizer(&state)?.with_context(|| {
+                let saved = src.saved_optimizer(&state, (dp.pp_rank, dp.pp_size))?.with_context(|| {
                     format!("{}: {} is missing; pass --no-load-optim", src.describe(), source::OPTIMIZER_FILE)
                 })?;
                 resume_optim = Some((saved, step));
@@ -484,7 +496,10 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     // Replicas start identical whatever each rank loaded or initialized.
     let all_params: Vec<Tensor> = session.named_parameters().into_iter().map(|(_, t)| t).collect();
     dp.broadcast(&all_params, bucket_bytes, "initial parameters from data-parallel rank 0")?; // SYNC
-    let tag = dp.gather(std::process::id() as i64, "run tag")?[0].to_string(); // SYNC
+                                                                                              // Global rank 0's process id: its DP group's first, then down the pipeline.
+    let tag = dp.gather(std::process::id() as i64, "run tag")?[0]; // SYNC
+    let first_stage = if dp.pp_rank == 0 { tag as f64 } else { 0.0 };
+    let tag = (dp.pp_sum(&[first_stage], "run tag")?[0] as i64).to_string(); // SYNC
 
     let cfg = AdamWConfig { beta1: a.adam_beta1, beta2: a.adam_beta2, eps: a.adam_eps, weight_decay: a.weight_decay };
     let sharded = a.use_distributed_optimizer && dp.size > 1;
@@ -545,7 +560,8 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
             );
         }
     }
-    let saver = Saver { a: &a, r: &r, session: &session, dp: &dp, seed, tag };
+    let layout = save_layout(&a, &preset)?;
+    let saver = Saver { a: &a, layout, r: &r, session: &session, dp: &dp, seed, tag };
 
     if iteration >= a.train_iters {
         println!(
@@ -765,4 +781,29 @@ fn stage_parts(a: &TrainArgs, preset: &mm_spec::ModelPreset, pp_rank: usize) -> 
             StagePart { first: c == 0, llm_layers: stages[c].layers(), last: c + 1 == chunks }
         })
         .collect())
+}
+
+/// The layout saves describe: tp 1, this run's pipeline split (mm-spec's, as the stages were
+/// built) with the ViT on the first chunk.
+fn save_layout(a: &TrainArgs, preset: &mm_spec::ModelPreset) -> anyhow::Result<mm_spec::LayoutRequest> {
+    let pp = a.pipeline_model_parallel_size.max(1);
+    let vpp = a.virtual_pipeline_model_parallel_size.filter(|&v| v > 1);
+    let llm = a
+        .llm_pp_layers
+        .as_deref()
+        .map(|s| s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
+    let stages = mm_spec::layout::split_layers(preset.llm.num_hidden_layers, pp, vpp, llm.as_deref())
+        .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
+    let vit = mm_spec::layout::vit_pp_layers_or_default(None, preset.vision.num_hidden_layers, pp, vpp);
+    Ok(mm_spec::LayoutRequest {
+        tp: 1,
+        pp: Some(pp),
+        vpp,
+        llm_pp_layers: Some(stages.iter().map(|s| s.num_layers).collect()),
+        vit_pp_layers: Some(vit),
+        unaligned_linear: false,
+        make_vocab_size_divisible_by: None,
+    })
 }
