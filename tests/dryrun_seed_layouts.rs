@@ -228,12 +228,21 @@ fn json_dry_run_is_the_same_plan_with_secrets_redacted() {
     let args = launch::render::engine_args(&plan).join(" ");
     assert!(args.contains("--pipeline-model-parallel-size 4"), "{args}");
     assert!(args.contains("--llm-pp-layers 6,8,8,6 --vit-pp-layers 24,0,0,0"), "{args}");
-    // Tensor parallelism is not built in mm-engine yet: refused at plan time with the fix.
-    let tp = ["parallel.tp=2".to_string()];
+    // The 78B's tensor parallelism runs too (8 ranks × 2 stages on the 16 GPUs); context
+    // parallelism is not built in mm-engine yet: refused at plan time with the fix.
+    let tp = ["parallel.tp=8", "parallel.pp=2", "parallel.llm_pp_layers=null"].map(String::from);
     let recipe_tp = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &tp).unwrap();
-    let err = Plan::build(&cluster, &recipe_tp).unwrap_err().to_string();
-    assert!(err.contains("the mm-engine template cannot run this layout (parallel.tp 2)"), "{err}");
-    assert!(err.contains("--set parallel.tp=1`, or set `template: mindspeed-mm-torchrun`"), "{err}");
+    let tp_plan = Plan::build(&cluster, &recipe_tp).map_err(|e| e.to_string());
+    assert!(
+        tp_plan.as_ref().is_ok_and(|p| (p.dims.tp(), p.dims.pp()) == (8, 2))
+            || tp_plan.as_ref().is_err_and(|e| !e.contains("mm-engine template cannot run")),
+        "{tp_plan:?}"
+    );
+    let cp = ["parallel.cp=2".to_string()];
+    let recipe_cp = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &cp).unwrap();
+    let err = Plan::build(&cluster, &recipe_cp).unwrap_err().to_string();
+    assert!(err.contains("the mm-engine template cannot run this layout (parallel.cp 2)"), "{err}");
+    assert!(err.contains("--set parallel.cp=1`, or set `template: mindspeed-mm-torchrun`"), "{err}");
     let r = Renderer::new(None).unwrap().render_plan(&plan, &cluster).unwrap();
     let json = dryrun::to_json(&plan, &r);
     let text_out = dryrun::to_text(&plan, &r);

@@ -77,7 +77,7 @@ fn engine_steps(dir: &Path, steps: usize, warmup: usize) -> Run {
     let preset = src.preset("bench").expect("preset");
     let vs = VarStore::new(Device::Cpu);
     let model = InternVL::new(&vs.root(), &preset, IMAGE_TOKEN, !src.has_lm_head());
-    src.load_weights(&vs, false).expect("load weights");
+    src.load_weights(&vs, false, None).expect("load weights");
     let f = SafetensorsFile::open(&dir.join("batch.safetensors")).expect("batch");
     let read = |k: &str| f.read(k, Device::Cpu).expect(k);
     let input = ModelInput {

@@ -87,6 +87,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         seed: a.seed,
         bf16: false,
         parts: None,
+        tp: None,
     })?;
     let cfg = a.pre.data_config(&session.preset, a.seq_length);
     let ds = open_dataset(&a.data, a.data_folder.as_deref(), &session, cfg)?;

@@ -11,9 +11,11 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::Batch;
+use crate::model::tp::Tp;
 use crate::model::{InternVL, ModelInput, StagePart};
 use crate::tokenizer::ChatTokenizer;
 use crate::weights::checkpoint::{self, Source};
+use crate::weights::slices::TpSlices;
 
 pub fn pick_device(spec: &str) -> anyhow::Result<Device> {
     Ok(match spec {
@@ -71,10 +73,19 @@ pub struct Session {
     pub device: Device,
     /// Folders whose config/tokenizer files a save carries along.
     pub assets: Vec<PathBuf>,
+    /// This rank's tensor-parallel slices (None: whole tensors).
+    pub slices: Option<TpSlices>,
 }
 
-/// This rank's pipeline chunks for an architecture.
-pub type PartsOf<'a> = dyn Fn(&ModelPreset) -> anyhow::Result<Vec<StagePart>> + 'a;
+/// What this rank builds of a model: its pipeline chunks, and with tensor parallelism its
+/// slices of every split tensor.
+pub struct RankModel {
+    pub parts: Vec<StagePart>,
+    pub slices: Option<TpSlices>,
+}
+
+/// This rank's share of an architecture.
+pub type PartsOf<'a> = dyn Fn(&ModelPreset) -> anyhow::Result<RankModel> + 'a;
 
 pub struct SessionOptions<'a> {
     pub model: &'a str,
@@ -87,6 +98,8 @@ pub struct SessionOptions<'a> {
     /// The pipeline chunks this rank builds, in order, for the checkpoint's architecture
     /// (None: the whole model). Each loads only its own tensors.
     pub parts: Option<&'a PartsOf<'a>>,
+    /// This rank's tensor-parallel group (None: whole layers).
+    pub tp: Option<Tp>,
 }
 
 impl Session {
@@ -145,18 +158,20 @@ impl Session {
         preset.llm.tie_word_embeddings = tie;
         tch::manual_seed(o.seed as i64);
         let mut vs = VarStore::new(o.device);
-        let parts = match o.parts {
+        let RankModel { parts, slices } = match o.parts {
             Some(f) => f(&preset)?,
-            None => vec![StagePart::whole(&preset)],
+            None => RankModel { parts: vec![StagePart::whole(&preset)], slices: None },
         };
         let staged = parts.len() > 1 || parts[0] != StagePart::whole(&preset);
+        let tp = o.tp.clone().unwrap_or_else(Tp::single);
         let mut chunks: Vec<InternVL> = parts
             .into_iter()
-            .map(|part| InternVL::part(&vs.root(), &preset, tokenizer.special.img_context, tie, part))
-            .collect();
+            .map(|part| InternVL::part(&vs.root(), &preset, tokenizer.special.img_context, tie, part, &tp))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("model {} split over {} tensor-parallel ranks", preset.name, tp.size))?;
         let model = chunks.remove(0);
         if let Some(s) = &source {
-            s.load_weights(&vs, staged).with_context(|| format!("loading {}", s.describe()))?;
+            s.load_weights(&vs, staged, slices.as_ref()).with_context(|| format!("loading {}", s.describe()))?;
         }
         if o.bf16 {
             vs.bfloat16();
@@ -171,7 +186,7 @@ impl Session {
             tok_path.parent().map(Path::to_path_buf).unwrap_or_default()
         };
         assets.push(tok_dir);
-        Ok(Session { vs, model, more_chunks: chunks, preset, tokenizer, source, device: o.device, assets })
+        Ok(Session { vs, model, more_chunks: chunks, preset, tokenizer, source, device: o.device, assets, slices })
     }
 
     /// This rank's model chunks in order (one without a virtual pipeline).

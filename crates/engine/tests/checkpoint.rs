@@ -37,7 +37,7 @@ fn a_mismatched_checkpoint_reports_every_problem_at_once() {
     let target = model(&other, 1);
     let before: Vec<(String, Tensor)> = sorted(&target).into_iter().map(|(n, t)| (n, t.copy())).collect();
     let ck = HfCheckpoint::open(dir.path()).unwrap();
-    let err = hf::load_into(&target, &ck, false).unwrap_err().to_string();
+    let err = hf::load_into(&target, &ck, false, None).unwrap_err().to_string();
     for want in [
         "missing: vision_model.encoder.layers.0.attn.q_norm.weight",
         "missing: vision_model.encoder.layers.1.attn.k_norm.weight",
@@ -110,7 +110,7 @@ fn an_mm_checkpoint_split_for_tp2_pp2_loads_as_the_whole_model() {
     assert!(matches!(source, Source::Mm { .. }));
     assert_eq!(source.iteration(), None, "a converted checkpoint is not a training state");
     let target = model(&arch, 4);
-    source.load_weights(&target, false).unwrap();
+    source.load_weights(&target, false, None).unwrap();
     for (name, t) in sorted(&target) {
         assert!(t.equal(&weights[&name]), "{name} differs after merging the shards");
     }
@@ -132,6 +132,7 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
         seed: 0,
         bf16: false,
         parts: None,
+        tp: None,
     })
     .unwrap();
     assert!(s.model.language_model.lm_head.is_none());
@@ -153,7 +154,7 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
     let out = mm_engine::train::checkpoint::save(mm_engine::train::checkpoint::SaveRequest {
         format: Default::default(),
         layout: mm_spec::LayoutRequest { tp: 1, ..Default::default() },
-        pp_rank: 0,
+        rank: mm_engine::train::checkpoint::RankDir::SINGLE,
         save_dir: &save,
         iteration: 1,
         preset: &s.preset,

@@ -7,8 +7,9 @@
 //!   sharded optimizer state resumes on 1 and 4 ranks (resharded);
 //! - a killed or stopped rank makes the others fail fast with an error naming the collective.
 
+mod ranks;
+
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -17,22 +18,7 @@ use std::time::{Duration, Instant};
 
 use mm_spec::checkpoint::Manifest;
 use mm_spec::ProgressEvent;
-
-fn engine() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mm-engine"));
-    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MM_BIND_ADDR"] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
-}
+use ranks::{engine, events, free_port, launch, rank_cmd, steps, text};
 
 fn synth() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -63,49 +49,6 @@ fn train_args(extra: &str) -> Vec<String> {
     v.extend(common.split_whitespace().map(String::from));
     v.extend(extra.split_whitespace().map(String::from));
     v
-}
-
-/// Rank `rank` of `world`, as the launcher starts it.
-fn rank_cmd(rank: usize, world: usize, port: u16, timeout_s: u64, args: &[String]) -> Command {
-    let mut c = engine();
-    c.args(args)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("LOCAL_WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("MM_DIST_TIMEOUT_S", timeout_s.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
-/// Runs `world` ranks to the end; every one must succeed.
-fn launch(world: usize, args: &[String]) -> Vec<Output> {
-    let port = free_port();
-    let children: Vec<Child> =
-        (0..world).map(|r| rank_cmd(r, world, port, 60, args).spawn().expect("spawn mm-engine")).collect();
-    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
-    for (r, o) in outputs.iter().enumerate() {
-        assert!(o.status.success(), "{world} ranks: rank {r} failed:\n{}", text(o));
-    }
-    outputs
-}
-
-fn events(o: &Output) -> Vec<ProgressEvent> {
-    String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| ProgressEvent::parse(l)?.ok()).collect()
-}
-
-/// (iteration, loss, grad norm) of each logged step.
-fn steps(o: &Output) -> Vec<(u64, f64, f64)> {
-    events(o)
-        .into_iter()
-        .filter_map(|e| match e {
-            ProgressEvent::Step(p) => Some((p.iteration, p.loss, p.grad_norm.unwrap_or(f64::NAN))),
-            _ => None,
-        })
-        .collect()
 }
 
 fn rel(a: f64, b: f64) -> f64 {

@@ -90,7 +90,7 @@ fn load(folder: &Path) -> (VarStore, InternVL) {
     let preset = src.preset("reference").unwrap();
     let vs = VarStore::new(Device::Cpu);
     let model = InternVL::new(&vs.root(), &preset, IMAGE_TOKEN, !src.has_lm_head());
-    src.load_weights(&vs, false).unwrap_or_else(|e| panic!("{}: {e:#}", folder.display()));
+    src.load_weights(&vs, false, None).unwrap_or_else(|e| panic!("{}: {e:#}", folder.display()));
     (vs, model)
 }
 

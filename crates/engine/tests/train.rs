@@ -239,13 +239,13 @@ fn unsupported_flags_fail_with_a_clear_message() {
     let o = engine()
         .args(["train", "--data-path"])
         .arg(d.join("data/train.jsonl"))
-        .args(["--lr", "0.001", "--train-iters", "2", "--tensor-model-parallel-size", "2", "--fp16"])
-        .args(["--pipeline-model-parallel-size", "1", "--context-parallel-size", "1"])
+        .args(["--lr", "0.001", "--train-iters", "2", "--context-parallel-size", "2", "--fp16"])
+        .args(["--pipeline-model-parallel-size", "1", "--tensor-model-parallel-size", "1"])
         .output()
         .unwrap();
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("--tensor-model-parallel-size 2: mm-engine runs data and pipeline parallelism"), "{t}");
+    assert!(t.contains("--context-parallel-size 2: mm-engine runs data, tensor and pipeline parallelism"), "{t}");
     assert!(t.contains("--fp16"), "every problem is reported at once: {t}");
     // WORLD_SIZE > 1 is data parallelism, which needs the rest of the launcher's environment.
     let o = train_cmd("--lr 0.001 --train-iters 2").env("WORLD_SIZE", "2").env_remove("RANK").output().unwrap();

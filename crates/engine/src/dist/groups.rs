@@ -3,6 +3,7 @@
 //! (`<kind>/<index>`) on the one TCPStore, so only its members rendezvous for it; a rank
 //! creates exactly the groups it belongs to.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mm_spec::layout::{GroupKind, ParallelDims};
@@ -14,7 +15,8 @@ use super::env::DistEnv;
 pub struct Group {
     pub kind: GroupKind,
     pub ranks: Vec<usize>,
-    pub pg: ProcessGroup,
+    /// Shared with the model's tensor-parallel layers, which keep the group they run on.
+    pub pg: Arc<ProcessGroup>,
 }
 
 impl Group {
@@ -104,7 +106,7 @@ impl ParallelGroups {
             let me = ranks.iter().position(|r| *r == env.rank).expect("member");
             let sub = store.prefixed(&format!("{}/{index}/", kind_name(kind)))?;
             let pg = ProcessGroup::new(&sub, backend, me, ranks.len(), bind.as_deref(), timeout)?;
-            Ok(Group { kind, ranks, pg })
+            Ok(Group { kind, ranks, pg: Arc::new(pg) })
         };
         Ok(ParallelGroups {
             dims,

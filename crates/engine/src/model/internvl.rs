@@ -12,7 +12,9 @@ use tch::{Kind, Tensor};
 
 use super::projector::{pixel_shuffle, Projector};
 use super::qwen2::{LlmPart, Qwen2};
+use super::tp::Tp;
 use super::vit::VisionModel;
+use mm_spec::layout::LayoutError;
 
 /// One forward's inputs, already on the model's device.
 #[derive(Debug)]
@@ -35,6 +37,9 @@ pub enum ForwardError {
     ImageTokenMismatch { tokens: i64, tiles: i64, features: i64, per_tile: i64 },
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
+    /// A tensor-parallel collective failed (it names the rank and the operation).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::c10d::DistError),
 }
 
 /// The part of the model one pipeline chunk holds (the whole model without pipelining).
@@ -71,24 +76,40 @@ impl InternVL {
     /// Builds every parameter under `root` (normally `vs.root()`); `tie_lm_head` shares the
     /// output projection with `embed_tokens` (for checkpoints without `lm_head`).
     pub fn new(root: &Path, cfg: &ModelPreset, img_context_id: i64, tie_lm_head: bool) -> InternVL {
-        InternVL::part(root, cfg, img_context_id, tie_lm_head, StagePart::whole(cfg))
+        InternVL::part(root, cfg, img_context_id, tie_lm_head, StagePart::whole(cfg), &Tp::single())
+            .expect("one rank splits nothing")
     }
 
-    /// Builds one pipeline chunk's parameters (original names, global layer numbers).
-    pub fn part(root: &Path, cfg: &ModelPreset, img_context_id: i64, tie_lm_head: bool, part: StagePart) -> InternVL {
+    /// Builds one pipeline chunk's parameters (original names, global layer numbers), with
+    /// this tensor-parallel rank's slices (see `model::tp`).
+    pub fn part(
+        root: &Path,
+        cfg: &ModelPreset,
+        img_context_id: i64,
+        tie_lm_head: bool,
+        part: StagePart,
+        tp: &Tp,
+    ) -> Result<InternVL, LayoutError> {
         let shuffle = (1.0 / cfg.downsample_ratio).round() as i64;
         let llm = LlmPart { embed: part.first, layers: part.llm_layers.clone(), head: part.last };
-        InternVL {
+        let (vision_model, mlp1) = if part.first {
+            let (proj_in, hidden) = (cfg.projector_in() as i64, cfg.llm.hidden_size as i64);
+            (
+                Some(VisionModel::new(root.sub("vision_model"), &cfg.vision, tp)?),
+                Some(Projector::new(root.sub("mlp1"), proj_in, hidden, tp)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(InternVL {
             cfg: cfg.clone(),
-            vision_model: part.first.then(|| VisionModel::new(root.sub("vision_model"), &cfg.vision)),
-            mlp1: part
-                .first
-                .then(|| Projector::new(root.sub("mlp1"), cfg.projector_in() as i64, cfg.llm.hidden_size as i64)),
-            language_model: Qwen2::part(root.sub("language_model"), &cfg.llm, tie_lm_head, &llm),
+            vision_model,
+            mlp1,
+            language_model: Qwen2::part(root.sub("language_model"), &cfg.llm, tie_lm_head, &llm, tp)?,
             part,
             img_context_id,
             shuffle,
-        }
+        })
     }
 
     /// Image tokens per tile (256 at 448 px, 16 for the tiny preset).
@@ -97,12 +118,12 @@ impl InternVL {
     }
 
     /// Tiles [N, 3, S, S] → image embeddings [N, tokens_per_tile, H].
-    pub fn embed_images(&self, pixel_values: &Tensor, train: bool) -> Tensor {
+    pub fn embed_images(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor, ForwardError> {
         let (vit, mlp1) = match (&self.vision_model, &self.mlp1) {
             (Some(v), Some(m)) => (v, m),
             _ => panic!("the vision model is on the first pipeline chunk"),
         };
-        let h = vit.forward(pixel_values, train);
+        let h = vit.forward(pixel_values, train)?;
         let (n, t, c) = h.size3().expect("vit output is [N, 1 + G², C]");
         let g = ((t - 1) as f64).sqrt().round() as i64;
         let grid = h.narrow(1, 1, t - 1).reshape([n, g, g, c]);
@@ -111,7 +132,7 @@ impl InternVL {
 
     /// Input embeddings with the image features scattered over the `<IMG_CONTEXT>` positions.
     pub fn input_embeddings(&self, input: &ModelInput, train: bool) -> Result<Tensor, ForwardError> {
-        let embeds = self.language_model.embed(&input.input_ids);
+        let embeds = self.language_model.embed(&input.input_ids)?;
         let selected = input.input_ids.eq(self.img_context_id);
         let tokens = selected.sum(Kind::Int64).int64_value(&[]);
         let per_tile = self.tokens_per_tile();
@@ -122,7 +143,7 @@ impl InternVL {
         let Some(pixels) = input.pixel_values.as_ref().filter(|_| tiles > 0) else {
             return Ok(embeds);
         };
-        let features = self.embed_images(pixels, train).to_kind(embeds.kind());
+        let features = self.embed_images(pixels, train)?.to_kind(embeds.kind());
         let mask = selected.unsqueeze(-1).expand_as(&embeds);
         Ok(embeds.f_masked_scatter(&mask, &features)?)
     }
@@ -130,12 +151,12 @@ impl InternVL {
     /// Final hidden states [B, T, H].
     pub fn hidden_states(&self, input: &ModelInput, train: bool) -> Result<Tensor, ForwardError> {
         let embeds = self.input_embeddings(input, train)?;
-        Ok(self.language_model.forward_embeds(&embeds, &input.attention_mask))
+        self.language_model.forward_embeds(&embeds, &input.attention_mask)
     }
 
     /// Logits [B, T, V].
     pub fn forward(&self, input: &ModelInput, train: bool) -> Result<Tensor, ForwardError> {
-        Ok(self.language_model.logits(&self.hidden_states(input, train)?))
+        self.language_model.logits(&self.hidden_states(input, train)?)
     }
 
     /// One pipeline chunk's forward: the first chunk embeds `input` (`received` is None), the
@@ -151,7 +172,11 @@ impl InternVL {
             Some(h) => h.shallow_clone(),
             None => self.input_embeddings(input, train)?,
         };
-        let h = self.language_model.forward_layers(&h, &input.attention_mask);
-        Ok(if self.part.last { self.language_model.logits(&self.language_model.final_norm(&h)) } else { h })
+        let h = self.language_model.forward_layers(&h, &input.attention_mask)?;
+        if self.part.last {
+            self.language_model.logits(&self.language_model.final_norm(&h))
+        } else {
+            Ok(h)
+        }
     }
 }

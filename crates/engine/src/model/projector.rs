@@ -7,6 +7,8 @@ use tch::nn::Path;
 use tch::Tensor;
 
 use super::layers::{LayerNorm, Linear};
+use super::tp::{RowLinear, Tp};
+use super::ForwardError;
 
 /// InternVL's pixel shuffle v2 at ratio 1/`f` on a [N, G, G, C] grid:
 /// `out[n, i, j, (dy·f + dx)·C + c] = in[n, f·i + dy, f·j + dx, c]`, tokens row-major,
@@ -16,25 +18,30 @@ pub fn pixel_shuffle(x: &Tensor, f: i64) -> Tensor {
     x.reshape([n, h / f, f, w / f, f, c]).permute([0, 1, 3, 2, 4, 5]).reshape([n, (h / f) * (w / f), f * f * c])
 }
 
+/// linear_1 column-parallel, linear_2 row-parallel (the norm replicated).
 #[derive(Debug)]
 pub struct Projector {
     pub norm: LayerNorm,
     pub linear1: Linear,
-    pub linear2: Linear,
+    pub linear2: RowLinear,
+    tp: Tp,
 }
 
 impl Projector {
     /// `p` is the `mlp1` path; `in_dim` = 4C at ratio 0.5, `hidden` = the LLM width.
-    pub fn new(p: Path, in_dim: i64, hidden: i64) -> Projector {
-        Projector {
+    pub fn new(p: Path, in_dim: i64, hidden: i64, tp: &Tp) -> Result<Projector, mm_spec::layout::LayoutError> {
+        let local = tp.units(hidden as usize)?.len() as i64;
+        Ok(Projector {
             norm: LayerNorm::new(p.sub("0"), in_dim, 1e-5),
-            linear1: Linear::new(p.sub("1"), in_dim, hidden, true),
-            linear2: Linear::new(p.sub("3"), hidden, hidden, true),
-        }
+            linear1: Linear::new(p.sub("1"), in_dim, local, true),
+            linear2: RowLinear::new(p.sub("3"), local, hidden, true, tp),
+            tp: tp.clone(),
+        })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.linear2.forward(&self.linear1.forward(&self.norm.forward(x)).gelu("none"))
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ForwardError> {
+        let x = self.tp.copy_to(&self.norm.forward(x))?;
+        Ok(self.linear2.forward(&self.linear1.forward(&x).gelu("none"))?)
     }
 }
 

@@ -9,28 +9,37 @@
 //! (causal ∧ key is not padding), so padded batches need no pad-id convention.
 //! Parameter paths are the original checkpoint keys under `language_model.`.
 
+use mm_spec::layout::LayoutError;
 use mm_spec::LlmConfig;
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use super::layers::{normal_init, Linear, RmsNorm};
+use super::tp::{RowLinear, Tp};
+use super::ForwardError;
 
+/// Attention with this tensor-parallel rank's kv groups: q/k/v column-parallel (the rank's
+/// heads), o_proj row-parallel.
 #[derive(Debug)]
 pub struct Qwen2Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub o_proj: RowLinear,
+    /// This rank's query and key/value heads.
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
+    tp: Tp,
 }
 
+/// SwiGLU with this rank's share of the intermediate width (gate/up column-, down row-parallel).
 #[derive(Debug)]
 pub struct Qwen2Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub down_proj: RowLinear,
+    tp: Tp,
 }
 
 #[derive(Debug)]
@@ -82,25 +91,28 @@ fn repeat_kv(x: Tensor, n: i64) -> Tensor {
 }
 
 impl Qwen2Attention {
-    fn new(p: Path, cfg: &LlmConfig) -> Qwen2Attention {
+    fn new(p: Path, cfg: &LlmConfig, tp: &Tp) -> Result<Qwen2Attention, LayoutError> {
         let h = cfg.hidden_size as i64;
         let d = cfg.head_dim() as i64;
-        let heads = cfg.num_attention_heads as i64;
-        let kv = cfg.num_key_value_heads as i64;
-        Qwen2Attention {
+        let shard = tp.heads(cfg.num_attention_heads, cfg.num_key_value_heads)?;
+        let heads = shard.q_heads.len() as i64;
+        let kv = shard.kv_heads.len() as i64;
+        Ok(Qwen2Attention {
             q_proj: Linear::new(p.sub("q_proj"), h, heads * d, true),
             k_proj: Linear::new(p.sub("k_proj"), h, kv * d, true),
             v_proj: Linear::new(p.sub("v_proj"), h, kv * d, true),
-            o_proj: Linear::new(p.sub("o_proj"), heads * d, h, false),
+            o_proj: RowLinear::new(p.sub("o_proj"), heads * d, h, false, tp),
             heads,
             kv_heads: kv,
             head_dim: d,
-        }
+            tp: tp.clone(),
+        })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor, ForwardError> {
         let (b, t, _) = x.size3().expect("llm hidden states are [B, T, H]");
         let d = self.head_dim;
+        let x = &self.tp.copy_to(x)?;
         let split = |y: Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2);
         let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
         let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
@@ -116,32 +128,33 @@ impl Qwen2Attention {
             None,
             false,
         );
-        self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * d]))
+        Ok(self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * d]))?)
     }
 }
 
 impl Qwen2Layer {
-    fn new(p: Path, cfg: &LlmConfig) -> Qwen2Layer {
+    fn new(p: Path, cfg: &LlmConfig, tp: &Tp) -> Result<Qwen2Layer, LayoutError> {
         let h = cfg.hidden_size as i64;
-        let i = cfg.intermediate_size as i64;
+        let i = tp.units(cfg.intermediate_size)?.len() as i64;
         let mlp = p.sub("mlp");
-        Qwen2Layer {
-            self_attn: Qwen2Attention::new(p.sub("self_attn"), cfg),
+        Ok(Qwen2Layer {
+            self_attn: Qwen2Attention::new(p.sub("self_attn"), cfg, tp)?,
             mlp: Qwen2Mlp {
                 gate_proj: Linear::new(mlp.sub("gate_proj"), h, i, false),
                 up_proj: Linear::new(mlp.sub("up_proj"), h, i, false),
-                down_proj: Linear::new(mlp.sub("down_proj"), i, h, false),
+                down_proj: RowLinear::new(mlp.sub("down_proj"), i, h, false, tp),
+                tp: tp.clone(),
             },
             input_layernorm: RmsNorm::new(p.sub("input_layernorm"), h, cfg.rms_norm_eps),
             post_attention_layernorm: RmsNorm::new(p.sub("post_attention_layernorm"), h, cfg.rms_norm_eps),
-        }
+        })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Tensor {
-        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask);
-        let n = self.post_attention_layernorm.forward(&h);
-        let m = self.mlp.down_proj.forward(&(self.mlp.gate_proj.forward(&n).silu() * self.mlp.up_proj.forward(&n)));
-        h + m
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor, ForwardError> {
+        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask)?;
+        let n = self.mlp.tp.copy_to(&self.post_attention_layernorm.forward(&h))?;
+        let m = self.mlp.down_proj.forward(&(self.mlp.gate_proj.forward(&n).silu() * self.mlp.up_proj.forward(&n)))?;
+        Ok(h + m)
     }
 }
 
@@ -160,6 +173,10 @@ pub struct Qwen2 {
     pub lm_head: Option<Tensor>,
     head_dim: i64,
     rope_theta: f64,
+    /// This tensor-parallel rank's vocabulary rows of `embed_tokens` and `lm_head`.
+    vocab_rows: std::ops::Range<usize>,
+    vocab: usize,
+    tp: Tp,
 }
 
 /// What part of the language model to build.
@@ -181,21 +198,23 @@ pub fn causal_padding_mask(attention_mask: &Tensor) -> Tensor {
 impl Qwen2 {
     pub fn new(p: Path, cfg: &LlmConfig, tie_lm_head: bool) -> Qwen2 {
         let part = LlmPart { embed: true, layers: 0..cfg.num_hidden_layers, head: true };
-        Qwen2::part(p, cfg, tie_lm_head, &part)
+        Qwen2::part(p, cfg, tie_lm_head, &part, &Tp::single()).expect("one rank splits nothing")
     }
 
-    /// Builds only `part` (a pipeline stage's share); a tied head needs the embedding on the
-    /// same stage.
-    pub fn part(p: Path, cfg: &LlmConfig, tie_lm_head: bool, part: &LlmPart) -> Qwen2 {
+    /// Builds only `part` (a pipeline stage's share) with this tensor-parallel rank's slices; a
+    /// tied head needs the embedding on the same stage.
+    pub fn part(p: Path, cfg: &LlmConfig, tie_lm_head: bool, part: &LlmPart, tp: &Tp) -> Result<Qwen2, LayoutError> {
         let h = cfg.hidden_size as i64;
-        let v = cfg.vocab_size as i64;
+        let vocab_rows = tp.vocab_rows(cfg.vocab_size);
+        let v = vocab_rows.len() as i64;
         let m = p.sub("model");
         let embed = part.embed || (part.head && tie_lm_head);
         let embed_tokens = embed.then(|| m.sub("embed_tokens").var("weight", &[v, h], normal_init()));
-        let layers = part.layers.clone().map(|i| Qwen2Layer::new(m.sub("layers").sub(i), cfg)).collect();
+        let layers =
+            part.layers.clone().map(|i| Qwen2Layer::new(m.sub("layers").sub(i), cfg, tp)).collect::<Result<_, _>>()?;
         let norm = part.head.then(|| RmsNorm::new(m.sub("norm"), h, cfg.rms_norm_eps));
         let lm_head = (part.head && !tie_lm_head).then(|| p.sub("lm_head").var("weight", &[v, h], normal_init()));
-        Qwen2 {
+        Ok(Qwen2 {
             embed_tokens,
             layers,
             first_layer: part.layers.start,
@@ -203,32 +222,35 @@ impl Qwen2 {
             lm_head,
             head_dim: cfg.head_dim() as i64,
             rope_theta: cfg.rope_theta,
-        }
+            vocab_rows,
+            vocab: cfg.vocab_size,
+            tp: tp.clone(),
+        })
     }
 
-    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor, ForwardError> {
         let table = self.embed_tokens.as_ref().expect("the token embedding is on this pipeline stage");
-        Tensor::embedding(table, input_ids, -1, false, false)
+        Ok(self.tp.embed(table, input_ids, &self.vocab_rows)?)
     }
 
     /// Input embeddings [B, T, H] and the padding mask [B, T] → final hidden states (after
     /// the last norm). Positions run 0..T in every row (padding is on the right).
-    pub fn forward_embeds(&self, embeds: &Tensor, attention_mask: &Tensor) -> Tensor {
-        self.final_norm(&self.forward_layers(embeds, attention_mask))
+    pub fn forward_embeds(&self, embeds: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ForwardError> {
+        Ok(self.final_norm(&self.forward_layers(embeds, attention_mask)?))
     }
 
     /// This part's layers over hidden states [B, T, H] (the rotary tables and the mask are
     /// rebuilt from the padding mask, so any stage can run from a received activation).
-    pub fn forward_layers(&self, hidden: &Tensor, attention_mask: &Tensor) -> Tensor {
+    pub fn forward_layers(&self, hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ForwardError> {
         let (b, t, _) = hidden.size3().expect("llm hidden states are [B, T, H]");
         let positions = Tensor::arange(t, (Kind::Int64, hidden.device())).unsqueeze(0).expand([b, t], false);
         let rope = Rope::new(&positions, self.head_dim, self.rope_theta, hidden.kind());
         let mask = causal_padding_mask(attention_mask);
         let mut h = hidden.shallow_clone();
         for layer in &self.layers {
-            h = layer.forward(&h, &rope, &mask);
+            h = layer.forward(&h, &rope, &mask)?;
         }
-        h
+        Ok(h)
     }
 
     /// The final norm (on the stage with the head).
@@ -236,10 +258,17 @@ impl Qwen2 {
         self.norm.as_ref().expect("the final norm is on this pipeline stage").forward(hidden)
     }
 
-    /// Hidden states → logits [.., V].
-    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+    /// Hidden states → logits [.., V] (with tensor parallelism: this rank's vocabulary rows,
+    /// padding included; [`Qwen2::token_losses`] combines them).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ForwardError> {
         let w =
             self.lm_head.as_ref().or(self.embed_tokens.as_ref()).expect("the output layer is on this pipeline stage");
-        hidden.linear::<Tensor>(w, None)
+        Ok(self.tp.copy_to(hidden)?.linear::<Tensor>(w, None))
+    }
+
+    /// Cross entropy per token of [`Qwen2::logits`] rows [N, V or this rank's rows] against
+    /// `targets` [N] (`ignore` counts 0), the same on every tensor-parallel rank.
+    pub fn token_losses(&self, logits: &Tensor, targets: &Tensor, ignore: i64) -> Result<Tensor, ForwardError> {
+        Ok(self.tp.token_losses(logits, targets, &self.vocab_rows, self.vocab, ignore)?)
     }
 }

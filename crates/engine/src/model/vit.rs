@@ -16,7 +16,11 @@ use mm_spec::{NormType, VisionConfig};
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
+use mm_spec::layout::LayoutError;
+
 use super::layers::{normal_init, LayerNorm, Linear, Norm, RmsNorm};
+use super::tp::{RowLinear, Tp};
+use super::ForwardError;
 
 #[derive(Debug)]
 pub struct VisionEmbeddings {
@@ -82,18 +86,28 @@ impl VisionEmbeddings {
     }
 }
 
+/// Attention with this tensor-parallel rank's heads: the fused qkv holds its rows of q, of k
+/// and of v (`[q_r; k_r; v_r]`), proj its columns.
 #[derive(Debug)]
 pub struct VisionAttention {
     pub qkv: Linear,
-    pub proj: Linear,
+    pub proj: RowLinear,
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
+    /// This rank's heads and where its channels start in the full width.
     heads: i64,
+    first_channel: i64,
+    width: i64,
+    tp: Tp,
 }
 
 impl VisionAttention {
-    fn new(p: Path, cfg: &VisionConfig) -> VisionAttention {
+    fn new(p: Path, cfg: &VisionConfig, tp: &Tp) -> Result<VisionAttention, LayoutError> {
         let c = cfg.hidden_size as i64;
+        let d = (cfg.hidden_size / cfg.num_attention_heads) as i64;
+        let shard = tp.heads(cfg.num_attention_heads, cfg.num_attention_heads)?;
+        let heads = shard.q_heads.len() as i64;
+        let local = heads * d;
         let (q_norm, k_norm) = if cfg.qk_normalization {
             (
                 Some(RmsNorm::new(p.sub("q_norm"), c, cfg.layer_norm_eps)),
@@ -102,25 +116,45 @@ impl VisionAttention {
         } else {
             (None, None)
         };
-        VisionAttention {
-            qkv: Linear::new(p.sub("qkv"), c, 3 * c, cfg.qkv_bias),
-            proj: Linear::new(p.sub("proj"), c, c, true),
+        Ok(VisionAttention {
+            qkv: Linear::new(p.sub("qkv"), c, 3 * local, cfg.qkv_bias),
+            proj: RowLinear::new(p.sub("proj"), local, c, true, tp),
             q_norm,
             k_norm,
-            heads: cfg.num_attention_heads as i64,
-        }
+            heads,
+            first_channel: shard.q_heads.start as i64 * d,
+            width: c,
+            tp: tp.clone(),
+        })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, n, c) = x.size3().expect("vit hidden states are [B, N, C]");
-        let d = c / self.heads;
-        // The fused projection's rows are [q; k; v], each C wide.
+    /// InternViT-6B's RMSNorm over the full width C of q or k, on this rank's channels: the
+    /// squares are summed over the ranks, the (replicated) weight is used at this rank's
+    /// channels and its gradient summed over the ranks.
+    fn full_width_norm(&self, norm: &RmsNorm, x: &Tensor) -> Result<Tensor, ForwardError> {
+        if self.tp.size == 1 {
+            return Ok(norm.forward(x));
+        }
+        let dtype = x.kind();
+        let h = x.to_kind(Kind::Float);
+        let sq = self.tp.sum_both_ways(&h.pow_tensor_scalar(2).sum_dim_intlist([-1].as_slice(), true, Kind::Float))?;
+        let h = h * (sq / self.width as f64 + norm.eps).rsqrt();
+        let w = self.tp.copy_to(&norm.weight)?.narrow(0, self.first_channel, x.size()[2]);
+        Ok(w * h.to_kind(dtype))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ForwardError> {
+        let (b, n, _) = x.size3().expect("vit hidden states are [B, N, C]");
+        let x = &self.tp.copy_to(x)?;
+        // The fused projection's rows are [q; k; v], each this rank's heads wide.
         let qkv = self.qkv.forward(x);
-        let mut parts = qkv.split(c, -1);
+        let local = qkv.size()[2] / 3;
+        let d = local / self.heads;
+        let mut parts = qkv.split(local, -1);
         let (mut q, mut k, v) = (parts.remove(0), parts.remove(0), parts.remove(0));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q);
-            k = kn.forward(&k);
+            q = self.full_width_norm(qn, &q)?;
+            k = self.full_width_norm(kn, &k)?;
         }
         let heads = |t: Tensor| t.reshape([b, n, self.heads, d]).transpose(1, 2);
         let out = Tensor::scaled_dot_product_attention::<Tensor>(
@@ -133,14 +167,16 @@ impl VisionAttention {
             None,
             false,
         );
-        self.proj.forward(&out.transpose(1, 2).reshape([b, n, c]))
+        Ok(self.proj.forward(&out.transpose(1, 2).reshape([b, n, local]))?)
     }
 }
 
+/// fc1 column-parallel, fc2 row-parallel.
 #[derive(Debug)]
 pub struct VisionMlp {
     pub fc1: Linear,
-    pub fc2: Linear,
+    pub fc2: RowLinear,
+    tp: Tp,
 }
 
 #[derive(Debug)]
@@ -175,29 +211,31 @@ fn drop_path(x: Tensor, rate: f64, train: bool) -> Tensor {
 }
 
 impl VisionLayer {
-    fn new(p: Path, cfg: &VisionConfig, drop_path: f64) -> VisionLayer {
+    fn new(p: Path, cfg: &VisionConfig, drop_path: f64, tp: &Tp) -> Result<VisionLayer, LayoutError> {
         let c = cfg.hidden_size as i64;
-        let i = cfg.intermediate_size as i64;
+        let i = tp.units(cfg.intermediate_size)?.len() as i64;
         let mlp = p.sub("mlp");
-        VisionLayer {
-            attn: VisionAttention::new(p.sub("attn"), cfg),
+        Ok(VisionLayer {
+            attn: VisionAttention::new(p.sub("attn"), cfg, tp)?,
             mlp: VisionMlp {
                 fc1: Linear::new(mlp.sub("fc1"), c, i, true),
-                fc2: Linear::new(mlp.sub("fc2"), i, c, true),
+                fc2: RowLinear::new(mlp.sub("fc2"), i, c, true, tp),
+                tp: tp.clone(),
             },
             norm1: make_norm(p.sub("norm1"), cfg),
             norm2: make_norm(p.sub("norm2"), cfg),
             ls1: p.var("ls1", &[c], Init::Const(cfg.initializer_factor)),
             ls2: p.var("ls2", &[c], Init::Const(cfg.initializer_factor)),
             drop_path,
-        }
+        })
     }
 
-    fn forward(&self, h: &Tensor, train: bool) -> Tensor {
-        let a = self.attn.forward(&self.norm1.forward(h)) * &self.ls1;
+    fn forward(&self, h: &Tensor, train: bool) -> Result<Tensor, ForwardError> {
+        let a = self.attn.forward(&self.norm1.forward(h))? * &self.ls1;
         let h = h + drop_path(a, self.drop_path, train);
-        let m = self.mlp.fc2.forward(&self.mlp.fc1.forward(&self.norm2.forward(&h)).gelu("none")) * &self.ls2;
-        &h + drop_path(m, self.drop_path, train)
+        let x = self.mlp.tp.copy_to(&self.norm2.forward(&h))?;
+        let m = self.mlp.fc2.forward(&self.mlp.fc1.forward(&x).gelu("none"))? * &self.ls2;
+        Ok(&h + drop_path(m, self.drop_path, train))
     }
 }
 
@@ -209,25 +247,25 @@ pub struct VisionModel {
 }
 
 impl VisionModel {
-    pub fn new(p: Path, cfg: &VisionConfig) -> VisionModel {
+    pub fn new(p: Path, cfg: &VisionConfig, tp: &Tp) -> Result<VisionModel, LayoutError> {
         let l = cfg.num_hidden_layers;
         let layers_path = p.sub("encoder").sub("layers");
         let layers = (0..l)
             .map(|i| {
                 // torch.linspace(0, rate, L)[i]
                 let rate = if l > 1 { cfg.drop_path_rate * i as f64 / (l - 1) as f64 } else { 0.0 };
-                VisionLayer::new(layers_path.sub(i), cfg, rate)
+                VisionLayer::new(layers_path.sub(i), cfg, rate, tp)
             })
-            .collect();
-        VisionModel { embeddings: VisionEmbeddings::new(p.sub("embeddings"), cfg), layers }
+            .collect::<Result<_, _>>()?;
+        Ok(VisionModel { embeddings: VisionEmbeddings::new(p.sub("embeddings"), cfg), layers })
     }
 
     /// [N, 3, S, S] → last hidden state [N, 1 + grid², C] (class token first).
-    pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Tensor {
+    pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor, ForwardError> {
         let mut h = self.embeddings.forward(pixel_values);
         for layer in &self.layers {
-            h = layer.forward(&h, train);
+            h = layer.forward(&h, train)?;
         }
-        h
+        Ok(h)
     }
 }

@@ -251,7 +251,7 @@ fn parse_list(s: &str) -> Option<Vec<usize>> {
     s.split(',').map(|x| x.trim().parse().ok()).collect()
 }
 
-/// Why tp/cp > 1 are refused.
+/// Why cp > 1 and sequence parallelism are refused.
 pub use mm_spec::layout::MM_ENGINE_LIMITS as LIMITS;
 
 impl TrainArgs {
@@ -276,12 +276,8 @@ impl TrainArgs {
                 }
             }
         }
-        let unsupported = mm_spec::layout::mm_engine_unsupported(
-            self.tensor_model_parallel_size,
-            self.context_parallel_size,
-            self.sequence_parallel,
-            &vit_chunks,
-        );
+        let unsupported =
+            mm_spec::layout::mm_engine_unsupported(self.context_parallel_size, self.sequence_parallel, &vit_chunks);
         for u in unsupported {
             errs.push(format!("{} {}: {LIMITS}", u.flag, u.value));
         }
@@ -443,15 +439,15 @@ mod tests {
     }
 
     #[test]
-    fn tensor_parallelism_a_late_vit_and_bad_bucket_sizes_are_refused_together() {
-        let e = args(
-            "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --vit-pp-layers 1,1 --dp-bucket-mb 0",
-        )
-        .validate(4)
-        .unwrap_err();
-        assert!(e.contains("--tensor-model-parallel-size 2: mm-engine runs data and pipeline parallelism"), "{e}");
+    fn context_parallelism_a_late_vit_and_bad_bucket_sizes_are_refused_together() {
+        let e = args("--context-parallel-size 2 --pipeline-model-parallel-size 2 --vit-pp-layers 1,1 --dp-bucket-mb 0")
+            .validate(4)
+            .unwrap_err();
+        assert!(e.contains("--context-parallel-size 2: mm-engine runs data, tensor and pipeline parallelism"), "{e}");
         assert!(e.contains("--vit-pp-layers 1,1: mm-engine runs"), "{e}");
         assert!(!e.contains("--pipeline-model-parallel-size 2:"), "pipelines run: {e}");
+        let r = args("--tensor-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 2").validate(4).unwrap();
+        assert_eq!(r.data_parallel_size, 2, "tensor-parallel ranks are not data parallel");
         assert!(e.contains("--dp-bucket-mb 0: expected a size above 0"), "{e}");
         // Pipeline stages divide the world: 4 ranks at pp 2 are 2 data-parallel replicas.
         let r =

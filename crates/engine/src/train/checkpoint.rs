@@ -80,13 +80,30 @@ pub struct TrainerState {
 /// The trainer's state in a loaded checkpoint (absent for HF folders and converted ones).
 pub trait SavedState {
     fn trainer_state(&self) -> Result<Option<TrainerState>, CheckpointError>;
-    fn optimizer_tensors(&self, device: Device) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError>;
-    /// The optimizer state of pipeline stage `stage` (`(pp rank, pp)`; `(0, 1)` without pipelining).
-    fn saved_optimizer(
+    fn optimizer_tensors(
         &self,
-        state: &TrainerState,
-        stage: (usize, usize),
-    ) -> Result<Option<SavedOptimizer>, CheckpointError>;
+        device: Device,
+        tp_rank: usize,
+    ) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError>;
+    /// The optimizer state of the rank saved in `rank` (`RankDir::SINGLE` for one process).
+    fn saved_optimizer(&self, state: &TrainerState, rank: RankDir) -> Result<Option<SavedOptimizer>, CheckpointError>;
+}
+
+/// A rank's folder in a save: its tensor-parallel rank, pipeline stage and the stage count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankDir {
+    pub tp_rank: usize,
+    pub pp_rank: usize,
+    pub pp: usize,
+}
+
+impl RankDir {
+    /// One process: `mp_rank_00`.
+    pub const SINGLE: RankDir = RankDir { tp_rank: 0, pp_rank: 0, pp: 1 };
+
+    pub fn name(&self) -> String {
+        ck::rank_dir_name(self.tp_rank, self.pp_rank, self.pp)
+    }
 }
 
 /// The rank folders (`mp_rank_*`) of an iteration folder, sorted.
@@ -119,13 +136,22 @@ impl SavedState for Source {
         serde_json::from_str(&text).map(Some).map_err(|e| format_err(&p, format!("not a trainer state: {e}")))
     }
 
-    /// The optimizer tensors, keyed as saved (`exp_avg.<mm key>`, …), from every rank folder
-    /// (the pipeline stages each saved their own parameters').
-    fn optimizer_tensors(&self, device: Device) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError> {
+    /// The optimizer tensors, keyed as saved (`exp_avg.<mm key>`, …), from the rank folders of
+    /// tensor-parallel rank `tp_rank` (the pipeline stages each saved their own parameters').
+    fn optimizer_tensors(
+        &self,
+        device: Device,
+        tp_rank: usize,
+    ) -> Result<Option<BTreeMap<String, Tensor>>, CheckpointError> {
         let Some(iter_dir) = self.engine_dir() else { return Ok(None) };
         let mut out = BTreeMap::new();
         let mut any = false;
-        for dir in rank_dirs(iter_dir) {
+        let prefix = format!("mp_rank_{tp_rank:02}");
+        let mine = |d: &PathBuf| {
+            let n = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            n == prefix || n.starts_with(&format!("{prefix}_"))
+        };
+        for dir in rank_dirs(iter_dir).into_iter().filter(mine) {
             let p = dir.join(OPTIMIZER_FILE);
             if !p.exists() {
                 continue;
@@ -142,13 +168,9 @@ impl SavedState for Source {
     /// The optimizer state `state` describes, in whichever layout it was saved: the shard
     /// files of a distributed optimizer (opened, read lazily), or the per-parameter file.
     /// None when there is none (HF folder, --no-save-optim).
-    fn saved_optimizer(
-        &self,
-        state: &TrainerState,
-        (pp_rank, pp): (usize, usize),
-    ) -> Result<Option<SavedOptimizer>, CheckpointError> {
+    fn saved_optimizer(&self, state: &TrainerState, rank: RankDir) -> Result<Option<SavedOptimizer>, CheckpointError> {
         let Some(iter_dir) = self.engine_dir() else { return Ok(None) };
-        let rank_dir = iter_dir.join(ck::rank_dir_name(0, pp_rank, pp));
+        let (pp, rank_dir) = (rank.pp, iter_dir.join(rank.name()));
         let stage_layout = rank_dir.join(STAGE_LAYOUT_FILE);
         let (layout, layout_path) = match &state.optimizer_layout {
             Some(l) => (l.clone(), iter_dir.join(STATE_FILE)),
@@ -158,7 +180,7 @@ impl SavedState for Source {
                     .map_err(|e| format_err(&stage_layout, format!("not an optimizer layout: {e}")))?;
                 (l, stage_layout)
             }
-            None => return Ok(self.optimizer_tensors(Device::Cpu)?.map(SavedOptimizer::PerParam)),
+            None => return Ok(self.optimizer_tensors(Device::Cpu, rank.tp_rank)?.map(SavedOptimizer::PerParam)),
         };
         layout.validate().map_err(|e| format_err(&layout_path, format!("optimizer_layout: {e}")))?;
         let mut files = Vec::with_capacity(layout.dp);
@@ -171,7 +193,7 @@ impl SavedState for Source {
                         "missing: {} describes a distributed optimizer over {} ranks{}",
                         layout_path.display(),
                         layout.dp,
-                        if pp > 1 { " (resume with the pipeline split it was saved with)" } else { "" }
+                        if pp > 1 || rank.tp_rank > 0 { " (resume with the layout it was saved with)" } else { "" }
                     ),
                 ));
             }
@@ -238,7 +260,7 @@ pub struct SaveRequest<'a> {
     /// The layout the run trains with (tp 1; pp, vpp and the stage lists) and this rank's
     /// pipeline stage: each stage writes its own rank folder.
     pub layout: LayoutRequest,
-    pub pp_rank: usize,
+    pub rank: RankDir,
     pub save_dir: &'a Path,
     pub iteration: u64,
     pub preset: &'a ModelPreset,
@@ -276,9 +298,9 @@ pub fn prepare(save_dir: &Path, tmp: &Path) -> Result<(), CheckpointError> {
     fs::create_dir_all(tmp).map_err(io(tmp))
 }
 
-/// The rank folder of pipeline stage `pp_rank` of `pp` in `dir`, created.
-pub fn stage_dir(dir: &Path, pp_rank: usize, pp: usize) -> Result<PathBuf, CheckpointError> {
-    let d = dir.join(ck::rank_dir_name(0, pp_rank, pp));
+/// The folder of `rank` in `dir`, created.
+pub fn stage_dir(dir: &Path, rank: RankDir) -> Result<PathBuf, CheckpointError> {
+    let d = dir.join(rank.name());
     fs::create_dir_all(&d).map_err(io(&d))?;
     Ok(d)
 }
@@ -286,12 +308,12 @@ pub fn stage_dir(dir: &Path, pp_rank: usize, pp: usize) -> Result<PathBuf, Check
 /// Writes one DP rank's optimizer shard into its stage's rank folder of the temporary folder.
 pub fn write_optimizer_shard(
     tmp: &Path,
-    (pp_rank, pp): (usize, usize),
+    dir: RankDir,
     rank: usize,
     size: usize,
     tensors: &[(String, Tensor)],
 ) -> Result<PathBuf, CheckpointError> {
-    let path = stage_dir(tmp, pp_rank, pp)?.join(optimizer_shard_file(rank, size));
+    let path = stage_dir(tmp, dir)?.join(optimizer_shard_file(rank, size));
     let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t.to_device(Device::Cpu))).collect();
     let meta = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
@@ -318,7 +340,7 @@ fn resolve_layout(req: &SaveRequest) -> Result<MmLayout, CheckpointError> {
 /// folder; returns the weights' dtype.
 pub fn write_stage(tmp: &Path, req: &SaveRequest) -> Result<Option<DType>, CheckpointError> {
     let layout = resolve_layout(req)?;
-    let rank_dir = stage_dir(tmp, req.pp_rank, layout.pp)?;
+    let rank_dir = stage_dir(tmp, req.rank)?;
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let dtype = match req.format {
         CkptFormat::Mm => write_mm_weights(&rank_dir, req, &layout)?,
@@ -334,12 +356,8 @@ pub fn write_stage(tmp: &Path, req: &SaveRequest) -> Result<Option<DType>, Check
 
 /// Writes a distributed optimizer's flat layout of this stage beside its shards (pipeline
 /// runs; one stage keeps it in trainer_state.json).
-pub fn write_stage_layout(
-    tmp: &Path,
-    (pp_rank, pp): (usize, usize),
-    layout: &FlatLayout,
-) -> Result<(), CheckpointError> {
-    let path = stage_dir(tmp, pp_rank, pp)?.join(STAGE_LAYOUT_FILE);
+pub fn write_stage_layout(tmp: &Path, dir: RankDir, layout: &FlatLayout) -> Result<(), CheckpointError> {
+    let path = stage_dir(tmp, dir)?.join(STAGE_LAYOUT_FILE);
     write_synced(&path, serde_json::to_string_pretty(layout).expect("json").as_bytes())?;
     Ok(())
 }
@@ -395,13 +413,14 @@ fn write_mm_weights(rank_dir: &Path, req: &SaveRequest, layout: &MmLayout) -> Re
     let by_name: HashMap<&str, &Tensor> = req.weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut tensors = Vec::with_capacity(plan.len());
     let mut dtypes = Vec::with_capacity(plan.len());
-    for t in plan.iter().filter(|t| t.pp_rank == req.pp_rank) {
+    for t in plan.iter().filter(|t| t.pp_rank == req.rank.pp_rank) {
         let name = from_mm(&t.key).unwrap_or_default();
         let Some(w) = by_name.get(name.as_str()) else {
             return Err(format_err(req.save_dir, format!("the model has no parameter {name} for {}", t.key)));
         };
         let w = w.detach().to_device(Device::Cpu);
-        let want: Vec<i64> = t.shards[0].shape.iter().map(|&d| d as i64).collect();
+        let shard = t.shards.get(req.rank.tp_rank).unwrap_or(&t.shards[0]);
+        let want: Vec<i64> = shard.shape.iter().map(|&d| d as i64).collect();
         let w = if w.size() != want {
             // Vocab-parallel rows padded with zeros up to the padded vocab size.
             let pad = Tensor::zeros([want[0] - w.size()[0], want[1]], (w.kind(), Device::Cpu));
@@ -433,8 +452,19 @@ fn write_torch_weights(
         ));
     }
     let plan = plan_mindspeed(req.preset, layout).map_err(|e| format_err(req.save_dir, e.to_string()))?;
-    let Some(file) = plan.files.iter().find(|f| f.tp_rank == 0 && f.pp_rank == req.pp_rank) else {
-        return Err(format_err(req.save_dir, format!("the layout plans no file for pipeline stage {}", req.pp_rank)));
+    if layout.tp > 1 {
+        return Err(format_err(
+            req.save_dir,
+            "--ckpt-format torch with tensor parallelism: MindSpeed-MM splits the vocabulary, projector and ViT heads \
+             differently from mm-engine's ranks; save with --ckpt-format mm and convert (`mm-convert mm-to-hf`, then \
+             `hf-to-mm --format mindspeed`)",
+        ));
+    }
+    let Some(file) = plan.files.iter().find(|f| f.tp_rank == 0 && f.pp_rank == req.rank.pp_rank) else {
+        return Err(format_err(
+            req.save_dir,
+            format!("the layout plans no file for pipeline stage {}", req.rank.pp_rank),
+        ));
     };
     let mine: std::collections::BTreeSet<usize> =
         file.chunks.iter().flat_map(|(_, ts)| ts.iter().flat_map(|t| t.pieces.iter().map(|p| p.0))).collect();

@@ -33,6 +33,9 @@ pub struct DataParallel {
     /// This rank's pipeline stage and the number of stages (0 and 1 without pipelining).
     pub pp_rank: usize,
     pub pp_size: usize,
+    /// This rank's tensor-parallel rank and the group size (0 and 1 without).
+    pub tp_rank: usize,
+    pub tp_size: usize,
     device: Device,
     groups: Option<ParallelGroups>,
 }
@@ -96,17 +99,33 @@ pub fn as_bytes(t: &Tensor) -> Tensor {
 impl DataParallel {
     /// One rank: no group, every collective returns its input.
     pub fn single(device: Device) -> DataParallel {
-        DataParallel { rank: 0, size: 1, global_rank: 0, pp_rank: 0, pp_size: 1, device, groups: None }
+        DataParallel {
+            rank: 0,
+            size: 1,
+            global_rank: 0,
+            pp_rank: 0,
+            pp_size: 1,
+            tp_rank: 0,
+            tp_size: 1,
+            device,
+            groups: None,
+        }
     }
 
-    /// Builds this rank's groups of `pp` pipeline stages × WORLD_SIZE / pp data-parallel
-    /// replicas (tp = cp = 1; mm-spec's rank order): rendezvous through the launcher's
-    /// environment, with its timeout.
-    pub fn init(env: &DistEnv, device: Device, pp: usize, vpp: Option<usize>) -> Result<DataParallel, DistError> {
+    /// Builds this rank's groups of `tp` tensor-parallel ranks × `pp` pipeline stages ×
+    /// WORLD_SIZE / (tp·pp) data-parallel replicas (cp = 1; mm-spec's rank order, tp fastest):
+    /// rendezvous through the launcher's environment, with its timeout.
+    pub fn init(
+        env: &DistEnv,
+        device: Device,
+        tp: usize,
+        pp: usize,
+        vpp: Option<usize>,
+    ) -> Result<DataParallel, DistError> {
         if env.world_size == 1 {
             return Ok(DataParallel::single(device));
         }
-        let dims = mm_spec::layout::ParallelDims::new(env.world_size, 1, 1, pp, vpp).map_err(|e| DistError {
+        let dims = mm_spec::layout::ParallelDims::new(env.world_size, tp, 1, pp, vpp).map_err(|e| DistError {
             rank: env.rank,
             op: "parallel layout".into(),
             message: e.to_string(),
@@ -118,14 +137,30 @@ impl DataParallel {
             global_rank: env.rank,
             pp_rank: groups.pp.rank(),
             pp_size: groups.pp.size(),
+            tp_rank: groups.tp.rank(),
+            tp_size: groups.tp.size(),
             device,
             groups: Some(groups),
         })
     }
 
+    /// The tensor-parallel group, for the model's parallel layers (None without).
+    pub fn tp_group(&self) -> Option<std::sync::Arc<ProcessGroup>> {
+        self.groups.as_ref().filter(|_| self.tp_size > 1).map(|g| g.tp.pg.clone())
+    }
+
+    /// Element-wise sum of `values` over the tensor-parallel ranks (squared gradient norms of
+    /// the split parameters).
+    pub fn tp_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
+        let Some(g) = self.groups.as_ref().filter(|_| self.tp_size > 1) else { return Ok(values.to_vec()) };
+        let mut t = Tensor::from_slice(values).to_device(self.device);
+        g.tp.pg.all_reduce(&mut t, ReduceOp::Sum).map_err(|e| e.during(what))?;
+        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+    }
+
     /// The pipeline group's communicator (None without pipelining).
     pub fn pipeline_group(&self) -> Option<&ProcessGroup> {
-        self.groups.as_ref().filter(|_| self.pp_size > 1).map(|g| &g.pp.pg)
+        self.groups.as_ref().filter(|_| self.pp_size > 1).map(|g| g.pp.pg.as_ref())
     }
 
     /// Element-wise sum of `values` over the pipeline stages (the step loss, which only the
@@ -138,7 +173,7 @@ impl DataParallel {
     }
 
     fn pg(&self) -> Option<&ProcessGroup> {
-        self.groups.as_ref().map(|g| &g.dp.pg)
+        self.groups.as_ref().map(|g| g.dp.pg.as_ref())
     }
 
     /// The DP group's communicator, for the distributed optimizer (None with one rank).

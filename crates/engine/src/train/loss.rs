@@ -12,7 +12,7 @@
 
 use tch::{Kind, Reduction, Tensor};
 
-use super::super::data::template::IGNORE;
+pub use super::super::data::template::IGNORE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossReduction {
@@ -41,14 +41,30 @@ pub struct SampleLosses {
 
 /// Shifted token cross entropy of logits [B, T, V] against labels [B, T], summed per sample.
 pub fn sample_losses(logits: &Tensor, labels: &Tensor) -> SampleLosses {
+    let ce = |l: &Tensor, t: &Tensor| -> Result<Tensor, std::convert::Infallible> {
+        Ok(l.cross_entropy_loss::<Tensor>(t, None, Reduction::None, IGNORE, 0.0))
+    };
+    match sample_losses_with(logits, labels, &ce) {
+        Ok(l) => l,
+        Err(never) => match never {},
+    }
+}
+
+/// [`sample_losses`] with the per-token cross entropy of fp32 logits [N, V] against targets [N]
+/// computed by `per_token` (the vocabulary-parallel one under tensor parallelism, where V is
+/// this rank's rows).
+pub fn sample_losses_with<E>(
+    logits: &Tensor,
+    labels: &Tensor,
+    per_token: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor, E>,
+) -> Result<SampleLosses, E> {
     let (b, t, v) = logits.size3().expect("logits are [B, T, V]");
     let shifted = logits.narrow(1, 0, t - 1).to_kind(Kind::Float).reshape([-1, v]);
     let targets = labels.narrow(1, 1, t - 1).reshape([-1]);
-    let per_token =
-        shifted.cross_entropy_loss::<Tensor>(&targets, None, Reduction::None, IGNORE, 0.0).reshape([b, t - 1]);
+    let per_token = per_token(&shifted, &targets)?.reshape([b, t - 1]);
     let counts_t = targets.ne(IGNORE).reshape([b, t - 1]).sum_dim_intlist(1, false, Kind::Int64);
     let counts = Vec::<i64>::try_from(&counts_t).unwrap_or_else(|_| vec![0; b as usize]);
-    SampleLosses { sums: per_token.sum_dim_intlist(1, false, Kind::Float), counts }
+    Ok(SampleLosses { sums: per_token.sum_dim_intlist(1, false, Kind::Float), counts })
 }
 
 /// Sizes of the whole step the reductions divide by.

@@ -135,9 +135,17 @@ impl AdamW {
 
     /// Σ of the squared per-parameter gradient norms (f64).
     pub fn grad_sq(&self) -> f64 {
+        self.grad_sq_of(&|_| true)
+    }
+
+    /// [`AdamW::grad_sq`] over the parameters (by name) `counted` accepts.
+    pub fn grad_sq_of(&self, counted: &dyn Fn(&str) -> bool) -> f64 {
         tch::no_grad(|| {
             let mut sq = 0.0f64;
             for i in 0..self.params.len() {
+                if !counted(&self.params[i].name) {
+                    continue;
+                }
                 if let Some(g) = self.grad(i) {
                     let n = g.to_kind(Kind::Float).norm().double_value(&[]);
                     sq += n * n;

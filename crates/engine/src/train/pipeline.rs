@@ -32,7 +32,7 @@ pub struct StepContext<'a> {
     /// Reseeds torch before micro batch `micro`'s forward.
     pub seed: &'a dyn Fn(usize),
     /// The objective of a micro batch from its logits and labels (scaled for the whole step).
-    pub objective: &'a dyn Fn(&Tensor, &Tensor) -> Tensor,
+    pub objective: &'a dyn Fn(&Tensor, &Tensor) -> anyhow::Result<Tensor>,
 }
 
 /// Header fields: micro batch, payload, rank of the shape, up to four sizes, dtype code.
@@ -89,10 +89,21 @@ struct InFlight {
     input_grads: HashMap<Key, Tensor>,
 }
 
+/// What one step did on this rank.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepOutcome {
+    /// Σ of the objectives this rank computed (the last stage's; 0 on the others).
+    pub loss: f64,
+    /// Seconds spent in exchanges: waiting for the neighbours plus moving the tensors (the
+    /// measured bubble, beside the schedule's theoretical one).
+    pub exchange_secs: f64,
+    /// Seconds of the whole step's forwards, backwards and exchanges.
+    pub total_secs: f64,
+}
+
 /// Runs `actions` (this rank's schedule for the step) over `chunks` (this rank's model chunks,
 /// in vp order) and `batches` (its micro batches); `after_backward` runs after every backward
-/// (the optimizer's gradient accumulation). Returns the sum of the objectives this rank
-/// computed (the last stage's; 0 on the others).
+/// (the optimizer's gradient accumulation).
 pub fn run_step(
     actions: &[Action],
     chunks: &[&InternVL],
@@ -100,9 +111,11 @@ pub fn run_step(
     ctx: &StepContext,
     group: Option<&ProcessGroup>,
     after_backward: &mut dyn FnMut(),
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<StepOutcome> {
+    let started = std::time::Instant::now();
     let mut st = InFlight::default();
     let mut loss = 0.0;
+    let mut exchange_secs = 0.0;
     for action in actions {
         match action {
             Action::Forward(s) => loss += forward(s, chunks, batches, ctx, &mut st)?,
@@ -112,13 +125,15 @@ pub fn run_step(
             }
             Action::Exchange(ops) => {
                 let pg = group.ok_or_else(|| anyhow::anyhow!("a pipeline exchange without a pipeline group"))?;
+                let t = std::time::Instant::now();
                 exchange(pg, ops, &mut st, ctx.device)?;
+                exchange_secs += t.elapsed().as_secs_f64();
             }
         }
     }
     let left = st.inputs.len() + st.outputs.len() + st.output_grads.len() + st.input_grads.len();
     anyhow::ensure!(left == 0, "internal error: the pipeline schedule left {left} tensors unused");
-    Ok(loss)
+    Ok(StepOutcome { loss, exchange_secs, total_secs: started.elapsed().as_secs_f64() })
 }
 
 fn chunk<'a>(chunks: &[&'a InternVL], s: &Step) -> anyhow::Result<&'a InternVL> {
@@ -154,7 +169,7 @@ fn forward(
     };
     let out = model.forward_part(&input, received.as_ref(), true)?;
     if s.last {
-        let obj = (ctx.objective)(&out, &labels);
+        let obj = (ctx.objective)(&out, &labels)?;
         let v = obj.double_value(&[]);
         st.outputs.insert(key, obj);
         Ok(v)
@@ -167,11 +182,12 @@ fn forward(
 fn backward(s: &Step, st: &mut InFlight) -> anyhow::Result<()> {
     let key = (s.chunk, s.micro);
     let out = st.outputs.remove(&key).ok_or_else(|| anyhow::anyhow!("backward of {key:?} before its forward"))?;
+    // f_backward: a tensor-parallel collective in the backward can fail (a peer died).
     if s.last {
-        out.backward();
+        out.f_backward()?;
     } else {
         let g = st.output_grads.remove(&key).ok_or_else(|| anyhow::anyhow!("no gradient received for {key:?}"))?;
-        (&out * g).sum(out.kind()).backward();
+        (&out * g).sum(out.kind()).f_backward()?;
     }
     if !s.first {
         let x = st.inputs.remove(&key).ok_or_else(|| anyhow::anyhow!("no input kept for {key:?}"))?;

@@ -22,9 +22,9 @@ use mm_spec::{Progress, ProgressEvent};
 use tch::{Kind, Tensor};
 
 use super::args::{Resolved, TrainArgs};
-use super::checkpoint::{self, mm_name, CkptFormat, SaveRequest, SavedState, TrainerState};
+use super::checkpoint::{self, mm_name, CkptFormat, RankDir, SaveRequest, SavedState, TrainerState};
 use super::dp::{fingerprint, DataParallel};
-use super::loss::{objective, sample_losses, StepTotals};
+use super::loss::{objective, sample_losses, sample_losses_with, StepTotals, IGNORE};
 use super::optimizer::{AdamW, AdamWConfig};
 use super::pipeline::{self, StepContext};
 use super::schedule::Schedule;
@@ -32,10 +32,12 @@ use super::zero::{SavedOptimizer, ZeroAdamW};
 use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Producer, Share};
 use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
+use crate::model::tp::Tp;
 use crate::model::StagePart;
 use crate::rng::Rng;
-use crate::session::{configure_cpu_threads, pick_device, to_device, Session, SessionOptions};
+use crate::session::{configure_cpu_threads, pick_device, to_device, RankModel, Session, SessionOptions};
 use crate::weights::checkpoint as source;
+use crate::weights::slices::TpSlices;
 
 /// Tag of the torch seed stream.
 const TORCH_SEED: u64 = 0x746f726368;
@@ -142,14 +144,21 @@ impl Optim {
         }
     }
 
-    fn clip(&mut self, dp: &DataParallel, max_norm: f64) -> Result<f64, DistError> {
+    /// Clips to the global gradient norm: every parameter counted once over the data-parallel
+    /// shards, tensor-parallel slices (`counted`: a parameter name counts on this rank) and
+    /// pipeline stages.
+    fn clip(&mut self, dp: &DataParallel, max_norm: f64, counted: &dyn Fn(&str) -> bool) -> Result<f64, DistError> {
         match self {
             Optim::Replicated(o) => {
-                let norm = dp.pp_sum(&[o.grad_sq()], "squared gradient norms of the pipeline stages")?[0].sqrt();
+                let sq = dp.tp_sum(&[o.grad_sq_of(counted)], "squared gradient norms of the tensor-parallel slices")?;
+                let norm = dp.pp_sum(&sq, "squared gradient norms of the pipeline stages")?[0].sqrt();
                 o.clip_to(norm, max_norm);
                 Ok(norm)
             }
-            Optim::Sharded(z) => z.clip(dp, max_norm),
+            Optim::Sharded(z) => {
+                let by_mm = |mm: &str| counted(&mm_spec::hf::original_key(mm).unwrap_or_else(|| mm.to_string()));
+                z.clip(dp, max_norm, &by_mm)
+            }
         }
     }
 
@@ -232,11 +241,11 @@ impl Saver<'_> {
             data_parallel_size: (dp.size > 1).then_some(dp.size),
             // With pipeline stages each keeps its own beside its shards.
             optimizer_layout: match opt {
-                Optim::Sharded(z) if save_optim && dp.pp_size == 1 => Some(z.layout.clone()),
+                Optim::Sharded(z) if save_optim && dp.pp_size == 1 && dp.tp_size == 1 => Some(z.layout.clone()),
                 _ => None,
             },
         };
-        let stage = (dp.pp_rank, dp.pp_size);
+        let stage = RankDir { tp_rank: dp.tp_rank, pp_rank: dp.pp_rank, pp: dp.pp_size };
         let tmp = checkpoint::tmp_dir(dir, c.iteration, &self.tag);
         if dp.global_rank == 0 {
             checkpoint::prepare(dir, &tmp).with_context(what)?;
@@ -244,7 +253,7 @@ impl Saver<'_> {
         dp.world_barrier("checkpoint: temporary folder ready")?; // SYNC
         if let (Optim::Sharded(z), true) = (opt, save_optim) {
             checkpoint::write_optimizer_shard(&tmp, stage, dp.rank, dp.size, &z.state_tensors()).with_context(what)?;
-            if dp.rank == 0 && dp.pp_size > 1 {
+            if dp.rank == 0 && (dp.pp_size > 1 || dp.tp_size > 1) {
                 checkpoint::write_stage_layout(&tmp, stage, &z.layout).with_context(what)?;
             }
         }
@@ -257,7 +266,7 @@ impl Saver<'_> {
             let req = SaveRequest {
                 format: self.a.ckpt_format,
                 layout: self.layout.clone(),
-                pp_rank: dp.pp_rank,
+                rank: stage,
                 save_dir: dir,
                 iteration: c.iteration,
                 preset: &self.session.preset,
@@ -267,7 +276,7 @@ impl Saver<'_> {
                 assets_from: self.session.assets.clone(),
             };
             let dtype = checkpoint::write_stage(&tmp, &req).with_context(what)?;
-            if dp.pp_rank == 0 {
+            if dp.global_rank == 0 {
                 checkpoint::write_common(&tmp, &req, dtype).with_context(what)?;
             }
         }
@@ -279,9 +288,7 @@ impl Saver<'_> {
         };
         dp.world_barrier("checkpoint: committed")?; // SYNC
         if let (Optim::Sharded(_), true) = (opt, save_optim) {
-            let mine = path
-                .join(mm_spec::checkpoint::rank_dir_name(0, dp.pp_rank, dp.pp_size))
-                .join(source::optimizer_shard_file(dp.rank, dp.size));
+            let mine = path.join(stage.name()).join(source::optimizer_shard_file(dp.rank, dp.size));
             anyhow::ensure!(
                 mine.exists(),
                 "{}: {} is not there after the commit: --save must be a folder every rank shares",
@@ -361,7 +368,8 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
     // others fail fast in their next collective instead of waiting for it at the store.
     let (pp, vpp) = (a.pipeline_model_parallel_size.max(1), a.virtual_pipeline_model_parallel_size);
-    let dp = DataParallel::init(env, device, pp, vpp.filter(|&v| v > 1))?;
+    let tp = a.tensor_model_parallel_size.max(1);
+    let dp = DataParallel::init(env, device, tp, pp, vpp.filter(|&v| v > 1))?;
     let load = resume_point(&a)?;
     if a.auto_resume {
         // Every rank reads --save's tracker on its own host: they only agree on shared storage.
@@ -378,7 +386,16 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
             );
         }
     }
-    let stages = |preset: &mm_spec::ModelPreset| stage_parts(&a, preset, dp.pp_rank);
+    let stages = |preset: &mm_spec::ModelPreset| -> anyhow::Result<RankModel> {
+        let parts = stage_parts(&a, preset, dp.pp_rank)?;
+        let slices = if dp.tp_size > 1 {
+            let layout = save_layout(&a, preset)?;
+            Some(TpSlices::new(preset, &layout, dp.tp_rank).map_err(|e| anyhow::anyhow!("tensor parallelism: {e}"))?)
+        } else {
+            None
+        };
+        Ok(RankModel { parts, slices })
+    };
     let session = Session::open(SessionOptions {
         model: &a.model,
         load: load.as_deref(),
@@ -387,6 +404,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         seed: a.seed,
         bf16: r.bf16,
         parts: Some(&stages),
+        tp: dp.tp_group().map(|g| Tp::new(g, a.unaligned_linear)),
     })?;
     let preset = session.preset.clone();
     if a.save.is_some() && a.ckpt_format == CkptFormat::Torch && preset.llm.tie_word_embeddings {
@@ -454,9 +472,11 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
                         src.describe()
                     )
                 })?;
-                let saved = src.saved_optimizer(&state, (dp.pp_rank, dp.pp_size))?.with_context(|| {
-                    format!("{}: {} is missing; pass --no-load-optim", src.describe(), source::OPTIMIZER_FILE)
-                })?;
+                let saved = src
+                    .saved_optimizer(&state, RankDir { tp_rank: dp.tp_rank, pp_rank: dp.pp_rank, pp: dp.pp_size })?
+                    .with_context(|| {
+                        format!("{}: {} is missing; pass --no-load-optim", src.describe(), source::OPTIMIZER_FILE)
+                    })?;
                 resume_optim = Some((saved, step));
             }
         } else if let Some(it) = src.iteration() {
@@ -496,10 +516,13 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     // Replicas start identical whatever each rank loaded or initialized.
     let all_params: Vec<Tensor> = session.named_parameters().into_iter().map(|(_, t)| t).collect();
     dp.broadcast(&all_params, bucket_bytes, "initial parameters from data-parallel rank 0")?; // SYNC
-                                                                                              // Global rank 0's process id: its DP group's first, then down the pipeline.
+                                                                                              // Global rank 0's process id: its DP group's first, then from pipeline stage 0, then from
+                                                                                              // tensor-parallel rank 0.
     let tag = dp.gather(std::process::id() as i64, "run tag")?[0]; // SYNC
     let first_stage = if dp.pp_rank == 0 { tag as f64 } else { 0.0 };
-    let tag = (dp.pp_sum(&[first_stage], "run tag")?[0] as i64).to_string(); // SYNC
+    let tag = dp.pp_sum(&[first_stage], "run tag")?[0]; // SYNC
+    let first_tp = if dp.tp_rank == 0 { tag } else { 0.0 };
+    let tag = (dp.tp_sum(&[first_tp], "run tag")?[0] as i64).to_string(); // SYNC
 
     let cfg = AdamWConfig { beta1: a.adam_beta1, beta2: a.adam_beta2, eps: a.adam_eps, weight_decay: a.weight_decay };
     let sharded = a.use_distributed_optimizer && dp.size > 1;
@@ -598,6 +621,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     let mut loader = Loader::start(ds.clone(), loader_cfg, position)?;
     let run_start = Instant::now();
     let (mut total_tokens, mut total_samples, mut steps_done) = (0u64, 0u64, 0u64);
+    let (mut exchange_secs, mut schedule_secs) = (0.0f64, 0.0f64);
     let (mut log_loss, mut log_iters, mut log_tokens, mut log_samples) = (0.0f64, 0u64, 0u64, 0u64);
     let mut log_data_ms = 0.0f64;
     let mut log_start = Instant::now();
@@ -605,6 +629,9 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     let mut saved_at = None;
     let first_mb = (dp.rank * r.grad_accumulation) as u64;
     let chunks = session.chunks();
+    // Replicated parameters count once in the gradient norm: on tensor-parallel rank 0.
+    let counted = |name: &str| dp.tp_rank == 0 || session.slices.as_ref().is_some_and(|s| s.is_split(name));
+    let last_chunk = *chunks.last().expect("a rank holds at least one chunk");
 
     while iteration < a.train_iters {
         let step_start = Instant::now();
@@ -628,11 +655,20 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         let step_tokens = global[3] as u64;
 
         let seed_micro = |j: usize| tch::manual_seed(torch_seed(seed, iteration, first_mb + j as u64));
-        let objective = |logits: &Tensor, labels: &Tensor| objective(r.loss, &sample_losses(logits, labels), totals);
+        let objective = |logits: &Tensor, labels: &Tensor| -> anyhow::Result<Tensor> {
+            let ce = |l: &Tensor, t: &Tensor| last_chunk.language_model.token_losses(l, t, IGNORE);
+            Ok(objective(r.loss, &sample_losses_with(logits, labels, &ce)?, totals))
+        };
         let ctx =
             StepContext { image_size: preset.vision.image_size, device, seed: &seed_micro, objective: &objective };
-        let local_loss =
+        let outcome =
             pipeline::run_step(&actions, &chunks, &batches, &ctx, dp.pipeline_group(), &mut || opt.accumulate())?;
+        let local_loss = outcome.loss;
+        if steps_done > 0 {
+            // The first step warms caches up; the bubble is measured over the rest.
+            exchange_secs += outcome.exchange_secs;
+            schedule_secs += outcome.total_secs;
+        }
         // The step loss and which parameters got gradients anywhere, in one all-reduce.
         let mut flags = vec![local_loss];
         flags.extend(opt.received().iter().map(|&g| if g { 1.0 } else { 0.0 }));
@@ -641,7 +677,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         let step_loss = dp.pp_sum(&flags[..1], "step loss from the last pipeline stage")?[0]; // SYNC
         let received: Vec<bool> = flags[1..].iter().map(|&f| f > 0.0).collect();
         opt.reduce(&dp, &received, bucket_bytes)?; // SYNC: gradient all-reduce / reduce-scatter
-        let grad_norm = opt.clip(&dp, a.clip_grad)?; // SYNC (distributed optimizer: norm² of the shards)
+        let grad_norm = opt.clip(&dp, a.clip_grad, &counted)?; // SYNC (norm² of the shards, slices, stages)
         opt.step(&dp, lr)?; // SYNC (distributed optimizer: all-gather of the parameters)
         opt.zero_grad();
 
@@ -733,6 +769,16 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         secs * 1e3 / steps_done.max(1) as f64,
         total_samples as f64 / secs
     );
+    if dp.pp_size > 1 && schedule_secs > 0.0 {
+        println!(
+            "pipeline stage {} of {}: {:.1}% of the forward/backward time in transfers and waits for neighbours \
+             (measured bubble; theoretical {:.1}%)",
+            dp.pp_rank,
+            dp.pp_size,
+            100.0 * exchange_secs / schedule_secs,
+            100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, r.grad_accumulation)
+        );
+    }
     if dp.global_rank == 0 {
         println!(
             "{}",
@@ -783,8 +829,8 @@ fn stage_parts(a: &TrainArgs, preset: &mm_spec::ModelPreset, pp_rank: usize) -> 
         .collect())
 }
 
-/// The layout saves describe: tp 1, this run's pipeline split (mm-spec's, as the stages were
-/// built) with the ViT on the first chunk.
+/// The layout the run trains and saves with: its tensor-parallel size and unaligned rule, its
+/// pipeline split (mm-spec's, as the stages were built) with the ViT on the first chunk.
 fn save_layout(a: &TrainArgs, preset: &mm_spec::ModelPreset) -> anyhow::Result<mm_spec::LayoutRequest> {
     let pp = a.pipeline_model_parallel_size.max(1);
     let vpp = a.virtual_pipeline_model_parallel_size.filter(|&v| v > 1);
@@ -798,12 +844,12 @@ fn save_layout(a: &TrainArgs, preset: &mm_spec::ModelPreset) -> anyhow::Result<m
         .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
     let vit = mm_spec::layout::vit_pp_layers_or_default(None, preset.vision.num_hidden_layers, pp, vpp);
     Ok(mm_spec::LayoutRequest {
-        tp: 1,
+        tp: a.tensor_model_parallel_size.max(1),
         pp: Some(pp),
         vpp,
         llm_pp_layers: Some(stages.iter().map(|s| s.num_layers).collect()),
         vit_pp_layers: Some(vit),
-        unaligned_linear: false,
+        unaligned_linear: a.unaligned_linear,
         make_vocab_size_divisible_by: None,
     })
 }

@@ -308,12 +308,15 @@ impl ZeroAdamW {
 
     /// Global L2 norm of the reduced gradients (from every rank's shard), then clipping as
     /// AdamW::clip does. Identical on every rank.
-    pub fn clip(&mut self, dp: &DataParallel, max_norm: f64) -> Result<f64, DistError> {
+    /// `counted(MM key)`: whether this rank's gradient of a parameter counts in the norm (a
+    /// tensor-parallel rank other than 0 leaves out the parameters every rank replicates).
+    pub fn clip(&mut self, dp: &DataParallel, max_norm: f64, counted: &dyn Fn(&str) -> bool) -> Result<f64, DistError> {
         // Per parameter piece, squares summed in f64: AdamW's per-parameter norms, so the global
         // norm does not depend on how the flat buffer is cut.
         let local: f64 = tch::no_grad(|| {
             self.pieces
                 .iter()
+                .filter(|pc| counted(&self.layout.params[pc.param].name))
                 .map(|pc| {
                     let n = self.shard_grad.narrow(0, pc.in_shard as i64, pc.len as i64).norm().double_value(&[]);
                     n * n
@@ -321,6 +324,7 @@ impl ZeroAdamW {
                 .sum()
         });
         let sq = dp.sum(&[local], "squared gradient norms of the optimizer shards")?[0];
+        let sq = dp.tp_sum(&[sq], "squared gradient norms of the tensor-parallel slices")?[0];
         let norm = dp.pp_sum(&[sq], "squared gradient norms of the pipeline stages")?[0].sqrt();
         if max_norm > 0.0 {
             let coeff = max_norm / (norm + 1e-6);

@@ -32,6 +32,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::hf::{self, HfCheckpoint, MismatchReport, WeightsError};
 use super::safetensors::{self as st, SafetensorsFile};
+use super::slices::{self, TpSlices};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
@@ -218,14 +219,17 @@ impl Source {
     /// Copies the weights into the VarStore, after checking every key and shape. `stage`: the
     /// VarStore holds one pipeline stage, so the checkpoint's other tensors are not unexpected
     /// (each stage checks that its own are there, with their shapes).
-    pub fn load_weights(&self, vs: &VarStore, stage: bool) -> Result<(), CheckpointError> {
+    /// `slices`: the VarStore holds one tensor-parallel rank's slices of every split tensor.
+    pub fn load_weights(&self, vs: &VarStore, stage: bool, slices: Option<&TpSlices>) -> Result<(), CheckpointError> {
         match self {
             Source::Hf { ckpt, .. } => {
-                hf::load_into(vs, ckpt, stage)?;
+                hf::load_into(vs, ckpt, stage, slices)?;
                 Ok(())
             }
-            Source::Mm { iter_dir, manifest } => load_mm(vs, iter_dir, manifest, stage),
-            Source::MindSpeed { ckpt, assets, arch } => load_mindspeed(vs, ckpt, arch, &assets.join(hf::CONFIG), stage),
+            Source::Mm { iter_dir, manifest } => load_mm(vs, iter_dir, manifest, stage, slices),
+            Source::MindSpeed { ckpt, assets, arch } => {
+                load_mindspeed(vs, ckpt, arch, &assets.join(hf::CONFIG), stage, slices)
+            }
         }
     }
 }
@@ -237,13 +241,14 @@ fn match_variables<'a>(
     dir: &Path,
     tensors: impl Iterator<Item = (&'a str, &'a [usize])>,
     stage: bool,
+    slices: Option<&TpSlices>,
 ) -> Result<HashMap<String, usize>, CheckpointError> {
     let mut report = MismatchReport::default();
     let mut planned: HashMap<String, usize> = HashMap::new();
     for (i, (key, shape)) in tensors.enumerate() {
         match from_mm(key) {
             Some(name) if vars.contains_key(&name) => {
-                let want = vars[&name].size();
+                let want = slices::full_shape(slices, &name, &vars[&name]);
                 let have: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 if want != have {
                     report.misshaped.push((name.clone(), want, have));
@@ -274,6 +279,7 @@ fn load_mindspeed(
     arch: &ModelPreset,
     config: &Path,
     stage: bool,
+    slices: Option<&TpSlices>,
 ) -> Result<(), CheckpointError> {
     let (_, plan) = ckpt.plan(arch, config)?;
     let dtypes = ckpt.check(&plan)?;
@@ -283,6 +289,7 @@ fn load_mindspeed(
         &ckpt.iter_dir,
         plan.tensors.iter().map(|p| (p.tensor.key.as_str(), p.tensor.shape.as_slice())),
         stage,
+        slices,
     )?;
     for (name, var) in &vars {
         let i = planned[name];
@@ -293,8 +300,10 @@ fn load_mindspeed(
             DType::F32 => Kind::Float,
         };
         let key = &plan.tensors[i].tensor.key;
-        let data = Tensor::f_from_data_size(&bytes, &var.size(), kind)
+        let full_shape = slices::full_shape(slices, name, var);
+        let data = Tensor::f_from_data_size(&bytes, &full_shape, kind)
             .map_err(|e| format_err(&ckpt.iter_dir, format!("tensor {key}: {e}")))?;
+        let data = slices::local(slices, name, &data, var);
         let mut v = var.shallow_clone();
         tch::no_grad(|| v.f_copy_(&data.to_kind(var.kind())))
             .map_err(|e| format_err(&ckpt.iter_dir, format!("tensor {key}: {e}")))?;
@@ -303,11 +312,18 @@ fn load_mindspeed(
 }
 
 /// Reassembles every logical tensor from its tp shards and copies it into the VarStore.
-fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest, stage: bool) -> Result<(), CheckpointError> {
+fn load_mm(
+    vs: &VarStore,
+    iter_dir: &Path,
+    manifest: &Manifest,
+    stage: bool,
+    slices: Option<&TpSlices>,
+) -> Result<(), CheckpointError> {
     let mpath = iter_dir.join(MANIFEST_FILE);
     let plan = manifest.verify().map_err(|e| format_err(&mpath, e.to_string()))?;
     let vars = vs.variables();
-    let planned = match_variables(&vars, iter_dir, plan.iter().map(|t| (t.key.as_str(), t.shape.as_slice())), stage)?;
+    let planned =
+        match_variables(&vars, iter_dir, plan.iter().map(|t| (t.key.as_str(), t.shape.as_slice())), stage, slices)?;
     let mut files: HashMap<String, SafetensorsFile> = HashMap::new();
     let pp = manifest.parallel.pp;
     for (name, var) in &vars {
@@ -347,8 +363,9 @@ fn load_mm(vs: &VarStore, iter_dir: &Path, manifest: &Manifest, stage: bool) -> 
                 offset += n;
             }
         }
+        let full = full.reshape(slices::full_shape(slices, name, var));
         let mut v = var.shallow_clone();
-        tch::no_grad(|| v.f_copy_(&full.reshape(var.size())))
+        tch::no_grad(|| v.f_copy_(&slices::local(slices, name, &full, var)))
             .map_err(|e| format_err(iter_dir, format!("tensor {}: {e}", t.key)))?;
     }
     Ok(())

@@ -17,6 +17,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use super::safetensors::{self as st, SafetensorsError, SafetensorsFile};
+use super::slices::{self, TpSlices};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -293,9 +294,17 @@ impl HfCheckpoint {
 /// device), after checking the full key set and shapes.
 /// `stage`: the VarStore holds one pipeline stage; the checkpoint's other tensors are not
 /// unexpected there (only the mapped files' pages of this stage's tensors are read).
-pub fn load_into(vs: &VarStore, ck: &HfCheckpoint, stage: bool) -> Result<usize, WeightsError> {
+/// `slices`: the VarStore holds one tensor-parallel rank's slices (each tensor is read whole,
+/// one at a time, and the rank's part kept).
+pub fn load_into(
+    vs: &VarStore,
+    ck: &HfCheckpoint,
+    stage: bool,
+    slices: Option<&TpSlices>,
+) -> Result<usize, WeightsError> {
     let vars = vs.variables();
-    let expected: BTreeMap<String, Vec<i64>> = vars.iter().map(|(k, v)| (k.clone(), v.size())).collect();
+    let expected: BTreeMap<String, Vec<i64>> =
+        vars.iter().map(|(k, v)| (k.clone(), slices::full_shape(slices, k, v))).collect();
     let mut report = ck.check(&expected);
     if stage {
         report.unexpected.clear();
@@ -305,7 +314,7 @@ pub fn load_into(vs: &VarStore, ck: &HfCheckpoint, stage: bool) -> Result<usize,
     }
     let mut n = 0;
     for (name, var) in &vars {
-        let t = ck.read(name, Device::Cpu)?;
+        let t = slices::local(slices, name, &ck.read(name, Device::Cpu)?, var);
         let mut var = var.shallow_clone();
         tch::no_grad(|| var.f_copy_(&t.to_kind(var.kind()))).map_err(|e| WeightsError::Tensor {
             dir: ck.dir.clone(),

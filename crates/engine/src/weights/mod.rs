@@ -5,5 +5,6 @@
 pub mod checkpoint;
 pub mod hf;
 pub mod safetensors;
+pub mod slices;
 
 pub use hf::{load_config, load_into, HfCheckpoint, MismatchReport, WeightsError};

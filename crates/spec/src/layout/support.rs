@@ -4,9 +4,9 @@
 
 /// Why mm-engine cannot run a layout yet; the engine and the launcher both quote it.
 pub const MM_ENGINE_LIMITS: &str =
-    "mm-engine runs data and pipeline parallelism (1F1B, interleaved with a virtual pipeline) with the ViT \
-     on the first pipeline chunk; tensor and context parallelism are not built yet: use the MindSpeed-MM \
-     engine for them";
+    "mm-engine runs data, tensor and pipeline parallelism (1F1B, interleaved with a virtual pipeline) with \
+     the ViT on the first pipeline chunk; context and sequence parallelism are not built yet: use the \
+     MindSpeed-MM engine for them";
 
 /// One parallel setting an engine cannot run, in the spellings of each tool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,15 +20,11 @@ pub struct Unsupported {
 
 /// The settings of a layout mm-engine cannot run (empty: it can). `vit_chunks`: ViT layers per
 /// pipeline chunk in model order (empty: all on the first).
-pub fn mm_engine_unsupported(tp: usize, cp: usize, sequence_parallel: bool, vit_chunks: &[usize]) -> Vec<Unsupported> {
+pub fn mm_engine_unsupported(cp: usize, sequence_parallel: bool, vit_chunks: &[usize]) -> Vec<Unsupported> {
     let mut out = Vec::new();
-    let mut size = |key, flag, v: usize| {
-        if v != 1 {
-            out.push(Unsupported { key, flag, value: v.to_string() });
-        }
-    };
-    size("parallel.tp", "--tensor-model-parallel-size", tp);
-    size("parallel.cp", "--context-parallel-size", cp);
+    if cp != 1 {
+        out.push(Unsupported { key: "parallel.cp", flag: "--context-parallel-size", value: cp.to_string() });
+    }
     if sequence_parallel {
         out.push(Unsupported { key: "parallel.sequence_parallel", flag: "--sequence-parallel", value: "true".into() });
     }
@@ -44,19 +40,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn data_and_pipeline_parallel_with_the_vit_first() {
-        assert!(mm_engine_unsupported(1, 1, false, &[]).is_empty());
-        assert!(mm_engine_unsupported(1, 1, false, &[24, 0, 0, 0]).is_empty());
-        let u = mm_engine_unsupported(8, 2, true, &[20, 4]);
+    fn data_tensor_and_pipeline_parallel_with_the_vit_first() {
+        assert!(mm_engine_unsupported(1, false, &[]).is_empty());
+        assert!(mm_engine_unsupported(1, false, &[24, 0, 0, 0]).is_empty());
+        let u = mm_engine_unsupported(2, true, &[20, 4]);
         let keys: Vec<_> = u.iter().map(|u| (u.key, u.value.as_str())).collect();
         assert_eq!(
             keys,
-            [
-                ("parallel.tp", "8"),
-                ("parallel.cp", "2"),
-                ("parallel.sequence_parallel", "true"),
-                ("parallel.vit_pp_layers", "20,4")
-            ]
+            [("parallel.cp", "2"), ("parallel.sequence_parallel", "true"), ("parallel.vit_pp_layers", "20,4")]
         );
     }
 }

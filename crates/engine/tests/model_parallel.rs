@@ -1,26 +1,17 @@
-//! Pipeline parallelism end to end: the built `mm-engine` binary as 2 and 4 processes on
-//! 127.0.0.1 (Gloo over loopback), each rank one pipeline stage of a tiny model with 4 LLM
-//! layers, gives the single-process losses and gradient norms (1F1B, interleaved, with data
-//! parallelism and the distributed optimizer).
+//! Model parallelism end to end: the built `mm-engine` binary as 2, 4 and 8 processes on
+//! 127.0.0.1 (Gloo over loopback) on a tiny model with 4 LLM layers gives the single-process
+//! losses and gradient norms within 1e-5: pipeline stages (1F1B, interleaved), tensor-parallel
+//! slices (vocabulary-parallel embedding and loss, column/row-parallel attention and MLPs in
+//! the ViT, projector and LLM), their combinations with data parallelism and the distributed
+//! optimizer; saves resume exactly, on the same layout and on one process.
 
-use std::net::TcpListener;
+mod ranks;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 
-use mm_spec::ProgressEvent;
-
-fn engine() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mm-engine"));
-    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MM_BIND_ADDR"] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use ranks::{engine, launch, steps, text};
 
 /// A tiny model with 4 LLM layers and 2 ViT layers, and its data.
 fn synth() -> &'static Path {
@@ -52,47 +43,6 @@ fn train_args(extra: &str) -> Vec<String> {
     v.extend(common.split_whitespace().map(String::from));
     v.extend(extra.split_whitespace().map(String::from));
     v
-}
-
-fn launch(world: usize, args: &[String]) -> Vec<Output> {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let children: Vec<Child> = (0..world)
-        .map(|r| {
-            engine()
-                .args(args)
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("LOCAL_WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("MM_DIST_TIMEOUT_S", "60")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn mm-engine")
-        })
-        .collect();
-    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
-    let failed: Vec<String> = outputs
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| !o.status.success())
-        .map(|(r, o)| format!("rank {r} failed:\n{}", text(o)))
-        .collect();
-    assert!(failed.is_empty(), "{world} ranks:\n{}", failed.join("\n"));
-    outputs
-}
-
-/// (iteration, loss, grad norm) of each step rank 0 reported.
-fn steps(o: &Output) -> Vec<(u64, f64, f64)> {
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| match ProgressEvent::parse(l)?.ok()? {
-            ProgressEvent::Step(p) => Some((p.iteration, p.loss, p.grad_norm.unwrap_or(f64::NAN))),
-            _ => None,
-        })
-        .collect()
 }
 
 fn single() -> &'static Vec<(u64, f64, f64)> {
@@ -130,7 +80,15 @@ fn matches_single(world: usize, extra: &str) -> Vec<Output> {
 #[test]
 fn two_stages_one_f_one_b() {
     let outs = matches_single(2, "--pipeline-model-parallel-size 2 --llm-pp-layers 3,1 --vit-pp-layers 2,0");
-    assert!(String::from_utf8_lossy(&outs[0].stdout).contains("theoretical bubble 20.0%"), "{}", text(&outs[0]));
+    let out = String::from_utf8_lossy(&outs[0].stdout);
+    assert!(out.contains("theoretical bubble 20.0%"), "{out}");
+    for (r, o) in outs.iter().enumerate() {
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.contains(&format!("pipeline stage {r} of 2: ")) && out.contains("(measured bubble; theoretical 20.0%)"),
+            "{out}"
+        );
+    }
 }
 
 #[test]
@@ -152,11 +110,43 @@ fn two_replicas_of_two_stages_with_the_distributed_optimizer() {
 }
 
 #[test]
+fn two_tensor_parallel_ranks() {
+    let outs = matches_single(2, "--tensor-model-parallel-size 2");
+    // Each rank holds its slices: fewer parameters than the whole model.
+    let whole = params(&launch(1, &train_args(""))[0]);
+    for o in &outs {
+        let mine = params(o);
+        assert!(mine < whole * 3 / 4, "a tensor-parallel rank holds {mine} of {whole} parameters");
+    }
+}
+
+#[test]
+fn two_tensor_parallel_ranks_on_two_pipeline_stages() {
+    matches_single(4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2");
+}
+
+#[test]
+fn two_replicas_of_two_stages_of_two_tensor_parallel_ranks_with_the_distributed_optimizer() {
+    matches_single(
+        8,
+        "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --llm-pp-layers 2,2 --use-distributed-optimizer",
+    );
+}
+
+/// The parameter count a rank reports.
+fn params(o: &Output) -> u64 {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.lines().find(|l| l.starts_with("mm-engine train: model")).expect("the start line");
+    let n = line.split('(').nth(1).and_then(|s| s.split_whitespace().next()).expect("a parameter count");
+    n.parse().unwrap()
+}
+
+#[test]
 fn a_vit_off_the_first_chunk_is_refused_by_name() {
     let o = engine().args(train_args("--pipeline-model-parallel-size 2 --vit-pp-layers 1,1")).output().unwrap();
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("--vit-pp-layers 1,1: mm-engine runs data and pipeline parallelism"), "{t}");
+    assert!(t.contains("--vit-pp-layers 1,1: mm-engine runs data, tensor and pipeline parallelism"), "{t}");
     assert!(t.contains("WORLD_SIZE 1 is not a multiple of tensor × context × pipeline parallel size 2"), "{t}");
 }
 
@@ -169,6 +159,7 @@ fn pipeline_saves_resume_exactly_on_the_same_split_and_on_one_process() {
     for (world, flags) in [
         (2, "--pipeline-model-parallel-size 2 --llm-pp-layers 3,1"),
         (4, "--pipeline-model-parallel-size 2 --use-distributed-optimizer"),
+        (4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2"),
     ] {
         let save = work.path().join(format!("save-{world}"));
         let with_save = |extra: &str| {
@@ -186,24 +177,30 @@ fn pipeline_saves_resume_exactly_on_the_same_split_and_on_one_process() {
             assert!((l - wl).abs() / wl.abs() <= 1e-5, "{flags}: iteration {i}: resumed {l} vs {wl}");
         }
         let iter = save.join("iter_0000004");
-        for stage in ["mp_rank_00_000", "mp_rank_00_001"] {
-            assert!(iter.join(stage).join("model.safetensors").is_file(), "{stage} of {}", iter.display());
+        let tp = if flags.contains("--tensor-model-parallel-size 2") { 2 } else { 1 };
+        for t in 0..tp {
+            for stage in 0..2 {
+                let dir = mm_spec::checkpoint::rank_dir_name(t, stage, 2);
+                assert!(iter.join(&dir).join("model.safetensors").is_file(), "{dir} of {}", iter.display());
+            }
         }
         let manifest: mm_spec::checkpoint::Manifest =
             serde_json::from_str(&std::fs::read_to_string(iter.join("manifest.json")).unwrap()).unwrap();
         manifest.verify().unwrap();
-        assert_eq!(manifest.parallel.pp, 2);
+        assert_eq!((manifest.parallel.tp, manifest.parallel.pp), (tp, 2));
 
         // The iteration-2 save on one process: the stages' weights (and, per parameter, their
         // optimizer states) merge; the distributed optimizer's shards need the split they were
         // saved with, so that one resumes weights only.
-        let mut a = train_args(if world == 4 { "--no-load-optim" } else { "" });
+        // (Per-parameter optimizer states of tensor-parallel slices need their layout too.)
+        let weights_only = flags.contains("--use-distributed-optimizer") || tp > 1;
+        let mut a = train_args(if weights_only { "--no-load-optim" } else { "" });
         let at = a.iter().position(|x| x == "--load").unwrap() + 1;
         a[at] = save.join("iter_0000002").display().to_string();
         let one = launch(1, &a);
         let s = steps(&one[0]);
         assert_eq!(s.iter().map(|s| s.0).collect::<Vec<_>>(), [3, 4], "{}", text(&one[0]));
-        if world == 2 {
+        if !weights_only {
             for ((i, l, _), (_, wl, _)) in s.iter().zip(&want[2..]) {
                 assert!(
                     (l - wl).abs() / wl.abs() <= 1e-5,

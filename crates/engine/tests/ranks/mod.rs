@@ -1,0 +1,73 @@
+//! Shared by the multi-process tests: the built `mm-engine` started as N ranks on 127.0.0.1
+//! with the environment the launcher sets (Gloo over loopback), and what rank 0 reports.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+
+use mm_spec::ProgressEvent;
+
+/// The binary with no inherited rank environment.
+pub fn engine() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mm-engine"));
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MM_BIND_ADDR"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+pub fn text(o: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
+}
+
+/// Rank `rank` of `world`, as the launcher starts it.
+pub fn rank_cmd(rank: usize, world: usize, port: u16, timeout_s: u64, args: &[String]) -> Command {
+    let mut c = engine();
+    c.args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("MM_DIST_TIMEOUT_S", timeout_s.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `world` ranks to the end; every one must succeed (the failures are reported together).
+pub fn launch(world: usize, args: &[String]) -> Vec<Output> {
+    let port = free_port();
+    let children: Vec<Child> =
+        (0..world).map(|r| rank_cmd(r, world, port, 60, args).spawn().expect("spawn mm-engine")).collect();
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let failed: Vec<String> = outputs
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| !o.status.success())
+        .map(|(r, o)| format!("rank {r} failed:\n{}", text(o)))
+        .collect();
+    assert!(failed.is_empty(), "{world} ranks:\n{}", failed.join("\n"));
+    outputs
+}
+
+pub fn events(o: &Output) -> Vec<ProgressEvent> {
+    String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| ProgressEvent::parse(l)?.ok()).collect()
+}
+
+/// (iteration, loss, grad norm) of each step the rank reported.
+pub fn steps(o: &Output) -> Vec<(u64, f64, f64)> {
+    events(o)
+        .into_iter()
+        .filter_map(|e| match e {
+            ProgressEvent::Step(p) => Some((p.iteration, p.loss, p.grad_norm.unwrap_or(f64::NAN))),
+            _ => None,
+        })
+        .collect()
+}
