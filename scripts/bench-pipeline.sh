@@ -13,7 +13,10 @@
 # every rank leaves a step at the same sync point), median global tokens/s, the step time
 # relative to one process (1.00 = the same; below 1 = faster), and the theoretical pipeline
 # bubble (pp−1) / (vpp·m + pp−1) with m = micro batches per data-parallel rank (mm-spec's
-# `theoretical_bubble`; the engine prints the same number, which is cross-checked here).
+# `theoretical_bubble`; the engine prints the same number, which is cross-checked here). Engines
+# that also print each stage's measured bubble ("pipeline stage S of P: X% of the forward/backward
+# time in transfers and waits …") get it in the table too, averaged over the stages' ranks
+# ("n/a" where the engine does not print it).
 #
 # Threads: each rank gets MM_CPU_THREADS = max(1, cores / ranks) intra-op threads, so 1 and 2
 # ranks fill the cores exactly; with more ranks than cores (PP4, DP2×PP2 on 2 cores) the ranks
@@ -126,7 +129,7 @@ for spec in sys.argv[5:]:
     dp = ranks // pp
     m = global_batch // (micro * dp)  # micro batches per data-parallel rank
     bubble = (pp - 1) / (vpp * m + pp - 1)
-    steps, losses, engine_bubble = [], [], None
+    steps, losses, engine_bubble, measured = [], [], None, []
     for path in sorted(glob.glob(f"{work}/{name}.*.r0.out")):
         run = []
         for line in open(path):
@@ -138,6 +141,10 @@ for spec in sys.argv[5:]:
                 engine_bubble = float(hit.group(1)) / 100
         steps += run[1:]  # the first step warms up allocators and the data thread
         losses.append(run[-1]["loss"])
+    for path in glob.glob(f"{work}/{name}.*.r*.out"):
+        for line in open(path):
+            if (hit := re.search(r"pipeline stage \d+ of \d+: ([0-9.]+)% of the forward/backward time", line)):
+                measured.append(float(hit.group(1)) / 100)
     if engine_bubble is not None and abs(engine_bubble - bubble) > 5e-4:
         print(f"warning: {label}: the engine says bubble {engine_bubble:.1%}, the formula {bubble:.1%}", file=sys.stderr)
     if pp > 1 and engine_bubble is None:
@@ -147,14 +154,16 @@ for spec in sys.argv[5:]:
         ms=statistics.median(s["step_ms"] for s in steps),
         tps=statistics.median(s["tokens_per_sec"] for s in steps),
         n=len(steps), loss=losses[-1], bubble=bubble,
+        measured=f"{statistics.mean(measured):.1%}" if measured else ("n/a" if pp > 1 else "-"),
     ))
 base = rows[0]["ms"]
-print("| layout | ranks | dp | pp | vpp | m | threads/rank | step ms (median) | tokens/s | vs 1 process | bubble (theory) | loss (last) |")
-print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+print("| layout | ranks | dp | pp | vpp | m | threads/rank | step ms (median) | tokens/s | vs 1 process | bubble (theory) | bubble (measured) | loss (last) |")
+print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     shared = " (shared)" if r["ranks"] * r["threads"] > cores else ""
     print(f"| {r['label']} | {r['ranks']} | {r['dp']} | {r['pp']} | {r['vpp']} | {r['m']} | {r['threads']}{shared} "
-          f"| {r['ms']:.1f} | {r['tps']:.0f} | {r['ms'] / base:.2f} | {r['bubble']:.1%} | {r['loss']:.6f} |")
+          f"| {r['ms']:.1f} | {r['tps']:.0f} | {r['ms'] / base:.2f} | {r['bubble']:.1%} | {r['measured']} "
+          f"| {r['loss']:.6f} |")
 print()
 print(f"median over {rows[0]['n']} steps per layout (all steps but the first of each run); "
       f"micro batch {micro}, global batch {global_batch}, seq 512, 1 tile + thumbnail, 8 LLM layers")
