@@ -1,7 +1,8 @@
 //! `launch … finetune tiny` end to end with the real engine: the README's command on localhost
 //! (2 ranks, Gloo), a rerun that resumes, a rank killed with SIGKILL and restarted from the last
 //! checkpoint to the uninterrupted run's final loss, and 3 SSH hosts of the rig (network
-//! namespaces running OpenSSH) training together and resuming.
+//! namespaces running OpenSSH) training together and resuming, data parallel and with two
+//! pipeline stages across the hosts.
 //!
 //! mm-engine is the binary cargo builds next to `launch` (`cargo test --workspace` and
 //! `make test` build both). The rig test needs root, as the other rig tests.
@@ -219,16 +220,23 @@ fn sigkill_of_a_rank_restarts_from_the_checkpoint_to_the_same_final_loss() {
     assert!(engine_pids("save-faulty", 0).is_empty() && engine_pids("save-faulty", 1).is_empty());
 }
 
+/// A job on the rig's 3 hosts × 2 CPU ranks running the real engine in `work`, which holds
+/// `mm-engine synth`'s tiny model and data: (job, work, cluster file).
+fn rig_job<'a>(rig: &'a Rig) -> (Job<'a>, PathBuf, PathBuf) {
+    let job = Job::new(Place::Rig(rig));
+    let work = job.dir.path().join("work");
+    synth(&work);
+    let cluster = job.cluster_with(&engine(), &[], &format!("workdir: {}\n", yq(&work.display().to_string())), None);
+    (job, work, cluster)
+}
+
 /// 3 SSH hosts × 2 CPU ranks of the rig train the tiny model together (Gloo over the
 /// namespaces' bridge), with the environment checks, then a second launch resumes from the
 /// checkpoint the first one saved. The launcher's progress comes from rank 0 on h1.
 #[test]
 fn rig_finetune_tiny_over_ssh_and_resume() {
     let rig = Rig::up(3);
-    let job = Job::new(Place::Rig(&rig));
-    let work = job.dir.path().join("work");
-    synth(&work);
-    let cluster = job.cluster_with(&engine(), &[], &format!("workdir: {}\n", yq(&work.display().to_string())), None);
+    let (job, work, cluster) = rig_job(&rig);
     let args = ["--agent-path", LAUNCH, "--set", "train.train_iters=6", "--set", "output.save_interval=3"];
     let f = job.run(&cluster, &args);
     assert_eq!(f.code, 0, "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
@@ -254,5 +262,88 @@ fn rig_finetune_tiny_over_ssh_and_resume() {
     assert!(log.contains("from iteration 6") && log.contains("auto-resume"), "{log}");
     assert_eq!(losses(&log).len(), 3, "{log}");
     assert!(f.stderr.contains("checkpoint   runs/tiny/save/iter_0000009"), "{}", f.stderr);
+    job.assert_clean(Duration::from_secs(10), true);
+}
+
+/// The same rig with pipeline parallelism across the hosts: 6 ranks = 3 data-parallel replicas ×
+/// 2 pipeline stages (the tiny model's 2 LLM layers one per stage, both ViT layers on the
+/// first), so every stage pair talks over the bridge (ranks 0-2 on h1 and h2 are stage 0, ranks
+/// 3-5 on h2 and h3 stage 1). Global batch 6 (`Job::command`'s; the tiny recipe's 4 is no
+/// multiple of micro batch 1 × 3 replicas) = 1 × 2 micro batches × 3. Each stage saves its part
+/// of one checkpoint; a second launch resumes every rank from it.
+#[test]
+fn rig_finetune_tiny_two_pipeline_stages_across_hosts_and_resume() {
+    let rig = Rig::up(3);
+    let (job, work, cluster) = rig_job(&rig);
+    let pipeline =
+        ["--set", "parallel.pp=2", "--set", "parallel.llm_pp_layers=[1,1]", "--set", "parallel.vit_pp_layers=[2,0]"];
+    let args = |iters: &'static str| {
+        let mut a = vec!["--agent-path", LAUNCH, "--set", iters, "--set", "output.save_interval=3"];
+        a.extend(pipeline);
+        a
+    };
+    let f = job.run(&cluster, &args("train.train_iters=6"));
+    assert_eq!(f.code, 0, "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
+    for want in [
+        "launch: all 6 ranks on 3 hosts finished (exit 0)",
+        "checkpoint   runs/tiny/save/iter_0000006",
+        "[launch] iteration 6/6  loss ",
+    ] {
+        assert!(f.stderr.contains(want), "the summary lacks `{want}`:\n{}", f.stderr);
+    }
+    let run = job.run_dir();
+    // The plan the launcher ran: 3 replicas of 2 stages, each pipeline spanning two hosts.
+    let plan: serde_json::Value = serde_json::from_str(&read(&run.join("plan.json"))).unwrap();
+    let plan = &plan["plan"];
+    assert_eq!((plan["dims"]["pp"].as_u64(), plan["dims"]["dp"].as_u64()), (Some(2), Some(3)), "{plan}");
+    for r in 0..6 {
+        let row = &plan["ranks"][r];
+        assert_eq!((row["pp"].as_u64(), row["dp"].as_u64()), (Some(r as u64 / 3), Some(r as u64 % 3)), "{row}");
+        assert_eq!(row["host"].as_str(), Some(job.host_of(r)), "{row}");
+    }
+    let logs: Vec<String> = (0..6).map(|r| job.rank_log(&run, job.host_of(r), r)).collect();
+    assert!(logs[0].contains("pipeline: 2 stages") && logs[0].contains("theoretical bubble 33.3%"), "{}", logs[0]);
+    // Rank r is data-parallel rank r % 3 of stage r / 3; a stage's replicas build the same
+    // parameters, stage 0 (ViT, projector, embedding, LLM layer 0) more than stage 1.
+    let params = |log: &str| -> u64 {
+        let at = log.find(" parameters, ").unwrap_or_else(|| panic!("no parameter count:\n{log}"));
+        log[..at].rsplit('(').next().unwrap().parse().unwrap()
+    };
+    for (r, log) in logs.iter().enumerate() {
+        assert!(log.contains(&format!("data-parallel rank {} of 3", r % 3)), "rank {r}:\n{log}");
+        assert_eq!(params(log), params(&logs[r / 3 * 3]), "rank {r}:\n{log}");
+        // Every rank logs the step's loss, which the last stage computed.
+        assert_eq!(losses(log), losses(&logs[0]), "rank {r}:\n{log}");
+    }
+    assert!(params(&logs[0]) > params(&logs[3]), "stage 0:\n{}\nstage 1:\n{}", logs[0], logs[3]);
+    assert_eq!(losses(&logs[0]).len(), 6, "{}", logs[0]);
+    // The summary's final loss is the last step's (rank 0 reports what the last stage computed).
+    let (iteration, final_loss, _) = training(&job.logs);
+    assert_eq!(iteration, 6);
+    assert_eq!(format!("{:.6E}", losses(&logs[0])[5]), format!("{final_loss:.6E}"));
+    assert!(f.stderr.contains(&format!("final loss   {final_loss:.6} (iteration 6)")), "{}", f.stderr);
+
+    let save = work.join("runs/tiny/save");
+    assert_eq!(read(&save.join("latest_checkpointed_iteration.txt")).trim(), "6");
+    let iter = save.join("iter_0000006");
+    for stage in ["mp_rank_00_000", "mp_rank_00_001"] {
+        assert!(iter.join(stage).join("model.safetensors").is_file(), "{stage} of {}", iter.display());
+    }
+    let manifest: serde_json::Value = serde_json::from_str(&read(&iter.join("manifest.json"))).unwrap();
+    assert_eq!(manifest["parallel"]["pp"], 2, "{manifest}");
+
+    let f = job.run(&cluster, &args("train.train_iters=9"));
+    assert_eq!(f.code, 0, "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
+    assert!(f.stderr.contains("checkpoint   runs/tiny/save/iter_0000009"), "{}", f.stderr);
+    let run = job.run_dir();
+    // Rank 0 says why it resumed; every rank of both stages continues from iteration 6.
+    let log = job.rank_log(&run, job.host_of(0), 0);
+    assert!(log.contains("auto-resume: runs/tiny/save holds a checkpoint"), "{log}");
+    for r in 0..6 {
+        let log = job.rank_log(&run, job.host_of(r), r);
+        assert!(log.contains("from iteration 6"), "rank {r}:\n{log}");
+        assert_eq!(losses(&log).len(), 3, "rank {r}:\n{log}");
+    }
+    assert_eq!(read(&save.join("latest_checkpointed_iteration.txt")).trim(), "9");
     job.assert_clean(Duration::from_secs(10), true);
 }
