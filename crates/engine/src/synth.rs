@@ -54,6 +54,10 @@ pub struct SynthArgs {
     /// ViT depth instead of the preset's.
     #[arg(long)]
     pub vit_layers: Option<usize>,
+    /// ViT heads instead of the preset's, keeping the head width (an odd count exercises
+    /// MindSpeed's unaligned tensor-parallel split, as InternViT-6B's 25 heads on 8 ranks).
+    #[arg(long)]
+    pub vit_heads: Option<usize>,
 }
 
 const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
@@ -246,6 +250,12 @@ pub fn run(a: SynthArgs) -> anyhow::Result<()> {
     if let Some(n) = a.vit_layers {
         anyhow::ensure!(n > 0, "--vit-layers 0: expected at least one layer");
         preset.vision.num_hidden_layers = n;
+    }
+    if let Some(n) = a.vit_heads {
+        anyhow::ensure!(n > 0, "--vit-heads 0: expected at least one head");
+        let width = preset.vision.hidden_size / preset.vision.num_attention_heads;
+        preset.vision.num_attention_heads = n;
+        preset.vision.hidden_size = n * width;
     }
     anyhow::ensure!(
         preset.llm.vocab_size <= 4096,

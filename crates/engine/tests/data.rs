@@ -22,6 +22,7 @@ fn synth() -> &'static Path {
             no_video: false,
             llm_layers: None,
             vit_layers: None,
+            vit_heads: None,
         })
         .unwrap();
         dir

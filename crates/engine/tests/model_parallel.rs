@@ -210,3 +210,47 @@ fn pipeline_saves_resume_exactly_on_the_same_split_and_on_one_process() {
         }
     }
 }
+
+/// MindSpeed's unaligned split: a ViT with 5 heads on 2 tensor-parallel ranks (3 + 2 heads, as
+/// InternViT-6B's 25 on 8 are 4,3,…) gives one process's losses; without `--unaligned-linear`
+/// the split is refused by name.
+#[test]
+fn odd_vit_heads_split_unevenly_with_unaligned_linear() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = engine()
+        .args(["synth", "--llm-layers", "2", "--vit-heads", "5", "--samples", "8", "--no-video", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let args = |extra: &str| {
+        let mut a = train_args(extra);
+        for (flag, sub) in [
+            ("--data-path", "data/train.jsonl"),
+            ("--data-folder", "data"),
+            ("--tokenizer", "model"),
+            ("--load", "model"),
+        ] {
+            let at = a.iter().position(|x| x == flag).unwrap() + 1;
+            a[at] = dir.path().join(sub).display().to_string();
+        }
+        a
+    };
+    let one = steps(&launch(1, &args(""))[0]);
+    let outs = launch(2, &args("--tensor-model-parallel-size 2 --unaligned-linear"));
+    let two = steps(&outs[0]);
+    assert_eq!(one.len(), 4);
+    assert_eq!(two.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    for ((i, l, n), (_, wl, wn)) in two.iter().zip(&one) {
+        let (rl, rn) = ((l - wl).abs() / wl.abs(), (n - wn).abs() / wn.abs());
+        assert!(rl <= 1e-5 && rn <= 1e-5, "iteration {i}: loss {l} vs {wl} ({rl:e}), norm {n} vs {wn} ({rn:e})");
+    }
+    let port = ranks::free_port();
+    let children: Vec<_> = (0..2)
+        .map(|r| ranks::rank_cmd(r, 2, port, 30, &args("--tensor-model-parallel-size 2")).spawn().unwrap())
+        .collect();
+    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let t = text(&outs[0]);
+    assert!(!outs[0].status.success(), "{t}");
+    assert!(t.contains("5 ViT attention heads are not divisible by tp 2: enable unaligned_linear"), "{t}");
+}

@@ -51,6 +51,7 @@ fn reference() -> &'static Path {
             no_video: true,
             llm_layers: None,
             vit_layers: None,
+            vit_heads: None,
         })
         .expect("synth");
         let python = workspace().join(".venv/bin/python");
