@@ -5,6 +5,8 @@
 //! the ViT, projector and LLM), their combinations with data parallelism and the distributed
 //! optimizer; saves resume exactly, on the same layout and on one process.
 
+#[path = "../../../tests/fresh/mod.rs"]
+mod fresh;
 mod ranks;
 
 use std::path::{Path, PathBuf};
@@ -253,4 +255,43 @@ fn odd_vit_heads_split_unevenly_with_unaligned_linear() {
     let t = text(&outs[0]);
     assert!(!outs[0].status.success(), "{t}");
     assert!(t.contains("5 ViT attention heads are not divisible by tp 2: enable unaligned_linear"), "{t}");
+}
+
+/// An mm-convert output split for the run's layout (TP 2 × PP 2) loads shard by shard (each
+/// rank reads its own file) and another layout of it (one process) merges the shards: both give
+/// the HF folder's losses.
+#[test]
+fn a_converted_checkpoint_loads_on_its_own_layout_and_on_another() {
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_mm-engine")).parent().unwrap();
+    let convert = fresh::binary(profile_dir, "mm-convert", "mm-convert", &["crates/convert/src", "crates/spec/src"]);
+    let work = tempfile::tempdir().unwrap();
+    let mm = work.path().join("mm");
+    let o = std::process::Command::new(&convert)
+        .args(["hf-to-mm", "--tp", "2", "--llm-pp-layers", "2,2", "--vit-pp-layers", "2,0", "--hf-dir"])
+        .arg(synth().join("model"))
+        .arg("--mm-dir")
+        .arg(&mm)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mm-convert: {}", text(&o));
+    assert!(mm.join("release/mp_rank_01_001/model.safetensors").is_file());
+    let with_load = |extra: &str| {
+        let mut a = train_args(extra);
+        let at = a.iter().position(|x| x == "--load").unwrap() + 1;
+        a[at] = mm.display().to_string();
+        a
+    };
+    let want = single();
+    for (world, extra) in
+        [(4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --llm-pp-layers 2,2"), (1, "")]
+    {
+        let got = steps(&launch(world, &with_load(extra))[0]);
+        assert_eq!(got.len(), 4);
+        for ((i, l, _), (_, wl, _)) in got.iter().zip(want) {
+            assert!(
+                (l - wl).abs() / wl.abs() <= 1e-5,
+                "{world} ranks from the TP2xPP2 conversion: iteration {i}: {l} vs {wl}"
+            );
+        }
+    }
 }

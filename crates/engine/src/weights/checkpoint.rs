@@ -328,6 +328,25 @@ fn load_mm(
     let pp = manifest.parallel.pp;
     for (name, var) in &vars {
         let t = &plan[planned[name]];
+        // The checkpoint was split like this run: this rank's shard is its tensor, read from
+        // its own file only.
+        if let Some(tp_rank) = slices.and_then(|s| s.same_shard(name, t)) {
+            let rel = shard_rel_path(tp_rank, t.pp_rank, pp);
+            if !files.contains_key(&rel) {
+                files.insert(rel.clone(), SafetensorsFile::open(&iter_dir.join(&rel))?);
+            }
+            let data = files[&rel].read(&t.local_key, Device::Cpu)?;
+            if data.size() != var.size() {
+                return Err(format_err(
+                    &iter_dir.join(&rel),
+                    format!("tensor {:?}: shape {:?}, this rank's slice is {:?}", t.local_key, data.size(), var.size()),
+                ));
+            }
+            let mut v = var.shallow_clone();
+            tch::no_grad(|| v.f_copy_(&data.to_kind(var.kind())))
+                .map_err(|e| format_err(iter_dir, format!("tensor {}: {e}", t.key)))?;
+            continue;
+        }
         let ranks = if t.split == SplitKind::Replicated { 1 } else { t.shards.len() };
         let rows = t.shape.first().copied().unwrap_or(1) as i64;
         let cols: i64 = t.shape.iter().skip(1).product::<usize>() as i64;

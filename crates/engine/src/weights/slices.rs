@@ -1,12 +1,13 @@
 //! A tensor-parallel rank's slices of the whole model's tensors: loading reads each logical
-//! tensor whole (one at a time, from whatever checkpoint) and keeps this rank's part, built
+//! tensor whole (one at a time, from whatever checkpoint and split) and keeps this rank's part,
+//! or, from an MM checkpoint split like the run, reads its own shard file only; the part is built
 //! from the pieces mm-spec's checkpoint plan gives the rank (the same pieces mm-convert shards
 //! MM checkpoints with, so a rank's parameters are exactly its MM shard, vocabulary padding
 //! rows included as zeros).
 
 use std::collections::HashMap;
 
-use mm_spec::checkpoint::{plan_checkpoint, LayoutRequest, MmLayout, Piece, SplitKind};
+use mm_spec::checkpoint::{plan_checkpoint, LayoutRequest, MmLayout, Piece, PlannedTensor, SplitKind};
 use mm_spec::hf::original_key;
 use mm_spec::ModelPreset;
 use tch::{Device, Tensor};
@@ -14,6 +15,7 @@ use tch::{Device, Tensor};
 /// Per parameter (original name): the whole tensor's shape and this rank's pieces of its 2-D
 /// view, stacked along dim 0 (None: replicated, the whole tensor).
 pub struct TpSlices {
+    tp_rank: usize,
     by_name: HashMap<String, (Vec<i64>, Option<Vec<Piece>>)>,
 }
 
@@ -29,7 +31,19 @@ impl TpSlices {
             let pieces = (t.split != SplitKind::Replicated).then(|| t.shards[tp_rank].pieces.clone());
             by_name.insert(name, (shape, pieces));
         }
-        Ok(TpSlices { by_name })
+        Ok(TpSlices { tp_rank, by_name })
+    }
+
+    /// The tp rank whose shard of the planned tensor `t` (a checkpoint's plan) is exactly this
+    /// rank's slice of `name` (the checkpoint was split like this run), if any.
+    pub fn same_shard(&self, name: &str, t: &PlannedTensor) -> Option<usize> {
+        let (_, mine) = self.by_name.get(name)?;
+        let theirs = t.shards.get(self.tp_rank)?;
+        match mine {
+            // Replicated here and there: every rank's file holds all of it.
+            None => (t.split == SplitKind::Replicated).then_some(self.tp_rank),
+            Some(mine) => (t.split != SplitKind::Replicated && &theirs.pieces == mine).then_some(self.tp_rank),
+        }
     }
 
     /// Whether parameter `name` is split over the ranks (else every rank holds all of it).
