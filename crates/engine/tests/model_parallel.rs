@@ -202,6 +202,9 @@ fn pipeline_saves_resume_exactly_on_the_same_split_and_on_one_process() {
         let one = launch(1, &a);
         let s = steps(&one[0]);
         assert_eq!(s.iter().map(|s| s.0).collect::<Vec<_>>(), [3, 4], "{}", text(&one[0]));
+        if tp > 1 {
+            exports_like_the_checkpoint(&iter, work.path());
+        }
         if !weights_only {
             for ((i, l, _), (_, wl, _)) in s.iter().zip(&want[2..]) {
                 assert!(
@@ -294,4 +297,42 @@ fn a_converted_checkpoint_loads_on_its_own_layout_and_on_another() {
             );
         }
     }
+}
+
+/// `mm-convert mm-to-hf` exports a tensor/pipeline-parallel save: the HF folder evaluates to
+/// exactly the per-sample losses of the save itself (same weights, merged two ways).
+fn exports_like_the_checkpoint(iter: &Path, work: &Path) {
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_mm-engine")).parent().unwrap();
+    let convert = fresh::binary(profile_dir, "mm-convert", "mm-convert", &["crates/convert/src", "crates/spec/src"]);
+    let export = work.join("export");
+    let o = std::process::Command::new(&convert)
+        .args(["mm-to-hf", "--mm-dir"])
+        .arg(iter)
+        .arg("--hf-dir")
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mm-to-hf: {}", text(&o));
+    let eval = |load: &Path| {
+        let d = synth();
+        let o = engine()
+            .args(["eval", "--load"])
+            .arg(load)
+            .arg("--data")
+            .arg(d.join("data/train.jsonl"))
+            .arg("--data-folder")
+            .arg(d.join("data"))
+            .args(["--max-dynamic-patch", "1", "--use-thumbnail", "--limit", "4", "--device", "cpu"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "eval {}: {}", load.display(), text(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("sample "))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let (from_save, from_export) = (eval(iter), eval(&export));
+    assert_eq!(from_save.len(), 4, "{from_save:?}");
+    assert_eq!(from_save, from_export, "the export of the TP x PP save evaluates differently");
 }
