@@ -127,13 +127,12 @@ impl Plan {
         // (On NPUs the template itself is refused below.)
         if cluster.template == Template::MmEngine && cluster.accelerator != Accelerator::Npu {
             let vit_chunks = p.vit_pp_layers.as_deref().unwrap_or(&[]);
-            let unsupported = mm_engine_unsupported(dims.cp(), p.sequence_parallel, vit_chunks);
+            let unsupported = mm_engine_unsupported(dims.cp(), vit_chunks);
             if !unsupported.is_empty() {
                 let what: Vec<String> = unsupported.iter().map(|u| format!("{} {}", u.key, u.value)).collect();
                 let fix: Vec<String> = unsupported
                     .iter()
                     .map(|u| match u.key {
-                        "parallel.sequence_parallel" => format!("{}=false", u.key),
                         "parallel.vit_pp_layers" => format!("{}=null", u.key),
                         _ => format!("{}=1", u.key),
                     })

@@ -123,6 +123,16 @@ fn two_tensor_parallel_ranks() {
 }
 
 #[test]
+fn two_tensor_parallel_ranks_with_sequence_parallelism() {
+    matches_single(2, "--tensor-model-parallel-size 2 --sequence-parallel");
+}
+
+#[test]
+fn sequence_parallel_tensor_ranks_on_two_pipeline_stages() {
+    matches_single(4, "--tensor-model-parallel-size 2 --sequence-parallel --pipeline-model-parallel-size 2");
+}
+
+#[test]
 fn two_tensor_parallel_ranks_on_two_pipeline_stages() {
     matches_single(4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2");
 }
@@ -148,7 +158,7 @@ fn a_vit_off_the_first_chunk_is_refused_by_name() {
     let o = engine().args(train_args("--pipeline-model-parallel-size 2 --vit-pp-layers 1,1")).output().unwrap();
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("--vit-pp-layers 1,1: mm-engine runs data, tensor and pipeline parallelism"), "{t}");
+    assert!(t.contains("--vit-pp-layers 1,1: mm-engine runs data, tensor (with sequence parallelism)"), "{t}");
     assert!(t.contains("WORLD_SIZE 1 is not a multiple of tensor × context × pipeline parallel size 2"), "{t}");
 }
 

@@ -245,7 +245,7 @@ fn unsupported_flags_fail_with_a_clear_message() {
         .unwrap();
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("--context-parallel-size 2: mm-engine runs data, tensor and pipeline parallelism"), "{t}");
+    assert!(t.contains("--context-parallel-size 2: mm-engine runs data, tensor (with sequence parallelism)"), "{t}");
     assert!(t.contains("--fp16"), "every problem is reported at once: {t}");
     // WORLD_SIZE > 1 is data parallelism, which needs the rest of the launcher's environment.
     let o = train_cmd("--lr 0.001 --train-iters 2").env("WORLD_SIZE", "2").env_remove("RANK").output().unwrap();

@@ -94,9 +94,11 @@ impl InternVL {
         let llm = LlmPart { embed: part.first, layers: part.llm_layers.clone(), head: part.last };
         let (vision_model, mlp1) = if part.first {
             let (proj_in, hidden) = (cfg.projector_in() as i64, cfg.llm.hidden_size as i64);
+            // Sequence parallelism is the LLM's: the ViT and projector keep whole sequences.
+            let whole = tp.without_sp();
             (
-                Some(VisionModel::new(root.sub("vision_model"), &cfg.vision, tp)?),
-                Some(Projector::new(root.sub("mlp1"), proj_in, hidden, tp)?),
+                Some(VisionModel::new(root.sub("vision_model"), &cfg.vision, &whole)?),
+                Some(Projector::new(root.sub("mlp1"), proj_in, hidden, &whole)?),
             )
         } else {
             (None, None)
@@ -156,7 +158,8 @@ impl InternVL {
 
     /// Logits [B, T, V].
     pub fn forward(&self, input: &ModelInput, train: bool) -> Result<Tensor, ForwardError> {
-        self.language_model.logits(&self.hidden_states(input, train)?)
+        let t = input.input_ids.size()[1];
+        self.language_model.logits(&self.hidden_states(input, train)?, t)
     }
 
     /// One pipeline chunk's forward: the first chunk embeds `input` (`received` is None), the
@@ -170,11 +173,12 @@ impl InternVL {
     ) -> Result<Tensor, ForwardError> {
         let h = match received {
             Some(h) => h.shallow_clone(),
-            None => self.input_embeddings(input, train)?,
+            None => self.language_model.to_layers(&self.input_embeddings(input, train)?)?,
         };
         let h = self.language_model.forward_layers(&h, &input.attention_mask)?;
         if self.part.last {
-            self.language_model.logits(&self.language_model.final_norm(&h))
+            let t = input.input_ids.size()[1];
+            self.language_model.logits(&self.language_model.final_norm(&h)?, t)
         } else {
             Ok(h)
         }

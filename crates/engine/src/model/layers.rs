@@ -69,11 +69,17 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_with(&self.weight, x)
+    }
+
+    /// The norm with `weight` in place of its own (the same values, e.g. a view whose gradient
+    /// is summed over tensor-parallel ranks).
+    pub fn forward_with(&self, weight: &Tensor, x: &Tensor) -> Tensor {
         let dtype = x.kind();
         let h = x.to_kind(Kind::Float);
         let variance = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let h = h * (variance + self.eps).rsqrt();
-        &self.weight * h.to_kind(dtype)
+        weight * h.to_kind(dtype)
     }
 }
 

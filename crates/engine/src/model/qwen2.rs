@@ -110,9 +110,9 @@ impl Qwen2Attention {
     }
 
     fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor, ForwardError> {
+        let x = &self.tp.enter(x)?;
         let (b, t, _) = x.size3().expect("llm hidden states are [B, T, H]");
         let d = self.head_dim;
-        let x = &self.tp.copy_to(x)?;
         let split = |y: Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2);
         let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
         let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
@@ -151,8 +151,12 @@ impl Qwen2Layer {
     }
 
     fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor, ForwardError> {
-        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask)?;
-        let n = self.mlp.tp.copy_to(&self.post_attention_layernorm.forward(&h))?;
+        let tp = &self.mlp.tp;
+        let n1 = self.input_layernorm.forward_with(&tp.slice_weight(&self.input_layernorm.weight)?, x);
+        let h = x + self.self_attn.forward(&n1, rope, mask)?;
+        let n2 =
+            self.post_attention_layernorm.forward_with(&tp.slice_weight(&self.post_attention_layernorm.weight)?, &h);
+        let n = tp.enter(&n2)?;
         let m = self.mlp.down_proj.forward(&(self.mlp.gate_proj.forward(&n).silu() * self.mlp.up_proj.forward(&n)))?;
         Ok(h + m)
     }
@@ -236,16 +240,26 @@ impl Qwen2 {
     /// Input embeddings [B, T, H] and the padding mask [B, T] → final hidden states (after
     /// the last norm). Positions run 0..T in every row (padding is on the right).
     pub fn forward_embeds(&self, embeds: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ForwardError> {
-        Ok(self.final_norm(&self.forward_layers(embeds, attention_mask)?))
+        self.final_norm(&self.forward_layers(&self.to_layers(embeds)?, attention_mask)?)
     }
 
-    /// This part's layers over hidden states [B, T, H] (the rotary tables and the mask are
-    /// rebuilt from the padding mask, so any stage can run from a received activation).
+    /// This part's layers over hidden states [B, T, H] (with sequence parallelism this rank's
+    /// slice of the padded sequence; the rotary tables and the mask are rebuilt from the
+    /// padding mask [B, T], so any stage can run from a received activation).
     pub fn forward_layers(&self, hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ForwardError> {
-        let (b, t, _) = hidden.size3().expect("llm hidden states are [B, T, H]");
-        let positions = Tensor::arange(t, (Kind::Int64, hidden.device())).unsqueeze(0).expand([b, t], false);
+        let (b, t) = attention_mask.size2().expect("the padding mask is [B, T]");
+        let padded = self.tp.padded_len(t);
+        let attention_mask = if padded > t {
+            Tensor::cat(
+                &[attention_mask, &attention_mask.zeros_like().narrow(1, 0, 1).expand([b, padded - t], false)],
+                1,
+            )
+        } else {
+            attention_mask.shallow_clone()
+        };
+        let positions = Tensor::arange(padded, (Kind::Int64, hidden.device())).unsqueeze(0).expand([b, padded], false);
         let rope = Rope::new(&positions, self.head_dim, self.rope_theta, hidden.kind());
-        let mask = causal_padding_mask(attention_mask);
+        let mask = causal_padding_mask(&attention_mask);
         let mut h = hidden.shallow_clone();
         for layer in &self.layers {
             h = layer.forward(&h, &rope, &mask)?;
@@ -254,16 +268,25 @@ impl Qwen2 {
     }
 
     /// The final norm (on the stage with the head).
-    pub fn final_norm(&self, hidden: &Tensor) -> Tensor {
-        self.norm.as_ref().expect("the final norm is on this pipeline stage").forward(hidden)
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor, ForwardError> {
+        let norm = self.norm.as_ref().expect("the final norm is on this pipeline stage");
+        Ok(norm.forward_with(&self.tp.slice_weight(&norm.weight)?, hidden))
+    }
+
+    /// Whole-sequence input embeddings → what the first layer takes (this rank's sequence
+    /// slice with sequence parallelism).
+    pub fn to_layers(&self, embeds: &Tensor) -> Result<Tensor, ForwardError> {
+        Ok(self.tp.to_sequence_slice(embeds)?)
     }
 
     /// Hidden states → logits [.., V] (with tensor parallelism: this rank's vocabulary rows,
     /// padding included; [`Qwen2::token_losses`] combines them).
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ForwardError> {
+    /// `seq_len`: the unpadded length, to which sequence-parallel logits are cut back.
+    pub fn logits(&self, hidden: &Tensor, seq_len: i64) -> Result<Tensor, ForwardError> {
         let w =
             self.lm_head.as_ref().or(self.embed_tokens.as_ref()).expect("the output layer is on this pipeline stage");
-        Ok(self.tp.copy_to(hidden)?.linear::<Tensor>(w, None))
+        let logits = self.tp.enter(hidden)?.linear::<Tensor>(w, None);
+        Ok(if logits.size()[1] > seq_len { logits.narrow(1, 0, seq_len) } else { logits })
     }
 
     /// Cross entropy per token of [`Qwen2::logits`] rows [N, V or this rank's rows] against

@@ -32,23 +32,88 @@ pub struct Tp {
     pub size: usize,
     /// MindSpeed's unaligned linear: units that do not divide by tp are split unevenly.
     pub unaligned: bool,
+    /// Megatron's sequence parallelism (the LLM): outside the tensor-parallel blocks each rank
+    /// holds a slice of the sequence; blocks start with an all-gather and end with a
+    /// reduce-scatter instead of the all-reduce.
+    pub sequence_parallel: bool,
     group: Option<Arc<ProcessGroup>>,
 }
 
 impl std::fmt::Debug for Tp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tp {{ rank: {}, size: {} }}", self.rank, self.size)
+        write!(f, "Tp {{ rank: {}, size: {}, sp: {} }}", self.rank, self.size, self.sequence_parallel)
     }
 }
 
 impl Tp {
     /// No tensor parallelism.
     pub fn single() -> Tp {
-        Tp { rank: 0, size: 1, unaligned: false, group: None }
+        Tp { rank: 0, size: 1, unaligned: false, sequence_parallel: false, group: None }
     }
 
-    pub fn new(group: Arc<ProcessGroup>, unaligned: bool) -> Tp {
-        Tp { rank: group.rank, size: group.size, unaligned, group: Some(group) }
+    /// `sequence_parallel` has no effect on one rank.
+    pub fn new(group: Arc<ProcessGroup>, unaligned: bool, sequence_parallel: bool) -> Tp {
+        let sequence_parallel = sequence_parallel && group.size > 1;
+        Tp { rank: group.rank, size: group.size, unaligned, sequence_parallel, group: Some(group) }
+    }
+
+    /// The same group without sequence parallelism (the ViT and the projector keep whole
+    /// sequences).
+    pub fn without_sp(&self) -> Tp {
+        Tp { sequence_parallel: false, ..self.clone() }
+    }
+
+    /// Entering a column-parallel block from the residual stream: the whole sequence (an
+    /// all-gather of the slices with sequence parallelism, else [`Tp::copy_to`]).
+    pub fn enter(&self, x: &Tensor) -> Result<Tensor, DistError> {
+        match self.group().filter(|_| self.sequence_parallel) {
+            Some(g) => Ok(g.gather_from_sp_region(&x.transpose(0, 1).contiguous(), None)?.transpose(0, 1)),
+            None => self.copy_to(x),
+        }
+    }
+
+    /// Leaving a row-parallel block: the ranks' partial sums, reduce-scattered into sequence
+    /// slices with sequence parallelism, else all-reduced ([`Tp::reduce_from`]).
+    pub fn leave(&self, x: &Tensor) -> Result<Tensor, DistError> {
+        match self.group().filter(|_| self.sequence_parallel) {
+            Some(g) => Ok(g.reduce_scatter_to_sp_region(&x.transpose(0, 1).contiguous(), None)?.transpose(0, 1)),
+            None => self.reduce_from(x),
+        }
+    }
+
+    /// The sequence length the LLM runs at: with sequence parallelism rounded up to a multiple
+    /// of tp (the padding positions are masked out and dropped before the loss).
+    pub fn padded_len(&self, t: i64) -> i64 {
+        if self.sequence_parallel {
+            let n = self.size as i64;
+            (t + n - 1) / n * n
+        } else {
+            t
+        }
+    }
+
+    /// Whole-sequence hidden states [B, T, H] (the same on every rank) → this rank's slice of
+    /// the padded sequence (identity without sequence parallelism).
+    pub fn to_sequence_slice(&self, x: &Tensor) -> Result<Tensor, DistError> {
+        let Some(g) = self.group().filter(|_| self.sequence_parallel) else { return Ok(x.shallow_clone()) };
+        let (b, t, h) = x.size3().expect("hidden states are [B, T, H]");
+        let padded = self.padded_len(t);
+        let x = if padded > t {
+            Tensor::cat(&[x, &x.zeros_like().narrow(1, 0, 1).expand([b, padded - t, h], false)], 1)
+        } else {
+            x.shallow_clone()
+        };
+        Ok(g.scatter_to_sp_region(&x.transpose(0, 1).contiguous(), None)?.transpose(0, 1))
+    }
+
+    /// A replicated weight used on this rank's sequence slice: its gradient is summed over the
+    /// ranks (each saw part of the sequence), so every rank keeps the same value.
+    pub fn slice_weight(&self, w: &Tensor) -> Result<Tensor, DistError> {
+        if self.sequence_parallel {
+            self.copy_to(w)
+        } else {
+            Ok(w.shallow_clone())
+        }
     }
 
     fn group(&self) -> Option<&ProcessGroup> {
@@ -146,7 +211,8 @@ impl Tp {
 }
 
 /// A row-parallel linear: this rank's columns of W, the partial products summed over the
-/// ranks, then the (replicated) bias. With one rank it is the fused `x Wᵀ + b`.
+/// ranks (reduce-scattered into sequence slices with sequence parallelism), then the
+/// (replicated) bias. With one rank it is the fused `x Wᵀ + b`.
 #[derive(Debug)]
 pub struct RowLinear {
     pub weight: Tensor,
@@ -165,7 +231,7 @@ impl RowLinear {
         if self.tp.size == 1 {
             return Ok(x.linear(&self.weight, self.bias.as_ref()));
         }
-        let y = self.tp.reduce_from(&x.linear::<Tensor>(&self.weight, None))?;
+        let y = self.tp.leave(&x.linear::<Tensor>(&self.weight, None))?;
         Ok(match &self.bias {
             Some(b) => y + b,
             None => y,

@@ -251,7 +251,7 @@ fn parse_list(s: &str) -> Option<Vec<usize>> {
     s.split(',').map(|x| x.trim().parse().ok()).collect()
 }
 
-/// Why cp > 1 and sequence parallelism are refused.
+/// Why cp > 1 is refused.
 pub use mm_spec::layout::MM_ENGINE_LIMITS as LIMITS;
 
 impl TrainArgs {
@@ -276,8 +276,7 @@ impl TrainArgs {
                 }
             }
         }
-        let unsupported =
-            mm_spec::layout::mm_engine_unsupported(self.context_parallel_size, self.sequence_parallel, &vit_chunks);
+        let unsupported = mm_spec::layout::mm_engine_unsupported(self.context_parallel_size, &vit_chunks);
         for u in unsupported {
             errs.push(format!("{} {}: {LIMITS}", u.flag, u.value));
         }
@@ -443,7 +442,10 @@ mod tests {
         let e = args("--context-parallel-size 2 --pipeline-model-parallel-size 2 --vit-pp-layers 1,1 --dp-bucket-mb 0")
             .validate(4)
             .unwrap_err();
-        assert!(e.contains("--context-parallel-size 2: mm-engine runs data, tensor and pipeline parallelism"), "{e}");
+        assert!(
+            e.contains("--context-parallel-size 2: mm-engine runs data, tensor (with sequence parallelism)"),
+            "{e}"
+        );
         assert!(e.contains("--vit-pp-layers 1,1: mm-engine runs"), "{e}");
         assert!(!e.contains("--pipeline-model-parallel-size 2:"), "pipelines run: {e}");
         let r = args("--tensor-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 2").validate(4).unwrap();

@@ -404,7 +404,7 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
         seed: a.seed,
         bf16: r.bf16,
         parts: Some(&stages),
-        tp: dp.tp_group().map(|g| Tp::new(g, a.unaligned_linear)),
+        tp: dp.tp_group().map(|g| Tp::new(g, a.unaligned_linear, a.sequence_parallel)),
     })?;
     let preset = session.preset.clone();
     if a.save.is_some() && a.ckpt_format == CkptFormat::Torch && preset.llm.tie_word_embeddings {

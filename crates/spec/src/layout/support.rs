@@ -4,9 +4,9 @@
 
 /// Why mm-engine cannot run a layout yet; the engine and the launcher both quote it.
 pub const MM_ENGINE_LIMITS: &str =
-    "mm-engine runs data, tensor and pipeline parallelism (1F1B, interleaved with a virtual pipeline) with \
-     the ViT on the first pipeline chunk; context and sequence parallelism are not built yet: use the \
-     MindSpeed-MM engine for them";
+    "mm-engine runs data, tensor (with sequence parallelism) and pipeline parallelism (1F1B, interleaved \
+     with a virtual pipeline) with the ViT on the first pipeline chunk; context parallelism is not built \
+     yet: use the MindSpeed-MM engine for it";
 
 /// One parallel setting an engine cannot run, in the spellings of each tool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,13 +20,10 @@ pub struct Unsupported {
 
 /// The settings of a layout mm-engine cannot run (empty: it can). `vit_chunks`: ViT layers per
 /// pipeline chunk in model order (empty: all on the first).
-pub fn mm_engine_unsupported(cp: usize, sequence_parallel: bool, vit_chunks: &[usize]) -> Vec<Unsupported> {
+pub fn mm_engine_unsupported(cp: usize, vit_chunks: &[usize]) -> Vec<Unsupported> {
     let mut out = Vec::new();
     if cp != 1 {
         out.push(Unsupported { key: "parallel.cp", flag: "--context-parallel-size", value: cp.to_string() });
-    }
-    if sequence_parallel {
-        out.push(Unsupported { key: "parallel.sequence_parallel", flag: "--sequence-parallel", value: "true".into() });
     }
     if vit_chunks.iter().skip(1).any(|&n| n > 0) {
         let list = vit_chunks.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
@@ -41,13 +38,10 @@ mod tests {
 
     #[test]
     fn data_tensor_and_pipeline_parallel_with_the_vit_first() {
-        assert!(mm_engine_unsupported(1, false, &[]).is_empty());
-        assert!(mm_engine_unsupported(1, false, &[24, 0, 0, 0]).is_empty());
-        let u = mm_engine_unsupported(2, true, &[20, 4]);
+        assert!(mm_engine_unsupported(1, &[]).is_empty());
+        assert!(mm_engine_unsupported(1, &[24, 0, 0, 0]).is_empty());
+        let u = mm_engine_unsupported(2, &[20, 4]);
         let keys: Vec<_> = u.iter().map(|u| (u.key, u.value.as_str())).collect();
-        assert_eq!(
-            keys,
-            [("parallel.cp", "2"), ("parallel.sequence_parallel", "true"), ("parallel.vit_pp_layers", "20,4")]
-        );
+        assert_eq!(keys, [("parallel.cp", "2"), ("parallel.vit_pp_layers", "20,4")]);
     }
 }
