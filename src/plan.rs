@@ -199,6 +199,17 @@ impl Plan {
                     .into(),
             );
         }
+        if cluster.template == Template::MmEngine
+            && recipe.checkpoint.save_format == Some(SaveFormat::Torch)
+            && dims.tp() > 1
+        {
+            problems.push(format!(
+                "checkpoint.save_format torch with parallel.tp {}: MindSpeed-MM splits the vocabulary, projector and \
+                 ViT heads differently from mm-engine's tensor-parallel ranks; save mm-engine's format (remove the \
+                 setting) and convert with `mm-convert mm-to-hf` then `hf-to-mm --format mindspeed`",
+                dims.tp()
+            ));
+        }
         if cluster.template != Template::MmEngine && recipe.checkpoint.save_format == Some(SaveFormat::Mm) {
             problems.push(
                 "checkpoint.save_format mm: MindSpeed-MM saves its own torch files only; remove the setting (or \

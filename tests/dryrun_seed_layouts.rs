@@ -228,16 +228,18 @@ fn json_dry_run_is_the_same_plan_with_secrets_redacted() {
     let args = launch::render::engine_args(&plan).join(" ");
     assert!(args.contains("--pipeline-model-parallel-size 4"), "{args}");
     assert!(args.contains("--llm-pp-layers 6,8,8,6 --vit-pp-layers 24,0,0,0"), "{args}");
-    // The 78B's tensor parallelism runs too (8 ranks × 2 stages on the 16 GPUs); context
+    // The seed's 78B, TP 8 × PP 2 with unaligned linear, runs too (the 16 GPUs); context
     // parallelism is not built in mm-engine yet: refused at plan time with the fix.
-    let tp = ["parallel.tp=8", "parallel.pp=2", "parallel.llm_pp_layers=null"].map(String::from);
-    let recipe_tp = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &tp).unwrap();
-    let tp_plan = Plan::build(&cluster, &recipe_tp).map_err(|e| e.to_string());
-    assert!(
-        tp_plan.as_ref().is_ok_and(|p| (p.dims.tp(), p.dims.pp()) == (8, 2))
-            || tp_plan.as_ref().is_err_and(|e| !e.contains("mm-engine template cannot run")),
-        "{tp_plan:?}"
-    );
+    let recipe_tp = Recipe::resolve("78b", Some((&cluster.job, &cluster.origin)), None, &[]).unwrap();
+    let tp_plan = Plan::build(&cluster, &recipe_tp).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((tp_plan.dims.tp(), tp_plan.dims.pp(), tp_plan.dims.dp()), (8, 2, 1));
+    let args = launch::render::engine_args(&tp_plan).join(" ");
+    assert!(args.contains("--tensor-model-parallel-size 8") && args.contains("--unaligned-linear"), "{args}");
+    // MindSpeed-MM's torch files split tensor-parallel ranks their own way: refused from mm-engine.
+    let torch = ["checkpoint.save_format=torch".to_string()];
+    let recipe_torch = Recipe::resolve("78b", Some((&cluster.job, &cluster.origin)), None, &torch).unwrap();
+    let err = Plan::build(&cluster, &recipe_torch).unwrap_err().to_string();
+    assert!(err.contains("checkpoint.save_format torch with parallel.tp 8"), "{err}");
     let cp = ["parallel.cp=2".to_string()];
     let recipe_cp = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &cp).unwrap();
     let err = Plan::build(&cluster, &recipe_cp).unwrap_err().to_string();

@@ -163,6 +163,15 @@ impl Session {
             None => RankModel { parts: vec![StagePart::whole(&preset)], slices: None },
         };
         let staged = parts.len() > 1 || parts[0] != StagePart::whole(&preset);
+        // A tied output layer would be two unsynchronised copies on the first and last stage.
+        if tie && staged && !parts.iter().any(|p| p.first && p.last) {
+            bail!(
+                "model {}: the output layer is tied to the token embedding (the checkpoint has no lm_head, or \
+                 tie_word_embeddings is set), which mm-engine cannot split over pipeline stages: give the model its \
+                 own lm_head (every InternVL3 size has one) or train with --pipeline-model-parallel-size 1",
+                preset.name
+            );
+        }
         let tp = o.tp.clone().unwrap_or_else(Tp::single);
         let mut chunks: Vec<InternVL> = parts
             .into_iter()

@@ -137,6 +137,24 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
     .unwrap();
     assert!(s.model.language_model.lm_head.is_none());
     assert!(s.preset.llm.tie_word_embeddings);
+    // Split over pipeline stages, a tied head would be two unsynchronised copies: refused.
+    let first_stage = |_: &mm_spec::ModelPreset| {
+        let part = mm_engine::model::StagePart { first: true, llm_layers: 0..1, last: false };
+        Ok(mm_engine::session::RankModel { parts: vec![part], slices: None })
+    };
+    let e = mm_engine::session::Session::open(mm_engine::session::SessionOptions {
+        model: "tiny",
+        load: Some(dir.path()),
+        tokenizer: None,
+        device: Device::Cpu,
+        seed: 0,
+        bf16: false,
+        parts: Some(&first_stage),
+        tp: None,
+    })
+    .err()
+    .expect("a tied head over pipeline stages is refused");
+    assert!(format!("{e:#}").contains("cannot split over pipeline stages"), "{e:#}");
     let state = mm_engine::train::checkpoint::TrainerState {
         iteration: 1,
         consumed_samples: 1,

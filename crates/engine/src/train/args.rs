@@ -343,6 +343,17 @@ impl TrainArgs {
         if self.auto_resume && self.save.is_none() {
             errs.push("--auto-resume: resumes from --save, which is not set".into());
         }
+        if self.save.is_some()
+            && self.ckpt_format == super::checkpoint::CkptFormat::Torch
+            && self.tensor_model_parallel_size > 1
+        {
+            errs.push(format!(
+                "--ckpt-format torch with --tensor-model-parallel-size {}: MindSpeed-MM splits the vocabulary, \
+                 projector and ViT heads differently from mm-engine's ranks; save with --ckpt-format mm and convert \
+                 (`mm-convert mm-to-hf`, then `mm-convert hf-to-mm --format mindspeed`)",
+                self.tensor_model_parallel_size
+            ));
+        }
         self.pre.check(&mut errs);
         if !crate::data::template::TEMPLATES.contains(&self.template.as_str()) {
             errs.push(format!(
@@ -448,6 +459,8 @@ mod tests {
         );
         assert!(e.contains("--vit-pp-layers 1,1: mm-engine runs"), "{e}");
         assert!(!e.contains("--pipeline-model-parallel-size 2:"), "pipelines run: {e}");
+        let torch = args("--tensor-model-parallel-size 2 --save s --ckpt-format torch").validate(2).unwrap_err();
+        assert!(torch.contains("--ckpt-format torch with --tensor-model-parallel-size 2"), "{torch}");
         let r = args("--tensor-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 2").validate(4).unwrap();
         assert_eq!(r.data_parallel_size, 2, "tensor-parallel ranks are not data parallel");
         assert!(e.contains("--dp-bucket-mb 0: expected a size above 0"), "{e}");

@@ -31,12 +31,15 @@ pub struct StepContext<'a> {
     pub device: tch::Device,
     /// Reseeds torch before micro batch `micro`'s forward.
     pub seed: &'a dyn Fn(usize),
+    /// Training (drop path on) or evaluation.
+    pub train: bool,
     /// The objective of a micro batch from its logits and labels (scaled for the whole step).
     pub objective: &'a dyn Fn(&Tensor, &Tensor) -> anyhow::Result<Tensor>,
 }
 
-/// Header fields: micro batch, payload, rank of the shape, up to four sizes, dtype code.
-const HEADER: i64 = 8;
+/// Header fields: micro batch, payload, rank of the shape, up to four sizes, dtype code, the
+/// sender's virtual stage.
+const HEADER: i64 = 9;
 
 fn kind_code(k: Kind) -> i64 {
     match k {
@@ -65,9 +68,16 @@ fn payload_code(p: Payload) -> i64 {
     }
 }
 
-fn header(t: &Tensor, op: &P2p) -> Tensor {
+/// The virtual stage of chunk `chunk` on pipeline rank `rank` of `pp`.
+fn virtual_stage(chunk: usize, rank: usize, pp: usize) -> i64 {
+    (chunk * pp + rank) as i64
+}
+
+fn header(t: &Tensor, op: &P2p, pg: &ProcessGroup) -> Tensor {
     let size = t.size();
-    let mut h = vec![op.micro as i64, payload_code(op.payload), size.len() as i64, 0, 0, 0, 0, kind_code(t.kind())];
+    let stage = virtual_stage(op.chunk, pg.rank, pg.size);
+    let mut h =
+        vec![op.micro as i64, payload_code(op.payload), size.len() as i64, 0, 0, 0, 0, kind_code(t.kind()), stage];
     for (i, d) in size.iter().take(4).enumerate() {
         h[3 + i] = *d;
     }
@@ -136,6 +146,44 @@ pub fn run_step(
     Ok(StepOutcome { loss, exchange_secs, total_secs: started.elapsed().as_secs_f64() })
 }
 
+/// Forward only (evaluation, under `no_grad`): micro batch after micro batch, each chunk
+/// receives its input from the previous virtual stage, runs and sends its output on, a chain
+/// with no cycle, so one transfer at a time cannot deadlock. `loss(logits, labels)` runs on the
+/// last virtual stage; returns the sum of its values over the micro batches (0 elsewhere).
+pub fn run_forward_only(
+    chunks: &[&InternVL],
+    batches: &[Batch],
+    ctx: &StepContext,
+    group: Option<&ProcessGroup>,
+) -> anyhow::Result<f64> {
+    let (rank, pp) = group.map_or((0, 1), |g| (g.rank, g.size));
+    let stages = chunks.len() * pp;
+    let mut st = InFlight::default();
+    let no_group = || anyhow::anyhow!("a pipeline transfer without a pipeline group");
+    let mut total = 0.0;
+    for micro in 0..batches.len() {
+        for (c, model) in chunks.iter().enumerate() {
+            let stage = c * pp + rank;
+            let step = Step { chunk: c, micro, first: stage == 0, last: stage + 1 == stages };
+            if !step.first {
+                let from = (rank + pp - 1) % pp;
+                let op = P2p { dir: Dir::Recv, payload: Payload::Activation, peer: from, chunk: c, micro };
+                exchange(group.ok_or_else(no_group)?, &[op], &mut st, ctx.device)?;
+            }
+            anyhow::ensure!(model.part.first == step.first && model.part.last == step.last, "chunk {c} misplaced");
+            total += forward(&step, chunks, batches, ctx, &mut st)?;
+            let key = (c, micro);
+            if !step.last {
+                let op = P2p { dir: Dir::Send, payload: Payload::Activation, peer: (rank + 1) % pp, chunk: c, micro };
+                exchange(group.ok_or_else(no_group)?, &[op], &mut st, ctx.device)?;
+            }
+            st.outputs.remove(&key);
+            st.inputs.remove(&key);
+        }
+    }
+    Ok(total)
+}
+
 fn chunk<'a>(chunks: &[&'a InternVL], s: &Step) -> anyhow::Result<&'a InternVL> {
     let m = *chunks.get(s.chunk).ok_or_else(|| anyhow::anyhow!("the schedule names chunk {}", s.chunk))?;
     anyhow::ensure!(
@@ -165,9 +213,18 @@ fn forward(
         None
     } else {
         let x = st.inputs.get(&key).ok_or_else(|| anyhow::anyhow!("no activation received for {key:?}"))?;
+        let (rows, hidden) = (batch.rows as i64, model.cfg.llm.hidden_size as i64);
+        let size = x.size();
+        anyhow::ensure!(
+            size.len() == 3 && size[0] == rows && size[2] == hidden,
+            "pipeline: the activation received for micro batch {} has shape {size:?}, this rank's micro batch has \
+             {rows} rows of width {hidden}: the stages read different data (is --data-path the same file on every \
+             host?)",
+            s.micro
+        );
         Some(x.shallow_clone())
     };
-    let out = model.forward_part(&input, received.as_ref(), true)?;
+    let out = model.forward_part(&input, received.as_ref(), ctx.train)?;
     if s.last {
         let obj = (ctx.objective)(&out, &labels)?;
         let v = obj.double_value(&[]);
@@ -182,12 +239,17 @@ fn forward(
 fn backward(s: &Step, st: &mut InFlight) -> anyhow::Result<()> {
     let key = (s.chunk, s.micro);
     let out = st.outputs.remove(&key).ok_or_else(|| anyhow::anyhow!("backward of {key:?} before its forward"))?;
-    // f_backward: a tensor-parallel collective in the backward can fail (a peer died).
+    // f_backward: a tensor-parallel collective in the backward can fail (a peer died). An
+    // output nothing trainable led to (frozen towers, a text-only micro batch) has no graph.
     if s.last {
-        out.f_backward()?;
+        if out.requires_grad() {
+            out.f_backward()?;
+        }
     } else {
         let g = st.output_grads.remove(&key).ok_or_else(|| anyhow::anyhow!("no gradient received for {key:?}"))?;
-        (&out * g).sum(out.kind()).f_backward()?;
+        if out.requires_grad() {
+            (&out * g).sum(out.kind()).f_backward()?;
+        }
     }
     if !s.first {
         let x = st.inputs.remove(&key).ok_or_else(|| anyhow::anyhow!("no input kept for {key:?}"))?;
@@ -225,7 +287,7 @@ fn exchange(pg: &ProcessGroup, ops: &[P2p], st: &mut InFlight, device: tch::Devi
         .iter()
         .zip(&sending)
         .map(|(op, t)| match t {
-            Some(t) => header(t, op),
+            Some(t) => header(t, op, pg),
             None => Tensor::zeros([HEADER], (Kind::Int64, tch::Device::Cpu)),
         })
         .collect();
@@ -241,16 +303,29 @@ fn exchange(pg: &ProcessGroup, ops: &[P2p], st: &mut InFlight, device: tch::Devi
             None => {
                 let h: Vec<i64> = Vec::<i64>::try_from(&h.to_device(tch::Device::Cpu)).unwrap_or_default();
                 let bad = |message: String| DistError { rank: pg.global_rank(), op: what(op), message };
-                if h.len() != HEADER as usize || h[0] != op.micro as i64 || h[1] != payload_code(op.payload) {
+                // An activation comes from the previous virtual stage, a gradient from the next.
+                let mine = virtual_stage(op.chunk, pg.rank, pg.size);
+                let from = match op.payload {
+                    Payload::Activation => mine - 1,
+                    Payload::Gradient => mine + 1,
+                };
+                if h.len() != HEADER as usize
+                    || h[0] != op.micro as i64
+                    || h[1] != payload_code(op.payload)
+                    || h[8] != from
+                {
                     return Err(bad(format!(
-                        "the peer sent {h:?} (micro batch, payload, …) where this rank's schedule expects micro batch \
-                         {} {}: the ranks run different schedules (different --global-batch-size, \
-                         --micro-batch-size or pipeline flags?)",
+                        "the peer sent {h:?} (micro batch, payload, shape, dtype, virtual stage) where this rank's \
+                         schedule expects micro batch {} {} from virtual stage {from}: the ranks run different \
+                         schedules (different --global-batch-size, --micro-batch-size or pipeline flags?)",
                         op.micro, op.payload
                     )));
                 }
-                let ndim = h[2].clamp(0, 4) as usize;
-                let shape: Vec<i64> = h[3..3 + ndim].to_vec();
+                let ndim = h[2];
+                if !(1..=4).contains(&ndim) || h[3..3 + ndim as usize].iter().any(|&d| d < 0) {
+                    return Err(bad(format!("the peer sent an impossible shape header {h:?}")));
+                }
+                let shape: Vec<i64> = h[3..3 + ndim as usize].to_vec();
                 let kind = code_kind(h[7]).ok_or_else(|| bad(format!("unknown dtype code {}", h[7])))?;
                 buffers.push(Tensor::zeros(shape.as_slice(), (kind, device)));
             }
