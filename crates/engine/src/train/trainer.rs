@@ -659,8 +659,13 @@ fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
             let ce = |l: &Tensor, t: &Tensor| last_chunk.language_model.token_losses(l, t, IGNORE);
             Ok(objective(r.loss, &sample_losses_with(logits, labels, &ce)?, totals))
         };
-        let ctx =
-            StepContext { image_size: preset.vision.image_size, device, seed: &seed_micro, objective: &objective };
+        let ctx = StepContext {
+            image_size: preset.vision.image_size,
+            device,
+            seed: &seed_micro,
+            train: true,
+            objective: &objective,
+        };
         let outcome =
             pipeline::run_step(&actions, &chunks, &batches, &ctx, dp.pipeline_group(), &mut || opt.accumulate())?;
         let local_loss = outcome.loss;
