@@ -245,6 +245,9 @@ pub struct Resolved {
     pub decay: DecayStyle,
     pub loss: LossReduction,
     pub bf16: bool,
+    /// `--llm-pp-layers` and `--vit-pp-layers` parsed, one entry per pipeline chunk.
+    pub llm_pp_layers: Option<Vec<usize>>,
+    pub vit_pp_layers: Option<Vec<usize>>,
 }
 
 fn parse_list(s: &str) -> Option<Vec<usize>> {
@@ -261,8 +264,10 @@ impl TrainArgs {
         let mut errs: Vec<String> = Vec::new();
         let pp = self.pipeline_model_parallel_size.max(1);
         let vpp = self.virtual_pipeline_model_parallel_size.unwrap_or(1).max(1);
-        let mut vit_chunks = Vec::new();
-        for (flag, v) in [("--llm-pp-layers", &self.llm_pp_layers), ("--vit-pp-layers", &self.vit_pp_layers)] {
+        let mut lists = [None, None];
+        for (i, (flag, v)) in
+            [("--llm-pp-layers", &self.llm_pp_layers), ("--vit-pp-layers", &self.vit_pp_layers)].into_iter().enumerate()
+        {
             if let Some(s) = v {
                 match parse_list(s) {
                     None => errs.push(format!("{flag} {s:?}: expected a comma-separated list of layer counts")),
@@ -271,12 +276,15 @@ impl TrainArgs {
                         l.len(),
                         pp * vpp
                     )),
-                    Some(l) if flag == "--vit-pp-layers" => vit_chunks = l,
-                    _ => {}
+                    Some(l) => lists[i] = Some(l),
                 }
             }
         }
-        let unsupported = mm_spec::layout::mm_engine_unsupported(self.context_parallel_size, &vit_chunks);
+        let [llm_pp_layers, vit_pp_layers] = lists;
+        let unsupported = mm_spec::layout::mm_engine_unsupported(
+            self.context_parallel_size,
+            vit_pp_layers.as_deref().unwrap_or_default(),
+        );
         for u in unsupported {
             errs.push(format!("{} {}: {LIMITS}", u.flag, u.value));
         }
@@ -404,6 +412,8 @@ impl TrainArgs {
             decay: decay.unwrap_or(DecayStyle::Linear),
             loss: loss.unwrap_or(LossReduction::Default),
             bf16,
+            llm_pp_layers,
+            vit_pp_layers,
         })
     }
 }

@@ -1,8 +1,10 @@
-//! Training: flags, the loop, AdamW with savable state, the lr schedule, loss reductions,
-//! checkpoints (MM layout), data parallelism and the distributed optimizer (ZeRO-1).
+//! Training: flags and the typed config they resolve to, the loop, AdamW with savable state,
+//! the lr schedule, loss reductions, checkpoints (MM layout), data parallelism and the
+//! distributed optimizer (ZeRO-1).
 
 pub mod args;
 pub mod checkpoint;
+pub mod config;
 pub mod dp;
 pub mod loss;
 pub mod optimizer;

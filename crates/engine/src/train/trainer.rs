@@ -1,5 +1,9 @@
 //! The training loop, top to bottom: lr → micro batches (forward, loss, backward) → gradient
 //! reduction over the data-parallel ranks → clip → AdamW step → log → eval → checkpoint.
+//! [`Trainer::setup`] does everything before the first step (rendezvous, model, resume state,
+//! optimizer, data), [`Trainer::step`] one optimizer step, [`Trainer::run`] the loop with its
+//! logging, evaluation, checkpoints and exit, then the summary. The flags arrive checked, as a
+//! [`TrainConfig`].
 //! Lines marked `SYNC` are collectives: every data-parallel rank runs them in the same order
 //! (see `dp.rs` for the loss normalization that makes N ranks compute one rank's step).
 //!
@@ -14,18 +18,20 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mm_spec::checkpoint::{iteration_dir, Iteration};
+use mm_spec::layout::Action;
 use mm_spec::{Progress, ProgressEvent};
 use tch::{Kind, Tensor};
 
-use super::args::{Resolved, TrainArgs};
+use super::args::TrainArgs;
 use super::checkpoint::{self, mm_name, CkptFormat, RankDir, SaveRequest, SavedState, TrainerState};
+use super::config::{CheckpointConfig, TrainConfig};
 use super::dp::{fingerprint, DataParallel};
 use super::loss::{objective, sample_losses, sample_losses_with, StepTotals, IGNORE};
-use super::optimizer::{AdamW, AdamWConfig};
+use super::optimizer::AdamW;
 use super::pipeline::{self, StepContext};
 use super::schedule::Schedule;
 use super::zero::{SavedOptimizer, ZeroAdamW};
@@ -33,7 +39,6 @@ use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Pro
 use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
 use crate::model::tp::Tp;
-use crate::model::StagePart;
 use crate::rng::Rng;
 use crate::session::{configure_cpu_threads, pick_device, to_device, RankModel, Session, SessionOptions};
 use crate::weights::checkpoint as source;
@@ -62,15 +67,21 @@ pub fn open_dataset(
 
 /// Mean loss (default reduction) over `iters` micro batches in file order, without gradients;
 /// DP rank r evaluates micro batches r, r + dp, … and the sum is all-reduced.
-fn evaluate(session: &Session, ds: &Arc<Dataset>, a: &TrainArgs, seed: u64, dp: &DataParallel) -> anyhow::Result<f64> {
-    let iters = a.eval_iters;
+fn evaluate(
+    session: &Session,
+    ds: &Arc<Dataset>,
+    cfg: &TrainConfig,
+    iters: u64,
+    seed: u64,
+    dp: &DataParallel,
+) -> anyhow::Result<f64> {
     let share = Share { rank: dp.rank, size: dp.size, micro_batches: 1 };
     let cfg = LoaderConfig {
         seed,
-        micro_batch: a.micro_batch_size,
+        micro_batch: cfg.micro_batch_size,
         prefetch: 1,
         workers: 1,
-        max_bad_fraction: a.max_bad_fraction,
+        max_bad_fraction: cfg.data.max_bad_fraction,
         shuffle: false,
         share,
     };
@@ -199,43 +210,674 @@ impl Optim {
     }
 }
 
-/// What a checkpoint save needs besides the optimizer and the counters.
-struct Saver<'a> {
-    a: &'a TrainArgs,
-    /// The layout the run trains with (each pipeline stage saves its part of it).
-    layout: mm_spec::LayoutRequest,
-    r: &'a Resolved,
-    session: &'a Session,
-    dp: &'a DataParallel,
-    seed: u64,
-    /// Tells this run's temporary folders apart (rank 0's process id).
-    tag: String,
-}
-
+/// Where the run stands: saved in checkpoints and restored on resume.
 struct Counters {
     iteration: u64,
     consumed: u64,
     position: u64,
+    /// The last step's loss (the checkpoint's when resuming; NaN before any).
     loss: f64,
+    /// The last step's learning rate (0 before any).
     lr: f64,
 }
 
-impl Saver<'_> {
-    /// Writes one iteration: DP rank 0 prepares the temporary folder, writes the shared files
-    /// and commits; with the distributed optimizer every rank writes its shard in between.
-    fn save(&self, c: &Counters, opt: &Optim) -> anyhow::Result<PathBuf> {
-        let (a, dp) = (self.a, self.dp);
-        let Some(dir) = &a.save else { anyhow::bail!("no --save dir") };
+/// This run's totals, for the summary.
+#[derive(Default)]
+struct RunTotals {
+    tokens: u64,
+    samples: u64,
+    steps: u64,
+    /// Time in pipeline transfers and waits, and in the whole schedule, after the first step.
+    exchange_secs: f64,
+    schedule_secs: f64,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The iteration it completed (1-based).
+    pub iteration: u64,
+    pub lr: f64,
+    /// The step loss over the global batch.
+    pub loss: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real tokens and samples of the global batch.
+    pub tokens: u64,
+    pub samples: u64,
+    /// Time this rank waited for its micro batches, and the whole step's time.
+    pub data_ms: f64,
+    pub step_ms: f64,
+}
+
+/// The steps since the last log line, which it averages over.
+struct LogWindow {
+    loss: f64,
+    iters: u64,
+    tokens: u64,
+    samples: u64,
+    data_ms: f64,
+    start: Instant,
+}
+
+impl LogWindow {
+    fn new() -> LogWindow {
+        LogWindow { loss: 0.0, iters: 0, tokens: 0, samples: 0, data_ms: 0.0, start: Instant::now() }
+    }
+
+    fn add(&mut self, s: &StepReport) {
+        self.loss += s.loss;
+        self.iters += 1;
+        self.tokens += s.tokens;
+        self.samples += s.samples;
+        self.data_ms += s.data_ms;
+    }
+}
+
+/// One rank's training run after setup: its groups, model, optimizer, data and counters.
+pub struct Trainer {
+    cfg: TrainConfig,
+    dp: DataParallel,
+    session: Session,
+    ds: Arc<Dataset>,
+    opt: Optim,
+    schedule: Schedule,
+    /// This pipeline rank's forwards, backwards and transfers of one step.
+    actions: Vec<Action>,
+    /// Started when there is something to train; stopped before the final save.
+    loader: Option<Loader>,
+    /// The layout the run trains with (each pipeline stage saves its part of it).
+    layout: mm_spec::LayoutRequest,
+    /// Tells this run's temporary checkpoint folders apart (rank 0's process id).
+    tag: String,
+    /// The seed all randomness derives from (the checkpoint's, when its RNG state is loaded).
+    seed: u64,
+    /// What the run loaded (--load, or --save with --auto-resume).
+    load: Option<PathBuf>,
+    counters: Counters,
+    totals: RunTotals,
+}
+
+/// `mm-engine train`. With several ranks every error names the rank that hit it.
+pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    let env = DistEnv::from_process()?;
+    train(a, &env).map_err(|e| {
+        let named = e.chain().any(|c| c.is::<DistError>()) || e.to_string().starts_with("rank ");
+        if env.world_size > 1 && !named {
+            e.context(format!("rank {}", env.rank))
+        } else {
+            e
+        }
+    })
+}
+
+fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
+    let cfg = TrainConfig::new(a, env.world_size).map_err(|e| anyhow::anyhow!("invalid train flags:\n  {e}"))?;
+    Trainer::setup(cfg, env)?.run()
+}
+
+/// This process's resident memory (VmRSS of /proc/self/status); None where unavailable.
+/// On CUDA it is host memory only: the device's allocator is not visible through tch.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>();
+    kb.ok().map(|k| k * 1024)
+}
+
+/// What to load: --save when --auto-resume finds its tracker file there, else --load.
+/// A tracker that names a missing iteration folder is an error, not a silent fresh start.
+fn resume_point(c: &CheckpointConfig, tokenizer: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let (Some(save), true) = (&c.save, c.auto_resume) else { return Ok(c.load.clone()) };
+    let tracker = mm_spec::checkpoint::latest_path(save);
+    if !tracker.exists() {
+        return Ok(c.load.clone());
+    }
+    source::resolve(save, tokenizer).with_context(|| {
+        format!(
+            "--auto-resume: {} names a checkpoint that cannot be read; fix or remove it, or drop --auto-resume",
+            tracker.display()
+        )
+    })?;
+    Ok(Some(save.clone()))
+}
+
+/// Where a run starts: a loaded checkpoint's counters and seed, and its optimizer state.
+struct Resumed {
+    counters: Counters,
+    seed: u64,
+    /// The saved optimizer and its step count, when the optimizer is to be loaded.
+    optimizer: Option<(SavedOptimizer, u64)>,
+}
+
+/// The resume state of what `session` loaded; a fresh model: iteration 0 with the configured seed.
+fn resume_state(cfg: &TrainConfig, session: &Session, dp: &DataParallel) -> anyhow::Result<Resumed> {
+    let mut seed = cfg.seed;
+    let mut c = Counters { iteration: 0, consumed: 0, position: 0, loss: f64::NAN, lr: 0.0 };
+    let mut resume_optim = None;
+    if let Some(src) = &session.source {
+        if let Some(state) = src.trainer_state()? {
+            c.iteration = state.iteration;
+            c.consumed = state.consumed_samples;
+            c.position = state.data_position;
+            c.loss = state.loss;
+            if cfg.checkpoint.load_rng {
+                if let Some(s) = state.seed {
+                    seed = s;
+                }
+            }
+            if cfg.checkpoint.load_optim {
+                let step = state.optimizer_step.with_context(|| {
+                    format!(
+                        "{}: the optimizer state was not saved (--no-save-optim); pass --no-load-optim",
+                        src.describe()
+                    )
+                })?;
+                let saved = src
+                    .saved_optimizer(&state, RankDir { tp_rank: dp.tp_rank, pp_rank: dp.pp_rank, pp: dp.pp_size })?
+                    .with_context(|| {
+                        format!("{}: {} is missing; pass --no-load-optim", src.describe(), source::OPTIMIZER_FILE)
+                    })?;
+                resume_optim = Some((saved, step));
+            }
+        } else if let Some(it) = src.iteration() {
+            anyhow::bail!("{}: iteration {it} has no {}", src.describe(), source::STATE_FILE);
+        }
+    }
+    Ok(Resumed { counters: c, seed, optimizer: resume_optim })
+}
+
+/// This rank's model: its pipeline chunks and tensor-parallel slices, loaded from `load` or
+/// initialized from the seed.
+fn open_session(
+    cfg: &TrainConfig,
+    dp: &DataParallel,
+    load: Option<&Path>,
+    device: tch::Device,
+) -> anyhow::Result<Session> {
+    let stages = |preset: &mm_spec::ModelPreset| -> anyhow::Result<RankModel> {
+        let parts = cfg.parallel.stage_parts(preset, dp.pp_rank)?;
+        let slices = if dp.tp_size > 1 {
+            let layout = cfg.parallel.save_layout(preset)?;
+            Some(TpSlices::new(preset, &layout, dp.tp_rank).map_err(|e| anyhow::anyhow!("tensor parallelism: {e}"))?)
+        } else {
+            None
+        };
+        Ok(RankModel { parts, slices })
+    };
+    Session::open(SessionOptions {
+        model: &cfg.model,
+        load,
+        tokenizer: cfg.tokenizer.as_deref(),
+        device,
+        seed: cfg.seed,
+        bf16: cfg.bf16,
+        parts: Some(&stages),
+        tp: dp.tp_group().map(|g| Tp::new(g, cfg.parallel.unaligned_linear, cfg.parallel.sequence_parallel)),
+    })
+}
+
+/// What tells this run's temporary checkpoint folders apart, the same on every rank: global rank
+/// 0's process id (its DP group's first, then from pipeline stage 0, then from tensor-parallel
+/// rank 0).
+fn run_tag(dp: &DataParallel) -> Result<String, DistError> {
+    let tag = dp.gather(std::process::id() as i64, "run tag")?[0]; // SYNC
+    let first_stage = if dp.pp_rank == 0 { tag as f64 } else { 0.0 };
+    let tag = dp.pp_sum(&[first_stage], "run tag")?[0]; // SYNC
+    let first_tp = if dp.tp_rank == 0 { tag } else { 0.0 };
+    Ok((dp.tp_sum(&[first_tp], "run tag")?[0] as i64).to_string()) // SYNC
+}
+
+impl Trainer {
+    /// Everything before the first step: rendezvous, the model (this rank's stages and
+    /// slices), resume state, the agreement of all ranks on the job, the optimizer and the data.
+    pub fn setup(cfg: TrainConfig, env: &DistEnv) -> anyhow::Result<Trainer> {
+        if env.rank == 0 {
+            for w in &cfg.warnings {
+                eprintln!("warning: {w}");
+            }
+        }
+        let device = pick_device(&cfg.device)?;
+        configure_cpu_threads(device, env.local_world_size.min(env.world_size));
+        // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
+        // others fail fast in their next collective instead of waiting for it at the store.
+        let par = &cfg.parallel;
+        let dp = DataParallel::init(env, device, par.tp, par.pp, par.vpp)?;
+        let ck = &cfg.checkpoint;
+        let load = resume_point(ck, cfg.tokenizer.as_deref())?;
+        if ck.auto_resume {
+            // Every rank reads --save's tracker on its own host: they only agree on shared storage.
+            let what = "the resume point (--auto-resume reads --save's latest_checkpointed_iteration.txt on every \
+                        host, so the save folder must be on storage all hosts share)";
+            dp.agree(what, fingerprint(&format!("{load:?}")))?; // SYNC
+        }
+        if let (Some(l), 0) = (&load, dp.global_rank) {
+            if Some(l) != ck.load.as_ref() {
+                println!(
+                    "auto-resume: {} holds a checkpoint; resuming from it{}",
+                    l.display(),
+                    ck.load.as_ref().map(|p| format!(" instead of --load {}", p.display())).unwrap_or_default()
+                );
+            }
+        }
+        let session = open_session(&cfg, &dp, load.as_deref(), device)?;
+        let preset = session.preset.clone();
+        if ck.save.is_some() && ck.format == CkptFormat::Torch && preset.llm.tie_word_embeddings {
+            anyhow::bail!(
+                "--ckpt-format torch: the model ties its output layer to the embedding, which MindSpeed-MM's \
+                 InternVL3 layout cannot express; save with --ckpt-format mm"
+            );
+        }
+        let (pp, virtual_stages, ga) = (par.pp, par.virtual_stages(), cfg.grad_accumulation);
+        let actions = mm_spec::layout::schedule(pp, dp.pp_rank, ga, virtual_stages)
+            .map_err(|e| anyhow::anyhow!("pipeline schedule: {e}"))?;
+        if pp > 1 {
+            anyhow::ensure!(
+                cfg.eval.is_none(),
+                "--eval-interval with pipeline parallelism: evaluation runs on one stage holding the whole model; \
+                 pass --eval-interval 0 (or evaluate a saved checkpoint with `mm-engine eval`)"
+            );
+            if dp.global_rank == 0 {
+                println!(
+                    "pipeline: {pp} stages{}, {ga} micro batches per step: theoretical bubble {:.1}%",
+                    if virtual_stages > 1 { format!(" × {virtual_stages} virtual") } else { String::new() },
+                    100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, ga)
+                );
+            }
+        }
+
+        // Freezing, then the optimizer over what is left.
+        let mut trainable = Vec::new();
+        for (name, t) in session.named_parameters() {
+            let frozen = cfg.freeze.frozen(&name);
+            let _ = t.set_requires_grad(!frozen);
+            if !frozen {
+                trainable.push((name, t));
+            }
+        }
+        let n_train: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
+        let n_all: i64 = session.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
+
+        let Resumed { counters, seed, optimizer: resume_optim } = resume_state(&cfg, &session, &dp)?;
+        let schedule = cfg.schedule();
+        let data = &cfg.data;
+        let ds = open_dataset(
+            &data.data_path,
+            data.data_folder.as_deref(),
+            &session,
+            data.pre.data_config(&session.preset, cfg.seq_length),
+        )?;
+
+        // Every rank must run the same job from the same state: compare before the first
+        // collective whose shape depends on it.
+        let Counters { iteration, consumed, position, .. } = counters;
+        let mut job = format!(
+            "model {} params {n_all} trainable {n_train} gbs {} mbs {} ga {ga} seq {} iters {} seed {seed} lr {} loss \
+             {:?} bf16 {} zero {} from {iteration}/{consumed}/{position} records {}",
+            preset.name,
+            cfg.global_batch_size,
+            cfg.micro_batch_size,
+            cfg.seq_length,
+            cfg.train_iters,
+            cfg.lr,
+            cfg.loss,
+            cfg.bf16,
+            cfg.distributed_optimizer,
+            ds.records.len()
+        );
+        for (n, t) in &trainable {
+            job.push_str(&format!(" {n}{:?}{:?}", t.size(), t.kind()));
+        }
+        dp.agree("the job (flags, model, data, resume state)", fingerprint(&job))?; // SYNC
+
+        // Replicas start identical whatever each rank loaded or initialized.
+        let all_params: Vec<Tensor> = session.named_parameters().into_iter().map(|(_, t)| t).collect();
+        dp.broadcast(&all_params, cfg.bucket_bytes, "initial parameters from data-parallel rank 0")?; // SYNC
+
+        let tag = run_tag(&dp)?; // SYNC
+
+        let sharded = cfg.distributed_optimizer && dp.size > 1;
+        let mut opt = if sharded {
+            let named: Vec<(String, Tensor)> = trainable.into_iter().map(|(n, t)| (mm_name(&n), t)).collect();
+            Optim::Sharded(ZeroAdamW::new(named, cfg.adamw, &dp))
+        } else {
+            Optim::Replicated(AdamW::new(trainable, cfg.adamw))
+        };
+        if let (Some((saved, step)), Some(src)) = (&resume_optim, &session.source) {
+            opt.load(saved, *step).with_context(|| src.describe())?;
+        }
+        drop(resume_optim);
+
+        let loader_cfg = LoaderConfig {
+            seed,
+            micro_batch: cfg.micro_batch_size,
+            prefetch: data.prefetch.max(ga),
+            workers: data.workers,
+            max_bad_fraction: data.max_bad_fraction,
+            shuffle: true,
+            share: Share { rank: dp.rank, size: dp.size, micro_batches: ga },
+        };
+        let parallel = if dp.size > 1 {
+            format!(
+                "data-parallel rank {} of {} ({}), ",
+                dp.rank,
+                dp.size,
+                if sharded { "distributed optimizer" } else { "replicated optimizer" }
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "mm-engine train: {parallel}model {} ({} parameters, {} trainable), {} records, device {:?}, {}, \
+             micro batch {} × accumulation {} × {} rank{} = global batch {}, loss {:?}, from iteration {}",
+            preset.name,
+            n_all,
+            n_train,
+            ds.records.len(),
+            device,
+            if cfg.bf16 { "bf16 with fp32 master weights" } else { "fp32" },
+            cfg.micro_batch_size,
+            ga,
+            dp.size,
+            if dp.size == 1 { "" } else { "s" },
+            cfg.global_batch_size,
+            cfg.loss,
+            iteration
+        );
+        if let (Some(src), 0) = (&session.source, dp.global_rank) {
+            println!("loaded {}", src.describe());
+            if let Some(n) = src.foreign_iteration() {
+                println!(
+                    "note: iteration {n} was saved by MindSpeed-MM: its weights are loaded, its optimizer, scheduler \
+                     and RNG state are Megatron's and are not; training starts at iteration 0 with a fresh optimizer \
+                     (as Megatron's --finetune)"
+                );
+            }
+        }
+        let layout = par.save_layout(&preset)?;
+        let loader =
+            if iteration < cfg.train_iters { Some(Loader::start(ds.clone(), loader_cfg, position)?) } else { None };
+        Ok(Trainer {
+            cfg,
+            dp,
+            session,
+            ds,
+            opt,
+            schedule,
+            actions,
+            loader,
+            layout,
+            tag,
+            seed,
+            load,
+            counters,
+            totals: RunTotals::default(),
+        })
+    }
+
+    /// Steps to --train-iters (or an --exit-interval), logging, evaluating and saving on the
+    /// way; then the final save and the summary.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        if self.counters.iteration >= self.cfg.train_iters {
+            self.nothing_to_train();
+            return Ok(());
+        }
+        let run_start = Instant::now();
+        let mut window = LogWindow::new();
+        let (mut last_ckpt, mut saved_at) = (None, None);
+        let ck = self.cfg.checkpoint.clone();
+        let train_iters = self.cfg.train_iters;
+        while self.counters.iteration < train_iters {
+            let s = self.step()?;
+            let iteration = s.iteration;
+            window.add(&s);
+            if iteration % self.cfg.log_interval == 0 || iteration == train_iters {
+                self.log(&s, &window);
+                window = LogWindow::new();
+            }
+            if let Some(e) = self.cfg.eval.filter(|e| iteration % e.interval == 0) {
+                let v = evaluate(&self.session, &self.ds, &self.cfg, e.iters, self.seed, &self.dp)?; // SYNC
+                if self.dp.global_rank == 0 {
+                    println!(
+                        " validation loss at iteration {iteration} | lm loss: {v:.6E} | lm loss PPL: {:.6E}",
+                        v.exp()
+                    );
+                }
+            }
+            if ck.save.is_some() && ck.save_interval > 0 && iteration % ck.save_interval == 0 {
+                last_ckpt = Some(self.save()?); // SYNC
+                saved_at = Some(iteration);
+            }
+            if ck.exit_interval.is_some_and(|n| iteration % n == 0) && iteration < train_iters {
+                println!("exiting at iteration {iteration} (--exit-interval)");
+                break;
+            }
+        }
+        self.loader = None;
+        if ck.save.is_some() && saved_at != Some(self.counters.iteration) {
+            last_ckpt = Some(self.save()?); // SYNC
+        }
+        self.dp.barrier("end of training")?; // SYNC
+        self.summary(run_start.elapsed(), last_ckpt);
+        Ok(())
+    }
+
+    /// One optimizer step: this rank's micro batches, the pipeline schedule's forwards and
+    /// backwards, the gradient reduction, clipping and the AdamW step.
+    pub fn step(&mut self) -> anyhow::Result<StepReport> {
+        let step_start = Instant::now();
+        let (cfg, dp, session, c) = (&self.cfg, &self.dp, &self.session, &mut self.counters);
+        let loader = self.loader.as_mut().context("no data to train on: the run is at --train-iters")?;
+        let lr = self.schedule.lr_at(c.iteration);
+        c.iteration += 1;
+        let iteration = c.iteration;
+
+        // This rank's micro batches of the global batch, and the global batch's totals.
+        let wait = Instant::now();
+        let batches: Vec<Batch> =
+            (0..cfg.grad_accumulation).map(|_| loader.next_batch()).collect::<Result<_, _>>().context("data")?;
+        let data_ms = wait.elapsed().as_secs_f64() * 1e3;
+        let local = [
+            batches.len() as f64,
+            batches.iter().map(|b| b.rows).sum::<usize>() as f64,
+            batches.iter().map(supervised_tokens).sum::<i64>() as f64,
+            batches.iter().map(|b| b.tokens()).sum::<usize>() as f64,
+        ];
+        let global = dp.sum(&local, "step totals: micro batches, samples, supervised and real tokens")?; // SYNC
+        let totals =
+            StepTotals { micro_batches: global[0] as usize, samples: global[1] as usize, tokens: global[2] as i64 };
+        let step_tokens = global[3] as u64;
+
+        let chunks = session.chunks();
+        let last_chunk = *chunks.last().expect("a rank holds at least one chunk");
+        let (seed, first_mb) = (self.seed, (dp.rank * cfg.grad_accumulation) as u64);
+        let seed_micro = |j: usize| tch::manual_seed(torch_seed(seed, iteration, first_mb + j as u64));
+        let objective = |logits: &Tensor, labels: &Tensor| -> anyhow::Result<Tensor> {
+            let ce = |l: &Tensor, t: &Tensor| last_chunk.language_model.token_losses(l, t, IGNORE);
+            Ok(objective(cfg.loss, &sample_losses_with(logits, labels, &ce)?, totals))
+        };
+        let ctx = StepContext {
+            image_size: session.preset.vision.image_size,
+            device: session.device,
+            seed: &seed_micro,
+            train: true,
+            objective: &objective,
+        };
+        let opt = &mut self.opt;
+        let outcome =
+            pipeline::run_step(&self.actions, &chunks, &batches, &ctx, dp.pipeline_group(), &mut || opt.accumulate())?;
+        let run = &mut self.totals;
+        if run.steps > 0 {
+            // The first step warms caches up; the bubble is measured over the rest.
+            run.exchange_secs += outcome.exchange_secs;
+            run.schedule_secs += outcome.total_secs;
+        }
+        // The step loss and which parameters got gradients anywhere, in one all-reduce.
+        let mut flags = vec![outcome.loss];
+        flags.extend(opt.received().iter().map(|&g| if g { 1.0 } else { 0.0 }));
+        let flags = dp.sum(&flags, "step loss and gradient presence")?; // SYNC
+
+        // Only the last pipeline stage computes the loss.
+        let step_loss = dp.pp_sum(&flags[..1], "step loss from the last pipeline stage")?[0]; // SYNC
+        let received: Vec<bool> = flags[1..].iter().map(|&f| f > 0.0).collect();
+        // Replicated parameters count once in the gradient norm: on tensor-parallel rank 0.
+        let counted = |name: &str| dp.tp_rank == 0 || session.slices.as_ref().is_some_and(|s| s.is_split(name));
+        opt.reduce(dp, &received, cfg.bucket_bytes)?; // SYNC: gradient all-reduce / reduce-scatter
+        let grad_norm = opt.clip(dp, cfg.clip_grad, &counted)?; // SYNC (norm² of the shards, slices, stages)
+        opt.step(dp, lr)?; // SYNC (distributed optimizer: all-gather of the parameters)
+        opt.zero_grad();
+
+        let samples = totals.samples as u64;
+        c.consumed += samples;
+        c.position = batches.last().map(|b| b.end_position).unwrap_or(c.position);
+        c.loss = step_loss;
+        c.lr = lr;
+        run.tokens += step_tokens;
+        run.samples += samples;
+        run.steps += 1;
+        Ok(StepReport {
+            iteration,
+            lr,
+            loss: step_loss,
+            grad_norm,
+            tokens: step_tokens,
+            samples,
+            data_ms,
+            step_ms: step_start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The log line of step `s`, averaged over `w`, and rank 0's progress line.
+    fn log(&self, s: &StepReport, w: &LogWindow) {
+        let (iteration, lr, grad_norm, consumed) = (s.iteration, s.lr, s.grad_norm, self.counters.consumed);
+        let secs = w.start.elapsed().as_secs_f64().max(1e-9);
+        let loss = w.loss / w.iters as f64;
+        let tps = w.tokens as f64 / secs;
+        let sps = w.samples as f64 / secs;
+        let mut line = format!(
+            " iteration {iteration:>8}/{:>8} | consumed samples: {consumed:>10} | elapsed time per iteration (ms): {:.1} | \
+             data wait (ms): {:.1} | learning rate: {lr:.6E} | global batch size: {:>5} | lm loss: {loss:.6E} | \
+             grad norm: {grad_norm:.4}",
+            self.cfg.train_iters,
+            secs * 1e3 / w.iters as f64,
+            w.data_ms / w.iters as f64,
+            self.cfg.global_batch_size
+        );
+        if self.cfg.log_tps {
+            line.push_str(&format!(
+                " | tokens per sample: {:.1} | tokens/s: {tps:.1} | samples/s: {sps:.3}",
+                w.tokens as f64 / w.samples.max(1) as f64
+            ));
+        }
+        let mem = resident_bytes();
+        if let Some(m) = mem {
+            line.push_str(&format!(" | memory (RSS): {:.1} MiB", m as f64 / 1048576.0));
+        }
+        println!("{line}");
+        if self.dp.global_rank == 0 {
+            let ev = ProgressEvent::Step(Progress {
+                iteration,
+                train_iters: self.cfg.train_iters,
+                loss,
+                lr,
+                grad_norm: Some(grad_norm),
+                tokens_per_sec: tps,
+                samples_per_sec: sps,
+                step_ms: s.step_ms,
+                mem_bytes: mem,
+                consumed_samples: consumed,
+            });
+            println!("{}", ev.to_line());
+        }
+    }
+
+    /// The checkpoint is at or past --train-iters: says so (rank 0 with its Done line).
+    fn nothing_to_train(&self) {
+        let (iteration, ck) = (self.counters.iteration, &self.cfg.checkpoint);
+        println!(
+            "nothing to train: the checkpoint is at iteration {iteration}, --train-iters is {}; raise --train-iters to \
+             continue{}",
+            self.cfg.train_iters,
+            if self.load.is_some() && self.load == ck.save && ck.load != ck.save {
+                ", or remove the save folder to train from --load again"
+            } else {
+                ""
+            }
+        );
+        if self.dp.global_rank == 0 {
+            let checkpoint = match &self.session.source {
+                Some(src) => src.engine_dir().map(|d| d.display().to_string()),
+                None => None,
+            };
+            println!(
+                "{}",
+                ProgressEvent::Done(mm_spec::progress::RunSummary {
+                    iteration,
+                    final_loss: self.counters.loss,
+                    tokens_per_sec: 0.0,
+                    checkpoint,
+                    steps: Some(0)
+                })
+                .to_line()
+            );
+        }
+    }
+
+    /// The end-of-run summary: throughput, the measured pipeline bubble, rank 0's Done line.
+    fn summary(&self, elapsed: Duration, last_ckpt: Option<PathBuf>) {
+        let (dp, t) = (&self.dp, &self.totals);
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let tps = t.tokens as f64 / secs;
+        let ranks = if dp.size > 1 { format!(" over {} data-parallel ranks", dp.size) } else { String::new() };
+        println!(
+            "throughput{ranks}: {} iterations in {secs:.2} s ({:.1} ms per iteration), {} samples ({:.3} samples/s), \
+             {} tokens ({tps:.1} tokens/s)",
+            t.steps,
+            secs * 1e3 / t.steps.max(1) as f64,
+            t.samples,
+            t.samples as f64 / secs,
+            t.tokens
+        );
+        if dp.pp_size > 1 && t.schedule_secs > 0.0 {
+            let p = &self.cfg.parallel;
+            println!(
+                "pipeline stage {} of {}: {:.1}% of the forward/backward time in transfers and waits for neighbours \
+                 (measured bubble; theoretical {:.1}%)",
+                dp.pp_rank,
+                dp.pp_size,
+                100.0 * t.exchange_secs / t.schedule_secs,
+                100.0 * mm_spec::layout::theoretical_bubble(p.pp, p.virtual_stages(), self.cfg.grad_accumulation)
+            );
+        }
+        if dp.global_rank == 0 {
+            println!(
+                "{}",
+                ProgressEvent::Done(mm_spec::progress::RunSummary {
+                    iteration: self.counters.iteration,
+                    final_loss: self.counters.loss,
+                    tokens_per_sec: tps,
+                    checkpoint: last_ckpt.map(|p| p.display().to_string()),
+                    steps: Some(t.steps),
+                })
+                .to_line()
+            );
+        }
+    }
+
+    /// Writes the current iteration: DP rank 0 prepares the temporary folder, writes the shared
+    /// files and commits; with the distributed optimizer every rank writes its shard in between.
+    fn save(&self) -> anyhow::Result<PathBuf> {
+        let (ck, dp, c, opt) = (&self.cfg.checkpoint, &self.dp, &self.counters, &self.opt);
+        let Some(dir) = &ck.save else { anyhow::bail!("no --save dir") };
         let what = || format!("saving iteration {} to {}", c.iteration, dir.display());
-        let save_optim = !a.no_save_optim;
+        let save_optim = ck.save_optim;
         let state = TrainerState {
             iteration: c.iteration,
             consumed_samples: c.consumed,
             data_position: c.position,
             optimizer_step: save_optim.then_some(opt.steps()),
-            seed: (!a.no_save_rng).then_some(self.seed),
-            train_iters: a.train_iters,
-            global_batch_size: self.r.global_batch_size as u64,
+            seed: ck.save_rng.then_some(self.seed),
+            train_iters: self.cfg.train_iters,
+            global_batch_size: self.cfg.global_batch_size as u64,
             lr: c.lr,
             loss: c.loss,
             data_parallel_size: (dp.size > 1).then_some(dp.size),
@@ -264,7 +906,7 @@ impl Saver<'_> {
                 _ => None,
             };
             let req = SaveRequest {
-                format: self.a.ckpt_format,
+                format: ck.format,
                 layout: self.layout.clone(),
                 rank: stage,
                 save_dir: dir,
@@ -310,551 +952,4 @@ impl Saver<'_> {
 /// Supervised tokens (labels that count, after the shift) of a batch.
 fn supervised_tokens(b: &Batch) -> i64 {
     b.labels.chunks(b.len.max(1)).map(|row| row.iter().skip(1).filter(|&&l| l != -100).count() as i64).sum()
-}
-
-/// `mm-engine train`. With several ranks every error names the rank that hit it.
-pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    let env = DistEnv::from_process()?;
-    train(a, &env).map_err(|e| {
-        let named = e.chain().any(|c| c.is::<DistError>()) || e.to_string().starts_with("rank ");
-        if env.world_size > 1 && !named {
-            e.context(format!("rank {}", env.rank))
-        } else {
-            e
-        }
-    })
-}
-
-/// This process's resident memory (VmRSS of /proc/self/status); None where unavailable.
-/// On CUDA it is host memory only: the device's allocator is not visible through tch.
-fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>();
-    kb.ok().map(|k| k * 1024)
-}
-
-/// What to load: --save when --auto-resume finds its tracker file there, else --load.
-/// A tracker that names a missing iteration folder is an error, not a silent fresh start.
-fn resume_point(a: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
-    let (Some(save), true) = (&a.save, a.auto_resume) else { return Ok(a.load.clone()) };
-    let tracker = mm_spec::checkpoint::latest_path(save);
-    if !tracker.exists() {
-        return Ok(a.load.clone());
-    }
-    source::resolve(save, a.tokenizer.as_deref()).with_context(|| {
-        format!(
-            "--auto-resume: {} names a checkpoint that cannot be read; fix or remove it, or drop --auto-resume",
-            tracker.display()
-        )
-    })?;
-    Ok(Some(save.clone()))
-}
-
-fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
-    let r = a.validate(env.world_size).map_err(|e| anyhow::anyhow!("invalid train flags:\n  {e}"))?;
-    for (flag, v) in
-        [("--recompute-granularity", &a.recompute_granularity), ("--recompute-method", &a.recompute_method)]
-    {
-        if let Some(v) = v {
-            if env.rank == 0 {
-                eprintln!(
-                    "warning: {flag} {v}: activation recomputation is not implemented in this engine; activations are kept"
-                );
-            }
-        }
-    }
-    let device = pick_device(&a.device)?;
-    configure_cpu_threads(device, env.local_world_size.min(env.world_size));
-    // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
-    // others fail fast in their next collective instead of waiting for it at the store.
-    let (pp, vpp) = (a.pipeline_model_parallel_size.max(1), a.virtual_pipeline_model_parallel_size);
-    let tp = a.tensor_model_parallel_size.max(1);
-    let dp = DataParallel::init(env, device, tp, pp, vpp.filter(|&v| v > 1))?;
-    let load = resume_point(&a)?;
-    if a.auto_resume {
-        // Every rank reads --save's tracker on its own host: they only agree on shared storage.
-        let what = "the resume point (--auto-resume reads --save's latest_checkpointed_iteration.txt on every \
-                    host, so the save folder must be on storage all hosts share)";
-        dp.agree(what, fingerprint(&format!("{load:?}")))?; // SYNC
-    }
-    if let (Some(l), 0) = (&load, dp.global_rank) {
-        if Some(l) != a.load.as_ref() {
-            println!(
-                "auto-resume: {} holds a checkpoint; resuming from it{}",
-                l.display(),
-                a.load.as_ref().map(|p| format!(" instead of --load {}", p.display())).unwrap_or_default()
-            );
-        }
-    }
-    let stages = |preset: &mm_spec::ModelPreset| -> anyhow::Result<RankModel> {
-        let parts = stage_parts(&a, preset, dp.pp_rank)?;
-        let slices = if dp.tp_size > 1 {
-            let layout = save_layout(&a, preset)?;
-            Some(TpSlices::new(preset, &layout, dp.tp_rank).map_err(|e| anyhow::anyhow!("tensor parallelism: {e}"))?)
-        } else {
-            None
-        };
-        Ok(RankModel { parts, slices })
-    };
-    let session = Session::open(SessionOptions {
-        model: &a.model,
-        load: load.as_deref(),
-        tokenizer: a.tokenizer.as_deref(),
-        device,
-        seed: a.seed,
-        bf16: r.bf16,
-        parts: Some(&stages),
-        tp: dp.tp_group().map(|g| Tp::new(g, a.unaligned_linear, a.sequence_parallel)),
-    })?;
-    let preset = session.preset.clone();
-    if a.save.is_some() && a.ckpt_format == CkptFormat::Torch && preset.llm.tie_word_embeddings {
-        anyhow::bail!(
-            "--ckpt-format torch: the model ties its output layer to the embedding, which MindSpeed-MM's InternVL3 \
-             layout cannot express; save with --ckpt-format mm"
-        );
-    }
-    let virtual_stages = vpp.unwrap_or(1).max(1);
-    let actions = mm_spec::layout::schedule(pp, dp.pp_rank, r.grad_accumulation, virtual_stages)
-        .map_err(|e| anyhow::anyhow!("pipeline schedule: {e}"))?;
-    if pp > 1 {
-        anyhow::ensure!(
-            a.eval_interval == 0 || a.eval_iters == 0,
-            "--eval-interval with pipeline parallelism: evaluation runs on one stage holding the whole model; pass \
-             --eval-interval 0 (or evaluate a saved checkpoint with `mm-engine eval`)"
-        );
-        if dp.global_rank == 0 {
-            println!(
-                "pipeline: {pp} stages{}, {} micro batches per step: theoretical bubble {:.1}%",
-                if virtual_stages > 1 { format!(" × {virtual_stages} virtual") } else { String::new() },
-                r.grad_accumulation,
-                100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, r.grad_accumulation)
-            );
-        }
-    }
-    let bucket_bytes = (a.dp_bucket_mb * (1u64 << 20) as f64).max(1.0) as usize;
-
-    // Freezing, then the optimizer over what is left.
-    let mut trainable = Vec::new();
-    for (name, t) in session.named_parameters() {
-        let frozen = (a.freeze_vision && name.starts_with("vision_model."))
-            || (a.freeze_projector && name.starts_with("mlp1."))
-            || (a.freeze_llm && name.starts_with("language_model."));
-        let _ = t.set_requires_grad(!frozen);
-        if !frozen {
-            trainable.push((name, t));
-        }
-    }
-    let n_train: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
-    let n_all: i64 = session.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
-
-    // Resume state.
-    let mut seed = a.seed;
-    let mut iteration = 0u64;
-    let mut consumed = 0u64;
-    let mut position = 0u64;
-    let mut last_loss = f64::NAN;
-    let mut resume_optim: Option<(SavedOptimizer, u64)> = None;
-    if let Some(src) = &session.source {
-        if let Some(state) = src.trainer_state()? {
-            iteration = state.iteration;
-            consumed = state.consumed_samples;
-            position = state.data_position;
-            last_loss = state.loss;
-            if !a.no_load_rng {
-                if let Some(s) = state.seed {
-                    seed = s;
-                }
-            }
-            if !a.no_load_optim {
-                let step = state.optimizer_step.with_context(|| {
-                    format!(
-                        "{}: the optimizer state was not saved (--no-save-optim); pass --no-load-optim",
-                        src.describe()
-                    )
-                })?;
-                let saved = src
-                    .saved_optimizer(&state, RankDir { tp_rank: dp.tp_rank, pp_rank: dp.pp_rank, pp: dp.pp_size })?
-                    .with_context(|| {
-                        format!("{}: {} is missing; pass --no-load-optim", src.describe(), source::OPTIMIZER_FILE)
-                    })?;
-                resume_optim = Some((saved, step));
-            }
-        } else if let Some(it) = src.iteration() {
-            anyhow::bail!("{}: iteration {it} has no {}", src.describe(), source::STATE_FILE);
-        }
-    }
-    let schedule = Schedule::new(a.lr, a.min_lr, a.lr_warmup_fraction, a.train_iters, r.decay);
-    let ds = open_dataset(
-        &a.data_path,
-        a.data_folder.as_deref(),
-        &session,
-        a.pre.data_config(&session.preset, a.seq_length),
-    )?;
-
-    // Every rank must run the same job from the same state: compare before the first
-    // collective whose shape depends on it.
-    let mut job = format!(
-        "model {} params {n_all} trainable {n_train} gbs {} mbs {} ga {} seq {} iters {} seed {seed} lr {} loss {:?} \
-         bf16 {} zero {} from {iteration}/{consumed}/{position} records {}",
-        preset.name,
-        r.global_batch_size,
-        a.micro_batch_size,
-        r.grad_accumulation,
-        a.seq_length,
-        a.train_iters,
-        a.lr,
-        r.loss,
-        r.bf16,
-        a.use_distributed_optimizer,
-        ds.records.len()
-    );
-    for (n, t) in &trainable {
-        job.push_str(&format!(" {n}{:?}{:?}", t.size(), t.kind()));
-    }
-    dp.agree("the job (flags, model, data, resume state)", fingerprint(&job))?; // SYNC
-
-    // Replicas start identical whatever each rank loaded or initialized.
-    let all_params: Vec<Tensor> = session.named_parameters().into_iter().map(|(_, t)| t).collect();
-    dp.broadcast(&all_params, bucket_bytes, "initial parameters from data-parallel rank 0")?; // SYNC
-                                                                                              // Global rank 0's process id: its DP group's first, then from pipeline stage 0, then from
-                                                                                              // tensor-parallel rank 0.
-    let tag = dp.gather(std::process::id() as i64, "run tag")?[0]; // SYNC
-    let first_stage = if dp.pp_rank == 0 { tag as f64 } else { 0.0 };
-    let tag = dp.pp_sum(&[first_stage], "run tag")?[0]; // SYNC
-    let first_tp = if dp.tp_rank == 0 { tag } else { 0.0 };
-    let tag = (dp.tp_sum(&[first_tp], "run tag")?[0] as i64).to_string(); // SYNC
-
-    let cfg = AdamWConfig { beta1: a.adam_beta1, beta2: a.adam_beta2, eps: a.adam_eps, weight_decay: a.weight_decay };
-    let sharded = a.use_distributed_optimizer && dp.size > 1;
-    let mut opt = if sharded {
-        let named: Vec<(String, Tensor)> = trainable.into_iter().map(|(n, t)| (mm_name(&n), t)).collect();
-        Optim::Sharded(ZeroAdamW::new(named, cfg, &dp))
-    } else {
-        Optim::Replicated(AdamW::new(trainable, cfg))
-    };
-    if let (Some((saved, step)), Some(src)) = (&resume_optim, &session.source) {
-        opt.load(saved, *step).with_context(|| src.describe())?;
-    }
-    drop(resume_optim);
-
-    let loader_cfg = LoaderConfig {
-        seed,
-        micro_batch: a.micro_batch_size,
-        prefetch: a.prefetch.max(r.grad_accumulation),
-        workers: a.num_workers.max(1),
-        max_bad_fraction: a.max_bad_fraction,
-        shuffle: true,
-        share: Share { rank: dp.rank, size: dp.size, micro_batches: r.grad_accumulation },
-    };
-    let parallel = if dp.size > 1 {
-        format!(
-            "data-parallel rank {} of {} ({}), ",
-            dp.rank,
-            dp.size,
-            if sharded { "distributed optimizer" } else { "replicated optimizer" }
-        )
-    } else {
-        String::new()
-    };
-    println!(
-        "mm-engine train: {parallel}model {} ({} parameters, {} trainable), {} records, device {:?}, {}, \
-         micro batch {} × accumulation {} × {} rank{} = global batch {}, loss {:?}, from iteration {}",
-        preset.name,
-        n_all,
-        n_train,
-        ds.records.len(),
-        device,
-        if r.bf16 { "bf16 with fp32 master weights" } else { "fp32" },
-        a.micro_batch_size,
-        r.grad_accumulation,
-        dp.size,
-        if dp.size == 1 { "" } else { "s" },
-        r.global_batch_size,
-        r.loss,
-        iteration
-    );
-    if let (Some(src), 0) = (&session.source, dp.global_rank) {
-        println!("loaded {}", src.describe());
-        if let Some(n) = src.foreign_iteration() {
-            println!(
-                "note: iteration {n} was saved by MindSpeed-MM: its weights are loaded, its optimizer, scheduler and \
-                 RNG state are Megatron's and are not; training starts at iteration 0 with a fresh optimizer (as \
-                 Megatron's --finetune)"
-            );
-        }
-    }
-    let layout = save_layout(&a, &preset)?;
-    let saver = Saver { a: &a, layout, r: &r, session: &session, dp: &dp, seed, tag };
-
-    if iteration >= a.train_iters {
-        println!(
-            "nothing to train: the checkpoint is at iteration {iteration}, --train-iters is {}; raise --train-iters to \
-             continue{}",
-            a.train_iters,
-            if load.is_some() && load == a.save && a.load != a.save {
-                ", or remove the save folder to train from --load again"
-            } else {
-                ""
-            }
-        );
-        if dp.global_rank == 0 {
-            let checkpoint = match &session.source {
-                Some(src) => src.engine_dir().map(|d| d.display().to_string()),
-                None => None,
-            };
-            println!(
-                "{}",
-                ProgressEvent::Done(mm_spec::progress::RunSummary {
-                    iteration,
-                    final_loss: last_loss,
-                    tokens_per_sec: 0.0,
-                    checkpoint,
-                    steps: Some(0)
-                })
-                .to_line()
-            );
-        }
-        return Ok(());
-    }
-
-    let mut last_ckpt: Option<PathBuf> = None;
-    let mut loader = Loader::start(ds.clone(), loader_cfg, position)?;
-    let run_start = Instant::now();
-    let (mut total_tokens, mut total_samples, mut steps_done) = (0u64, 0u64, 0u64);
-    let (mut exchange_secs, mut schedule_secs) = (0.0f64, 0.0f64);
-    let (mut log_loss, mut log_iters, mut log_tokens, mut log_samples) = (0.0f64, 0u64, 0u64, 0u64);
-    let mut log_data_ms = 0.0f64;
-    let mut log_start = Instant::now();
-    let mut last_lr = 0.0;
-    let mut saved_at = None;
-    let first_mb = (dp.rank * r.grad_accumulation) as u64;
-    let chunks = session.chunks();
-    // Replicated parameters count once in the gradient norm: on tensor-parallel rank 0.
-    let counted = |name: &str| dp.tp_rank == 0 || session.slices.as_ref().is_some_and(|s| s.is_split(name));
-    let last_chunk = *chunks.last().expect("a rank holds at least one chunk");
-
-    while iteration < a.train_iters {
-        let step_start = Instant::now();
-        let lr = schedule.lr_at(iteration);
-        iteration += 1;
-
-        // This rank's micro batches of the global batch, and the global batch's totals.
-        let wait = Instant::now();
-        let batches: Vec<Batch> =
-            (0..r.grad_accumulation).map(|_| loader.next_batch()).collect::<Result<_, _>>().context("data")?;
-        log_data_ms += wait.elapsed().as_secs_f64() * 1e3;
-        let local = [
-            batches.len() as f64,
-            batches.iter().map(|b| b.rows).sum::<usize>() as f64,
-            batches.iter().map(supervised_tokens).sum::<i64>() as f64,
-            batches.iter().map(|b| b.tokens()).sum::<usize>() as f64,
-        ];
-        let global = dp.sum(&local, "step totals: micro batches, samples, supervised and real tokens")?; // SYNC
-        let totals =
-            StepTotals { micro_batches: global[0] as usize, samples: global[1] as usize, tokens: global[2] as i64 };
-        let step_tokens = global[3] as u64;
-
-        let seed_micro = |j: usize| tch::manual_seed(torch_seed(seed, iteration, first_mb + j as u64));
-        let objective = |logits: &Tensor, labels: &Tensor| -> anyhow::Result<Tensor> {
-            let ce = |l: &Tensor, t: &Tensor| last_chunk.language_model.token_losses(l, t, IGNORE);
-            Ok(objective(r.loss, &sample_losses_with(logits, labels, &ce)?, totals))
-        };
-        let ctx = StepContext {
-            image_size: preset.vision.image_size,
-            device,
-            seed: &seed_micro,
-            train: true,
-            objective: &objective,
-        };
-        let outcome =
-            pipeline::run_step(&actions, &chunks, &batches, &ctx, dp.pipeline_group(), &mut || opt.accumulate())?;
-        let local_loss = outcome.loss;
-        if steps_done > 0 {
-            // The first step warms caches up; the bubble is measured over the rest.
-            exchange_secs += outcome.exchange_secs;
-            schedule_secs += outcome.total_secs;
-        }
-        // The step loss and which parameters got gradients anywhere, in one all-reduce.
-        let mut flags = vec![local_loss];
-        flags.extend(opt.received().iter().map(|&g| if g { 1.0 } else { 0.0 }));
-        let flags = dp.sum(&flags, "step loss and gradient presence")?; // SYNC
-                                                                        // Only the last pipeline stage computes the loss.
-        let step_loss = dp.pp_sum(&flags[..1], "step loss from the last pipeline stage")?[0]; // SYNC
-        let received: Vec<bool> = flags[1..].iter().map(|&f| f > 0.0).collect();
-        opt.reduce(&dp, &received, bucket_bytes)?; // SYNC: gradient all-reduce / reduce-scatter
-        let grad_norm = opt.clip(&dp, a.clip_grad, &counted)?; // SYNC (norm² of the shards, slices, stages)
-        opt.step(&dp, lr)?; // SYNC (distributed optimizer: all-gather of the parameters)
-        opt.zero_grad();
-
-        consumed += totals.samples as u64;
-        position = batches.last().map(|b| b.end_position).unwrap_or(position);
-        total_tokens += step_tokens;
-        total_samples += totals.samples as u64;
-        steps_done += 1;
-        last_loss = step_loss;
-        last_lr = lr;
-        log_loss += step_loss;
-        log_iters += 1;
-        log_tokens += step_tokens;
-        log_samples += totals.samples as u64;
-        let step_ms = step_start.elapsed().as_secs_f64() * 1e3;
-
-        if iteration % a.log_interval == 0 || iteration == a.train_iters {
-            let secs = log_start.elapsed().as_secs_f64().max(1e-9);
-            let loss = log_loss / log_iters as f64;
-            let tps = log_tokens as f64 / secs;
-            let sps = log_samples as f64 / secs;
-            let mut line = format!(
-                " iteration {iteration:>8}/{:>8} | consumed samples: {consumed:>10} | elapsed time per iteration (ms): {:.1} | \
-                 data wait (ms): {:.1} | learning rate: {lr:.6E} | global batch size: {:>5} | lm loss: {loss:.6E} | \
-                 grad norm: {grad_norm:.4}",
-                a.train_iters,
-                secs * 1e3 / log_iters as f64,
-                log_data_ms / log_iters as f64,
-                r.global_batch_size
-            );
-            if a.log_tps {
-                line.push_str(&format!(
-                    " | tokens per sample: {:.1} | tokens/s: {tps:.1} | samples/s: {sps:.3}",
-                    log_tokens as f64 / log_samples.max(1) as f64
-                ));
-            }
-            let mem = resident_bytes();
-            if let Some(m) = mem {
-                line.push_str(&format!(" | memory (RSS): {:.1} MiB", m as f64 / 1048576.0));
-            }
-            println!("{line}");
-            if dp.global_rank == 0 {
-                let ev = ProgressEvent::Step(Progress {
-                    iteration,
-                    train_iters: a.train_iters,
-                    loss,
-                    lr,
-                    grad_norm: Some(grad_norm),
-                    tokens_per_sec: tps,
-                    samples_per_sec: sps,
-                    step_ms,
-                    mem_bytes: mem,
-                    consumed_samples: consumed,
-                });
-                println!("{}", ev.to_line());
-            }
-            (log_loss, log_iters, log_tokens, log_samples, log_data_ms) = (0.0, 0, 0, 0, 0.0);
-            log_start = Instant::now();
-        }
-        if a.eval_interval > 0 && a.eval_iters > 0 && iteration % a.eval_interval == 0 {
-            let v = evaluate(&session, &ds, &a, seed, &dp)?; // SYNC
-            if dp.global_rank == 0 {
-                println!(" validation loss at iteration {iteration} | lm loss: {v:.6E} | lm loss PPL: {:.6E}", v.exp());
-            }
-        }
-        let counters = Counters { iteration, consumed, position, loss: last_loss, lr };
-        if a.save.is_some() && a.save_interval > 0 && iteration % a.save_interval == 0 {
-            last_ckpt = Some(saver.save(&counters, &opt)?); // SYNC
-            saved_at = Some(iteration);
-        }
-        if a.exit_interval.is_some_and(|n| n > 0 && iteration % n == 0) && iteration < a.train_iters {
-            println!("exiting at iteration {iteration} (--exit-interval)");
-            break;
-        }
-    }
-    drop(loader);
-    if a.save.is_some() && saved_at != Some(iteration) {
-        let counters = Counters { iteration, consumed, position, loss: last_loss, lr: last_lr };
-        last_ckpt = Some(saver.save(&counters, &opt)?); // SYNC
-    }
-    dp.barrier("end of training")?; // SYNC
-
-    let secs = run_start.elapsed().as_secs_f64().max(1e-9);
-    let tps = total_tokens as f64 / secs;
-    let ranks = if dp.size > 1 { format!(" over {} data-parallel ranks", dp.size) } else { String::new() };
-    println!(
-        "throughput{ranks}: {steps_done} iterations in {secs:.2} s ({:.1} ms per iteration), {total_samples} samples \
-         ({:.3} samples/s), {total_tokens} tokens ({tps:.1} tokens/s)",
-        secs * 1e3 / steps_done.max(1) as f64,
-        total_samples as f64 / secs
-    );
-    if dp.pp_size > 1 && schedule_secs > 0.0 {
-        println!(
-            "pipeline stage {} of {}: {:.1}% of the forward/backward time in transfers and waits for neighbours \
-             (measured bubble; theoretical {:.1}%)",
-            dp.pp_rank,
-            dp.pp_size,
-            100.0 * exchange_secs / schedule_secs,
-            100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, r.grad_accumulation)
-        );
-    }
-    if dp.global_rank == 0 {
-        println!(
-            "{}",
-            ProgressEvent::Done(mm_spec::progress::RunSummary {
-                iteration,
-                final_loss: last_loss,
-                tokens_per_sec: tps,
-                checkpoint: last_ckpt.map(|p| p.display().to_string()),
-                steps: Some(steps_done),
-            })
-            .to_line()
-        );
-    }
-    Ok(())
-}
-
-/// This pipeline rank's model chunks for `preset` (mm-spec's split of `--llm-pp-layers`, chunk
-/// `v·pp + rank` for each virtual stage `v`): the first holds the ViT, projector and embedding,
-/// the last the final norm and output layer. One stage: the whole model.
-fn stage_parts(a: &TrainArgs, preset: &mm_spec::ModelPreset, pp_rank: usize) -> anyhow::Result<Vec<StagePart>> {
-    let pp = a.pipeline_model_parallel_size.max(1);
-    let vpp = a.virtual_pipeline_model_parallel_size.filter(|&v| v > 1);
-    let list = |flag: &str, s: &Option<String>| -> anyhow::Result<Option<Vec<usize>>> {
-        s.as_deref()
-            .map(|s| s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>())
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
-    };
-    let llm = list("--llm-pp-layers", &a.llm_pp_layers)?;
-    let vit = list("--vit-pp-layers", &a.vit_pp_layers)?;
-    let (llm_depth, vit_depth) = (preset.llm.num_hidden_layers, preset.vision.num_hidden_layers);
-    let stages = mm_spec::layout::split_layers(llm_depth, pp, vpp, llm.as_deref())
-        .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
-    if let Some(v) = &vit {
-        anyhow::ensure!(
-            v.first() == Some(&vit_depth) && v.iter().skip(1).all(|&n| n == 0),
-            "--vit-pp-layers {}: the model's ViT has {vit_depth} layers, all on the first pipeline chunk \
-             ({vit_depth},0,…)",
-            v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
-        );
-    }
-    let chunks = stages.len();
-    Ok((0..vpp.unwrap_or(1))
-        .map(|v| {
-            let c = v * pp + pp_rank;
-            StagePart { first: c == 0, llm_layers: stages[c].layers(), last: c + 1 == chunks }
-        })
-        .collect())
-}
-
-/// The layout the run trains and saves with: its tensor-parallel size and unaligned rule, its
-/// pipeline split (mm-spec's, as the stages were built) with the ViT on the first chunk.
-fn save_layout(a: &TrainArgs, preset: &mm_spec::ModelPreset) -> anyhow::Result<mm_spec::LayoutRequest> {
-    let pp = a.pipeline_model_parallel_size.max(1);
-    let vpp = a.virtual_pipeline_model_parallel_size.filter(|&v| v > 1);
-    let llm = a
-        .llm_pp_layers
-        .as_deref()
-        .map(|s| s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>())
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
-    let stages = mm_spec::layout::split_layers(preset.llm.num_hidden_layers, pp, vpp, llm.as_deref())
-        .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
-    let vit = mm_spec::layout::vit_pp_layers_or_default(None, preset.vision.num_hidden_layers, pp, vpp);
-    Ok(mm_spec::LayoutRequest {
-        tp: a.tensor_model_parallel_size.max(1),
-        pp: Some(pp),
-        vpp,
-        llm_pp_layers: Some(stages.iter().map(|s| s.num_layers).collect()),
-        vit_pp_layers: Some(vit),
-        unaligned_linear: a.unaligned_linear,
-        make_vocab_size_divisible_by: None,
-    })
 }
