@@ -346,3 +346,54 @@ fn exports_like_the_checkpoint(iter: &Path, work: &Path) {
     assert_eq!(from_save.len(), 4, "{from_save:?}");
     assert_eq!(from_save, from_export, "the export of the TP x PP save evaluates differently");
 }
+
+/// `--eval-interval` runs through the pipeline stages and tensor-parallel slices: the validation
+/// losses are one process's.
+#[test]
+fn evaluation_runs_through_stages_and_slices() {
+    let eval = "--eval-interval 2 --eval-iters 3";
+    let validation = |o: &Output| -> Vec<f64> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split(" validation loss at iteration ").nth(1))
+            .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let want = validation(&launch(1, &train_args(eval))[0]);
+    assert_eq!(want.len(), 2, "two evaluations in 4 iterations");
+    for (world, extra) in [(2, "--pipeline-model-parallel-size 2"), (2, "--tensor-model-parallel-size 2")] {
+        let got = validation(&launch(world, &train_args(&format!("{eval} {extra}")))[0]);
+        assert_eq!(got.len(), 2, "{extra}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() / w.abs() <= 1e-5, "{extra}: validation loss {g} vs {w}");
+        }
+    }
+}
+
+/// A save folder the ranks do not share (here: rank 1 writes elsewhere) is found incomplete
+/// before anything is committed, on every rank, with the reason.
+#[test]
+fn a_save_folder_that_is_not_shared_commits_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let (shared, elsewhere) = (work.path().join("save"), work.path().join("elsewhere"));
+    let port = ranks::free_port();
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            let mut a = train_args("--pipeline-model-parallel-size 2 --exit-interval 1");
+            a.push("--save".into());
+            a.push(if r == 0 { &shared } else { &elsewhere }.display().to_string());
+            ranks::rank_cmd(r, 2, port, 30, &a).spawn().unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for o in &outs {
+        assert!(!o.status.success(), "{}", text(o));
+        assert!(text(o).contains("did not reach rank 0's view of --save"), "{}", text(o));
+    }
+    assert!(text(&outs[0]).contains("mp_rank_00_001/model.safetensors"), "{}", text(&outs[0]));
+    assert!(!shared.join("latest_checkpointed_iteration.txt").exists(), "an incomplete checkpoint was committed");
+    assert!(!shared.join("iter_0000001").exists());
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&shared).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(leftovers.is_empty(), "the temporary folder stays behind: {leftovers:?}");
+}

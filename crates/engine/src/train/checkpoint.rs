@@ -354,6 +354,26 @@ pub fn write_stage(tmp: &Path, req: &SaveRequest) -> Result<Option<DType>, Check
     Ok(dtype)
 }
 
+/// The weight files of a save in the temporary folder `tmp` that are not there, one per
+/// (tp rank, pipeline stage) of `layout` (empty: complete).
+pub fn missing_rank_files(tmp: &Path, layout: &LayoutRequest, format: CkptFormat) -> Vec<String> {
+    let pp = layout.pp.unwrap_or(1).max(1);
+    let file = match format {
+        CkptFormat::Mm => ck::SHARD_FILE,
+        CkptFormat::Torch => MINDSPEED_FILE,
+    };
+    let mut out = Vec::new();
+    for pp_rank in 0..pp {
+        for tp_rank in 0..layout.tp.max(1) {
+            let rel = format!("{}/{file}", RankDir { tp_rank, pp_rank, pp }.name());
+            if !tmp.join(&rel).is_file() {
+                out.push(rel);
+            }
+        }
+    }
+    out
+}
+
 /// Writes a distributed optimizer's flat layout of this stage beside its shards (pipeline
 /// runs; one stage keeps it in trainer_state.json).
 pub fn write_stage_layout(tmp: &Path, dir: RankDir, layout: &FlatLayout) -> Result<(), CheckpointError> {

@@ -221,6 +221,33 @@ impl DataParallel {
         ))
     }
 
+    /// Element-wise sum of `values` over every rank of the job.
+    pub fn world_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
+        let Some(g) = &self.groups else { return Ok(values.to_vec()) };
+        let mut t = Tensor::from_slice(values).to_device(self.device);
+        g.world.all_reduce(&mut t, ReduceOp::Sum).map_err(|e| e.during(what))?;
+        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+    }
+
+    /// As [`DataParallel::agree`] over every rank of the job (pipeline stages and
+    /// tensor-parallel ranks too), naming the global ranks that differ.
+    pub fn world_agree(&self, what: &str, fingerprint: u64) -> Result<(), DistError> {
+        let Some(g) = &self.groups else { return Ok(()) };
+        let world = g.dims.world();
+        let mine = Tensor::from_slice(&[fingerprint as i64]).to_device(self.device);
+        let mut all = Tensor::zeros([world as i64], (Kind::Int64, self.device));
+        g.world.all_gather(&mut all, &mine).map_err(|e| e.during(format!("agreement on {what}")))?;
+        let all = Vec::<i64>::try_from(&all.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))?;
+        let odd: Vec<usize> = (0..all.len()).filter(|&r| all[r] != all[0]).collect();
+        if odd.is_empty() {
+            return Ok(());
+        }
+        Err(self.error(
+            &format!("agreement on {what}"),
+            format!("ranks {odd:?} differ from rank 0; start every rank with the same flags and files"),
+        ))
+    }
+
     /// Copies DP rank 0's tensors to every rank, in buckets of at most `bucket_bytes`.
     pub fn broadcast(&self, tensors: &[Tensor], bucket_bytes: usize, what: &str) -> Result<(), DistError> {
         let Some(pg) = self.pg() else { return Ok(()) };

@@ -30,7 +30,7 @@ use super::args::TrainArgs;
 use super::checkpoint::{self, mm_name, CkptFormat, RankDir, SaveRequest, SavedState, TrainerState};
 use super::config::{CheckpointConfig, TrainConfig};
 use super::dp::{fingerprint, DataParallel};
-use super::loss::{objective, sample_losses, sample_losses_with, StepTotals, IGNORE};
+use super::loss::{objective, sample_losses_with, StepTotals, IGNORE};
 use super::optimizer::AdamW;
 use super::pipeline::{self, StepContext};
 use super::schedule::Schedule;
@@ -40,7 +40,7 @@ use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
 use crate::model::tp::Tp;
 use crate::rng::Rng;
-use crate::session::{configure_cpu_threads, pick_device, to_device, RankModel, Session, SessionOptions};
+use crate::session::{configure_cpu_threads, pick_device, RankModel, Session, SessionOptions};
 use crate::weights::checkpoint as source;
 use crate::weights::slices::TpSlices;
 
@@ -87,19 +87,34 @@ fn evaluate(
     };
     let mut producer = Producer::new(ds.clone(), cfg, 0)?;
     let mine = (dp.rank as u64..iters).step_by(dp.size).count();
+    // Through the pipeline stages and tensor-parallel ranks as training runs: the last stage
+    // computes each micro batch's token mean with the vocabulary-parallel loss.
+    let chunks = session.chunks();
+    let last = *chunks.last().expect("a rank holds at least one chunk");
+    let token_mean = |logits: &Tensor, labels: &Tensor| -> anyhow::Result<Tensor> {
+        let ce = |l: &Tensor, t: &Tensor| last.language_model.token_losses(l, t, IGNORE);
+        let l = sample_losses_with(logits, labels, &ce)?;
+        let n: i64 = l.counts.iter().sum();
+        Ok(l.sums.sum(Kind::Float) / n.max(1) as f64)
+    };
+    let no_seed = |_: usize| {};
+    let ctx = StepContext {
+        image_size: session.preset.vision.image_size,
+        device: session.device,
+        seed: &no_seed,
+        train: false,
+        objective: &token_mean,
+    };
     let mut total = 0.0;
     tch::no_grad(|| -> anyhow::Result<()> {
         for _ in 0..mine {
             let b = producer.next_batch()?;
-            let (input, labels) = to_device(&b, session.preset.vision.image_size, session.device);
-            let logits = session.model.forward(&input, false)?;
-            let l = sample_losses(&logits, &labels);
-            let n: i64 = l.counts.iter().sum();
-            total += l.sums.sum(Kind::Float).double_value(&[]) / n.max(1) as f64;
+            total += pipeline::run_forward_only(&chunks, std::slice::from_ref(&b), &ctx, dp.pipeline_group())?;
         }
         Ok(())
     })?;
     let total = dp.sum(&[total], "evaluation loss")?[0]; // SYNC
+    let total = dp.pp_sum(&[total], "evaluation loss from the last pipeline stage")?[0]; // SYNC
     Ok(total / iters.max(1) as f64)
 }
 
@@ -471,11 +486,6 @@ impl Trainer {
         let actions = mm_spec::layout::schedule(pp, dp.pp_rank, ga, virtual_stages)
             .map_err(|e| anyhow::anyhow!("pipeline schedule: {e}"))?;
         if pp > 1 {
-            anyhow::ensure!(
-                cfg.eval.is_none(),
-                "--eval-interval with pipeline parallelism: evaluation runs on one stage holding the whole model; \
-                 pass --eval-interval 0 (or evaluate a saved checkpoint with `mm-engine eval`)"
-            );
             if dp.global_rank == 0 {
                 println!(
                     "pipeline: {pp} stages{}, {ga} micro batches per step: theoretical bubble {:.1}%",
@@ -528,6 +538,26 @@ impl Trainer {
             job.push_str(&format!(" {n}{:?}{:?}", t.size(), t.kind()));
         }
         dp.agree("the job (flags, model, data, resume state)", fingerprint(&job))?; // SYNC
+                                                                                    // Across stages and tensor-parallel ranks (they hold different parameters): the same
+                                                                                    // batch arithmetic, schedule, data and resume state, or the stages would pair one
+                                                                                    // sample's activations with another's labels.
+        let every_rank = format!(
+            "gbs {} mbs {} ga {ga} seq {} iters {} seed {seed} lr {} loss {:?} bf16 {} zero {} from \
+             {iteration}/{consumed}/{position} records {} tp {} pp {} vpp {:?} load {load:?}",
+            cfg.global_batch_size,
+            cfg.micro_batch_size,
+            cfg.seq_length,
+            cfg.train_iters,
+            cfg.lr,
+            cfg.loss,
+            cfg.bf16,
+            cfg.distributed_optimizer,
+            ds.records.len(),
+            par.tp,
+            par.pp,
+            par.vpp
+        );
+        dp.world_agree("the job on every stage (flags, data, resume state)", fingerprint(&every_rank))?; // SYNC
 
         // Replicas start identical whatever each rank loaded or initialized.
         let all_params: Vec<Tensor> = session.named_parameters().into_iter().map(|(_, t)| t).collect();
@@ -923,6 +953,25 @@ impl Trainer {
             }
         }
         dp.world_barrier("checkpoint: every rank's files written")?; // SYNC
+                                                                     // Nothing is committed unless rank 0 sees every rank's files: a save folder that is not
+                                                                     // shared storage would otherwise commit a checkpoint that looks complete but is not.
+        let missing = if dp.global_rank == 0 {
+            checkpoint::missing_rank_files(&tmp, &self.layout, ck.format)
+        } else {
+            Vec::new()
+        };
+        let n_missing = dp.world_sum(&[missing.len() as f64], "checkpoint: completeness")?[0]; // SYNC
+        if n_missing > 0.0 {
+            let _ = std::fs::remove_dir_all(&tmp);
+            anyhow::bail!(
+                "{}: {} rank file{} did not reach rank 0's view of --save{}: --save must be a folder every rank \
+                 shares (nothing was committed)",
+                what(),
+                n_missing,
+                if n_missing == 1.0 { "" } else { "s" },
+                if missing.is_empty() { String::new() } else { format!(" ({})", missing.join(", ")) }
+            );
+        }
         let path = if dp.global_rank == 0 {
             checkpoint::commit(dir, &tmp, c.iteration).with_context(what)?
         } else {
