@@ -485,14 +485,12 @@ impl Trainer {
         let (pp, virtual_stages, ga) = (par.pp, par.virtual_stages(), cfg.grad_accumulation);
         let actions = mm_spec::layout::schedule(pp, dp.pp_rank, ga, virtual_stages)
             .map_err(|e| anyhow::anyhow!("pipeline schedule: {e}"))?;
-        if pp > 1 {
-            if dp.global_rank == 0 {
-                println!(
-                    "pipeline: {pp} stages{}, {ga} micro batches per step: theoretical bubble {:.1}%",
-                    if virtual_stages > 1 { format!(" × {virtual_stages} virtual") } else { String::new() },
-                    100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, ga)
-                );
-            }
+        if pp > 1 && dp.global_rank == 0 {
+            println!(
+                "pipeline: {pp} stages{}, {ga} micro batches per step: theoretical bubble {:.1}%",
+                if virtual_stages > 1 { format!(" × {virtual_stages} virtual") } else { String::new() },
+                100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, ga)
+            );
         }
 
         // Freezing, then the optimizer over what is left.
