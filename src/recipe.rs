@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cluster::JobSpec;
-use crate::diag::{locate_key, yaml_to_value, ConfigError};
+use crate::diag::{locate_key, yaml_input, yaml_to_value, ConfigError};
 
 /// Model names `finetune` accepts (mm-spec presets, less the test-only `tiny6b`).
 pub const RECIPE_MODELS: &[&str] = &["tiny", "1b", "2b", "8b", "14b", "38b", "78b"];
@@ -432,6 +432,8 @@ impl Recipe {
         if let Some(path) = recipe_file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::new(path, format!("cannot read the recipe file: {e}")))?;
+            // Positions are located in the text the parser saw: without a byte order mark.
+            let text = yaml_input(&text, path)?.to_string();
             let overlay: Value = yaml_to_value(&text, path)?;
             if !overlay.is_object() && !overlay.is_null() {
                 return Err(ConfigError::new(path, "a recipe file must be a map of keys, e.g. `train: {lr: 1e-5}`"));
