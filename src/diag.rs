@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use mm_spec::suggest::did_you_mean;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use crate::input::{self, MAX_YAML_DEPTH};
+
 // ───────────────────────────── errors ─────────────────────────────
 
 /// One problem in a cluster file (or a hostfile it names): where it is and how to fix it.
@@ -157,9 +159,29 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Parses any YAML document (a recipe file, say) into a JSON value; syntax errors carry
-/// their line and column.
+/// their line and column. A leading byte order mark is skipped; see [`yaml_input`].
 pub fn yaml_to_value(text: &str, origin: &Path) -> Result<serde_json::Value, ConfigError> {
+    let text = yaml_input(text, origin)?;
     serde_yaml_ng::from_str::<serde_json::Value>(text).map_err(|e| syntax_error(origin, text, &e))
+}
+
+/// What every YAML loader does before parsing: skips a leading UTF-8 byte order mark, and
+/// refuses nesting deeper than [`MAX_YAML_DEPTH`] at once (the parser would take minutes on
+/// a hostile file before its own limit fired). Positions in the returned text are the file's.
+pub fn yaml_input<'t>(text: &'t str, origin: &Path) -> Result<&'t str, ConfigError> {
+    let text = input::strip_bom(text);
+    match input::yaml_depth_exceeded(text, MAX_YAML_DEPTH) {
+        None => Ok(text),
+        Some((line, column)) => Err(ConfigError::new(
+            origin,
+            format!("invalid YAML: collections nest more than {MAX_YAML_DEPTH} levels deep here"),
+        )
+        .at(line, column)
+        .with_hint(format!(
+            "launch reads at most {MAX_YAML_DEPTH} levels of lists and maps (`[`, `{{`, indentation, `- `), \
+             checked before parsing; a cluster file or recipe needs about five"
+        ))),
+    }
 }
 
 /// Line and column of the map key at `path` (e.g. `["train", "lr"]`) in a YAML text.

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::diag::ConfigError;
+use crate::input;
 
 /// The most hosts one expression may expand to; far above any real allocation, low enough that
 /// a typo cannot exhaust memory.
@@ -245,7 +246,7 @@ pub fn parse_hostfile_entries(text: &str, origin: &Path) -> Result<Vec<HostfileE
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut problems = Vec::new();
     let format_hint = "each line is `HOST slots=N`, e.g. `worker-1 slots=8`; `#` starts a comment";
-    for (index, raw_line) in text.lines().enumerate() {
+    'lines: for (index, raw_line) in input::strip_bom(text).lines().enumerate() {
         let line = index + 1;
         let content = raw_line.split('#').next().unwrap_or("");
         let tokens = tokens_with_columns(content);
@@ -259,6 +260,13 @@ pub fn parse_hostfile_entries(text: &str, origin: &Path) -> Result<Vec<HostfileE
             }
             e
         };
+        // Before any message quotes a word: a refused character never reaches the terminal.
+        for &(col, token) in &tokens {
+            if let Some((i, message)) = input::unsafe_char_message(token) {
+                problems.push(err(col + i - 1, message, Some(input::UNSAFE_CHAR_HINT)));
+                continue 'lines;
+            }
+        }
         if host.contains('=') {
             problems.push(err(host_col, format!("expected a host name first, found `{host}`"), Some(format_hint)));
             continue;
@@ -453,6 +461,34 @@ mod tests {
              dir/hosts:7:3: host `f` has slots=0\n  \
              hint: give at least one slot, or delete the line (or comment it out with `#`)"
         );
+    }
+
+    #[test]
+    fn hostfile_skips_a_byte_order_mark() {
+        let hosts = parse_hostfile("\u{feff}worker-1 slots=8\nworker-2\tslots=2\r\n", Path::new("h")).unwrap();
+        assert_eq!(hosts, [("worker-1".to_string(), 8), ("worker-2".to_string(), 2)]);
+    }
+
+    #[test]
+    fn hostfile_refuses_invisible_characters_by_code_point() {
+        let text = "ok slots=1\nw\u{1b}[2J slots=1\nw\u{200b}2 slots=1\nw3 slots=1\u{202e}\n\u{feff}w4 slots=1\n";
+        let e = parse_hostfile(text, Path::new("h")).unwrap_err();
+        let shown = e.to_string();
+        assert_eq!(
+            e.problems()
+                .map(|p| format!("{}:{}: {}", p.line.unwrap(), p.column.unwrap(), p.message))
+                .collect::<Vec<_>>(),
+            [
+                "2:2: character 2 is U+001B, an escape character",
+                "3:2: character 2 is U+200B, a zero-width character",
+                "4:11: character 8 is U+202E, a bidirectional control character",
+                "5:1: character 1 is U+FEFF, a zero-width character",
+            ]
+        );
+        assert!(shown.contains("hint: host names, addresses and user names cannot hold"), "{shown}");
+        for c in ['\u{1b}', '\u{200b}', '\u{202e}', '\u{feff}'] {
+            assert!(!shown.contains(c), "the raw character reached the message: {shown:?}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod dryrun;
 pub mod events;
 pub mod exec;
 pub mod hostlist;
+pub mod input;
 pub mod logs;
 pub mod plan;
 pub mod progress;

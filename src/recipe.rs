@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cluster::JobSpec;
-use crate::diag::{locate_key, yaml_to_value, ConfigError};
+
+mod set;
+use crate::diag::{locate_key, yaml_input, yaml_to_value, ConfigError};
 
 /// Model names `finetune` accepts (mm-spec presets, less the test-only `tiny6b`).
 pub const RECIPE_MODELS: &[&str] = &["tiny", "1b", "2b", "8b", "14b", "38b", "78b"];
@@ -432,6 +434,8 @@ impl Recipe {
         if let Some(path) = recipe_file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::new(path, format!("cannot read the recipe file: {e}")))?;
+            // Positions are located in the text the parser saw: without a byte order mark.
+            let text = yaml_input(&text, path)?.to_string();
             let overlay: Value = yaml_to_value(&text, path)?;
             if !overlay.is_object() && !overlay.is_null() {
                 return Err(ConfigError::new(path, "a recipe file must be a map of keys, e.g. `train: {lr: 1e-5}`"));
@@ -453,12 +457,18 @@ impl Recipe {
             })?;
             sources.push(Source { file: path.to_path_buf(), text: Some(text) });
         }
+        let shapes = set::recipe_shapes();
+        // The keys --set gave, latest last: errors in their values name `--set KEY`.
+        let mut set_keys: Vec<&str> = Vec::new();
         for set in sets {
             let (key, value) = set.split_once('=').ok_or_else(|| {
                 ConfigError::new(cli, format!("--set {set:?}: expected KEY=VALUE, e.g. --set train.lr=1e-5"))
             })?;
             let key = key.trim();
-            let parsed: Value = serde_yaml_ng::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+            let parsed = set::set_value(key, value, shapes.get(key).copied()).map_err(|(message, hint)| {
+                ConfigError::new(cli, message).with_key(format!("--set {key}")).with_hint(hint)
+            })?;
+            set_keys.push(key);
             let overlay = key.split('.').rev().fold(parsed, |acc, k| {
                 let mut m = serde_json::Map::new();
                 m.insert(k.to_string(), acc);
@@ -479,25 +489,39 @@ impl Recipe {
                 })
                 .unwrap_or_else(|| (sources.last().map(|s| s.file.clone()).unwrap_or(cli.to_path_buf()), None))
         };
+        // The --set that wrote the value at `path` (a key or a map above it), if any: --set
+        // comes after every file, so it is the source.
+        let set_source = |path: &str| -> Option<&str> {
+            set_keys
+                .iter()
+                .rev()
+                .copied()
+                .find(|k| path == *k || path.strip_prefix(k).is_some_and(|r| r.starts_with('.')))
+        };
+        let located = |path: &[String], message: String| -> ConfigError {
+            let joined = path.join(".");
+            match set_source(&joined) {
+                Some(k) if k == joined => ConfigError::new(cli, message).with_key(format!("--set {k}")),
+                Some(k) => ConfigError::new(cli, format!("{joined}: {message}")).with_key(format!("--set {k}")),
+                None => {
+                    let (file, pos) = locate(path);
+                    ConfigError::new(&file, message).with_key(joined).at_opt(pos)
+                }
+            }
+        };
         let de = serde_path_to_error::deserialize::<_, Recipe>(tree);
         let recipe = de.map_err(|e| {
             let path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
-            let (file, pos) = locate(&path);
             let mut message = e.into_inner().to_string();
             if let Some(i) = message.find("expected struct ") {
                 message.truncate(i);
                 message.push_str("expected a map of keys");
             }
-            ConfigError::new(&file, message).with_key(path.join(".")).at_opt(pos)
+            located(&path, message)
         })?;
         recipe.check_values().map_err(|(key, msg)| {
             let path: Vec<String> = key.split('.').map(str::to_string).collect();
-            let (file, pos) = if sets.iter().any(|s| s.split('=').next().map(str::trim) == Some(key.as_str())) {
-                (cli.to_path_buf(), None)
-            } else {
-                locate(&path)
-            };
-            ConfigError::new(&file, msg).with_key(key).at_opt(pos)
+            located(&path, msg)
         })?;
         Ok(recipe)
     }
@@ -722,7 +746,7 @@ mod tests {
     }
 
     #[test]
-    fn set_overrides_nested_keys_and_parses_yaml_scalars() {
+    fn set_overrides_nested_keys_by_their_type() {
         let sets =
             vec!["train.lr=3e-4".to_string(), "parallel.llm_pp_layers=[7,7,7,7]".into(), "data.data_path=x y".into()];
         let r = Recipe::resolve("8b", None, None, &sets).unwrap();
@@ -740,10 +764,73 @@ mod tests {
         );
     }
 
+    fn set(model: &str, sets: &[&str]) -> Result<Recipe, String> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        // A cluster file with a job section, so that files are among the sources too.
+        let job = JobSpec { train_iters: Some(7), data_path: Some("job/data.jsonl".into()), ..JobSpec::default() };
+        Recipe::resolve(model, Some((&job, Path::new("c.yaml"))), None, &sets).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn set_wrong_type_names_the_key() {
-        let err = Recipe::resolve("8b", None, None, &["parallel.tp=eight".into()]).unwrap_err().to_string();
-        assert!(err.starts_with("<command line>: parallel.tp: invalid type: string \"eight\""), "{err}");
+        let err = set("8b", &["parallel.tp=eight"]).unwrap_err();
+        assert!(err.starts_with("<command line>: --set parallel.tp: invalid type: string \"eight\""), "{err}");
+        let err = set("8b", &["train.freeze_llm=maybe"]).unwrap_err();
+        assert!(err.starts_with("<command line>: --set train.freeze_llm: invalid type: string"), "{err}");
+        let err = set("8b", &["train={lr: fast}"]).unwrap_err();
+        assert!(err.starts_with("<command line>: --set train: train.lr: invalid type: string \"fast\""), "{err}");
+        // Range checks too.
+        let err = set("8b", &["train.lr=-1"]).unwrap_err();
+        assert_eq!(err, "<command line>: --set train.lr: learning rate -1 must be a positive number");
+    }
+
+    #[test]
+    fn set_text_keys_take_the_value_verbatim() {
+        for value in ["a\nb", "&a b", "!!binary X", "x: y # z", "[1, 2]", " spaced ", "2024", "1e5", "true", "~"] {
+            let r = set("tiny", &[&format!("data.data_path={value}"), &format!("data.template={value}")]).unwrap();
+            assert_eq!(r.data.data_path, Some(PathBuf::from(value)), "{value:?}");
+            assert_eq!(r.data.template, value, "{value:?}");
+        }
+        // Choices are text too.
+        assert_eq!(set("tiny", &["train.precision=bf16"]).unwrap().train.precision, Precision::Bf16);
+        let err = set("tiny", &["train.precision=bf16\n"]).unwrap_err();
+        assert!(err.starts_with("<command line>: --set train.precision: unknown variant"), "{err}");
+    }
+
+    #[test]
+    fn set_typed_keys_parse_their_value() {
+        let r = set(
+            "8b",
+            &["parallel.llm_pp_layers=[7, 7, 7, 7]", "train.lr=3e-4", "train.freeze_llm=true", "parallel.tp=2"],
+        )
+        .unwrap();
+        assert_eq!(r.parallel.llm_pp_layers, Some(vec![7, 7, 7, 7]));
+        assert_eq!((r.train.lr, r.train.freeze_llm, r.parallel.tp), (3e-4, true, 2));
+        // The job section's value, then --set's.
+        assert_eq!(set("8b", &[]).unwrap().train.train_iters, 7);
+        assert_eq!(set("8b", &["train.train_iters=9"]).unwrap().train.train_iters, 9);
+    }
+
+    #[test]
+    fn set_null_clears_optional_keys_only() {
+        let r = set("tiny", &["checkpoint.load=null", "parallel.vpp=null", "train.grad_accumulation=4"]).unwrap();
+        assert_eq!((r.checkpoint.load, r.parallel.vpp), (None, None));
+        let r = set("tiny", &["train.global_batch_size=null", "train.grad_accumulation=4"]).unwrap();
+        assert_eq!(r.train.global_batch_size, None);
+
+        let err = set("tiny", &["data.data_path=null"]).unwrap_err();
+        assert_eq!(
+            err,
+            "<command line>: --set data.data_path: `null` would clear `data.data_path`, which every run needs\n  \
+             hint: give it a value, e.g. --set data.data_path=data/train.jsonl"
+        );
+        let err = set("tiny", &["train.lr=null"]).unwrap_err();
+        assert!(
+            err.starts_with("<command line>: --set train.lr: `train.lr` cannot be null: it always holds a number"),
+            "{err}"
+        );
+        let err = set("tiny", &["train=null"]).unwrap_err();
+        assert!(err.starts_with("<command line>: --set train: `train` cannot be null"), "{err}");
     }
 
     #[test]

@@ -197,3 +197,54 @@ const VALUES: &[&str] = &[
     "18446744073709551616",
     "0.5",
 ];
+
+/// 100,000 levels of `[` (a 200 KB file) took libyaml about a minute; the nesting scan
+/// refuses it before parsing, in a cluster file and in a recipe alike.
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 100_000;
+    let deep = format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let cluster = dir.path().join("deep.yaml");
+    std::fs::write(&cluster, format!("accelerator: cpu\ndevices_per_node: 2\nhosts: {deep}\n")).unwrap();
+    let recipe = dir.path().join("deep-recipe.yaml");
+    std::fs::write(&recipe, format!("train: {deep}\n")).unwrap();
+
+    let started = std::time::Instant::now();
+    let e = ClusterSpec::from_file(&cluster).unwrap_err().to_string();
+    let cluster_time = started.elapsed();
+    assert!(e.contains("deep.yaml:3:135: invalid YAML: collections nest more than 128 levels deep here"), "{e}");
+    assert!(e.contains("hint: launch reads at most 128 levels"), "{e}");
+
+    let started = std::time::Instant::now();
+    let e = Recipe::resolve("tiny", None, Some(&recipe), &[]).unwrap_err().to_string();
+    let recipe_time = started.elapsed();
+    assert!(e.contains("deep-recipe.yaml:1:135: invalid YAML: collections nest more than 128 levels deep"), "{e}");
+
+    println!(
+        "deep nesting ({} KB) refused in {cluster_time:?} (cluster file), {recipe_time:?} (recipe)",
+        deep.len() / 1000
+    );
+    // Generous: the parser took ~60 s; machines are noisy.
+    assert!(cluster_time.as_secs() < 5 && recipe_time.as_secs() < 5, "{cluster_time:?} {recipe_time:?}");
+}
+
+/// Files saved by Windows editors start with a byte order mark.
+#[test]
+fn a_byte_order_mark_is_accepted_in_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hosts"), "\u{feff}worker-1 slots=2\nworker-2 slots=2\n").unwrap();
+    let cluster = dir.path().join("c.yaml");
+    std::fs::write(&cluster, "\u{feff}accelerator: cpu\ndevices_per_node: 2\nhostfile: hosts\n").unwrap();
+    let spec = ClusterSpec::from_file(&cluster).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(spec.hosts.iter().map(|h| h.address.as_str()).collect::<Vec<_>>(), ["worker-1", "worker-2"]);
+
+    let recipe = dir.path().join("r.yaml");
+    std::fs::write(&recipe, "\u{feff}train:\n  lr: 2.0e-4\n").unwrap();
+    let r = Recipe::resolve("tiny", None, Some(&recipe), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.train.lr, 2.0e-4);
+    // Positions stay the file's own.
+    std::fs::write(&recipe, "\u{feff}train:\n  lrr: 1\n").unwrap();
+    let e = Recipe::resolve("tiny", None, Some(&recipe), &[]).unwrap_err();
+    assert_eq!((e.line, e.column), (Some(2), Some(3)), "{e}");
+}

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use super::raw::{parse_raw, RawCluster, RawMaster};
 use super::spec::*;
-use crate::diag::{ConfigError, Diagnostic, KeyPath, Locator, Seg};
+use crate::diag::{yaml_input, ConfigError, Diagnostic, KeyPath, Locator, Seg};
 use crate::hostlist;
+use crate::input;
 
 // ───────────────────────────── environment injection ─────────────────────────────
 
@@ -85,6 +86,7 @@ impl ClusterSpec {
 
     /// [`from_str`](Self::from_str) with the environment supplied by the caller.
     pub fn from_str_with_env(text: &str, origin: &Path, env: &dyn EnvSource) -> Result<ClusterSpec, ConfigError> {
+        let text = yaml_input(text, origin)?;
         let locator = Locator { text };
         let raw = parse_raw(text, origin, &locator)?;
         Checker { origin, locator, env, problems: Vec::new(), warnings: Vec::new() }.resolve(raw)
@@ -342,6 +344,10 @@ impl Checker<'_> {
             );
             return None;
         };
+        if let Some((_, message)) = input::unsafe_char_message(&nodelist) {
+            self.value(&key, format!("{variable}: {message}"), Some(input::UNSAFE_CHAR_HINT.into()));
+            return None;
+        }
         match hostlist::expand(&nodelist) {
             Ok(names) => {
                 let origins = vec![HostOrigin::Slurm; names.len()];
@@ -364,6 +370,23 @@ impl Checker<'_> {
             HostOrigin::Slurm => format!("entry {}", i + 1),
         };
         for (i, (host, origin)) in hosts.iter().zip(origins).enumerate() {
+            // First, and alone: every message below quotes the host's names.
+            let fields =
+                [("address", Some(&host.address)), ("name", host.name.as_ref()), ("ssh_user", host.ssh_user.as_ref())];
+            let mut refused = false;
+            for (field, value) in fields {
+                if let Some((_, message)) = value.and_then(|v| input::unsafe_char_message(v)) {
+                    let message = match origin {
+                        HostOrigin::Slurm => format!("entry {}: {message}", i + 1),
+                        _ => message,
+                    };
+                    self.host(origin, &[field], message, Some(input::UNSAFE_CHAR_HINT.into()));
+                    refused = true;
+                }
+            }
+            if refused {
+                continue;
+            }
             let address = &host.address;
             if address.trim().is_empty() || address.chars().any(char::is_whitespace) {
                 self.host(
@@ -511,7 +534,13 @@ impl Checker<'_> {
 
     fn check_master(&mut self, raw: RawMaster, hosts: &[HostSpec], local: bool) -> MasterSpec {
         let path = keys(&["master", "addr"]);
+        let refused = raw.addr.as_deref().and_then(input::unsafe_char_message);
         let addr = match raw.addr {
+            Some(a) if refused.is_some() => {
+                let message = refused.map(|(_, m)| m).unwrap_or_default();
+                self.value(&path, message, Some(input::UNSAFE_CHAR_HINT.into()));
+                a
+            }
             Some(a) if a.trim().is_empty() || a.chars().any(char::is_whitespace) => {
                 self.value(
                     &path,
@@ -545,7 +574,9 @@ impl Checker<'_> {
             );
         }
         if let Some(user) = &ssh.user {
-            if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c == '@') {
+            if let Some((_, message)) = input::unsafe_char_message(user) {
+                self.value(&keys(&["ssh", "user"]), message, Some(input::UNSAFE_CHAR_HINT.into()));
+            } else if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c == '@') {
                 self.value(&keys(&["ssh", "user"]), format!("`{user}` is not a user name"), None);
             }
         }
@@ -803,6 +834,55 @@ mod tests {
                 "13:hosts[3].env.RANK: `RANK` is set by the launcher for every rank",
             ]
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let spec = ok(&format!("\u{feff}{BASE}hosts: [a]\n"));
+        assert_eq!(spec.hosts[0].address, "a");
+        // Positions are the file's: the mark is not a column.
+        let e = err(&format!("\u{feff}{BASE}hosts: [a]\nbogus: 1\n"));
+        assert!(e.starts_with("c.yaml:4:1: unknown key `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn invisible_characters_in_names_are_refused_by_code_point() {
+        // YAML escapes put the characters in the values; the messages must never show them.
+        let e = load(&format!(
+            "{BASE}hosts:\n  - \"node\\e[2J\"\n  - address: \"n\\x85\"\n    name: \"a\\u200Bb\"\n    \
+             ssh_user: \"\\u202Eroot\"\n  - address: b\n    ssh_user: \"u\\u2066\"\n\
+             master: {{addr: \"\\u2060a\"}}\nssh: {{user: \"x\\u200Dy\"}}\n"
+        ))
+        .unwrap_err();
+        let got: Vec<String> =
+            e.problems().map(|p| format!("{}:{}: {}", p.line.unwrap(), p.key_path, p.message)).collect();
+        assert_eq!(
+            got,
+            [
+                "4:hosts[0].address: character 5 is U+001B, an escape character",
+                "5:hosts[1].address: character 2 is U+0085, a control character",
+                "6:hosts[1].name: character 2 is U+200B, a zero-width character",
+                "7:hosts[1].ssh_user: character 1 is U+202E, a bidirectional control character",
+                "9:hosts[2].ssh_user: character 2 is U+2066, a bidirectional control character",
+                "10:master.addr: character 1 is U+2060, a zero-width character",
+                "11:ssh.user: character 2 is U+200D, a zero-width character",
+            ]
+        );
+        let shown = e.to_string();
+        assert!(shown.contains("hint: host names, addresses and user names cannot hold"), "{shown}");
+        assert!(shown.chars().all(|c| input::unsafe_char_kind(c).is_none() || c == '\n'), "{shown:?}");
+    }
+
+    #[test]
+    fn invisible_characters_in_a_slurm_node_list_are_refused() {
+        let text = format!("{BASE}hosts_from: slurm\n");
+        let env = [("SLURM_JOB_NODELIST", "n[1-2],n\u{1b}]0;x")];
+        let e = ClusterSpec::from_str_with_env(&text, Path::new("c.yaml"), &env).unwrap_err().to_string();
+        assert!(
+            e.starts_with("c.yaml:3:13: hosts_from: SLURM_JOB_NODELIST: character 9 is U+001B, an escape character"),
+            "{e}"
+        );
+        assert!(!e.contains('\u{1b}'), "{e:?}");
     }
 
     #[test]
