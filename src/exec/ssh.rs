@@ -27,7 +27,7 @@ use ssh2::{Channel, Session};
 use crate::exec::backend::{Backend, EventTx, Link, LinkEvent};
 use crate::exec::proto::{strip_magic, Decoder, ExitStatus, ToAgent};
 use crate::render::shell_quote;
-use crate::ssh::SshTarget;
+use crate::ssh::{RecordedKey, SshTarget};
 
 /// Where the agent comes from on the hosts.
 #[derive(Debug, Clone)]
@@ -102,7 +102,11 @@ struct Prepared {
     rest: Vec<u8>,
 }
 
-type Early = mpsc::Receiver<Result<Prepared, String>>;
+/// The host key `accept-new` recorded while connecting (to announce, whether or not the
+/// agent then started), and the host reached with its agent started.
+type Reached = (Option<RecordedKey>, Result<Prepared, String>);
+
+type Early = mpsc::Receiver<Reached>;
 
 pub struct SshBackend {
     targets: Vec<SshTarget>,
@@ -232,9 +236,21 @@ impl Backend for SshBackend {
 }
 
 /// Connects and starts the agent (blocking).
-fn prepare(target: &SshTarget, agent: &AgentSource) -> Result<Prepared, String> {
+fn prepare(target: &SshTarget, agent: &AgentSource) -> Reached {
     let t0 = std::time::Instant::now();
-    let sess = target.connect().map_err(|e| e.to_string())?;
+    let (sess, recorded) = match target.connect() {
+        Ok(c) => c,
+        Err(e) => return (None, Err(e.to_string())),
+    };
+    (recorded, start_session(sess, t0, target, agent))
+}
+
+fn start_session(
+    sess: Session,
+    t0: std::time::Instant,
+    target: &SshTarget,
+    agent: &AgentSource,
+) -> Result<Prepared, String> {
     // libssh2 ends a *blocking* wait with "Timed out waiting on socket" once the keepalive
     // interval passes, so keepalives stay off while bootstrapping (blocking, with a generous
     // per-call timeout instead) and come back for the non-blocking pump.
@@ -258,11 +274,15 @@ fn host_thread(
     wake: &UnixStream,
     abandoned: &AtomicBool,
 ) -> Result<Option<ExitStatus>, String> {
-    let prepared = match early.map(|rx| rx.recv()) {
-        Some(Ok(p)) => p?,
+    let (recorded, prepared) = match early.map(|rx| rx.recv()) {
+        Some(Ok(reached)) => reached,
         // The early thread could not even report: connect now.
-        Some(Err(_)) | None => prepare(target, agent)?,
+        Some(Err(_)) | None => prepare(target, agent),
     };
+    if let Some(k) = recorded {
+        let _ = events.blocking_send((node, LinkEvent::Notice(k.announcement())));
+    }
+    let prepared = prepared?;
     if abandoned.load(Ordering::SeqCst) {
         return Ok(None);
     }
