@@ -53,16 +53,22 @@ fn rig_sigint_stops_everything() {
     suite::sigint(&job, &["--no-checks", "--agent-path", LAUNCH]);
 }
 
+/// Starts a job whose ranks run until stopped (grace 2 s) and waits until every rank runs.
+fn start_running(job: &Job) -> (std::process::Child, Instant) {
+    let cluster = job.cluster(&[("TEST_MODE", "run")], "");
+    let t0 = Instant::now();
+    let child = job.spawn(&cluster, &["--no-checks", "--agent-path", LAUNCH, "--grace", "2s"]);
+    job.wait_all_running();
+    (child, t0)
+}
+
 /// (d) a host's link goes down mid-run: noticed within keepalive interval × count (1 s × 3),
 /// the others stopped, a clear report; the lost host's agent stops its own ranks.
 #[test]
 fn rig_lost_host_is_noticed_and_cleaned() {
     let rig = Rig::up(3);
     let job = Job::new(Place::Rig(&rig));
-    let cluster = job.cluster(&[("TEST_MODE", "run")], "");
-    let t0 = Instant::now();
-    let child = job.spawn(&cluster, &["--no-checks", "--agent-path", LAUNCH, "--grace", "2s"]);
-    job.wait_all_running();
+    let (child, t0) = start_running(&job);
     let down_at = Instant::now();
     rig.link_down(&rig.hosts[1]);
     let f = job.wait(child, t0, Duration::from_secs(60));
@@ -225,6 +231,33 @@ fn rig_accept_new_announces_and_needs_a_real_known_hosts() {
     assert!(f.stderr.contains("HOST KEY CHANGED for 10.78.0.3:22"), "{}", f.stderr);
     assert!(!f.stderr.contains("first connection"), "{}", f.stderr);
     job.assert_clean(Duration::from_secs(5), false);
+}
+
+/// (e3) every sshd on a host killed mid-run: the cause reads as the SSH connection dropping,
+/// not as libssh2's "transport read"; the other hosts are stopped.
+#[test]
+fn rig_killed_sshd_reads_as_a_dropped_connection() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    let (child, t0) = start_running(&job);
+    let h3 = &rig.hosts[2];
+    let sshds: Vec<u32> =
+        rig.processes(h3).into_iter().filter(|(_, cmd)| cmd.starts_with("sshd")).map(|(p, _)| p).collect();
+    assert!(!sshds.is_empty(), "sshd runs on h3");
+    for p in sshds {
+        // SAFETY: kill(2) on a pid of the rig's namespace.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+    let f = job.wait(child, t0, Duration::from_secs(60));
+    assert_eq!(f.code, 255, "stderr:\n{}", f.stderr);
+    assert!(
+        f.stderr.contains("FAILED: the node agent on h3 (10.78.0.4) failed: the SSH connection to h3 dropped (sshd gone or host rebooted)"),
+        "{}",
+        f.stderr
+    );
+    assert!(!f.stderr.contains("transport read"), "{}", f.stderr);
+    assert!(!f.stderr.contains("lines:\n  log:"), "no empty log tail:\n{}", f.stderr);
+    job.assert_clean(Duration::from_secs(15), true);
 }
 
 /// (f) shell metacharacters in env values, paths and arguments reach the program literally
