@@ -70,8 +70,27 @@ pub fn host_status_line(n: &NodeReport) -> String {
     s
 }
 
-/// The log that shows the failure, and the lines to quote from it.
-fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &Path) -> Option<(String, Vec<String>)> {
+/// The log that shows the failure and the lines to quote from it.
+struct LogQuote {
+    path: String,
+    /// Blank lines at either end already dropped: a block of empty lines says nothing.
+    lines: Vec<String>,
+    /// The log is the failing unit's own (empty means it printed nothing), not the launch log
+    /// filtered to one host (where no lines only means that host's ranks said nothing there).
+    own: bool,
+}
+
+/// Drops blank lines at both ends.
+fn trim_blank(mut lines: Vec<String>) -> Vec<String> {
+    while lines.last().is_some_and(|l| l.trim().is_empty()) {
+        lines.pop();
+    }
+    let first = lines.iter().position(|l| !l.trim().is_empty()).unwrap_or(lines.len());
+    lines.drain(..first);
+    lines
+}
+
+fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &Path) -> Option<LogQuote> {
     let unit = f.unit.and_then(|u| node.units.get(u));
     match (&f.kind, unit) {
         (FailureKind::Exit(_) | FailureKind::SpawnFailed(_), Some(u)) => {
@@ -86,18 +105,23 @@ fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &
                     rank_log_path(attempt_dir, &node.info.name, u.ranks[0])
                 }
             };
-            let lines = tail_lines(&path, TAIL_LINES).unwrap_or_default();
-            Some((path.display().to_string(), lines))
+            let lines = trim_blank(tail_lines(&path, TAIL_LINES).unwrap_or_default());
+            Some(LogQuote { path: path.display().to_string(), lines, own: true })
         }
         (FailureKind::Lost(_) | FailureKind::AgentDied(_), _) => {
             let prefix = format!("[{} ", node.info.name);
-            let lines = tail_matching(launch_log, TAIL_LINES, |l| l.starts_with(&prefix)).unwrap_or_default();
-            let mut all = lines;
-            if !node.agent_stderr.is_empty() {
+            // That host's lines with some text after their `[host rN] ` prefix.
+            let has_text = |l: &str| {
+                l.strip_prefix(&prefix).and_then(|r| r.split_once("] ")).is_some_and(|(_, text)| !text.trim().is_empty())
+            };
+            let lines = tail_matching(launch_log, TAIL_LINES, has_text).unwrap_or_default();
+            let mut all = trim_blank(lines);
+            let stderr = trim_blank(node.agent_stderr.clone());
+            if !stderr.is_empty() {
                 all.push("(agent stderr:)".into());
-                all.extend(node.agent_stderr.iter().cloned());
+                all.extend(stderr);
             }
-            Some((launch_log.display().to_string(), all))
+            Some(LogQuote { path: launch_log.display().to_string(), lines: all, own: false })
         }
         _ => None,
     }
@@ -157,16 +181,22 @@ pub fn render(
                 failure_headline(f, node),
                 f.after.as_secs_f64()
             );
-            if let Some((path, lines)) = failure_log(f, node, attempt_dir, launch_log) {
-                if lines.is_empty() {
+            if let Some(q) = failure_log(f, node, attempt_dir, launch_log) {
+                // No lines, no block: an empty "last N lines:" says nothing.
+                if q.lines.is_empty() && q.own {
                     let _ = writeln!(o, "  (its log is empty)");
-                } else {
-                    let _ = writeln!(o, "  last {} lines:", lines.len());
-                    for l in &lines {
+                } else if !q.lines.is_empty() {
+                    match q.lines.len() {
+                        1 => o.push_str("  last line:\n"),
+                        n => {
+                            let _ = writeln!(o, "  last {n} lines:");
+                        }
+                    }
+                    for l in &q.lines {
                         let _ = writeln!(o, "  | {l}");
                     }
                 }
-                let _ = writeln!(o, "  log: {path}");
+                let _ = writeln!(o, "  log: {}", q.path);
             }
         }
     }
@@ -230,6 +260,69 @@ mod tests {
         assert!(text.contains(&format!("log: {}", log.display())));
         assert!(text.contains("h1 (10.0.0.0)  ranks 0-1  stopped (SIGTERM)"), "{text}");
         assert!(text.contains("rank 2 stopped (SIGTERM), rank 3 FAILED (exit 3)"), "{text}");
+    }
+
+    #[test]
+    fn empty_log_tails_print_no_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let launch_log = dir.path().join("launch.log");
+        // The launch log holds lines of other hosts only, and blank ones of h3.
+        std::fs::write(
+            &launch_log,
+            "[launch] starting
+[h1 r0] step 1
+[h3 r4] 
+[h3 r4]    
+",
+        )
+        .unwrap();
+        let mut dropped = node("h3", vec![4], vec![unit(4, ExitStatus::signal(15), true)]);
+        dropped.agent_error = Some("the SSH connection to h3 dropped (sshd gone or host rebooted)".into());
+        dropped.agent_stderr = vec![String::new()];
+        let f = Failure {
+            node: 0,
+            unit: None,
+            kind: FailureKind::AgentDied(dropped.agent_error.clone().unwrap()),
+            after: Duration::from_secs(1),
+        };
+        let result = AttemptResult {
+            outcome: Outcome::Failed(f),
+            nodes: vec![dropped],
+            master_port: None,
+            elapsed: Duration::from_secs(2),
+        };
+        let text = render(&result, None, dir.path(), &launch_log, dir.path());
+        assert!(
+            text.starts_with(
+                "launch: FAILED: the node agent on h3 (10.0.0.4) failed: the SSH connection to h3 dropped \
+                 (sshd gone or host rebooted) (1.0s after the start; first failure)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("lines:") && !text.contains("| ") && !text.contains("log is empty"), "{text}");
+        assert!(text.contains(&format!("  log: {}\n", launch_log.display())), "{text}");
+
+        // A rank log of blank lines only: said to be empty, no block; real lines lose blank ends.
+        let log = rank_log_path(dir.path(), "h1", 0);
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        std::fs::write(&log, "\n\n  \n").unwrap();
+        let exit = |nodes| AttemptResult {
+            outcome: Outcome::Failed(Failure {
+                node: 0,
+                unit: Some(0),
+                kind: FailureKind::Exit(ExitStatus::code(1)),
+                after: Duration::ZERO,
+            }),
+            nodes,
+            master_port: None,
+            elapsed: Duration::ZERO,
+        };
+        let h1 = || vec![node("h1", vec![0], vec![unit(0, ExitStatus::code(1), false)])];
+        let text = render(&exit(h1()), None, dir.path(), &launch_log, dir.path());
+        assert!(text.contains("  (its log is empty)\n") && !text.contains("lines:"), "{text}");
+        std::fs::write(&log, "\nboom\n\n").unwrap();
+        let text = render(&exit(h1()), None, dir.path(), &launch_log, dir.path());
+        assert!(text.contains("  last line:\n  | boom\n  log: "), "{text}");
     }
 
     #[test]

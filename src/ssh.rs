@@ -1,6 +1,7 @@
 //! SSH sessions on libssh2 (the ssh2 crate): connect with a timeout, verify the host key
-//! against known_hosts (strict by default; `accept-new` records unknown keys but still
-//! refuses changed ones), authenticate with ssh-agent then identity files. ssh2 is blocking:
+//! against known_hosts (strict by default; `accept-new` records unknown keys, reports each
+//! key it recorded so the launcher can say so, and still refuses changed ones; a known_hosts
+//! path that cannot hold keys is refused before any key is trusted), authenticate with ssh-agent then identity files. ssh2 is blocking:
 //! callers run it on their own threads. Keepalives are left to non-blocking callers (see
 //! `SshTarget::connect`).
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use ssh2::{CheckResult, HashType, KnownHostFileKind, Session};
 
+use crate::cluster::known_hosts;
 use crate::cluster::{ClusterSpec, ResolvedHost, StrictMode};
 
 /// Everything needed to reach one host.
@@ -66,6 +68,8 @@ pub enum SshError {
         key_type: String,
         fingerprint: String,
     },
+    #[error("{host}: {reason}; refusing to connect.\n  fix: {fix}", fix = known_hosts::FIX)]
+    UnfitKnownHosts { host: String, reason: String },
     #[error("{host}: cannot read known_hosts {path}: {message}")]
     KnownHosts { host: String, path: String, message: String },
     #[error("{host}: authentication as {user} failed (tried: {tried}); add a key to ssh-agent or list it in `ssh.identity_files`")]
@@ -84,6 +88,29 @@ pub enum SshError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A host key `accept-new` trusted on first sight and appended to known_hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedKey {
+    pub host: String,
+    pub address: String,
+    pub port: u16,
+    /// `ed25519`, `rsa`, `ecdsa-nistp256`, …
+    pub key_type: String,
+    /// SHA256, base64 without padding (as `ssh-keygen -l` prints it).
+    pub fingerprint: String,
+    pub known_hosts: String,
+}
+
+impl RecordedKey {
+    /// The console line: `h2 (10.0.0.2:22): first connection, recorded its ed25519 key SHA256:… in …`.
+    pub fn announcement(&self) -> String {
+        format!(
+            "{} ({}:{}): first connection, recorded its {} key SHA256:{} in {}",
+            self.host, self.address, self.port, self.key_type, self.fingerprint, self.known_hosts
+        )
+    }
 }
 
 impl SshTarget {
@@ -118,8 +145,9 @@ impl SshTarget {
         }
     }
 
-    /// Connects, verifies the host key and authenticates.
-    pub fn connect(&self) -> Result<Session, SshError> {
+    /// Connects, verifies the host key and authenticates. The key, when `accept-new` has just
+    /// recorded it: the caller announces it.
+    pub fn connect(&self) -> Result<(Session, Option<RecordedKey>), SshError> {
         let host = self.host.clone();
         let connect_err = |source| SshError::Connect {
             host: host.clone(),
@@ -142,16 +170,22 @@ impl SshTarget {
         sess.set_timeout(self.connect_timeout.as_millis() as u32);
         prefer_fast_ciphers(&sess);
         sess.handshake().map_err(|source| SshError::Handshake { host: host.clone(), source })?;
-        self.verify_host_key(&sess)?;
+        let recorded = self.verify_host_key(&sess)?;
         self.authenticate(&sess)?;
         sess.set_timeout(0);
         // No libssh2 keepalive here: libssh2 ends any *blocking* wait with "Timed out waiting
         // on socket" once the keepalive interval passes, so a blocking call waiting longer than the
         // interval would fail. Non-blocking users (exec::ssh's pump) enable it themselves.
-        Ok(sess)
+        Ok((sess, recorded))
     }
 
-    fn verify_host_key(&self, sess: &Session) -> Result<(), SshError> {
+    fn verify_host_key(&self, sess: &Session) -> Result<Option<RecordedKey>, SshError> {
+        // Checked when the cluster file was loaded too; asked again right before trusting a key,
+        // since the file may have changed in between.
+        let accept_new = self.strict == StrictMode::AcceptNew;
+        if let Some(reason) = known_hosts::unfit(&self.known_hosts, accept_new) {
+            return Err(SshError::UnfitKnownHosts { host: self.host.clone(), reason });
+        }
         let (key, key_type) = sess.host_key().ok_or_else(|| SshError::KnownHosts {
             host: self.host.clone(),
             path: self.known_hosts.display().to_string(),
@@ -173,13 +207,16 @@ impl SshTarget {
         }
         let details = || (self.host.clone(), self.address.clone(), self.port, self.known_hosts.display().to_string());
         match kh.check_port(&self.address, self.port, key) {
-            CheckResult::Match => Ok(()),
+            CheckResult::Match => Ok(None),
             CheckResult::Mismatch => {
                 let (host, address, port, known_hosts) = details();
                 Err(SshError::HostKeyChanged { host, address, port, known_hosts, key_type, fingerprint })
             }
-            CheckResult::NotFound | CheckResult::Failure if self.strict == StrictMode::AcceptNew => {
-                self.record_host_key(key, &key_type)
+            CheckResult::NotFound | CheckResult::Failure if accept_new => {
+                self.record_host_key(key, &key_type)?;
+                let (host, address, port, known_hosts) = details();
+                let key_type = key_names(&key_type).1.to_string();
+                Ok(Some(RecordedKey { host, address, port, key_type, fingerprint, known_hosts }))
             }
             CheckResult::NotFound | CheckResult::Failure => {
                 let (host, address, port, known_hosts) = details();
@@ -190,15 +227,7 @@ impl SshTarget {
 
     /// accept-new: append `[addr]:port type base64` (OpenSSH's format) to known_hosts.
     fn record_host_key(&self, key: &[u8], key_type: &str) -> Result<(), SshError> {
-        let name = match key_type {
-            "Rsa" => "ssh-rsa",
-            "Dss" => "ssh-dss",
-            "Ecdsa256" => "ecdsa-sha2-nistp256",
-            "Ecdsa384" => "ecdsa-sha2-nistp384",
-            "Ecdsa521" => "ecdsa-sha2-nistp521",
-            "Ed25519" => "ssh-ed25519",
-            _ => "unknown",
-        };
+        let name = key_names(key_type).0;
         let host = if self.port == 22 { self.address.clone() } else { format!("[{}]:{}", self.address, self.port) };
         let line = format!("{host} {name} {}\n", base64_std(key));
         let io = |source| SshError::Io {
@@ -228,6 +257,19 @@ impl SshTarget {
             }
         }
         Err(SshError::Auth { host: self.host.clone(), user: self.user.clone(), tried: tried.join(", ") })
+    }
+}
+
+/// libssh2's key type (as `{:?}` spells it) → (OpenSSH's known_hosts name, a short name).
+fn key_names(key_type: &str) -> (&'static str, &'static str) {
+    match key_type {
+        "Rsa" => ("ssh-rsa", "rsa"),
+        "Dss" => ("ssh-dss", "dsa"),
+        "Ecdsa256" => ("ecdsa-sha2-nistp256", "ecdsa-nistp256"),
+        "Ecdsa384" => ("ecdsa-sha2-nistp384", "ecdsa-nistp384"),
+        "Ecdsa521" => ("ecdsa-sha2-nistp521", "ecdsa-nistp521"),
+        "Ed25519" => ("ssh-ed25519", "ed25519"),
+        _ => ("unknown", "unknown"),
     }
 }
 
@@ -273,5 +315,30 @@ mod tests {
         assert_eq!(base64_nopad(b"hello"), "aGVsbG8");
         assert_eq!(base64_std(b""), "");
         assert_eq!(base64_std(b"abc"), "YWJj");
+    }
+
+    #[test]
+    fn recorded_keys_are_announced_by_host_address_type_and_fingerprint() {
+        let k = RecordedKey {
+            host: "h2".into(),
+            address: "10.0.0.2".into(),
+            port: 22,
+            key_type: key_names("Ed25519").1.into(),
+            fingerprint: "abc".into(),
+            known_hosts: "/root/.ssh/known_hosts".into(),
+        };
+        assert_eq!(
+            k.announcement(),
+            "h2 (10.0.0.2:22): first connection, recorded its ed25519 key SHA256:abc in /root/.ssh/known_hosts"
+        );
+        assert_eq!(key_names("Ecdsa256"), ("ecdsa-sha2-nistp256", "ecdsa-nistp256"));
+    }
+
+    #[test]
+    fn unfit_known_hosts_name_the_path_and_the_fix() {
+        let reason = known_hosts::unfit(std::path::Path::new("/dev/null"), true).unwrap();
+        let e = SshError::UnfitKnownHosts { host: "h1".into(), reason }.to_string();
+        assert!(e.starts_with("h1: `/dev/null` is a device"), "{e}");
+        assert!(e.contains("refusing to connect") && e.contains("fix: point `ssh.known_hosts`"), "{e}");
     }
 }

@@ -53,16 +53,22 @@ fn rig_sigint_stops_everything() {
     suite::sigint(&job, &["--no-checks", "--agent-path", LAUNCH]);
 }
 
+/// Starts a job whose ranks run until stopped (grace 2 s) and waits until every rank runs.
+fn start_running(job: &Job) -> (std::process::Child, Instant) {
+    let cluster = job.cluster(&[("TEST_MODE", "run")], "");
+    let t0 = Instant::now();
+    let child = job.spawn(&cluster, &["--no-checks", "--agent-path", LAUNCH, "--grace", "2s"]);
+    job.wait_all_running();
+    (child, t0)
+}
+
 /// (d) a host's link goes down mid-run: noticed within keepalive interval × count (1 s × 3),
 /// the others stopped, a clear report; the lost host's agent stops its own ranks.
 #[test]
 fn rig_lost_host_is_noticed_and_cleaned() {
     let rig = Rig::up(3);
     let job = Job::new(Place::Rig(&rig));
-    let cluster = job.cluster(&[("TEST_MODE", "run")], "");
-    let t0 = Instant::now();
-    let child = job.spawn(&cluster, &["--no-checks", "--agent-path", LAUNCH, "--grace", "2s"]);
-    job.wait_all_running();
+    let (child, t0) = start_running(&job);
     let down_at = Instant::now();
     rig.link_down(&rig.hosts[1]);
     let f = job.wait(child, t0, Duration::from_secs(60));
@@ -132,6 +138,126 @@ fn rig_host_keys_are_verified() {
     let recorded = std::fs::read_to_string(&fresh).unwrap();
     assert!(recorded.contains(lines[1].split(' ').nth(2).unwrap()), "h2's key was recorded:\n{recorded}");
     job.assert_clean(Duration::from_secs(5), false);
+}
+
+/// The cluster file `job` writes for the rig with `known_hosts` and accept-new.
+fn accept_new_cluster(job: &Job, known_hosts: &std::path::Path) -> std::path::PathBuf {
+    let c = job.cluster_with(&job.prog, &[("TEST_MODE", "layout")], "", Some(known_hosts));
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("  agent: false\n", "  agent: false\n  strict_host_key_checking: accept-new\n");
+    std::fs::write(&c, text).unwrap();
+    c
+}
+
+/// `ssh-keygen -lf`'s SHA256 fingerprint of rig host `i`'s key.
+fn fingerprint(rig: &Rig, i: usize) -> String {
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(rig.dir.path().join(format!("host_key_h{i}.pub")))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace().nth(1).expect("ssh-keygen -l prints a fingerprint").to_string()
+}
+
+/// (e2) a known_hosts that cannot hold keys is refused before any host is contacted (under
+/// accept-new it would trust every key, a changed one too); accept-new announces each key it
+/// records once, and still refuses a changed key.
+#[test]
+fn rig_accept_new_announces_and_needs_a_real_known_hosts() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    let all = std::fs::read_to_string(rig.known_hosts()).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    let args = ["--no-checks", "--agent-path", LAUNCH];
+
+    let folder = job.dir.path().join("kh-folder");
+    std::fs::create_dir(&folder).unwrap();
+    for (kh, needle) in [
+        (std::path::PathBuf::from("/dev/null"), "ssh.known_hosts: `/dev/null` is a device".to_string()),
+        (folder.clone(), format!("ssh.known_hosts: `{}` is a directory", folder.display())),
+    ] {
+        let f = job.run(&accept_new_cluster(&job, &kh), &args);
+        assert_eq!(f.code, 2, "refused as a configuration error: {}", f.stderr);
+        assert!(f.stderr.contains(&needle), "{}", f.stderr);
+        assert!(f.stderr.contains("hint: point `ssh.known_hosts` at a regular file"), "{}", f.stderr);
+        assert!(!job.logs.exists(), "nothing ran: no run directory");
+    }
+
+    // First run: h2 and h3 are new, each announced once with its address, type and fingerprint.
+    let fresh = job.dir.path().join("kh-fresh");
+    std::fs::write(&fresh, format!("{}\n", lines[0])).unwrap();
+    let c = accept_new_cluster(&job, &fresh);
+    let f = job.run(&c, &args);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    for (i, name) in [(2, "h2"), (3, "h3")] {
+        let line = format!(
+            "[launch] {name} (10.78.0.{}:22): first connection, recorded its ed25519 key {} in {}\n",
+            i + 1,
+            fingerprint(&rig, i),
+            fresh.display()
+        );
+        assert_eq!(f.stderr.matches(&line).count(), 1, "{line} once:\n{}", f.stderr);
+    }
+    assert_eq!(f.stderr.matches("first connection").count(), 2, "h1 was known:\n{}", f.stderr);
+    let launch_log = std::fs::read_to_string(job.run_dir().join("launch.log")).unwrap();
+    assert!(launch_log.contains("h2 (10.78.0.3:22): first connection"), "kept in the run's log:\n{launch_log}");
+    // Second run: every key is known, nothing to announce.
+    let f = job.run(&c, &args);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    assert!(!f.stderr.contains("first connection"), "{}", f.stderr);
+
+    // The checks' probe is the first to connect when the checks run: it announces.
+    let probe = job.dir.path().join("kh-probe");
+    std::fs::write(&probe, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+    let c = accept_new_cluster(&job, &probe);
+    let out = std::process::Command::new(LAUNCH)
+        .arg("--cluster")
+        .arg(&c)
+        .args(["check", "tiny", "--set", "train.global_batch_size=6", "--agent-path", LAUNCH])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("first connection").count(), 1, "{stderr}");
+    assert!(stderr.contains("[launch] h3 (10.78.0.4:22): first connection, recorded its ed25519 key"), "{stderr}");
+
+    // accept-new trusts new keys only: a changed one is refused as under strict.
+    let changed = job.dir.path().join("kh-changed");
+    let other_key = lines[0].split_once(' ').unwrap().1; // h1's key, claimed for h2
+    std::fs::write(&changed, format!("{}\n10.78.0.3 {other_key}\n{}\n", lines[0], lines[2])).unwrap();
+    let f = job.run(&accept_new_cluster(&job, &changed), &args);
+    assert_eq!(f.code, 4, "{}", f.stderr);
+    assert!(f.stderr.contains("HOST KEY CHANGED for 10.78.0.3:22"), "{}", f.stderr);
+    assert!(!f.stderr.contains("first connection"), "{}", f.stderr);
+    job.assert_clean(Duration::from_secs(5), false);
+}
+
+/// (e3) every sshd on a host killed mid-run: the cause reads as the SSH connection dropping,
+/// not as libssh2's "transport read"; the other hosts are stopped.
+#[test]
+fn rig_killed_sshd_reads_as_a_dropped_connection() {
+    let rig = Rig::up(3);
+    let job = Job::new(Place::Rig(&rig));
+    let (child, t0) = start_running(&job);
+    let h3 = &rig.hosts[2];
+    let sshds: Vec<u32> =
+        rig.processes(h3).into_iter().filter(|(_, cmd)| cmd.starts_with("sshd")).map(|(p, _)| p).collect();
+    assert!(!sshds.is_empty(), "sshd runs on h3");
+    for p in sshds {
+        // SAFETY: kill(2) on a pid of the rig's namespace.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+    let f = job.wait(child, t0, Duration::from_secs(60));
+    assert_eq!(f.code, 255, "stderr:\n{}", f.stderr);
+    assert!(
+        f.stderr.contains("FAILED: the node agent on h3 (10.78.0.4) failed: the SSH connection to h3 dropped (sshd gone or host rebooted)"),
+        "{}",
+        f.stderr
+    );
+    assert!(!f.stderr.contains("transport read"), "{}", f.stderr);
+    assert!(!f.stderr.contains("lines:\n  log:"), "no empty log tail:\n{}", f.stderr);
+    job.assert_clean(Duration::from_secs(15), true);
 }
 
 /// (f) shell metacharacters in env values, paths and arguments reach the program literally

@@ -180,6 +180,9 @@ impl HostProbe {
                 link.close();
             }
             LinkEvent::Msg(_) => {}
+            // The checks run before the job's console exists: the line goes straight to stderr,
+            // as the console would print it. The job's own connection finds the key recorded.
+            LinkEvent::Notice(message) => eprintln!("[launch] {message}"),
             LinkEvent::Stderr(line) => {
                 if self.agent_stderr.len() < 20 {
                     self.agent_stderr.push(line);

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use super::known_hosts;
 use super::raw::{parse_raw, RawCluster, RawMaster};
 use super::spec::*;
 use crate::diag::{yaml_input, ConfigError, Diagnostic, KeyPath, Locator, Seg};
@@ -206,7 +207,7 @@ impl Checker<'_> {
         let local = raw.local.unwrap_or(all_loopback);
 
         let master = self.check_master(raw.master, &hosts, local);
-        let ssh = self.check_ssh(raw.ssh);
+        let ssh = self.check_ssh(raw.ssh, local);
         self.check_env(&keys(&["env"]), &raw.env);
         if raw.log_dir.as_os_str().is_empty() {
             self.value(&keys(&["log_dir"]), "is empty".into(), Some("omit it to use `logs`".into()));
@@ -565,7 +566,7 @@ impl Checker<'_> {
         MasterSpec { addr, port: raw.port }
     }
 
-    fn check_ssh(&mut self, mut ssh: SshSpec) -> SshSpec {
+    fn check_ssh(&mut self, mut ssh: SshSpec, local: bool) -> SshSpec {
         if ssh.port == 0 {
             self.value(
                 &keys(&["ssh", "port"]),
@@ -603,7 +604,28 @@ impl Checker<'_> {
                 Err(message) => self.value(&keys(&["ssh", "known_hosts"]), message, None),
             }
         }
+        if !local {
+            self.check_known_hosts(&ssh);
+        }
         ssh
+    }
+
+    /// A known_hosts path that cannot hold keys is refused like `strict_host_key_checking: no`:
+    /// it turns verification off in effect. The default path is checked too (when HOME is set),
+    /// since a ~/.ssh/known_hosts linked to /dev/null is the same hole.
+    fn check_known_hosts(&mut self, ssh: &SshSpec) {
+        let (path, default) = match &ssh.known_hosts {
+            Some(p) => (p.clone(), false),
+            None => match self.env.var("HOME") {
+                Some(home) => (PathBuf::from(home).join(".ssh/known_hosts"), true),
+                None => return,
+            },
+        };
+        let accept_new = ssh.strict_host_key_checking == StrictMode::AcceptNew;
+        if let Some(why) = known_hosts::unfit(&path, accept_new) {
+            let why = if default { format!("{why} (the default known_hosts)") } else { why };
+            self.value(&keys(&["ssh", "known_hosts"]), why, Some(known_hosts::FIX.into()));
+        }
     }
 
     fn check_env(&mut self, map_path: &[Seg], env: &BTreeMap<String, String>) {
@@ -805,6 +827,33 @@ mod tests {
         assert_eq!(spec.ssh.known_hosts.as_deref(), Some(Path::new("/home/u/.ssh/known_hosts")));
         let e = err(&format!("{BASE}hosts: [a]\nssh:\n  identity_files: ['~bob/id']\n"));
         assert!(e.starts_with("c.yaml:5:20: ssh.identity_files[0]: cannot expand `~bob/id`"), "{e}");
+    }
+
+    #[test]
+    fn known_hosts_that_cannot_hold_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        for (mode, path, needle) in [
+            ("accept-new", "/dev/null".to_string(), "`/dev/null` is a device".to_string()),
+            ("strict", "/dev/null".to_string(), "`/dev/null` is a device".to_string()),
+            ("accept-new", d.to_string(), format!("`{d}` is a directory")),
+        ] {
+            let e =
+                err(&format!("{BASE}hosts: [a]\nssh:\n  known_hosts: {path}\n  strict_host_key_checking: {mode}\n"));
+            assert!(e.starts_with(&format!("c.yaml:5:16: ssh.known_hosts: {needle}")), "{mode} {path}: {e}");
+            assert!(e.contains("hint: point `ssh.known_hosts` at a regular file"), "{e}");
+        }
+        // A file accept-new can create is fine; local runs use no SSH at all.
+        ok(&format!("{BASE}hosts: [a]\nssh:\n  known_hosts: {d}/new/kh\n  strict_host_key_checking: accept-new\n"));
+        ok(&format!("{BASE}hosts: [localhost]\nssh:\n  known_hosts: /dev/null\n"));
+        // The default path is checked too: HOME/.ssh/known_hosts as a directory.
+        std::fs::create_dir_all(dir.path().join(".ssh/known_hosts")).unwrap();
+        let home = d.to_string();
+        let env = [("HOME", home.as_str())];
+        let e = ClusterSpec::from_str_with_env(&format!("{BASE}hosts: [a]\n"), Path::new("c.yaml"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ssh.known_hosts: `") && e.contains("(the default known_hosts)"), "{e}");
     }
 
     #[test]

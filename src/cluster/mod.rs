@@ -9,7 +9,8 @@
 //! - `spec`: the checked types ([`ClusterSpec`] and its parts), what the rest of the launcher reads;
 //! - `raw`: the file's serde shape, its hand-written deserializers and the hints for serde errors;
 //! - `check`: the checks that turn raw into spec, and the loading entry points;
-//! - `humane`: durations such as `10s` or `500ms`.
+//! - `humane`: durations such as `10s` or `500ms`;
+//! - `known_hosts`: whether a known_hosts path can hold keys (refused at load when it cannot).
 //!
 //! Every problem is a [`Diagnostic`] naming the file, line:column, the key path and, where we
 //! can say how to fix it, a hint; the located-error kit lives in [`crate::diag`] (recipes and
@@ -17,6 +18,7 @@
 
 mod check;
 pub mod humane;
+pub mod known_hosts;
 mod raw;
 mod spec;
 

@@ -12,6 +12,9 @@ pub enum LinkEvent {
     Msg(FromAgent),
     /// A line the agent (or the remote shell) wrote on stderr: diagnostics, never rank output.
     Stderr(String),
+    /// News from the backend itself, worth a line on the console: a host key `accept-new`
+    /// just recorded (once per host: the next connection finds the key).
+    Notice(String),
     /// The link ended; nothing more comes from this node. Without a Hello before it, the host
     /// was never reached (`error` says why); after one, the agent exited or the connection
     /// broke (`status`: the agent's exit status when known).

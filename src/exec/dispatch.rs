@@ -232,6 +232,7 @@ impl Dispatcher<'_, '_, '_> {
                 }
                 self.notice(Some(node), format!("agent: {line}"), true);
             }
+            LinkEvent::Notice(message) => self.notice(None, message, false),
             LinkEvent::Closed { status, error } => {
                 self.nodes[node].closed = true;
                 self.nodes[node].link = None;

@@ -27,7 +27,7 @@ use ssh2::{Channel, Session};
 use crate::exec::backend::{Backend, EventTx, Link, LinkEvent};
 use crate::exec::proto::{strip_magic, Decoder, ExitStatus, ToAgent};
 use crate::render::shell_quote;
-use crate::ssh::SshTarget;
+use crate::ssh::{RecordedKey, SshTarget};
 
 /// Where the agent comes from on the hosts.
 #[derive(Debug, Clone)]
@@ -102,7 +102,11 @@ struct Prepared {
     rest: Vec<u8>,
 }
 
-type Early = mpsc::Receiver<Result<Prepared, String>>;
+/// The host key `accept-new` recorded while connecting (to announce, whether or not the
+/// agent then started), and the host reached with its agent started.
+type Reached = (Option<RecordedKey>, Result<Prepared, String>);
+
+type Early = mpsc::Receiver<Reached>;
 
 pub struct SshBackend {
     targets: Vec<SshTarget>,
@@ -232,9 +236,21 @@ impl Backend for SshBackend {
 }
 
 /// Connects and starts the agent (blocking).
-fn prepare(target: &SshTarget, agent: &AgentSource) -> Result<Prepared, String> {
+fn prepare(target: &SshTarget, agent: &AgentSource) -> Reached {
     let t0 = std::time::Instant::now();
-    let sess = target.connect().map_err(|e| e.to_string())?;
+    let (sess, recorded) = match target.connect() {
+        Ok(c) => c,
+        Err(e) => return (None, Err(e.to_string())),
+    };
+    (recorded, start_session(sess, t0, target, agent))
+}
+
+fn start_session(
+    sess: Session,
+    t0: std::time::Instant,
+    target: &SshTarget,
+    agent: &AgentSource,
+) -> Result<Prepared, String> {
     // libssh2 ends a *blocking* wait with "Timed out waiting on socket" once the keepalive
     // interval passes, so keepalives stay off while bootstrapping (blocking, with a generous
     // per-call timeout instead) and come back for the non-blocking pump.
@@ -258,11 +274,15 @@ fn host_thread(
     wake: &UnixStream,
     abandoned: &AtomicBool,
 ) -> Result<Option<ExitStatus>, String> {
-    let prepared = match early.map(|rx| rx.recv()) {
-        Some(Ok(p)) => p?,
+    let (recorded, prepared) = match early.map(|rx| rx.recv()) {
+        Some(Ok(reached)) => reached,
         // The early thread could not even report: connect now.
-        Some(Err(_)) | None => prepare(target, agent)?,
+        Some(Err(_)) | None => prepare(target, agent),
     };
+    if let Some(k) = recorded {
+        let _ = events.blocking_send((node, LinkEvent::Notice(k.announcement())));
+    }
+    let prepared = prepared?;
     if abandoned.load(Ordering::SeqCst) {
         return Ok(None);
     }
@@ -439,7 +459,7 @@ fn pump(
                     progressed = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => return Err(format!("{host}: writing to the agent: {e}")),
+                Err(e) => return Err(link_error(host, "writing to the agent", sess, &e)),
             }
         }
         if closing && out.is_empty() && !eof_sent {
@@ -447,7 +467,7 @@ fn pump(
                 Ok(()) => eof_sent = true,
                 // LIBSSH2_ERROR_EAGAIN
                 Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {}
-                Err(e) => return Err(format!("{host}: closing the agent's input: {e}")),
+                Err(e) => return Err(link_error(host, "closing the agent's input", sess, &e)),
             }
         }
         loop {
@@ -461,7 +481,7 @@ fn pump(
                     progressed = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => return Err(format!("{host}: reading from the agent: {e}")),
+                Err(e) => return Err(link_error(host, "reading from the agent", sess, &e)),
             }
         }
         loop {
@@ -520,6 +540,34 @@ fn pump(
     Ok(status)
 }
 
+/// libssh2's codes for the connection itself ending: the peer closed the TCP connection or
+/// reset it (sshd killed, host rebooted), or the socket failed (libssh2.h; ssh2 does not
+/// export them).
+const LIBSSH2_ERROR_SOCKET_SEND: i32 = -7;
+const LIBSSH2_ERROR_SOCKET_DISCONNECT: i32 = -13;
+const LIBSSH2_ERROR_SOCKET_RECV: i32 = -43;
+const CONNECTION_ENDED: [i32; 3] =
+    [LIBSSH2_ERROR_SOCKET_RECV, LIBSSH2_ERROR_SOCKET_SEND, LIBSSH2_ERROR_SOCKET_DISCONNECT];
+
+/// The message for a failed read or write on the agent's channel, from the session's last
+/// libssh2 error.
+fn link_error(host: &str, what: &str, sess: &Session, err: &dyn std::fmt::Display) -> String {
+    let code = ssh2::Error::last_session_error(sess).map(|e| e.code());
+    tracing::debug!(host, ?code, "{what}: {err}");
+    describe_link_error(host, what, code, err)
+}
+
+/// A connection that ended reads as that ("the SSH connection to h3 dropped"), not as
+/// libssh2's "transport read"; anything else keeps libssh2's words.
+fn describe_link_error(host: &str, what: &str, code: Option<ssh2::ErrorCode>, err: &dyn std::fmt::Display) -> String {
+    match code {
+        Some(ssh2::ErrorCode::Session(c)) if CONNECTION_ENDED.contains(&c) => {
+            format!("the SSH connection to {host} dropped (sshd gone or host rebooted)")
+        }
+        _ => format!("{host}: {what}: {err}"),
+    }
+}
+
 fn signal_number(name: &str) -> Option<i32> {
     let full = if name.starts_with("SIG") { name.to_string() } else { format!("SIG{name}") };
     full.parse::<nix::sys::signal::Signal>().ok().map(|s| s as i32)
@@ -550,6 +598,24 @@ mod tests {
         let u = AgentSource::Upload { local: PathBuf::from("/x"), key: "0.1.0-00ff".into() };
         assert!(u.command().contains(".cache/mm-launch/0.1.0-00ff/launch"));
         assert_eq!(u.cache_dir().as_deref(), Some(".cache/mm-launch/0.1.0-00ff"));
+    }
+
+    #[test]
+    fn a_connection_that_ended_reads_as_dropped() {
+        // A killed sshd: the socket reads EOF, libssh2 says SOCKET_RECV "transport read".
+        let recv = Some(ssh2::ErrorCode::Session(LIBSSH2_ERROR_SOCKET_RECV));
+        assert_eq!(
+            describe_link_error("h3", "reading from the agent", recv, &"transport read"),
+            "the SSH connection to h3 dropped (sshd gone or host rebooted)"
+        );
+        let send = Some(ssh2::ErrorCode::Session(LIBSSH2_ERROR_SOCKET_SEND));
+        assert!(describe_link_error("h3", "writing to the agent", send, &"x").contains("dropped"));
+        let other = Some(ssh2::ErrorCode::Session(-26)); // LIBSSH2_ERROR_CHANNEL_CLOSED
+        assert_eq!(
+            describe_link_error("h3", "reading from the agent", other, &"closed"),
+            "h3: reading from the agent: closed"
+        );
+        assert_eq!(describe_link_error("h3", "writing to the agent", None, &"x"), "h3: writing to the agent: x");
     }
 
     #[test]
