@@ -112,7 +112,9 @@ fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &
             let prefix = format!("[{} ", node.info.name);
             // That host's lines with some text after their `[host rN] ` prefix.
             let has_text = |l: &str| {
-                l.strip_prefix(&prefix).and_then(|r| r.split_once("] ")).is_some_and(|(_, text)| !text.trim().is_empty())
+                l.strip_prefix(&prefix)
+                    .and_then(|r| r.split_once("] "))
+                    .is_some_and(|(_, text)| !text.trim().is_empty())
             };
             let lines = tail_matching(launch_log, TAIL_LINES, has_text).unwrap_or_default();
             let mut all = trim_blank(lines);
