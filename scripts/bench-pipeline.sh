@@ -3,7 +3,8 @@
 # never asserted). One release build, one synthetic model with 8 LLM layers, then the same
 # global batch under each layout, side by side:
 #
-#   1 process | PP2 | PP4 | PP2×VPP2 | DP2 | DP2×PP2        (+ 1 process on 1 thread, for reference)
+#   1 process | PP2 | PP4 | PP2×VPP2 | DP2 | DP2×PP2 | TP2 | TP2+SP | TP2×PP2
+#   (+ 1 process on 1 thread, for reference)
 #
 # All ranks on 127.0.0.1 (Gloo over loopback), each layout with the engine's default layer split.
 # The same global batch everywhere, so a step does the same work and should give the same loss
@@ -86,15 +87,18 @@ run() {
     PIDS=()
 }
 
-# name:ranks:pp:vpp:label — the layouts, in table order.
+# name:ranks:tp:pp:vpp:sp:label — the layouts, in table order.
 LAYOUTS=(
-    "one:1:1:1:1 process"
-    "one1t:1:1:1:1 process, 1 thread"
-    "pp2:2:2:1:PP2"
-    "pp4:4:4:1:PP4"
-    "pp2v2:2:2:2:PP2×VPP2"
-    "dp2:2:1:1:DP2"
-    "dp2pp2:4:2:1:DP2×PP2"
+    "one:1:1:1:1:0:1 process"
+    "one1t:1:1:1:1:0:1 process, 1 thread"
+    "pp2:2:1:2:1:0:PP2"
+    "pp4:4:1:4:1:0:PP4"
+    "pp2v2:2:1:2:2:0:PP2×VPP2"
+    "dp2:2:1:1:1:0:DP2"
+    "dp2pp2:4:1:2:1:0:DP2×PP2"
+    "tp2:2:2:1:1:0:TP2"
+    "tp2sp:2:2:1:1:1:TP2+SP"
+    "tp2pp2:4:2:2:1:0:TP2×PP2"
 )
 threads_for() {
     local name=$1 ranks=$2
@@ -104,8 +108,10 @@ threads_for() {
 start=$SECONDS
 for ((rep = 0; rep < REPEATS; rep++)); do
     for l in "${LAYOUTS[@]}"; do
-        IFS=: read -r name ranks pp vpp _ <<<"$l"
+        IFS=: read -r name ranks tp pp vpp sp _ <<<"$l"
         flags=()
+        ((tp > 1)) && flags+=(--tensor-model-parallel-size "$tp")
+        ((sp > 0)) && flags+=(--sequence-parallel)
         ((pp > 1)) && flags+=(--pipeline-model-parallel-size "$pp")
         ((vpp > 1)) && flags+=(--virtual-pipeline-model-parallel-size "$vpp")
         run "$name" "$ranks" "$(threads_for "$name" "$ranks")" "$rep" "${flags[@]}"
@@ -115,7 +121,7 @@ elapsed=$((SECONDS - start))
 
 rows=()
 for l in "${LAYOUTS[@]}"; do
-    IFS=: read -r name ranks _ _ _ <<<"$l"
+    IFS=: read -r name ranks _ _ _ _ _ <<<"$l"
     rows+=("$l:$(threads_for "$name" "$ranks")")
 done
 python3 - "$WORK" "$MICRO" "$GLOBAL" "$CORES" "${rows[@]}" <<'EOF'
@@ -124,9 +130,9 @@ import glob, json, re, statistics, sys
 work, micro, global_batch, cores = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rows = []
 for spec in sys.argv[5:]:
-    name, ranks, pp, vpp, label, threads = spec.split(":")
-    ranks, pp, vpp, threads = int(ranks), int(pp), int(vpp), int(threads)
-    dp = ranks // pp
+    name, ranks, tp, pp, vpp, _sp, label, threads = spec.split(":")
+    ranks, tp, pp, vpp, threads = int(ranks), int(tp), int(pp), int(vpp), int(threads)
+    dp = ranks // (pp * tp)
     m = global_batch // (micro * dp)  # micro batches per data-parallel rank
     bubble = (pp - 1) / (vpp * m + pp - 1)
     steps, losses, engine_bubble, measured = [], [], None, []
@@ -150,18 +156,18 @@ for spec in sys.argv[5:]:
     if pp > 1 and engine_bubble is None:
         print(f"warning: {label}: the engine printed no theoretical bubble", file=sys.stderr)
     rows.append(dict(
-        label=label, ranks=ranks, dp=dp, pp=pp, vpp=vpp, m=m, threads=threads,
+        label=label, ranks=ranks, dp=dp, tp=tp, pp=pp, vpp=vpp, m=m, threads=threads,
         ms=statistics.median(s["step_ms"] for s in steps),
         tps=statistics.median(s["tokens_per_sec"] for s in steps),
         n=len(steps), loss=losses[-1], bubble=bubble,
         measured=f"{statistics.mean(measured):.1%}" if measured else ("n/a" if pp > 1 else "-"),
     ))
 base = rows[0]["ms"]
-print("| layout | ranks | dp | pp | vpp | m | threads/rank | step ms (median) | tokens/s | vs 1 process | bubble (theory) | bubble (measured) | loss (last) |")
-print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+print("| layout | ranks | dp | tp | pp | vpp | m | threads/rank | step ms (median) | tokens/s | vs 1 process | bubble (theory) | bubble (measured) | loss (last) |")
+print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     shared = " (shared)" if r["ranks"] * r["threads"] > cores else ""
-    print(f"| {r['label']} | {r['ranks']} | {r['dp']} | {r['pp']} | {r['vpp']} | {r['m']} | {r['threads']}{shared} "
+    print(f"| {r['label']} | {r['ranks']} | {r['dp']} | {r['tp']} | {r['pp']} | {r['vpp']} | {r['m']} | {r['threads']}{shared} "
           f"| {r['ms']:.1f} | {r['tps']:.0f} | {r['ms'] / base:.2f} | {r['bubble']:.1%} | {r['measured']} "
           f"| {r['loss']:.6f} |")
 print()
