@@ -24,7 +24,14 @@ pub fn unsafe_char_kind(c: char) -> Option<&'static str> {
         '\u{1b}' => Some("an escape character"),
         c if c.is_control() => Some("a control character"), // C0, DEL and C1
         '\u{200b}'..='\u{200d}' | '\u{2060}' | '\u{feff}' => Some("a zero-width character"),
-        '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => Some("a bidirectional control character"),
+        '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{61c}' => {
+            Some("a bidirectional control character")
+        }
+        // Invisible (default-ignorable) characters and line/paragraph separators.
+        '\u{ad}' | '\u{180e}' | '\u{2061}'..='\u{2064}' | '\u{fe00}'..='\u{fe0f}' | '\u{e0000}'..='\u{e007f}' => {
+            Some("an invisible character")
+        }
+        '\u{2028}' | '\u{2029}' => Some("a line or paragraph separator"),
         _ => None,
     }
 }
@@ -52,7 +59,38 @@ pub fn unsafe_char_message(value: &str) -> Option<(usize, String)> {
 /// levels: the indentation levels open above a line and its compact `- ` / `? ` entries.
 pub fn yaml_depth_exceeded(text: &str, limit: usize) -> Option<(usize, usize)> {
     let mut scan = DepthScan::default();
-    scan.run(text, limit)
+    scan.run(text, limit).or_else(|| raw_nesting_exceeded(text, RAW_NESTING_LIMIT))
+}
+
+/// The backstop's bound: far above any real file, far below what makes the parser slow.
+pub const RAW_NESTING_LIMIT: usize = 1024;
+
+/// A backstop no parsing mistake of [`DepthScan`] can hide: the running depth of `[`/`{` minus
+/// `]`/`}` over the raw text (quotes and comments included, so it may only count more), and the
+/// `- ` entries on one line (`- - - x` nests without brackets). Any of `\n`, `\r`, U+0085,
+/// U+2028, U+2029 ends a line, as for libyaml.
+fn raw_nesting_exceeded(text: &str, limit: usize) -> Option<(usize, usize)> {
+    let (mut depth, mut dashes, mut line, mut column) = (0usize, 0usize, 1usize, 0usize);
+    let mut prev = ' ';
+    for c in text.chars() {
+        column += 1;
+        match c {
+            '\n' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}' => {
+                line += 1;
+                column = 0;
+                dashes = 0;
+            }
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth = depth.saturating_sub(1),
+            ' ' | '\t' if prev == '-' => dashes += 1,
+            _ => {}
+        }
+        if depth > limit || dashes > limit {
+            return Some((line, column));
+        }
+        prev = c;
+    }
+    None
 }
 
 #[derive(Default)]
@@ -173,9 +211,16 @@ impl DepthScan {
                     }
                 }
                 '|' | '>' if node_start && !in_flow => {
-                    let rest: String = chars[i + 1..].iter().collect();
-                    let rest = rest.split(" #").next().unwrap_or("").trim();
-                    if rest.chars().all(|c| matches!(c, '+' | '-' | '1'..='9')) {
+                    // A block scalar header: indicators, then blanks, then the end or a comment
+                    // (checked in place: copying the rest of the line made long lines quadratic).
+                    let mut j = i + 1;
+                    while j < chars.len() && matches!(chars[j], '+' | '-' | '1'..='9') {
+                        j += 1;
+                    }
+                    while j < chars.len() && matches!(chars[j], ' ' | '\t') {
+                        j += 1;
+                    }
+                    if j == chars.len() || (chars[j] == '#' && j > i + 1 && matches!(chars[j - 1], ' ' | '\t')) {
                         self.block_scalar = Some(indent);
                         self.plain_open = false;
                         return None;
@@ -202,6 +247,44 @@ impl DepthScan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inputs the review found past the line scan: the raw backstop refuses each (limit 1024).
+    #[test]
+    fn the_backstop_catches_what_the_line_scan_misses() {
+        let deep = "[".repeat(2000);
+        for text in [
+            format!("hosts:\n  - a\n  - {deep}"),
+            format!("- \"a\"\n- {deep}"),
+            format!("a: foo\n\n  'bar\nb: {deep}"),
+            format!("a: !<tag:yaml.org,2002:seq> {deep}"),
+            format!("a: |\t# c\n  x:\n  '\nb: {deep}"),
+            format!("hosts:\r  - a\r  - {deep}"),
+            format!("{}x", "- ".repeat(2000)),
+        ] {
+            assert!(yaml_depth_exceeded(&text, MAX_YAML_DEPTH).is_some(), "{:?}", &text[..40.min(text.len())]);
+        }
+        // Long but shallow files pass: 5,000 list items, brackets balanced line by line.
+        let items: String = (0..5000).map(|i| format!("- [{i}, {{a: b}}]\n")).collect();
+        assert!(yaml_depth_exceeded(&items, MAX_YAML_DEPTH).is_none());
+        // Block scalar headers are checked in place: 40,000 `|x: ` on one line stays fast.
+        let line = format!("a: {}", "|x: ".repeat(40_000));
+        let t = std::time::Instant::now();
+        let _ = yaml_depth_exceeded(&line, MAX_YAML_DEPTH);
+        eprintln!("40,000 `|` on one line scanned in {:?}", t.elapsed());
+    }
+
+    #[test]
+    fn invisible_and_bidi_marks_and_separators_are_refused() {
+        for c in
+            ['\u{200e}', '\u{200f}', '\u{61c}', '\u{ad}', '\u{180e}', '\u{2062}', '\u{fe0f}', '\u{e0041}', '\u{2028}']
+        {
+            let value = format!("node{c}1");
+            let (index, what) = find_unsafe_char(&value).unwrap_or_else(|| panic!("U+{:04X} accepted", c as u32));
+            assert_eq!(index, 5);
+            assert!(what.starts_with(&format!("U+{:04X}", c as u32)), "{what}");
+        }
+        assert!(find_unsafe_char("fe80::1%eth0").is_none() && find_unsafe_char("node-01.example").is_none());
+    }
 
     fn depth_ok(text: &str) -> bool {
         yaml_depth_exceeded(text, 3).is_none()

@@ -831,6 +831,11 @@ mod tests {
         );
         let err = set("tiny", &["train=null"]).unwrap_err();
         assert!(err.starts_with("<command line>: --set train: `train` cannot be null"), "{err}");
+        // An empty value clears like `null` (it always did): never an empty path.
+        let r = set("tiny", &["checkpoint.load="]).unwrap();
+        assert_eq!(r.checkpoint.load, None);
+        let err = set("tiny", &["data.data_path="]).unwrap_err();
+        assert!(err.contains("which every run needs"), "{err}");
     }
 
     #[test]

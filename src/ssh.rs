@@ -212,7 +212,9 @@ impl SshTarget {
                 let (host, address, port, known_hosts) = details();
                 Err(SshError::HostKeyChanged { host, address, port, known_hosts, key_type, fingerprint })
             }
-            CheckResult::NotFound | CheckResult::Failure if accept_new => {
+            // Only a key that is really absent is recorded: libssh2's Failure (e.g. a host name
+            // too long for its lookup) must not turn into trusting whatever key is offered.
+            CheckResult::NotFound if accept_new => {
                 self.record_host_key(key, &key_type)?;
                 let (host, address, port, known_hosts) = details();
                 let key_type = key_names(&key_type).1.to_string();

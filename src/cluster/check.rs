@@ -190,7 +190,12 @@ impl Checker<'_> {
 
         let all_loopback = !hosts.is_empty() && hosts.iter().all(|h| is_loopback(&h.address));
         if raw.local == Some(true) && !all_loopback {
-            if let Some(remote) = hosts.iter().find(|h| !is_loopback(&h.address)) {
+            // Hosts with refused characters are reported by code point elsewhere; never echo them.
+            if let Some(remote) = hosts
+                .iter()
+                .filter(|h| crate::input::find_unsafe_char(&h.address).is_none())
+                .find(|h| !is_loopback(&h.address))
+            {
                 self.value(
                     &keys(&["local"]),
                     format!(

@@ -55,7 +55,8 @@ pub(super) fn set_value(key: &str, value: &str, shape: Option<Shape>) -> Result<
     let Some(shape) = shape else {
         return Ok(Value::String(value.to_string()));
     };
-    if value.trim() == "null" {
+    // `null`, and an empty value (YAML's null, as `--set key=` always meant), clear a key.
+    if value.trim() == "null" || value.trim().is_empty() {
         if let Some((_, example)) = NEEDED_FOR_A_RUN.iter().find(|(k, _)| *k == key) {
             return Err((
                 format!("`null` would clear `{key}`, which every run needs"),
