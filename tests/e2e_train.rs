@@ -347,3 +347,71 @@ fn rig_finetune_tiny_two_pipeline_stages_across_hosts_and_resume() {
     assert_eq!(read(&save.join("latest_checkpointed_iteration.txt")).trim(), "9");
     job.assert_clean(Duration::from_secs(10), true);
 }
+
+/// The seed's 78B layout through `launch`, shrunk: a model with InternViT-6B's 25 ViT heads and
+/// 8 LLM key/value heads at small width runs as TP 8 × PP 2 (16 ranks, MindSpeed's unaligned
+/// split 4,3,3,3,3,3,3,3 of the ViT heads) with one process's losses, saves one folder per
+/// (tp, pp) rank, and a second launch resumes from it.
+#[test]
+fn seed_78b_layout_shrunk_runs_tp8_pp2_through_the_launcher_and_resumes() {
+    let dir = tempfile::Builder::new().prefix("mm-e2e-78b-").tempdir().unwrap();
+    let out = Command::new(engine())
+        .args(["synth", "--llm-heads", "8", "--llm-kv-heads", "8", "--vit-heads", "25", "--samples", "8"])
+        .args(["--no-video", "--out"])
+        .arg(dir.path().join("runs/m78"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "synth: {}", String::from_utf8_lossy(&out.stderr));
+    let local = read(Path::new(&format!("{REPO}/clusters/local.yaml")));
+    let cluster = |devices: usize| {
+        let p = dir.path().join(format!("c{devices}.yaml"));
+        let body = local.replace("devices_per_node: 2", &format!("devices_per_node: {devices}"));
+        assert_ne!(body, local, "clusters/local.yaml sets devices_per_node: 2");
+        std::fs::write(&p, body).unwrap();
+        p.display().to_string()
+    };
+    let common = [
+        "data.data_path=runs/m78/data/train.jsonl",
+        "data.data_folder=runs/m78/data",
+        "train.precision=fp32",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+        "output.eval_interval=0",
+    ];
+    let run = |cluster: &str, sets: &[&str]| {
+        let mut args = vec!["--cluster", cluster, "finetune", "./runs/m78/model"];
+        for s in common.iter().chain(sets) {
+            args.extend(["--set", s]);
+        }
+        let o = launch_cmd(dir.path(), &args).output().unwrap();
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+        let run = std::fs::canonicalize(dir.path().join("logs/latest")).unwrap();
+        (err, losses(&read(&run.join("localhost/rank-0.log"))))
+    };
+    let layout = [
+        "parallel.tp=8",
+        "parallel.pp=2",
+        "parallel.unaligned_linear=true",
+        "parallel.llm_pp_layers=[1,1]",
+        "parallel.vit_pp_layers=[2,0]",
+        "checkpoint.save=runs/m78/save",
+    ];
+    let (err, tp8) = run(&cluster(16), &[&layout[..], &["train.train_iters=2"]].concat());
+    assert!(err.contains("launch: all 16 ranks on 1 host finished (exit 0)"), "{err}");
+    assert!(err.contains("checkpoint   runs/m78/save/iter_0000002"), "{err}");
+    for t in 0..8 {
+        for p in 0..2 {
+            let f = dir.path().join(format!("runs/m78/save/iter_0000002/mp_rank_{t:02}_{p:03}/model.safetensors"));
+            assert!(f.is_file(), "{}", f.display());
+        }
+    }
+    let (_, one) = run(&cluster(1), &["train.train_iters=2", "checkpoint.save=runs/m78/save-one"]);
+    assert_eq!((tp8.len(), one.len()), (2, 2));
+    for (a, b) in tp8.iter().zip(&one) {
+        assert!((a - b).abs() / b.abs() <= 1e-5, "TP8 x PP2 loss {a} vs one process {b}");
+    }
+    let (_, more) = run(&cluster(16), &[&layout[..], &["train.train_iters=3"]].concat());
+    assert_eq!(more.len(), 1, "the second launch resumes at iteration 2 and trains one more");
+    assert_eq!(read(&dir.path().join("runs/m78/save/latest_checkpointed_iteration.txt")).trim(), "3");
+}

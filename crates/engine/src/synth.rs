@@ -58,6 +58,12 @@ pub struct SynthArgs {
     /// MindSpeed's unaligned tensor-parallel split, as InternViT-6B's 25 heads on 8 ranks).
     #[arg(long)]
     pub vit_heads: Option<usize>,
+    /// LLM query heads and key/value heads instead of the preset's, keeping the head width
+    /// (`--llm-heads 8 --llm-kv-heads 8` splits over 8 tensor-parallel ranks).
+    #[arg(long, requires = "llm_kv_heads")]
+    pub llm_heads: Option<usize>,
+    #[arg(long, requires = "llm_heads")]
+    pub llm_kv_heads: Option<usize>,
 }
 
 const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
@@ -250,6 +256,16 @@ pub fn run(a: SynthArgs) -> anyhow::Result<()> {
     if let Some(n) = a.vit_layers {
         anyhow::ensure!(n > 0, "--vit-layers 0: expected at least one layer");
         preset.vision.num_hidden_layers = n;
+    }
+    if let (Some(h), Some(kv)) = (a.llm_heads, a.llm_kv_heads) {
+        anyhow::ensure!(
+            h > 0 && kv > 0 && h % kv == 0,
+            "--llm-heads {h} --llm-kv-heads {kv}: expected a multiple of the key/value heads"
+        );
+        let width = preset.llm.hidden_size / preset.llm.num_attention_heads;
+        preset.llm.num_attention_heads = h;
+        preset.llm.num_key_value_heads = kv;
+        preset.llm.hidden_size = h * width;
     }
     if let Some(n) = a.vit_heads {
         anyhow::ensure!(n > 0, "--vit-heads 0: expected at least one head");

@@ -23,6 +23,8 @@ fn synth() -> &'static Path {
             llm_layers: None,
             vit_layers: None,
             vit_heads: None,
+            llm_heads: None,
+            llm_kv_heads: None,
         })
         .unwrap();
         dir

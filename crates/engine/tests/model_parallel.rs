@@ -380,29 +380,37 @@ fn evaluation_runs_through_stages_and_slices() {
 }
 
 /// A save folder the ranks do not share (here: rank 1 writes elsewhere) is found incomplete
-/// before anything is committed, on every rank, with the reason.
+/// before anything is committed, on every rank, with the reason: a pipeline stage's weights,
+/// and a data-parallel rank's distributed-optimizer shard.
 #[test]
 fn a_save_folder_that_is_not_shared_commits_nothing() {
-    let work = tempfile::tempdir().unwrap();
-    let (shared, elsewhere) = (work.path().join("save"), work.path().join("elsewhere"));
-    let port = ranks::free_port();
-    let children: Vec<_> = (0..2)
-        .map(|r| {
-            let mut a = train_args("--pipeline-model-parallel-size 2 --exit-interval 1");
-            a.push("--save".into());
-            a.push(if r == 0 { &shared } else { &elsewhere }.display().to_string());
-            ranks::rank_cmd(r, 2, port, 30, &a).spawn().unwrap()
-        })
-        .collect();
-    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
-    for o in &outs {
-        assert!(!o.status.success(), "{}", text(o));
-        assert!(text(o).contains("did not reach rank 0's view of --save"), "{}", text(o));
+    for (flags, lost) in [
+        ("--pipeline-model-parallel-size 2", "mp_rank_00_001/model.safetensors"),
+        ("--use-distributed-optimizer", "mp_rank_00/optimizer.dp1-of-2.safetensors"),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let (shared, elsewhere) = (work.path().join("save"), work.path().join("elsewhere"));
+        let port = ranks::free_port();
+        let children: Vec<_> = (0..2)
+            .map(|r| {
+                let mut a = train_args(&format!("{flags} --exit-interval 1"));
+                a.push("--save".into());
+                a.push(if r == 0 { &shared } else { &elsewhere }.display().to_string());
+                ranks::rank_cmd(r, 2, port, 30, &a).spawn().unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        for o in &outs {
+            assert!(!o.status.success(), "{flags}: {}", text(o));
+            assert!(text(o).contains("did not reach rank 0's view of --save"), "{flags}: {}", text(o));
+        }
+        assert!(text(&outs[0]).contains(lost), "{flags}: {}", text(&outs[0]));
+        assert!(
+            !shared.join("latest_checkpointed_iteration.txt").exists(),
+            "{flags}: an incomplete checkpoint was committed"
+        );
+        let leftovers: Vec<_> =
+            std::fs::read_dir(&shared).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(leftovers.is_empty(), "{flags}: the temporary folder stays behind: {leftovers:?}");
     }
-    assert!(text(&outs[0]).contains("mp_rank_00_001/model.safetensors"), "{}", text(&outs[0]));
-    assert!(!shared.join("latest_checkpointed_iteration.txt").exists(), "an incomplete checkpoint was committed");
-    assert!(!shared.join("iter_0000001").exists());
-    let leftovers: Vec<_> =
-        std::fs::read_dir(&shared).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
-    assert!(leftovers.is_empty(), "the temporary folder stays behind: {leftovers:?}");
 }

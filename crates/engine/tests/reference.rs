@@ -52,6 +52,8 @@ fn reference() -> &'static Path {
             llm_layers: None,
             vit_layers: None,
             vit_heads: None,
+            llm_heads: None,
+            llm_kv_heads: None,
         })
         .expect("synth");
         let python = workspace().join(".venv/bin/python");

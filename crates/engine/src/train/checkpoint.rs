@@ -354,20 +354,52 @@ pub fn write_stage(tmp: &Path, req: &SaveRequest) -> Result<Option<DType>, Check
     Ok(dtype)
 }
 
-/// The weight files of a save in the temporary folder `tmp` that are not there, one per
-/// (tp rank, pipeline stage) of `layout` (empty: complete).
-pub fn missing_rank_files(tmp: &Path, layout: &LayoutRequest, format: CkptFormat) -> Vec<String> {
+/// Which optimizer files every rank folder of a save holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerFiles {
+    None,
+    /// `optimizer.safetensors` (per parameter).
+    PerParam,
+    /// One shard per data-parallel rank, and the stage's flat layout with several stages or
+    /// tensor-parallel ranks.
+    Sharded {
+        dp: usize,
+        layout_file: bool,
+    },
+}
+
+/// The files of a save in the temporary folder `tmp` that are not there: per (tp rank,
+/// pipeline stage) of `layout`, the weights and the optimizer files (empty: complete).
+pub fn missing_rank_files(
+    tmp: &Path,
+    layout: &LayoutRequest,
+    format: CkptFormat,
+    optimizer: OptimizerFiles,
+) -> Vec<String> {
     let pp = layout.pp.unwrap_or(1).max(1);
-    let file = match format {
+    let weights = match format {
         CkptFormat::Mm => ck::SHARD_FILE,
         CkptFormat::Torch => MINDSPEED_FILE,
     };
+    let mut files = vec![weights.to_string()];
+    match optimizer {
+        OptimizerFiles::None => {}
+        OptimizerFiles::PerParam => files.push(OPTIMIZER_FILE.to_string()),
+        OptimizerFiles::Sharded { dp, layout_file } => {
+            files.extend((0..dp).map(|r| optimizer_shard_file(r, dp)));
+            if layout_file {
+                files.push(STAGE_LAYOUT_FILE.to_string());
+            }
+        }
+    }
     let mut out = Vec::new();
     for pp_rank in 0..pp {
         for tp_rank in 0..layout.tp.max(1) {
-            let rel = format!("{}/{file}", RankDir { tp_rank, pp_rank, pp }.name());
-            if !tmp.join(&rel).is_file() {
-                out.push(rel);
+            for file in &files {
+                let rel = format!("{}/{file}", RankDir { tp_rank, pp_rank, pp }.name());
+                if !tmp.join(&rel).is_file() {
+                    out.push(rel);
+                }
             }
         }
     }

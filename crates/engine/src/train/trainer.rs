@@ -95,7 +95,7 @@ fn evaluate(
         let ce = |l: &Tensor, t: &Tensor| last.language_model.token_losses(l, t, IGNORE);
         let l = sample_losses_with(logits, labels, &ce)?;
         let n: i64 = l.counts.iter().sum();
-        Ok(l.sums.sum(Kind::Float) / n.max(1) as f64)
+        Ok(l.sums.sum(Kind::Float).to_kind(Kind::Double) / n.max(1) as f64)
     };
     let no_seed = |_: usize| {};
     let ctx = StepContext {
@@ -541,7 +541,7 @@ impl Trainer {
                                                                                     // sample's activations with another's labels.
         let every_rank = format!(
             "gbs {} mbs {} ga {ga} seq {} iters {} seed {seed} lr {} loss {:?} bf16 {} zero {} from \
-             {iteration}/{consumed}/{position} records {} tp {} pp {} vpp {:?} load {load:?}",
+             {iteration}/{consumed}/{position} records {} tp {} pp {} vpp {:?} load {load:?} data {:?}",
             cfg.global_batch_size,
             cfg.micro_batch_size,
             cfg.seq_length,
@@ -553,7 +553,8 @@ impl Trainer {
             ds.records.len(),
             par.tp,
             par.pp,
-            par.vpp
+            par.vpp,
+            cfg.data.pre
         );
         dp.world_agree("the job on every stage (flags, data, resume state)", fingerprint(&every_rank))?; // SYNC
 
@@ -917,50 +918,80 @@ impl Trainer {
         };
         let stage = RankDir { tp_rank: dp.tp_rank, pp_rank: dp.pp_rank, pp: dp.pp_size };
         let tmp = checkpoint::tmp_dir(dir, c.iteration, &self.tag);
-        if dp.global_rank == 0 {
-            checkpoint::prepare(dir, &tmp).with_context(what)?;
-        }
-        dp.world_barrier("checkpoint: temporary folder ready")?; // SYNC
-        if let (Optim::Sharded(z), true) = (opt, save_optim) {
-            checkpoint::write_optimizer_shard(&tmp, stage, dp.rank, dp.size, &z.state_tensors()).with_context(what)?;
-            if dp.rank == 0 && (dp.pp_size > 1 || dp.tp_size > 1) {
-                checkpoint::write_stage_layout(&tmp, stage, &z.layout).with_context(what)?;
+        // Every step that writes is agreed on by every rank before the next one (a full disk on
+        // one host fails the save everywhere instead of leaving the others in a barrier).
+        let agree = |what_now: &str, local: anyhow::Result<()>| -> anyhow::Result<()> {
+            let failed = local.as_ref().is_err();
+            let n = dp.world_sum(&[f64::from(u8::from(failed))], &format!("checkpoint: {what_now}"))?[0]; // SYNC
+            match local {
+                Err(e) => Err(e.context(what())),
+                Ok(()) if n > 0.0 => {
+                    anyhow::bail!(
+                        "{}: {n} rank(s) failed while {what_now} (their logs say why); nothing was committed",
+                        what()
+                    )
+                }
+                Ok(()) => Ok(()),
             }
-        }
-        if dp.rank == 0 {
-            let weights = self.session.named_parameters();
-            let optimizer = match opt {
-                Optim::Replicated(o) if save_optim => Some(o.state_tensors(mm_name)),
-                _ => None,
-            };
-            let req = SaveRequest {
-                format: ck.format,
-                layout: self.layout.clone(),
-                rank: stage,
-                save_dir: dir,
-                iteration: c.iteration,
-                preset: &self.session.preset,
-                weights: &weights,
-                optimizer,
-                state: &state,
-                assets_from: self.session.assets.clone(),
-            };
-            let dtype = checkpoint::write_stage(&tmp, &req).with_context(what)?;
+        };
+        let prepared = if dp.global_rank == 0 { checkpoint::prepare(dir, &tmp).map_err(Into::into) } else { Ok(()) };
+        agree("preparing the temporary folder", prepared)?;
+        let written = (|| -> anyhow::Result<()> {
+            if let (Optim::Sharded(z), true) = (opt, save_optim) {
+                checkpoint::write_optimizer_shard(&tmp, stage, dp.rank, dp.size, &z.state_tensors())?;
+                if dp.rank == 0 && (dp.pp_size > 1 || dp.tp_size > 1) {
+                    checkpoint::write_stage_layout(&tmp, stage, &z.layout)?;
+                }
+            }
+            if dp.rank == 0 {
+                let weights = self.session.named_parameters();
+                let optimizer = match opt {
+                    Optim::Replicated(o) if save_optim => Some(o.state_tensors(mm_name)),
+                    _ => None,
+                };
+                let req = SaveRequest {
+                    format: ck.format,
+                    layout: self.layout.clone(),
+                    rank: stage,
+                    save_dir: dir,
+                    iteration: c.iteration,
+                    preset: &self.session.preset,
+                    weights: &weights,
+                    optimizer,
+                    state: &state,
+                    assets_from: self.session.assets.clone(),
+                };
+                let dtype = checkpoint::write_stage(&tmp, &req)?;
+                if dp.global_rank == 0 {
+                    checkpoint::write_common(&tmp, &req, dtype)?;
+                }
+            }
+            Ok(())
+        })();
+        let cleanup = || {
             if dp.global_rank == 0 {
-                checkpoint::write_common(&tmp, &req, dtype).with_context(what)?;
+                let _ = std::fs::remove_dir_all(&tmp);
             }
-        }
-        dp.world_barrier("checkpoint: every rank's files written")?; // SYNC
-                                                                     // Nothing is committed unless rank 0 sees every rank's files: a save folder that is not
-                                                                     // shared storage would otherwise commit a checkpoint that looks complete but is not.
+        };
+        agree("writing the rank files", written).inspect_err(|_| cleanup())?;
+        // Nothing is committed unless rank 0 sees every rank's files (weights and optimizer
+        // state): a save folder that is not shared storage would otherwise commit a checkpoint
+        // that looks complete but is not.
+        let optimizer_files = match opt {
+            _ if !save_optim => checkpoint::OptimizerFiles::None,
+            Optim::Replicated(_) => checkpoint::OptimizerFiles::PerParam,
+            Optim::Sharded(_) => {
+                checkpoint::OptimizerFiles::Sharded { dp: dp.size, layout_file: dp.pp_size > 1 || dp.tp_size > 1 }
+            }
+        };
         let missing = if dp.global_rank == 0 {
-            checkpoint::missing_rank_files(&tmp, &self.layout, ck.format)
+            checkpoint::missing_rank_files(&tmp, &self.layout, ck.format, optimizer_files)
         } else {
             Vec::new()
         };
         let n_missing = dp.world_sum(&[missing.len() as f64], "checkpoint: completeness")?[0]; // SYNC
         if n_missing > 0.0 {
-            let _ = std::fs::remove_dir_all(&tmp);
+            cleanup();
             anyhow::bail!(
                 "{}: {} rank file{} did not reach rank 0's view of --save{}: --save must be a folder every rank \
                  shares (nothing was committed)",
@@ -970,21 +1001,13 @@ impl Trainer {
                 if missing.is_empty() { String::new() } else { format!(" ({})", missing.join(", ")) }
             );
         }
-        let path = if dp.global_rank == 0 {
-            checkpoint::commit(dir, &tmp, c.iteration).with_context(what)?
+        let committed = if dp.global_rank == 0 {
+            checkpoint::commit(dir, &tmp, c.iteration).map(|_| ()).map_err(Into::into)
         } else {
-            iteration_dir(dir, Iteration::Step(c.iteration))
+            Ok(())
         };
-        dp.world_barrier("checkpoint: committed")?; // SYNC
-        if let (Optim::Sharded(_), true) = (opt, save_optim) {
-            let mine = path.join(stage.name()).join(source::optimizer_shard_file(dp.rank, dp.size));
-            anyhow::ensure!(
-                mine.exists(),
-                "{}: {} is not there after the commit: --save must be a folder every rank shares",
-                what(),
-                mine.display()
-            );
-        }
+        agree("committing", committed)?;
+        let path = iteration_dir(dir, Iteration::Step(c.iteration));
         if dp.global_rank == 0 {
             println!("saved checkpoint at iteration {} to {}", c.iteration, path.display());
             println!(
