@@ -7,7 +7,7 @@
 //! - [`tokenizer`]: tokenizer.json and InternVL's special tokens.
 //! - [`data`]: records, tiling, video, template, batching, prefetch.
 //! - [`train`]: the loop, AdamW, schedule, loss reductions, checkpoints, data parallelism over
-//!   WORLD_SIZE ranks (`train::dp`) and the distributed optimizer, ZeRO-1 (`train::zero`).
+//!   WORLD_SIZE ranks (`train::parallel`) and the distributed optimizer, ZeRO-1 (`train::zero`).
 //! - [`eval`], [`synth`]: the `eval` and `synth` subcommands.
 //! - [`dist`]: c10d process groups (Gloo/NCCL) from the launcher's environment,
 //!   `collective-check`, the tensor-parallel regions (`dist::tp`) and `tp-check`.

@@ -51,7 +51,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub use_distributed_optimizer: bool,
     /// Data-parallel gradient all-reduce bucket size in MB (engine option).
-    #[arg(long, default_value_t = super::dp::DEFAULT_BUCKET_MB)]
+    #[arg(long, default_value_t = super::parallel::DEFAULT_BUCKET_MB)]
     pub dp_bucket_mb: f64,
     /// Megatron's flag for pipeline schedules with varying sequence lengths; batches here are
     /// always padded per micro batch.

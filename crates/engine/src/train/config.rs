@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(c.checkpoint.exit_interval, None, "--exit-interval 0 never exits");
         assert_eq!(c.eval, None, "no --eval-iters, no evaluation");
         assert_eq!(c.warnings.len(), 1);
-        assert_eq!(c.bucket_bytes, (super::super::dp::DEFAULT_BUCKET_MB * 1048576.0) as usize);
+        assert_eq!(c.bucket_bytes, (super::super::parallel::DEFAULT_BUCKET_MB * 1048576.0) as usize);
         let c = config("--virtual-pipeline-model-parallel-size 1", 1);
         assert_eq!((c.parallel.pp, c.parallel.vpp, c.parallel.virtual_stages()), (1, None, 1));
     }

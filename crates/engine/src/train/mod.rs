@@ -5,9 +5,9 @@
 pub mod args;
 pub mod checkpoint;
 pub mod config;
-pub mod dp;
 pub mod loss;
 pub mod optimizer;
+pub mod parallel;
 pub mod pipeline;
 pub mod schedule;
 pub mod trainer;

@@ -29,9 +29,9 @@ use tch::{Kind, Tensor};
 use super::args::TrainArgs;
 use super::checkpoint::{self, mm_name, CkptFormat, RankDir, SaveRequest, SavedState, TrainerState};
 use super::config::{CheckpointConfig, TrainConfig};
-use super::dp::{fingerprint, DataParallel};
 use super::loss::{objective, sample_losses_with, StepTotals, IGNORE};
 use super::optimizer::AdamW;
+use super::parallel::{fingerprint, Parallel};
 use super::pipeline::{self, StepContext};
 use super::schedule::Schedule;
 use super::zero::{SavedOptimizer, ZeroAdamW};
@@ -73,7 +73,7 @@ fn evaluate(
     cfg: &TrainConfig,
     iters: u64,
     seed: u64,
-    dp: &DataParallel,
+    dp: &Parallel,
 ) -> anyhow::Result<f64> {
     let share = Share { rank: dp.rank, size: dp.size, micro_batches: 1 };
     let cfg = LoaderConfig {
@@ -142,7 +142,7 @@ impl Optim {
 
     /// Sums the gradients over the DP group. `received`: the parameters some rank has a
     /// gradient for (a rank without one contributes zeros).
-    fn reduce(&mut self, dp: &DataParallel, received: &[bool], bucket_bytes: usize) -> Result<(), DistError> {
+    fn reduce(&mut self, dp: &Parallel, received: &[bool], bucket_bytes: usize) -> Result<(), DistError> {
         match self {
             Optim::Sharded(z) => z.reduce(dp, received),
             Optim::Replicated(o) => {
@@ -173,7 +173,7 @@ impl Optim {
     /// Clips to the global gradient norm: every parameter counted once over the data-parallel
     /// shards, tensor-parallel slices (`counted`: a parameter name counts on this rank) and
     /// pipeline stages.
-    fn clip(&mut self, dp: &DataParallel, max_norm: f64, counted: &dyn Fn(&str) -> bool) -> Result<f64, DistError> {
+    fn clip(&mut self, dp: &Parallel, max_norm: f64, counted: &dyn Fn(&str) -> bool) -> Result<f64, DistError> {
         match self {
             Optim::Replicated(o) => {
                 let sq = dp.tp_sum(&[o.grad_sq_of(counted)], "squared gradient norms of the tensor-parallel slices")?;
@@ -188,7 +188,7 @@ impl Optim {
         }
     }
 
-    fn step(&mut self, dp: &DataParallel, lr: f64) -> Result<(), DistError> {
+    fn step(&mut self, dp: &Parallel, lr: f64) -> Result<(), DistError> {
         match self {
             Optim::Replicated(o) => {
                 o.step(lr);
@@ -292,7 +292,7 @@ impl LogWindow {
 /// One rank's training run after setup: its groups, model, optimizer, data and counters.
 pub struct Trainer {
     cfg: TrainConfig,
-    dp: DataParallel,
+    dp: Parallel,
     session: Session,
     ds: Arc<Dataset>,
     opt: Optim,
@@ -365,7 +365,7 @@ struct Resumed {
 }
 
 /// The resume state of what `session` loaded; a fresh model: iteration 0 with the configured seed.
-fn resume_state(cfg: &TrainConfig, session: &Session, dp: &DataParallel) -> anyhow::Result<Resumed> {
+fn resume_state(cfg: &TrainConfig, session: &Session, dp: &Parallel) -> anyhow::Result<Resumed> {
     let mut seed = cfg.seed;
     let mut c = Counters { iteration: 0, consumed: 0, position: 0, loss: f64::NAN, lr: 0.0 };
     let mut resume_optim = None;
@@ -403,12 +403,7 @@ fn resume_state(cfg: &TrainConfig, session: &Session, dp: &DataParallel) -> anyh
 
 /// This rank's model: its pipeline chunks and tensor-parallel slices, loaded from `load` or
 /// initialized from the seed.
-fn open_session(
-    cfg: &TrainConfig,
-    dp: &DataParallel,
-    load: Option<&Path>,
-    device: tch::Device,
-) -> anyhow::Result<Session> {
+fn open_session(cfg: &TrainConfig, dp: &Parallel, load: Option<&Path>, device: tch::Device) -> anyhow::Result<Session> {
     let stages = |preset: &mm_spec::ModelPreset| -> anyhow::Result<RankModel> {
         let parts = cfg.parallel.stage_parts(preset, dp.pp_rank)?;
         let slices = if dp.tp_size > 1 {
@@ -434,7 +429,7 @@ fn open_session(
 /// What tells this run's temporary checkpoint folders apart, the same on every rank: global rank
 /// 0's process id (its DP group's first, then from pipeline stage 0, then from tensor-parallel
 /// rank 0).
-fn run_tag(dp: &DataParallel) -> Result<String, DistError> {
+fn run_tag(dp: &Parallel) -> Result<String, DistError> {
     let tag = dp.gather(std::process::id() as i64, "run tag")?[0]; // SYNC
     let first_stage = if dp.pp_rank == 0 { tag as f64 } else { 0.0 };
     let tag = dp.pp_sum(&[first_stage], "run tag")?[0]; // SYNC
@@ -456,7 +451,7 @@ impl Trainer {
         // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
         // others fail fast in their next collective instead of waiting for it at the store.
         let par = &cfg.parallel;
-        let dp = DataParallel::init(env, device, par.tp, par.pp, par.vpp)?;
+        let dp = Parallel::init(env, device, par.tp, par.pp, par.vpp)?;
         let ck = &cfg.checkpoint;
         let load = resume_point(ck, cfg.tokenizer.as_deref())?;
         if ck.auto_resume {

@@ -25,8 +25,8 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::dp::{as_bytes, DataParallel};
 use super::optimizer::{adam_update, decays, state_fits, AdamWConfig, OptimizerError};
+use super::parallel::{as_bytes, Parallel};
 use crate::dist::c10d::{DistError, ReduceOp};
 use crate::weights::safetensors::SafetensorsFile;
 
@@ -234,7 +234,7 @@ pub struct ZeroAdamW {
 
 impl ZeroAdamW {
     /// `params`: trainable (MM name, parameter) in a fixed order, the same on every rank.
-    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, dp: &DataParallel) -> ZeroAdamW {
+    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, dp: &Parallel) -> ZeroAdamW {
         let layout = FlatLayout::new(params.iter().map(|(n, t)| (n.clone(), t.size())), dp.size);
         let device = dp.device();
         let decay = params.iter().map(|(n, t)| decays(n, &t.size())).collect();
@@ -293,7 +293,7 @@ impl ZeroAdamW {
 
     /// Reduce-scatters the summed gradients; `received` (agreed over the DP group) marks the
     /// parameters some rank received a gradient for.
-    pub fn reduce(&mut self, dp: &DataParallel, received: &[bool]) -> Result<(), DistError> {
+    pub fn reduce(&mut self, dp: &Parallel, received: &[bool]) -> Result<(), DistError> {
         self.received = received.to_vec();
         match dp.group() {
             Some(pg) => {
@@ -310,7 +310,7 @@ impl ZeroAdamW {
     /// AdamW::clip does. Identical on every rank.
     /// `counted(MM key)`: whether this rank's gradient of a parameter counts in the norm (a
     /// tensor-parallel rank other than 0 leaves out the parameters every rank replicates).
-    pub fn clip(&mut self, dp: &DataParallel, max_norm: f64, counted: &dyn Fn(&str) -> bool) -> Result<f64, DistError> {
+    pub fn clip(&mut self, dp: &Parallel, max_norm: f64, counted: &dyn Fn(&str) -> bool) -> Result<f64, DistError> {
         // Per parameter piece, squares summed in f64: AdamW's per-parameter norms, so the global
         // norm does not depend on how the flat buffer is cut.
         let local: f64 = tch::no_grad(|| {
@@ -336,7 +336,7 @@ impl ZeroAdamW {
     }
 
     /// One AdamW step on the shard, then every rank's updated shard into the parameters.
-    pub fn step(&mut self, dp: &DataParallel, lr: f64) -> Result<(), DistError> {
+    pub fn step(&mut self, dp: &Parallel, lr: f64) -> Result<(), DistError> {
         self.step += 1;
         let t = self.step as f64; // Python's beta ** step is pow(), not repeated products
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
@@ -384,7 +384,7 @@ impl ZeroAdamW {
     }
 
     /// All-gathers the shards of the parameters (in the parameters' dtype) and copies them in.
-    fn gather_params(&mut self, dp: &DataParallel) -> Result<(), DistError> {
+    fn gather_params(&mut self, dp: &Parallel) -> Result<(), DistError> {
         // Gathered in the parameters' dtype (bf16 halves the traffic); fp32 if they differ.
         let kind = match self.params.first().map(|p| p.kind()) {
             Some(k) if self.params.iter().all(|p| p.kind() == k) => k,

@@ -1,8 +1,12 @@
-//! Data parallelism: the ranks of one data-parallel (DP) group train replicas of the model on
-//! disjoint parts of every global batch (see `data::loader` for who reads what). This module
-//! owns everything the training loop sends across ranks: the step's totals and loss, gradients
-//! (flattened buckets per dtype), the initial parameter broadcast, the agreement check and the
-//! barriers around checkpoints. With one rank every operation is a no-op.
+//! The parallel context of one rank: its place in the tensor-parallel, pipeline and
+//! data-parallel groups of mm-spec's layout (`ParallelDims`, Megatron's rank order), and every
+//! collective the training loop runs outside the model (the model's own are `model::tp`'s): the
+//! step's totals and loss, gradients over the data-parallel replicas (flattened buckets per
+//! dtype), sums over the pipeline stages and tensor-parallel ranks (loss, gradient norms), the
+//! initial parameter broadcast, the agreement checks and the barriers around checkpoints. With
+//! one rank every operation is a no-op. Data parallelism: the ranks of one data-parallel (DP)
+//! group train replicas of the model on disjoint parts of every global batch (see
+//! `data::loader` for who reads what).
 //!
 //! Loss normalization: each rank divides its micro batches' losses by the *global* step totals
 //! (micro batches, samples or supervised tokens of the whole global batch, all-reduced before
@@ -13,7 +17,7 @@
 //!
 //! Pitfall: every rank must call the same collectives with the same shapes in the same order.
 //! Gradients a rank did not receive (a frozen-in-practice tower in a step without images) are
-//! agreed on first ([`DataParallel::sum`] of the flags), so the bucket layout is identical.
+//! agreed on first ([`Parallel::sum`] of the flags), so the bucket layout is identical.
 
 use tch::{Device, Kind, Tensor};
 
@@ -24,8 +28,8 @@ use crate::dist::groups::ParallelGroups;
 /// Default gradient bucket size (Megatron/DDP use buckets of tens of MB).
 pub const DEFAULT_BUCKET_MB: f64 = 25.0;
 
-/// This rank's place in the data-parallel group and in the pipeline, and the groups.
-pub struct DataParallel {
+/// This rank's place in the data-parallel, pipeline and tensor-parallel groups, and the groups.
+pub struct Parallel {
     /// Rank inside the DP group.
     pub rank: usize,
     pub size: usize,
@@ -96,10 +100,10 @@ pub fn as_bytes(t: &Tensor) -> Tensor {
     }
 }
 
-impl DataParallel {
+impl Parallel {
     /// One rank: no group, every collective returns its input.
-    pub fn single(device: Device) -> DataParallel {
-        DataParallel {
+    pub fn single(device: Device) -> Parallel {
+        Parallel {
             rank: 0,
             size: 1,
             global_rank: 0,
@@ -121,9 +125,9 @@ impl DataParallel {
         tp: usize,
         pp: usize,
         vpp: Option<usize>,
-    ) -> Result<DataParallel, DistError> {
+    ) -> Result<Parallel, DistError> {
         if env.world_size == 1 {
-            return Ok(DataParallel::single(device));
+            return Ok(Parallel::single(device));
         }
         let dims = mm_spec::layout::ParallelDims::new(env.world_size, tp, 1, pp, vpp).map_err(|e| DistError {
             rank: env.rank,
@@ -131,7 +135,7 @@ impl DataParallel {
             message: e.to_string(),
         })?;
         let groups = ParallelGroups::init(env, dims, Backend::for_device(device))?;
-        Ok(DataParallel {
+        Ok(Parallel {
             rank: groups.dp.rank(),
             size: groups.dp.size(),
             global_rank: env.rank,
@@ -229,7 +233,7 @@ impl DataParallel {
         Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
     }
 
-    /// As [`DataParallel::agree`] over every rank of the job (pipeline stages and
+    /// As [`Parallel::agree`] over every rank of the job (pipeline stages and
     /// tensor-parallel ranks too), naming the global ranks that differ.
     pub fn world_agree(&self, what: &str, fingerprint: u64) -> Result<(), DistError> {
         let Some(g) = &self.groups else { return Ok(()) };
@@ -306,7 +310,7 @@ impl DataParallel {
     }
 }
 
-/// A stable 64-bit FNV-1a hash (the same in every process and build) for [`DataParallel::agree`].
+/// A stable 64-bit FNV-1a hash (the same in every process and build) for [`Parallel::agree`].
 pub fn fingerprint(text: &str) -> u64 {
     let mut h = 0xcbf29ce484222325u64;
     for b in text.bytes() {
@@ -350,7 +354,7 @@ mod tests {
 
     #[test]
     fn one_rank_is_a_no_op_and_fingerprints_are_stable() {
-        let dp = DataParallel::single(Device::Cpu);
+        let dp = Parallel::single(Device::Cpu);
         assert_eq!(dp.sum(&[1.5, 2.0], "x").unwrap(), [1.5, 2.0]);
         assert_eq!(dp.gather(7, "x").unwrap(), [7]);
         dp.agree("x", 1).unwrap();
