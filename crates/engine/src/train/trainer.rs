@@ -513,28 +513,10 @@ impl Trainer {
         // Every rank must run the same job from the same state: compare before the first
         // collective whose shape depends on it.
         let Counters { iteration, consumed, position, .. } = counters;
-        let mut job = format!(
-            "model {} params {n_all} trainable {n_train} gbs {} mbs {} ga {ga} seq {} iters {} seed {seed} lr {} loss \
-             {:?} bf16 {} zero {} from {iteration}/{consumed}/{position} records {}",
-            preset.name,
-            cfg.global_batch_size,
-            cfg.micro_batch_size,
-            cfg.seq_length,
-            cfg.train_iters,
-            cfg.lr,
-            cfg.loss,
-            cfg.bf16,
-            cfg.distributed_optimizer,
-            ds.records.len()
-        );
-        for (n, t) in &trainable {
-            job.push_str(&format!(" {n}{:?}{:?}", t.size(), t.kind()));
-        }
-        dp.agree("the job (flags, model, data, resume state)", fingerprint(&job))?; // SYNC
-                                                                                    // Across stages and tensor-parallel ranks (they hold different parameters): the same
-                                                                                    // batch arithmetic, schedule, data and resume state, or the stages would pair one
-                                                                                    // sample's activations with another's labels.
-        let every_rank = format!(
+        // What every rank of the job shares (across stages and tensor-parallel ranks too: the
+        // same batch arithmetic, schedule, data and resume state, or the stages would pair one
+        // sample's activations with another's labels).
+        let run = format!(
             "gbs {} mbs {} ga {ga} seq {} iters {} seed {seed} lr {} loss {:?} bf16 {} zero {} from \
              {iteration}/{consumed}/{position} records {} tp {} pp {} vpp {:?} load {load:?} data {:?}",
             cfg.global_batch_size,
@@ -551,7 +533,13 @@ impl Trainer {
             par.vpp,
             cfg.data.pre
         );
-        dp.world_agree("the job on every stage (flags, data, resume state)", fingerprint(&every_rank))?; // SYNC
+        // Data-parallel replicas also hold the same parameters.
+        let mut job = format!("{run} model {} params {n_all} trainable {n_train}", preset.name);
+        for (n, t) in &trainable {
+            job.push_str(&format!(" {n}{:?}{:?}", t.size(), t.kind()));
+        }
+        dp.agree("the job (flags, model, data, resume state)", fingerprint(&job))?; // SYNC
+        dp.world_agree("the job on every stage (flags, data, resume state)", fingerprint(&run))?; // SYNC
 
         // Replicas start identical whatever each rank loaded or initialized.
         let all_params: Vec<Tensor> = session.named_parameters().into_iter().map(|(_, t)| t).collect();
