@@ -12,6 +12,8 @@
 //! - [`layout`]: the one rank layout (Megatron order tp-cp-dp-pp), process groups, placement
 //!   over nodes, pipeline layer split, tensor-parallel partitions, model-vs-layout checks.
 //! - [`progress`]: the machine-readable progress line the engine prints and the launcher parses.
+//! - [`flight`]: the rank state file (phase, iteration, recent collectives) the engine keeps
+//!   and the launcher's stall watchdog reads, and the diagnosis it makes of them.
 //! - [`suggest`]: the one "did you mean" matcher for every tool's messages.
 //! - [`error`]: [`SpecError`], the error of the non-layout parts.
 //!
@@ -19,6 +21,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod flight;
 pub mod hf;
 pub mod io;
 pub mod layout;

@@ -49,6 +49,9 @@ pub enum ProgressEvent {
     Checkpoint { iteration: u64, path: String },
     /// Training finished normally.
     Done(RunSummary),
+    /// Every rank agreed to stop early (a signal: preemption, Ctrl-C, `launch stop`) after
+    /// `iteration`; `checkpoint` is the save written for it (None without --save).
+    Stopped { iteration: u64, signal: String, checkpoint: Option<String> },
 }
 
 /// The end of a run, as the engine reports it and the launcher keeps it (report, status.json).
@@ -102,9 +105,9 @@ impl ProgressEvent {
     pub fn iteration(&self) -> u64 {
         match self {
             ProgressEvent::Step(p) => p.iteration,
-            ProgressEvent::Checkpoint { iteration, .. } | ProgressEvent::Done(RunSummary { iteration, .. }) => {
-                *iteration
-            }
+            ProgressEvent::Checkpoint { iteration, .. }
+            | ProgressEvent::Stopped { iteration, .. }
+            | ProgressEvent::Done(RunSummary { iteration, .. }) => *iteration,
         }
     }
 }
