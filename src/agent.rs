@@ -45,6 +45,8 @@ const FINAL_FLUSH: Duration = Duration::from_secs(5);
 const MAX_LINE: usize = 1 << 20;
 /// Read size for unit pipes.
 const READ_CHUNK: usize = 64 * 1024;
+/// How often the ranks' state files and /proc states are read.
+const STATE_POLL: Duration = Duration::from_secs(1);
 
 enum Ctl {
     Msg(ToAgent),
@@ -79,6 +81,12 @@ struct Agent {
     launcher_gone: bool,
     signals: u32,
     finish_deadline: Option<Instant>,
+    /// Where the units write their rank state files (`MM_RANK_STATE_DIR`), and when to read
+    /// them next.
+    state_dir: Option<std::path::PathBuf>,
+    next_state_poll: Instant,
+    /// The last `Ranks` message sent, to send only changes.
+    last_ranks: Vec<u8>,
 }
 
 /// Entry point of `launch agent`; returns the process exit code.
@@ -147,8 +155,14 @@ pub fn run() -> i32 {
         launcher_gone: false,
         signals: 0,
         finish_deadline: None,
+        state_dir: None,
+        next_state_poll: now,
+        last_ranks: Vec::new(),
     };
     agent.control_loop(ctl_rx);
+    if let Some(dir) = agent.state_dir.take() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     // Every unit is gone. Let the writer deliver what is queued, but never hang on a launcher
     // that stopped reading.
     drop(agent);
@@ -294,6 +308,9 @@ impl Agent {
             }
         }
         ds.extend(self.kill_at);
+        if self.state_dir.is_some() {
+            ds.push(self.next_state_poll);
+        }
         if let Some(d) = self.finish_deadline {
             // Re-check soon: killed leftovers vanish within milliseconds.
             ds.push(d.min(Instant::now() + Duration::from_millis(50)));
@@ -315,7 +332,8 @@ impl Agent {
             }
             Ctl::Signal(sig) => {
                 self.signals += 1;
-                self.warn(format!("the agent received {}; stopping its ranks", crate::exec::proto::signal_name(sig)));
+                let reason = format!("the agent received {}; stopping its ranks", crate::exec::proto::signal_name(sig));
+                self.send(FromAgent::StoppingRanks { reason });
                 if self.signals == 1 {
                     self.begin_stop(self.grace);
                 } else {
@@ -352,8 +370,13 @@ impl Agent {
                     return;
                 }
                 self.started = true;
+                self.state_dir = make_state_dir(self.pid);
                 for (i, spec) in units.iter().enumerate() {
-                    self.spawn(i, spec);
+                    let mut spec = spec.clone();
+                    if let Some(dir) = &self.state_dir {
+                        spec.env.insert(mm_spec::flight::STATE_DIR_ENV.into(), dir.display().to_string());
+                    }
+                    self.spawn(i, &spec);
                 }
             }
             ToAgent::Stop { grace_ms } => self.begin_stop(Duration::from_millis(grace_ms)),
@@ -431,19 +454,45 @@ impl Agent {
         self.on_time();
     }
 
-    /// The signal to every unit's process group and to every other descendant.
+    /// The signal to every unit's process group and to every other descendant. SIGTERM is
+    /// followed by SIGCONT: a stopped process (SIGSTOP, Ctrl-Z) only acts on SIGTERM once it
+    /// runs, and would otherwise waste the whole grace period.
     fn signal_all(&self, sig: i32) {
-        for u in self.units.iter().filter(|u| u.pid > 0 && u.reaped.is_none()) {
-            // SAFETY: plain syscall; a vanished group gives ESRCH, which is fine.
-            unsafe {
-                libc::kill(-u.pid, sig);
+        let sigs: &[i32] = if sig == libc::SIGTERM { &[libc::SIGTERM, libc::SIGCONT] } else { &[sig] };
+        for &sig in sigs {
+            for u in self.units.iter().filter(|u| u.pid > 0 && u.reaped.is_none()) {
+                // SAFETY: plain syscall; a vanished group gives ESRCH, which is fine.
+                unsafe {
+                    libc::kill(-u.pid, sig);
+                }
+            }
+            for pid in descendants(self.pid) {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(pid, sig);
+                }
             }
         }
-        for pid in descendants(self.pid) {
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(pid, sig);
-            }
+    }
+
+    /// Reads the ranks' state files and the /proc states of their processes and sends them
+    /// when anything changed since the last time.
+    fn report_ranks(&mut self) {
+        let Some(dir) = &self.state_dir else { return };
+        let mut ranks = read_rank_states(dir);
+        ranks.sort_by_key(|r| r.state.rank);
+        let units: Vec<(u32, char)> = self
+            .units
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.pid > 0 && u.reaped.is_none())
+            .filter_map(|(i, u)| proc_state(u.pid).map(|s| (i as u32, s)))
+            .collect();
+        let msg = FromAgent::Ranks { ranks, units };
+        let bytes = msg.encode();
+        if bytes != self.last_ranks {
+            let _ = self.out.send(bytes.clone());
+            self.last_ranks = bytes;
         }
     }
 
@@ -456,13 +505,21 @@ impl Agent {
                     self.next_heartbeat = now + interval;
                 }
                 if miss > 0 && now >= self.last_from_launcher + interval * (miss + 1) {
-                    eprintln!(
-                        "launch agent: no word from the launcher for {:?}; stopping the ranks",
-                        now - self.last_from_launcher
+                    let reason = format!(
+                        "no word from the launcher for {:.1}s (its heartbeat is every {:.1}s); the agent stopped the \
+                         ranks",
+                        (now - self.last_from_launcher).as_secs_f64(),
+                        interval.as_secs_f64()
                     );
+                    eprintln!("launch agent: {reason}");
+                    self.send(FromAgent::StoppingRanks { reason });
                     self.launcher_lost();
                 }
             }
+        }
+        if self.state_dir.is_some() && now >= self.next_state_poll {
+            self.next_state_poll = now + STATE_POLL;
+            self.report_ranks();
         }
         if let Some(at) = self.kill_at {
             if now >= at {
@@ -514,6 +571,40 @@ impl Agent {
         self.send(FromAgent::Done);
         true
     }
+}
+
+/// A private folder for this agent's rank state files: `$TMPDIR/mm-launch-<agent pid>`, mode
+/// 0700. None when it cannot be made (the ranks then run without a watchdog's view).
+fn make_state_dir(agent_pid: i32) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("mm-launch-{agent_pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            eprintln!("launch agent: cannot create {}: {e}; the stall watchdog sees no rank state", dir.display());
+            None
+        }
+    }
+}
+
+/// Every `rank-R.json` in `dir` that parses, with the /proc state of its process.
+fn read_rank_states(dir: &std::path::Path) -> Vec<crate::exec::proto::RankReport> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().and_then(mm_spec::flight::rank_of_state_file).is_some())
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<mm_spec::flight::RankState>(&b).ok())
+        .map(|state| crate::exec::proto::RankReport { proc_state: proc_state(state.pid as i32), state })
+        .collect()
+}
+
+/// The state letter of /proc/<pid>/stat (R, S, D, T, Z, …).
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state …; comm may contain spaces and parentheses.
+    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
 }
 
 /// `bash -c SCRIPT` for a unit: its own session and process group, a clean signal mask,

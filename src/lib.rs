@@ -18,4 +18,5 @@ pub mod progress;
 pub mod recipe;
 pub mod render;
 pub mod report;
+pub mod signals;
 pub mod ssh;

@@ -513,6 +513,55 @@ fn still_running(run: &Path) -> bool {
     }
 }
 
+/// `launch stop [RUN]`: asks the launcher of a running run to stop it the way SIGTERM does
+/// (every rank finishes its step, the ranks agree on a stop iteration, save, exit), then waits
+/// up to `wait` for it to finish. Returns what to print; errors name the run and why.
+pub fn stop_run(log_dir: &Path, run: Option<&str>, wait: Duration) -> Result<String, String> {
+    let dir = resolve_run(log_dir, run)?;
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let status = run_state(&dir).ok_or_else(|| format!("run {id}: no readable status.json in {}", dir.display()))?;
+    if status.state != "running" {
+        return Err(format!(
+            "run {id} is not running (it finished{})",
+            status.exit_code.map(|c| format!(" with exit code {c}")).unwrap_or_default()
+        ));
+    }
+    // The pid must still be that launcher, not a process that reused the number.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", status.pid)).unwrap_or_default();
+    let is_launch = cmdline.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"launch"))
+        && cmdline.split(|b| *b == 0).any(|a| a == b"finetune");
+    if !is_launch {
+        return Err(format!(
+            "run {id}: its launcher (pid {}) is gone from this machine (killed, or the run was started on \
+             another host); nothing to stop here",
+            status.pid
+        ));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(status.pid as i32), nix::sys::signal::Signal::SIGTERM)
+        .map_err(|e| format!("run {id}: cannot signal its launcher (pid {}): {e}", status.pid))?;
+    eprintln!(
+        "launch: asked run {id} (launcher pid {}) to stop: every rank finishes its step and saves a checkpoint",
+        status.pid
+    );
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        match run_state(&dir) {
+            Some(s) if s.state != "running" => {
+                return Ok(format!(
+                    "run {id} stopped: {} (exit code {})",
+                    s.outcome.unwrap_or_default(),
+                    s.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "?".into())
+                ));
+            }
+            _ if !Path::new(&format!("/proc/{}", status.pid)).exists() => {
+                return Ok(format!("run {id}: its launcher exited"));
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    Ok(format!("run {id} is still stopping after {}s; follow it with `launch logs -f {id}`", wait.as_secs()))
+}
+
 /// Prints the run's aggregated log through the filters; with `follow`, keeps printing new
 /// lines until the run has finished.
 pub fn show_logs(log_dir: &Path, q: &LogsQuery, out: &mut dyn Write) -> Result<(), String> {

@@ -17,8 +17,9 @@ use launch::render::Renderer;
 /// Exit codes (documented in the README). A launch that ran exits with its first failure's
 /// code: the failing rank's exit code, 128 + signal when a rank was killed by one, 4 when
 /// nothing could be started (a host unreachable, its key refused, no agent), 255 when a host
-/// was lost or its agent died mid-run, 127 when a rank's shell could not start, 130 / 143 /
-/// 129 when the launcher was stopped by SIGINT / SIGTERM / SIGHUP.
+/// was lost or its agent died mid-run, 124 when the stall watchdog stopped it, 127 when a rank's
+/// shell could not start, 130 / 143 / 129 / 138 when the launcher was stopped by SIGINT /
+/// SIGTERM / SIGHUP / SIGUSR1.
 const EXIT_CONFIG: u8 = 2;
 const EXIT_CHECKS: u8 = 3;
 
@@ -50,6 +51,9 @@ enum Command {
     Check(CheckArgs),
     /// Print the aggregated log of the latest run (or RUN), optionally following it.
     Logs(LogsArgs),
+    /// Stop the latest run (or RUN) as a preemption would: every rank finishes its step, saves
+    /// a checkpoint and exits; the next `finetune` resumes from it.
+    Stop(StopArgs),
     /// The per-host node agent the launcher starts over SSH (internal).
     #[command(hide = true)]
     Agent(AgentArgs),
@@ -74,6 +78,18 @@ struct LogsArgs {
     /// Where runs are (default: the cluster's log_dir with --cluster, else `logs`).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StopArgs {
+    /// A run id (a directory under the log dir) or a run directory; default: the latest run.
+    run: Option<String>,
+    /// Where runs are (default: the cluster's log_dir with --cluster, else `logs`).
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// How long to wait for the run to finish stopping before returning.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    wait: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -114,6 +130,10 @@ struct FinetuneArgs {
     /// On a failure or a signal: SIGTERM every rank, then SIGKILL after this long.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     grace: std::time::Duration,
+    /// Stop the job when no rank makes progress for this long, in any phase (default: a
+    /// budget per phase from the recent step times; the cluster key `hang_timeout`; 0: off).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    hang_timeout: Option<std::time::Duration>,
     /// On a failure, stop everything and start all ranks again, up to N times (each attempt
     /// logs into its own attempt-K folder).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -198,6 +218,15 @@ fn load(cli_cluster: &Option<PathBuf>, job: &JobArgs) -> Result<(ClusterSpec, Re
     Ok((cluster, recipe, plan))
 }
 
+/// `--log-dir`, else the cluster file's `log_dir`, else `logs`.
+fn log_dir_of(flag: &Option<PathBuf>, cluster: &Option<PathBuf>) -> Result<PathBuf, Failure> {
+    Ok(match (flag, cluster) {
+        (Some(d), _) => d.clone(),
+        (None, Some(c)) => ClusterSpec::from_file(c).map_err(config)?.log_dir,
+        (None, None) => PathBuf::from("logs"),
+    })
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let version = env!("CARGO_PKG_VERSION");
     match &cli.command {
@@ -213,6 +242,9 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            // From here on a signal is held until the job's handlers take over (never fatal
+            // half-way through the checks).
+            launch::signals::hold_early();
             // Reach the hosts now: connecting and starting their agents overlaps the rest of the
             // setup. The checks' probe travels over these first links and then has the backend
             // reach the hosts again ahead of the first attempt.
@@ -233,6 +265,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     eprintln!("warning: {} on {}: found {}, expected {}", r.check, r.host, r.found, r.expected);
                 }
             }
+            if let Some(sig) = launch::signals::held() {
+                return Err(Failure(
+                    (128 + sig.number()) as u8,
+                    format!("launch: {} received before the start: nothing was started", sig.name()),
+                ));
+            }
             if args.max_restarts > 0 {
                 let mm_engine = cluster.template == launch::cluster::Template::MmEngine;
                 if let Some(c) = plan.recipe.checkpoint.restart_caveat(mm_engine) {
@@ -245,17 +283,21 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 tee: args.tee,
                 ranks: args.ranks.clone(),
                 fancy: Console::stdout_is_terminal(),
+                hang_timeout: args.hang_timeout,
             };
             let code = run_job(&plan, &cluster, &renderer, &rendered, backend, &opts)
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
+        Command::Stop(args) => {
+            let log_dir = log_dir_of(&args.log_dir, &cli.cluster)?;
+            let said = launch::logs::stop_run(&log_dir, args.run.as_deref(), args.wait)
+                .map_err(|e| Failure(EXIT_CONFIG, format!("error: {e}")))?;
+            println!("{said}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Logs(args) => {
-            let log_dir = match (&args.log_dir, &cli.cluster) {
-                (Some(d), _) => d.clone(),
-                (None, Some(c)) => ClusterSpec::from_file(c).map_err(config)?.log_dir,
-                (None, None) => PathBuf::from("logs"),
-            };
+            let log_dir = log_dir_of(&args.log_dir, &cli.cluster)?;
             let grep = args
                 .grep
                 .as_deref()

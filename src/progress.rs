@@ -16,7 +16,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mm_spec::progress::{ProgressEvent, PROGRESS_PREFIX};
 
 use crate::events::{HostInfo, LaunchEvent, Reporter};
-use crate::exec::outcome::{ranks_label, TrainingSummary};
+use crate::exec::outcome::{ranks_label, StopSummary, TrainingSummary};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tee {
@@ -68,6 +68,7 @@ pub struct Console {
     unit_ranks: HashMap<(usize, usize), Vec<usize>>,
     training: Option<TrainingSummary>,
     last_checkpoint: Option<String>,
+    stopped: Option<StopSummary>,
 }
 
 impl Console {
@@ -105,6 +106,7 @@ impl Console {
             unit_ranks: HashMap::new(),
             training: None,
             last_checkpoint: None,
+            stopped: None,
         }
     }
 
@@ -199,7 +201,26 @@ impl Console {
         self.training.as_ref()
     }
 
+    /// The engine's agreed stop of the current attempt (a signal), if it reported one.
+    pub fn stopped(&self) -> Option<&StopSummary> {
+        self.stopped.as_ref()
+    }
+
     fn on_progress(&mut self, ev: &ProgressEvent) {
+        if let (ProgressEvent::Stopped { iteration, signal, checkpoint }, None) = (ev, &self.stopped) {
+            if let Some(c) = checkpoint {
+                self.last_checkpoint = Some(c.clone());
+            }
+            let (iteration, signal, checkpoint) = (*iteration, signal.clone(), checkpoint.clone());
+            self.say(&format!(
+                "[launch] every rank stopped at iteration {iteration} ({signal}); {}",
+                checkpoint
+                    .as_deref()
+                    .map_or("no checkpoint (no save folder)".to_string(), |c| format!("checkpoint {c}"))
+            ));
+            self.stopped = Some(StopSummary { iteration, signal, checkpoint });
+            return;
+        }
         let ProgressEvent::Step(p) = ev else {
             // Kept across restarts on purpose: an earlier attempt's checkpoint is still the
             // job's latest until a later one is written.
@@ -294,6 +315,7 @@ impl Reporter for Console {
                 self.last_iteration = None;
                 self.first_progress = None;
                 self.training = None;
+                self.stopped = None;
                 if *attempt > 0 {
                     self.say(&format!("[launch] restart: attempt {attempt} of up to {}", max_restarts + 1));
                 }

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::exec::outcome::{
-    failure_headline, ranks_label, AttemptResult, Failure, FailureKind, NodeReport, Outcome, TrainingSummary,
-    UnitReport,
+    failure_headline, ranks_label, AttemptResult, Failure, FailureKind, NodeReport, Outcome, StopSummary,
+    TrainingSummary, UnitReport,
 };
 use crate::exec::proto::ExitStatus;
 use crate::logs::{rank_log_path, tail_lines, tail_matching, unit_log_path};
@@ -93,7 +93,7 @@ fn trim_blank(mut lines: Vec<String>) -> Vec<String> {
 fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &Path) -> Option<LogQuote> {
     let unit = f.unit.and_then(|u| node.units.get(u));
     match (&f.kind, unit) {
-        (FailureKind::Exit(_) | FailureKind::SpawnFailed(_), Some(u)) => {
+        (FailureKind::Exit(_) | FailureKind::SpawnFailed(_) | FailureKind::Stalled(_), Some(u)) => {
             let path = if u.ranks.len() == 1 {
                 rank_log_path(attempt_dir, &node.info.name, u.ranks[0])
             } else {
@@ -108,7 +108,7 @@ fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &
             let lines = trim_blank(tail_lines(&path, TAIL_LINES).unwrap_or_default());
             Some(LogQuote { path: path.display().to_string(), lines, own: true })
         }
-        (FailureKind::Lost(_) | FailureKind::AgentDied(_), _) => {
+        (FailureKind::Lost(_) | FailureKind::AgentDied(_) | FailureKind::AgentStopped(_), _) => {
             let prefix = format!("[{} ", node.info.name);
             // That host's lines with some text after their `[host rN] ` prefix.
             let has_text = |l: &str| {
@@ -133,6 +133,7 @@ fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &
 pub fn render(
     result: &AttemptResult,
     training: Option<&TrainingSummary>,
+    stopped: Option<&StopSummary>,
     attempt_dir: &Path,
     launch_log: &Path,
     run_root: &Path,
@@ -171,7 +172,23 @@ pub fn render(
         }
         Outcome::Failed(f) => Some(f),
         Outcome::Interrupted { signal, failure } => {
-            let _ = writeln!(o, "launch: interrupted by {}: stopped every rank on every host", signal.name());
+            match stopped {
+                Some(s) => {
+                    let _ = writeln!(
+                        o,
+                        "launch: interrupted by {}: every rank stopped at iteration {}{}",
+                        signal.name(),
+                        s.iteration,
+                        match &s.checkpoint {
+                            Some(c) => format!("; checkpoint {c} (launching again resumes from it)"),
+                            None => "; nothing saved (no save folder)".into(),
+                        }
+                    );
+                }
+                None => {
+                    let _ = writeln!(o, "launch: interrupted by {}: stopped every rank on every host", signal.name());
+                }
+            }
             failure.as_ref()
         }
     };
@@ -183,6 +200,11 @@ pub fn render(
                 failure_headline(f, node),
                 f.after.as_secs_f64()
             );
+            if let Some(d) =
+                result.diagnosis.as_ref().filter(|d| d.desync && !matches!(f.kind, FailureKind::Stalled(_)))
+            {
+                let _ = writeln!(o, "  collectives: {}", d.summary);
+            }
             if let Some(q) = failure_log(f, node, attempt_dir, launch_log) {
                 // No lines, no block: an empty "last N lines:" says nothing.
                 if q.lines.is_empty() && q.own {
@@ -251,9 +273,15 @@ mod tests {
             kind: FailureKind::Exit(ExitStatus::code(3)),
             after: Duration::from_secs(2),
         };
-        let result =
-            AttemptResult { outcome: Outcome::Failed(f), nodes, master_port: None, elapsed: Duration::from_secs(3) };
-        let text = render(&result, None, dir.path(), &dir.path().join("launch.log"), dir.path());
+        let result = AttemptResult {
+            outcome: Outcome::Failed(f),
+            nodes,
+            master_port: None,
+            elapsed: Duration::from_secs(3),
+            rank_states: Vec::new(),
+            diagnosis: None,
+        };
+        let text = render(&result, None, None, dir.path(), &dir.path().join("launch.log"), dir.path());
         assert!(text.contains("FAILED: rank 3 on h2 (10.0.0.2) exited with exit code 3"), "{text}");
         assert!(
             text.contains("| Traceback: boom") && text.contains("| step 11") && !text.contains("| step 10\n"),
@@ -292,12 +320,14 @@ mod tests {
             nodes: vec![dropped],
             master_port: None,
             elapsed: Duration::from_secs(2),
+            rank_states: Vec::new(),
+            diagnosis: None,
         };
-        let text = render(&result, None, dir.path(), &launch_log, dir.path());
+        let text = render(&result, None, None, dir.path(), &launch_log, dir.path());
         assert!(
             text.starts_with(
-                "launch: FAILED: the node agent on h3 (10.0.0.4) failed: the SSH connection to h3 dropped \
-                 (sshd gone or host rebooted) (1.0s after the start; first failure)\n"
+                "launch: FAILED: the SSH connection to h3 dropped (sshd gone or host rebooted) (1.0s after the \
+                 start; first failure)\n"
             ),
             "{text}"
         );
@@ -318,12 +348,14 @@ mod tests {
             nodes,
             master_port: None,
             elapsed: Duration::ZERO,
+            rank_states: Vec::new(),
+            diagnosis: None,
         };
         let h1 = || vec![node("h1", vec![0], vec![unit(0, ExitStatus::code(1), false)])];
-        let text = render(&exit(h1()), None, dir.path(), &launch_log, dir.path());
+        let text = render(&exit(h1()), None, None, dir.path(), &launch_log, dir.path());
         assert!(text.contains("  (its log is empty)\n") && !text.contains("lines:"), "{text}");
         std::fs::write(&log, "\nboom\n\n").unwrap();
-        let text = render(&exit(h1()), None, dir.path(), &launch_log, dir.path());
+        let text = render(&exit(h1()), None, None, dir.path(), &launch_log, dir.path());
         assert!(text.contains("  last line:\n  | boom\n  log: "), "{text}");
     }
 
@@ -346,8 +378,14 @@ mod tests {
     #[test]
     fn success_summary_names_loss_throughput_checkpoint_and_logs() {
         let nodes = vec![node("h1", vec![0, 1], vec![unit(0, ExitStatus::code(0), false)])];
-        let result =
-            AttemptResult { outcome: Outcome::Success, nodes, master_port: None, elapsed: Duration::from_millis(7900) };
+        let result = AttemptResult {
+            outcome: Outcome::Success,
+            nodes,
+            master_port: None,
+            elapsed: Duration::from_millis(7900),
+            rank_states: Vec::new(),
+            diagnosis: None,
+        };
         let t = TrainingSummary {
             iteration: 40,
             final_loss: 3.757832407951355,
@@ -356,14 +394,14 @@ mod tests {
             steps: Some(40),
         };
         let root = Path::new("logs/run-1");
-        let text = render(&result, Some(&t), root, &root.join("launch.log"), root);
+        let text = render(&result, Some(&t), None, root, &root.join("launch.log"), root);
         assert_eq!(
             text,
             "launch: all 2 ranks on 1 host finished (exit 0) in 7.9s\n  final loss   3.757832 (iteration 40)\n  \
              throughput   4911.0 tokens/s\n  checkpoint   runs/tiny/save/iter_0000040\n  logs         logs/run-1\n"
         );
         let noop = TrainingSummary { tokens_per_sec: 0.0, steps: Some(0), ..t.clone() };
-        let text = render(&result, Some(&noop), root, &root.join("launch.log"), root);
+        let text = render(&result, Some(&noop), None, root, &root.join("launch.log"), root);
         assert!(text.contains("  nothing to train: the checkpoint is already at iteration 40\n"), "{text}");
         assert!(text.contains("  checkpoint   runs/tiny/save/iter_0000040 (loaded, unchanged)\n"), "{text}");
         assert!(!text.contains("final loss"), "{text}");
@@ -371,7 +409,7 @@ mod tests {
         let nan = TrainingSummary { final_loss: f64::NAN, ..t.clone() };
         let back: TrainingSummary = serde_json::from_str(&serde_json::to_string(&nan).unwrap()).unwrap();
         assert!(back.final_loss.is_nan());
-        let bare = render(&result, None, root, &root.join("launch.log"), root);
+        let bare = render(&result, None, None, root, &root.join("launch.log"), root);
         assert_eq!(bare, "launch: all 2 ranks on 1 host finished (exit 0) in 7.9s\n  logs         logs/run-1\n");
     }
 }

@@ -235,6 +235,7 @@ impl Checker<'_> {
             workdir: raw.workdir,
             engine: raw.engine,
             log_dir: raw.log_dir,
+            hang_timeout: raw.hang_timeout,
             env: raw.env,
             template: raw.template.unwrap_or_default(),
             setup: raw.setup,

@@ -39,6 +39,8 @@ pub(super) struct RawCluster {
     pub(super) engine: Option<PathBuf>,
     #[serde(default = "default_log_dir")]
     pub(super) log_dir: PathBuf,
+    #[serde(default, with = "super::humane::option")]
+    pub(super) hang_timeout: Option<std::time::Duration>,
     #[serde(default, deserialize_with = "de_env")]
     pub(super) env: BTreeMap<String, String>,
     #[serde(default)]

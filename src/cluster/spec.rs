@@ -67,6 +67,11 @@ pub struct ClusterSpec {
     pub engine: Option<PathBuf>,
     /// `log_dir`: where run directories go on the launching machine (default `logs`).
     pub log_dir: PathBuf,
+    /// `hang_timeout`: how long the ranks may make no progress before the launcher stops the
+    /// job (default: a budget per phase from the recent step times; 0 turns the watchdog
+    /// off). `--hang-timeout` overrides it.
+    #[serde(with = "humane::option", skip_serializing_if = "Option::is_none")]
+    pub hang_timeout: Option<Duration>,
     /// `env`: variables set for every rank on every host; a host's `env` overrides them.
     pub env: BTreeMap<String, String>,
     /// `template`: how the engine command line is rendered (default mm-engine).

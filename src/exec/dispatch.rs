@@ -29,6 +29,7 @@ use crate::exec::outcome::{
     failure_headline, AttemptResult, Failure, FailureKind, NodeReport, Outcome, Sig, UnitReport,
 };
 use crate::exec::proto::{ExitStatus, FromAgent, ToAgent, UnitSpec, PROTOCOL};
+use crate::exec::watchdog::{WatchAction, Watchdog};
 use crate::render::{is_secret_name, Rendered};
 
 /// After the grace period, how long a host may take to confirm its stop before Kill.
@@ -50,6 +51,8 @@ pub struct DispatchConfig {
     /// over a network (a lost link); locally stdin EOF already says the launcher is gone,
     /// and a suspended launcher (Ctrl-Z) should not end the job.
     pub agent_watchdog: bool,
+    /// `--hang-timeout`: one stall budget for every phase instead of the phase defaults.
+    pub hang_timeout: Option<Duration>,
 }
 
 /// Everything one attempt needs besides the backend.
@@ -110,6 +113,9 @@ struct Dispatcher<'a, 's, 'r> {
     scrubber: Scrubber,
     started_units: usize,
     total_units: usize,
+    watchdog: Watchdog,
+    /// The longest time the launcher itself did not run (suspended, starved), if any.
+    paused: Option<Duration>,
 }
 
 /// Runs one attempt to its end: every host closed, lost or given up.
@@ -122,6 +128,7 @@ pub async fn run_attempt(
 ) -> AttemptResult {
     let now = Instant::now();
     let (tx, mut rx) = mpsc::channel(1024);
+    let spec_hosts = spec.hosts;
     let nodes = spec
         .hosts
         .iter()
@@ -162,6 +169,8 @@ pub async fn run_attempt(
         scrubber: Scrubber::new([]),
         started_units: 0,
         total_units: 0,
+        watchdog: Watchdog::new(spec_hosts, cfg.hang_timeout, now),
+        paused: None,
     };
     d.reporters.event(&LaunchEvent::AttemptStarting { attempt: d.spec.attempt, max_restarts: d.spec.max_restarts });
     let (heartbeat_ms, miss) = cfg.heartbeat.map(|(i, c)| (i.as_millis() as u64, c)).unwrap_or((0, 0));
@@ -192,11 +201,14 @@ pub async fn run_attempt(
     }
     d.reporters.flush();
     let outcome = d.outcome();
+    let diagnosis = (outcome != Outcome::Success).then(|| d.watchdog.diagnosis());
     AttemptResult {
         outcome,
         nodes: d.nodes.into_iter().map(|n| n.report).collect(),
         master_port: d.port,
         elapsed: d.t0.elapsed(),
+        rank_states: d.watchdog.snapshots(),
+        diagnosis,
     }
 }
 
@@ -341,6 +353,33 @@ impl Dispatcher<'_, '_, '_> {
                 if !status.success() && !stopped {
                     self.fail(node, Some(unit), FailureKind::Exit(status));
                 }
+            }
+            FromAgent::Ranks { ranks, units } => {
+                let report = &self.nodes[node].report;
+                let units: Vec<(usize, u32, char)> = units
+                    .iter()
+                    .filter_map(|&(u, state)| {
+                        let u = report.units.get(u as usize)?;
+                        match (u.ranks.as_slice(), u.pid) {
+                            ([rank], Some(pid)) => Some((*rank, pid, state)),
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                self.watchdog.update(ranks, &units, Instant::now());
+            }
+            FromAgent::StoppingRanks { reason } => {
+                if self.phase != Phase::Running {
+                    return self.notice(Some(node), reason, true);
+                }
+                let why = match self.paused {
+                    Some(p) => format!(
+                        "the launcher did not run for {:.1}s (suspended or starved), and meanwhile {reason}",
+                        p.as_secs_f64()
+                    ),
+                    None => reason,
+                };
+                self.fail(node, None, FailureKind::AgentStopped(why));
             }
             FromAgent::Warning { message } => self.notice(Some(node), message, true),
             FromAgent::Done => self.nodes[node].done_at = Some(Instant::now()),
@@ -516,6 +555,8 @@ impl Dispatcher<'_, '_, '_> {
                 for n in &mut self.nodes {
                     n.last_seen = now;
                 }
+                self.watchdog.reset(now);
+                self.paused = Some(self.paused.map_or(gap, |p| p.max(gap)));
             }
             if now >= self.next_heartbeat {
                 self.next_heartbeat = now + interval;
@@ -538,6 +579,9 @@ impl Dispatcher<'_, '_, '_> {
                     self.lose(i, reason);
                 }
             }
+        }
+        if self.phase == Phase::Running {
+            self.watch(now);
         }
         for i in 0..self.nodes.len() {
             if let (Some(t), false) = (self.nodes[i].done_at, self.nodes[i].terminal()) {
@@ -576,6 +620,50 @@ impl Dispatcher<'_, '_, '_> {
             }
         }
         self.reporters.tick();
+    }
+
+    /// The stall watchdog's verdict: a notice on the console, or the stop of the job.
+    fn watch(&mut self, now: Instant) {
+        let secs = |d: Duration| crate::cluster::humane::format(Duration::from_secs(d.as_secs()));
+        match self.watchdog.check(now) {
+            None => {}
+            Some(WatchAction::Notice { quiet, budget, phase, diagnosis }) => {
+                let message = format!(
+                    "no progress for {} (the {phase} budget is {}); {}",
+                    secs(quiet),
+                    secs(budget),
+                    diagnosis.summary
+                );
+                self.notice(None, message, true);
+            }
+            Some(WatchAction::Resumed { after }) => {
+                self.notice(None, format!("progress resumed after {}", secs(after)), false)
+            }
+            Some(WatchAction::Stall { quiet, budget, phase, diagnosis }) => {
+                let (node, unit) = diagnosis.culprits.first().and_then(|r| self.unit_of(*r)).unwrap_or((0, None));
+                let why = format!(
+                    "no progress for {} (the {phase} budget{}): {}",
+                    secs(quiet),
+                    match self.cfg.hang_timeout {
+                        Some(_) => format!(", --hang-timeout, is {}", secs(budget)),
+                        None => format!(" is {}; set another with --hang-timeout", secs(budget)),
+                    },
+                    diagnosis.summary
+                );
+                self.fail(node, unit, FailureKind::Stalled(why));
+            }
+        }
+    }
+
+    /// The node and unit that run `rank`.
+    fn unit_of(&self, rank: usize) -> Option<(usize, Option<usize>)> {
+        self.nodes.iter().enumerate().find_map(|(i, n)| {
+            n.report
+                .info
+                .ranks
+                .contains(&rank)
+                .then(|| (i, n.report.units.iter().position(|u| u.ranks.contains(&rank))))
+        })
     }
 
     fn lose(&mut self, node: usize, reason: String) {
@@ -686,6 +774,7 @@ mod tests {
             heartbeat: Some((Duration::from_millis(50), 3)),
             double_signal_window: Duration::from_secs(2),
             agent_watchdog: true,
+            hang_timeout: None,
         }
     }
 
@@ -872,5 +961,92 @@ mod tests {
             ["out 0 Some(1) [default1]:b\n", "out 0 Some(0) [default0]:a <redacted>\n", "out 0 None banner\n"]
         );
         let _ = Stream::Stdout;
+    }
+
+    fn rank_report(rank: usize, ticks: u64, in_flight: bool) -> crate::exec::proto::RankReport {
+        use mm_spec::flight::{Collective, Phase, RankState};
+        let collectives = in_flight
+            .then(|| Collective {
+                group: "world".into(),
+                seq: 12,
+                op: "all_reduce".into(),
+                what: "step totals".into(),
+                bytes: 32,
+                start_ms: 1,
+                end_ms: None,
+            })
+            .into_iter()
+            .collect();
+        crate::exec::proto::RankReport {
+            proc_state: Some(if in_flight { 'S' } else { 'T' }),
+            state: RankState {
+                rank,
+                pid: 700 + rank as u32,
+                phase: Phase::Step,
+                iteration: 3,
+                ticks,
+                updated_ms: 0,
+                groups: [("world".to_string(), vec![0, 1, 2, 3])].into(),
+                collectives,
+                stop: None,
+            },
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_names_the_rank_that_did_not_arrive_and_stops_within_the_budget() {
+        let h = hosts(2, 2);
+        let states = |ranks: Vec<crate::exec::proto::RankReport>| FromAgent::Ranks { ranks, units: vec![] };
+        let n0 = FakeNode {
+            script: vec![(Duration::from_millis(100), states(vec![rank_report(0, 5, true), rank_report(1, 5, true)]))],
+            ..Default::default()
+        };
+        let n1 = FakeNode {
+            script: vec![(Duration::from_millis(100), states(vec![rank_report(2, 5, true), rank_report(3, 4, false)]))],
+            ..Default::default()
+        };
+        let backend = FakeBackend { nodes: vec![n0, n1], ..Default::default() };
+        let (_tx, mut rx) = no_signals();
+        let mut c = cfg(500);
+        c.hang_timeout = Some(Duration::from_secs(3));
+        let t0 = Instant::now();
+        let (r, _) = run(&backend, &h, &c, false, 1, &mut rx).await;
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(5), "budget + grace: {took:?}");
+        match &r.outcome {
+            Outcome::Failed(f) => {
+                assert_eq!((f.node, f.unit), (1, Some(1)), "rank 3 is unit 1 on node 1");
+                let FailureKind::Stalled(why) = &f.kind else { panic!("{f:?}") };
+                assert!(why.starts_with("no progress for 3s (the step budget, --hang-timeout, is 3s): waiting in \
+                     all_reduce (step totals) on world #12: ranks 0-2; not arrived: rank 3 on h1 (pid 703; state T stopped"), "{why}");
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(r.outcome.exit_code(), crate::exec::outcome::EXIT_STALLED);
+        assert_eq!(r.rank_states.len(), 4, "every rank's last state is kept for the run folder");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_stopped_its_ranks_on_its_own_is_the_root_cause() {
+        let h = hosts(2, 1);
+        let reason = "no word from the launcher for 15.0s (its heartbeat is every 5.0s); the agent stopped the ranks";
+        let n1 = FakeNode {
+            script: vec![(Duration::from_millis(200), FromAgent::StoppingRanks { reason: reason.into() })],
+            units: vec![exits(250, 143)],
+            ..Default::default()
+        };
+        let backend = FakeBackend { nodes: vec![FakeNode::default(), n1], ..Default::default() };
+        let (_tx, mut rx) = no_signals();
+        let (r, _) = run(&backend, &h, &cfg(500), false, 1, &mut rx).await;
+        match &r.outcome {
+            Outcome::Failed(f) => {
+                assert_eq!(f.kind, FailureKind::AgentStopped(reason.into()));
+                assert_eq!(
+                    failure_headline(f, &r.nodes[1]),
+                    format!("the node agent on h1 (10.0.0.1) stopped its ranks: {reason}")
+                );
+            }
+            o => panic!("{o:?}"),
+        }
     }
 }

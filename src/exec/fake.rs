@@ -28,6 +28,8 @@ pub struct FakeNode {
     pub units: Vec<FakeUnit>,
     /// Stop sending anything (heartbeats included) this long after Start: a lost host.
     pub silent_after: Option<Duration>,
+    /// Messages sent this long after Start (rank states, an agent stopping on its own).
+    pub script: Vec<(Duration, FromAgent)>,
 }
 
 #[derive(Default)]
@@ -104,6 +106,7 @@ async fn simulate(
     let mut started = false;
     let mut silent_at: Option<Instant> = None;
     let mut eof = false;
+    let mut script: Vec<(Instant, FromAgent)> = Vec::new();
     loop {
         let now = Instant::now();
         let silent = silent_at.is_some_and(|t| now >= t);
@@ -115,6 +118,9 @@ async fn simulate(
             if let Some((t, _)) = u.exit_at {
                 wake = wake.min(t);
             }
+        }
+        if let Some((t, _)) = script.first() {
+            wake = wake.min(*t);
         }
         tokio::select! {
             cmd = rx.recv(), if !eof => match cmd {
@@ -135,6 +141,8 @@ async fn simulate(
                         ToAgent::Start { units: specs, .. } => {
                             started = true;
                             silent_at = spec.silent_after.map(|d| Instant::now() + d);
+                            script = spec.script.iter().map(|(d, m)| (Instant::now() + *d, m.clone())).collect();
+                            script.sort_by_key(|(t, _)| *t);
                             for (i, _) in specs.iter().enumerate() {
                                 let b = spec.units.get(i).cloned().unwrap_or_default();
                                 send(FromAgent::Started { unit: i as u32, pid: 2000 + i as u32 }).await;
@@ -168,6 +176,12 @@ async fn simulate(
             if now >= next_beat && !silent {
                 send(FromAgent::Heartbeat).await;
                 next_beat = now + h;
+            }
+        }
+        while script.first().is_some_and(|(t, _)| now >= *t) {
+            let (_, m) = script.remove(0);
+            if !silent {
+                send(m).await;
             }
         }
         for (i, u) in units.iter_mut().enumerate() {

@@ -39,6 +39,9 @@ pub struct JobOptions {
     pub ranks: Vec<usize>,
     /// Progress bars (stdout is a terminal) or plain lines.
     pub fancy: bool,
+    /// `--hang-timeout` (else the cluster's `hang_timeout`): one stall budget for every phase;
+    /// zero turns the watchdog off.
+    pub hang_timeout: Option<Duration>,
 }
 
 /// Reporters of a job: the run directory and the console.
@@ -142,6 +145,7 @@ pub fn run_job(
             .then(|| (cluster.ssh.keepalive_interval, cluster.ssh.keepalive_count.max(1))),
         double_signal_window: Duration::from_secs(2),
         agent_watchdog: !cluster.local,
+        hang_timeout: opts.hang_timeout.or(cluster.hang_timeout),
     };
     let master_node = plan.nodes.iter().position(|n| n.host.address == plan.master_addr).unwrap_or(0);
 
@@ -156,6 +160,7 @@ pub fn run_job(
             (SignalKind::interrupt(), Sig::Int),
             (SignalKind::terminate(), Sig::Term),
             (SignalKind::hangup(), Sig::Hup),
+            (SignalKind::user_defined1(), Sig::Usr1),
         ] {
             match signal(kind) {
                 Ok(mut stream) => {
@@ -170,6 +175,10 @@ pub fn run_job(
                 }
                 Err(e) => tracing::warn!("cannot watch {}: {e}", sig.name()),
             }
+        }
+        // A signal held before these handlers existed (during the checks) acts now.
+        if let Some(sig) = crate::signals::take_held() {
+            let _ = sig_tx.send(sig);
         }
         let mut attempt = 0u32;
         loop {
@@ -195,9 +204,13 @@ pub fn run_job(
             let result = run_attempt(backend.as_ref(), &cfg, spec, &mut reporters, &mut sig_rx).await;
             reporters.flush();
             let training = reporters.console.training().cloned();
+            if result.outcome != Outcome::Success {
+                write_rank_states(&run.attempt_dir(attempt), &result.rank_states);
+            }
             let text = crate::report::render(
                 &result,
                 training.as_ref(),
+                reporters.console.stopped(),
                 &run.attempt_dir(attempt),
                 &run.launch_log(),
                 &run.root,
@@ -240,6 +253,19 @@ pub fn run_job(
     let _ = run.write_status(&status("finished", Some(code), Some(headline), training));
     tracing::info!(code, "launch finished");
     Ok(code)
+}
+
+/// Each watched rank's last state next to its log (`<host>/rank-N.state.json`), for the
+/// post-mortem of a failed or stopped attempt.
+fn write_rank_states(attempt_dir: &std::path::Path, states: &[(usize, String, crate::exec::proto::RankReport)]) {
+    for (rank, host, report) in states {
+        let path = crate::logs::rank_log_path(attempt_dir, host, *rank).with_extension("state.json");
+        let json = serde_json::to_vec_pretty(report).unwrap_or_default();
+        if let Err(e) = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|_| std::fs::write(&path, json))
+        {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+    }
 }
 
 /// Where the launcher's binary would be cached on hosts, for `launch agent --cache-key`.

@@ -17,3 +17,4 @@ pub mod local;
 pub mod outcome;
 pub mod proto;
 pub mod ssh;
+pub mod watchdog;

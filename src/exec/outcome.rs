@@ -13,12 +13,16 @@ use crate::exec::proto::{signal_name, ExitStatus};
 pub const EXIT_NOT_STARTED: i32 = 4;
 /// Exit code when a host was lost or its agent died mid-run (ssh's code for connection loss).
 pub const EXIT_LOST: i32 = 255;
+/// Exit code when the stall watchdog stopped the job (timeout(1)'s code).
+pub const EXIT_STALLED: i32 = 124;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sig {
     Int,
     Term,
     Hup,
+    /// Slurm's usual warning before preemption (`--signal=B:USR1@120`).
+    Usr1,
 }
 
 impl Sig {
@@ -27,11 +31,16 @@ impl Sig {
             Sig::Int => libc::SIGINT,
             Sig::Term => libc::SIGTERM,
             Sig::Hup => libc::SIGHUP,
+            Sig::Usr1 => libc::SIGUSR1,
         }
     }
 
     pub fn name(self) -> String {
         signal_name(self.number())
+    }
+
+    pub fn from_number(n: i32) -> Option<Sig> {
+        [Sig::Int, Sig::Term, Sig::Hup, Sig::Usr1].into_iter().find(|s| s.number() == n)
     }
 }
 
@@ -44,6 +53,10 @@ pub enum FailureKind {
     Lost(String),
     /// The agent's connection ended before it reported every unit.
     AgentDied(String),
+    /// An agent stopped its ranks on its own (the launcher fell silent, the agent got a signal).
+    AgentStopped(String),
+    /// The stall watchdog's budget ran out: the full diagnosis.
+    Stalled(String),
     /// The host was never reached or its agent never started.
     ConnectFailed(String),
     PortFailed(String),
@@ -64,7 +77,8 @@ impl Failure {
         match &self.kind {
             FailureKind::Exit(s) => s.shell_code(),
             FailureKind::SpawnFailed(_) => 127,
-            FailureKind::Lost(_) | FailureKind::AgentDied(_) => EXIT_LOST,
+            FailureKind::Lost(_) | FailureKind::AgentDied(_) | FailureKind::AgentStopped(_) => EXIT_LOST,
+            FailureKind::Stalled(_) => EXIT_STALLED,
             FailureKind::ConnectFailed(_) | FailureKind::PortFailed(_) | FailureKind::RenderFailed(_) => {
                 EXIT_NOT_STARTED
             }
@@ -75,7 +89,12 @@ impl Failure {
     pub fn restartable(&self) -> bool {
         matches!(
             self.kind,
-            FailureKind::Exit(_) | FailureKind::SpawnFailed(_) | FailureKind::Lost(_) | FailureKind::AgentDied(_)
+            FailureKind::Exit(_)
+                | FailureKind::SpawnFailed(_)
+                | FailureKind::Lost(_)
+                | FailureKind::AgentDied(_)
+                | FailureKind::AgentStopped(_)
+                | FailureKind::Stalled(_)
         )
     }
 }
@@ -130,6 +149,10 @@ pub struct AttemptResult {
     pub nodes: Vec<NodeReport>,
     pub master_port: Option<u16>,
     pub elapsed: Duration,
+    /// Every watched rank's last state: (rank, host, report).
+    pub rank_states: Vec<(usize, String, crate::exec::proto::RankReport)>,
+    /// What the ranks were doing at the end, from their states (not for a success).
+    pub diagnosis: Option<mm_spec::flight::Diagnosis>,
 }
 
 /// "rank 3", "ranks 0-7", "ranks 0,2,5".
@@ -162,11 +185,24 @@ pub fn failure_headline(f: &Failure, node: &NodeReport) -> String {
         FailureKind::Exit(s) => format!("{} on {host} exited with {}", unit_label(node, f.unit), s.describe()),
         FailureKind::SpawnFailed(m) => format!("{} on {host} could not start: {m}", unit_label(node, f.unit)),
         FailureKind::Lost(r) => format!("host {host} was lost: {r}"),
+        // The link's own words already name the host and what happened.
+        FailureKind::AgentDied(r) if r.starts_with("the SSH connection to ") => r.clone(),
         FailureKind::AgentDied(r) => format!("the node agent on {host} failed: {r}"),
+        FailureKind::AgentStopped(r) => format!("the node agent on {host} stopped its ranks: {r}"),
+        FailureKind::Stalled(r) => r.clone(),
         FailureKind::ConnectFailed(r) => format!("cannot start on {host}: {r}"),
         FailureKind::PortFailed(r) => format!("{host}: {r}"),
         FailureKind::RenderFailed(r) => format!("cannot render the launch: {r}"),
     }
+}
+
+/// The engine's agreed stop (its `stopped` progress event): every rank finished `iteration`
+/// and saved `checkpoint` after `signal`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StopSummary {
+    pub iteration: u64,
+    pub signal: String,
+    pub checkpoint: Option<String>,
 }
 
 /// The engine's end-of-run summary (its `done` progress event), kept for the report and

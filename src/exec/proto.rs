@@ -115,6 +115,13 @@ pub struct UnitSpec {
     pub script: String,
 }
 
+/// One rank's state file as its agent read it, with the /proc state of the rank's process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankReport {
+    pub proc_state: Option<char>,
+    pub state: mm_spec::flight::RankState,
+}
+
 /// Launcher → agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -178,6 +185,18 @@ pub enum FromAgent {
         data: Vec<u8>,
     },
     Heartbeat,
+    /// What the ranks on this host are doing (their state files and /proc states), sent
+    /// when it changed: the launcher's stall watchdog reads it.
+    Ranks {
+        ranks: Vec<RankReport>,
+        /// Each running unit's main process: (unit, /proc state letter).
+        units: Vec<(u32, char)>,
+    },
+    /// The agent stopped its units on its own (the launcher fell silent, the agent got a
+    /// signal), sent before it signals them: a launcher that wakes up reads this first.
+    StoppingRanks {
+        reason: String,
+    },
     /// Something the user should know (a process outlived its group, a pipe never closed).
     Warning {
         message: String,
