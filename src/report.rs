@@ -224,6 +224,14 @@ pub fn render(
             }
         }
     }
+    if let (Some(s), Outcome::Failed(_)) = (stopped, &result.outcome) {
+        let _ = writeln!(
+            o,
+            "  on the way out every rank stopped at iteration {}: {}",
+            s.iteration,
+            s.checkpoint.as_deref().map_or("nothing saved (no save folder)".into(), |c| format!("checkpoint {c}"))
+        );
+    }
     let _ = writeln!(o, "hosts:");
     for n in &result.nodes {
         let _ = writeln!(o, "  {}", host_status_line(n));

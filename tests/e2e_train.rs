@@ -1,8 +1,11 @@
 //! `launch … finetune tiny` end to end with the real engine: the README's command on localhost
 //! (2 ranks, Gloo), a rerun that resumes, a rank killed with SIGKILL and restarted from the last
-//! checkpoint to the uninterrupted run's final loss, and 3 SSH hosts of the rig (network
-//! namespaces running OpenSSH) training together and resuming, data parallel and with two
-//! pipeline stages across the hosts.
+//! checkpoint to the uninterrupted run's final loss, a `launch stop` that saves at an agreed
+//! iteration and a relaunch that ends on the uninterrupted loss, and 3 SSH hosts of the rig
+//! (network namespaces running OpenSSH) training together and resuming, data parallel and with
+//! two pipeline stages across the hosts; on the rig also the failures the stall watchdog names:
+//! a rank stopped with SIGSTOP, a rank sleeping inside a step, a collective desync (both
+//! injected with MM_ENGINE_FAULT), and the launcher itself frozen and resumed.
 //!
 //! mm-engine is the binary cargo builds next to `launch` (`cargo test --workspace` and
 //! `make test` build both). The rig test needs root, as the other rig tests.
@@ -226,8 +229,13 @@ fn rig_job<'a>(rig: &'a Rig) -> (Job<'a>, PathBuf, PathBuf) {
     let job = Job::new(Place::Rig(rig));
     let work = job.dir.path().join("work");
     synth(&work);
-    let cluster = job.cluster_with(&engine(), &[], &format!("workdir: {}\n", yq(&work.display().to_string())), None);
+    let cluster = rig_cluster(&job, &work, &[]);
     (job, work, cluster)
+}
+
+/// The rig job's cluster file with `env` added to every rank's environment.
+fn rig_cluster(job: &Job, work: &Path, env: &[(&str, &str)]) -> PathBuf {
+    job.cluster_with(&engine(), env, &format!("workdir: {}\n", yq(&work.display().to_string())), None)
 }
 
 /// 3 SSH hosts × 2 CPU ranks of the rig train the tiny model together (Gloo over the
@@ -414,4 +422,226 @@ fn seed_78b_layout_shrunk_runs_tp8_pp2_through_the_launcher_and_resumes() {
     let (_, more) = run(&cluster(16), &[&layout[..], &["train.train_iters=3"]].concat());
     assert_eq!(more.len(), 1, "the second launch resumes at iteration 2 and trains one more");
     assert_eq!(read(&dir.path().join("runs/m78/save/latest_checkpointed_iteration.txt")).trim(), "3");
+}
+
+/// The mm-engine process of `rank` started by `job` (its cluster env carries TEST_OUT), on any
+/// rig host: the namespaces share this machine's process table.
+fn job_engine_pid(job: &Job, rank: usize) -> Option<i32> {
+    let (out, want) = (format!("TEST_OUT={}", job.out.display()), format!("RANK={rank}"));
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let has = |kv: &str| env.split(|b| *b == 0).any(|x| x == kv.as_bytes());
+        (String::from_utf8_lossy(&cmd).contains("mm-engine") && has(&out) && has(&want)).then_some(pid)
+    })
+}
+
+fn stderr_so_far(job: &Job) -> String {
+    std::fs::read_to_string(job.dir.path().join("stderr.txt")).unwrap_or_default()
+}
+
+/// Waits until rank 0 of the job's latest run logged `n` iterations.
+fn wait_iterations(job: &Job, n: usize) {
+    let log = || {
+        let run = std::fs::read_link(job.logs.join("latest")).ok()?;
+        std::fs::read_to_string(job.logs.join(run).join(job.host_of(0)).join("rank-0.log")).ok()
+    };
+    job.wait_for(
+        &format!("rank 0 to log {n} iterations"),
+        || log().is_some_and(|l| losses(&l).len() >= n),
+        Duration::from_secs(120),
+    );
+}
+
+/// The first line of `text` holding `needle`.
+fn line_with<'t>(text: &'t str, needle: &str) -> &'t str {
+    text.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no line with `{needle}` in:\n{text}"))
+}
+
+/// One rank of the rig stopped with SIGSTOP mid-run: within the stall budget the console names
+/// it (host, pid, state T) as the rank the others wait for; at the budget the launcher stops
+/// the job with that as the root cause (exit 124), the stopped rank gets SIGCONT with its
+/// SIGTERM, and nothing is left running. Prints the times from fault to notice and to exit.
+#[test]
+fn rig_sigstop_of_one_rank_is_named_within_the_stall_budget() {
+    let rig = Rig::up(3);
+    let (job, _work, cluster) = rig_job(&rig);
+    let args = ["--agent-path", LAUNCH, "--set", "train.train_iters=100000", "--hang-timeout", "20s", "--grace", "10s"];
+    let t0 = Instant::now();
+    let child = job.spawn(&cluster, &args);
+    wait_iterations(&job, 3);
+    let victim = job_engine_pid(&job, 3).expect("rank 3's engine process");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let fault = Instant::now();
+    job.wait_for("the stall notice", || stderr_so_far(&job).contains("no progress for"), Duration::from_secs(30));
+    let to_notice = fault.elapsed();
+    let f = job.wait(child, t0, Duration::from_secs(300));
+    let to_exit = fault.elapsed();
+    eprintln!("SIGSTOP of rank 3: notice after {to_notice:?}, exit after {to_exit:?} (budget 20 s, grace 10 s)");
+    let host = job.host_of(3);
+    let who = format!("rank 3 on {host} (pid {victim}; state T stopped");
+    let notice = line_with(&f.stderr, "no progress for");
+    assert!(notice.contains(&who), "the notice names the stopped rank: {notice}");
+    assert!(to_notice < Duration::from_secs(20), "noticed within the budget: {to_notice:?}");
+    assert_eq!(f.code, 124, "stderr:\n{}", f.stderr);
+    let headline = line_with(&f.stderr, "launch: FAILED:");
+    assert!(headline.contains("no progress for") && headline.contains(&who), "{headline}");
+    assert!(to_exit < Duration::from_secs(20 + 10 + 15), "ends within budget + grace: {to_exit:?}");
+    let state = job.run_dir().join(host).join("rank-3.state.json");
+    let saved: serde_json::Value = serde_json::from_str(&read(&state)).unwrap();
+    assert_eq!(saved["proc_state"], "T", "{saved}");
+    job.assert_clean(Duration::from_secs(10), true);
+}
+
+/// Faults injected into the real engine on the rig: rank 4 sleeping inside iteration 4 (not
+/// in a collective: the others wait for it in the step's first collective), then rank 2
+/// entering a broadcast where the others all-reduce (a desync). Each is named in the report.
+#[test]
+fn rig_injected_sleep_and_desync_are_named() {
+    let rig = Rig::up(3);
+    let (job, work, _) = rig_job(&rig);
+    let args = ["--agent-path", LAUNCH, "--set", "train.train_iters=100000", "--hang-timeout", "15s", "--grace", "5s"];
+
+    let cluster = rig_cluster(&job, &work, &[("MM_ENGINE_FAULT", "sleep:rank=4:iteration=4:seconds=600")]);
+    let t0 = Instant::now();
+    let f = job.wait(job.spawn(&cluster, &args), t0, Duration::from_secs(300));
+    eprintln!("sleeping rank 4: exit after {:?} from the start (budget 15 s, grace 5 s)", f.elapsed);
+    assert_eq!(f.code, 124, "stderr:\n{}", f.stderr);
+    let headline = line_with(&f.stderr, "launch: FAILED:");
+    let who = format!("not arrived: rank 4 on {} (pid ", job.host_of(4));
+    assert!(headline.contains(&who), "{headline}");
+    assert!(headline.contains("state S sleeping; step at iteration 3, not in a collective"), "{headline}");
+    job.assert_clean(Duration::from_secs(10), true);
+
+    let cluster = rig_cluster(&job, &work, &[("MM_ENGINE_FAULT", "desync:rank=2:iteration=3")]);
+    let t0 = Instant::now();
+    let f = job.wait(job.spawn(&cluster, &args), t0, Duration::from_secs(300));
+    eprintln!("desync of rank 2: exit {} after {:?} from the start", f.code, f.elapsed);
+    assert_ne!(f.code, 0, "stderr:\n{}", f.stderr);
+    let said = line_with(&f.stderr, "collective desync on");
+    assert!(said.contains("rank 2 in broadcast (fault injection)") && said.contains("in all_reduce"), "{said}");
+    job.assert_clean(Duration::from_secs(10), true);
+}
+
+/// The launcher frozen (SIGSTOP) for longer than the agents' patience, then resumed: the
+/// agents stop their ranks on their own, and the report says so, with the launcher's pause as
+/// the reason, instead of blaming a rank killed by SIGTERM.
+#[test]
+fn rig_frozen_launcher_reports_what_the_agents_did_meanwhile() {
+    let rig = Rig::up(3);
+    let (job, _work, cluster) = rig_job(&rig);
+    let args = ["--agent-path", LAUNCH, "--set", "train.train_iters=100000", "--grace", "5s"];
+    let t0 = Instant::now();
+    let child = job.spawn(&cluster, &args);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    wait_iterations(&job, 3);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let f = job.wait(child, t0, Duration::from_secs(120));
+    assert_eq!(f.code, 255, "stderr:\n{}", f.stderr);
+    let headline = line_with(&f.stderr, "launch: FAILED:");
+    assert!(headline.contains("stopped its ranks: the launcher did not run for"), "{headline}");
+    assert!(headline.contains("no word from the launcher for"), "{headline}");
+    job.assert_clean(Duration::from_secs(10), true);
+}
+
+/// `launch stop` mid-run: every rank finishes its step, they agree on the iteration, save it
+/// (weights, optimizer, RNG) and exit 143; the report names the iteration and checkpoint; the
+/// same command again resumes from it and ends on exactly the final loss of a run that was
+/// never stopped.
+#[test]
+fn launch_stop_saves_at_an_agreed_iteration_and_a_relaunch_ends_on_the_same_loss() {
+    let dir = tempfile::Builder::new().prefix("mm-e2e-stop-").tempdir().unwrap();
+    synth(dir.path());
+    let cluster = format!("{REPO}/clusters/local.yaml");
+    let with = |save: &'static str| {
+        let mut a = vec!["--cluster", cluster.as_str(), "finetune", "tiny", "--set"];
+        a.push(save);
+        a
+    };
+    let o = launch_cmd(dir.path(), &with("checkpoint.save=runs/tiny/save-clean")).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{}", text(&o).1);
+    let logs = dir.path().join("logs");
+    let (it, clean_loss, _) = training(&logs);
+    assert_eq!(it, 40);
+
+    let args = with("checkpoint.save=runs/tiny/save-stop");
+    let child = launch_cmd(dir.path(), &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let log = std::fs::canonicalize(logs.join("latest"))
+            .ok()
+            .filter(|r| {
+                r.join("status.json").exists() && read(&r.join("status.json")).contains(&child.id().to_string())
+            })
+            .and_then(|r| std::fs::read_to_string(r.join("localhost/rank-0.log")).ok());
+        if log.is_some_and(|l| losses(&l).len() >= 8) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no iteration 8 in 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = launch_cmd(dir.path(), &["stop"]).output().unwrap();
+    let (said, err) = text(&stop);
+    assert_eq!(stop.status.code(), Some(0), "launch stop: {said}\n{err}");
+    let o = wait_child(child, Duration::from_secs(120));
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(143), "stderr:\n{err}");
+    let tracker = read(&dir.path().join("runs/tiny/save-stop/latest_checkpointed_iteration.txt"));
+    let n: u64 = tracker.trim().parse().unwrap();
+    assert!((8..40).contains(&n), "stopped at {n}");
+    let want = format!(
+        "launch: interrupted by SIGTERM: every rank stopped at iteration {n}; checkpoint runs/tiny/save-stop/iter_{n:07} \
+         (launching again resumes from it)"
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(said.contains("stopped:"), "launch stop waits and says how the run ended: {said}");
+
+    let o = launch_cmd(dir.path(), &args).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{}", text(&o).1);
+    let run = std::fs::canonicalize(logs.join("latest")).unwrap();
+    let log = read(&run.join("localhost/rank-0.log"));
+    assert!(log.contains(&format!("from iteration {n}")), "{log}");
+    let (it, loss, _) = training(&logs);
+    assert_eq!(it, 40);
+    assert_eq!(loss.to_bits(), clean_loss.to_bits(), "final loss {loss} after the stop, {clean_loss} without");
+    assert!(engine_pids("save-stop", 0).is_empty() && engine_pids("save-stop", 1).is_empty());
+}
+
+/// The node agent of h2 frozen (SIGSTOP) mid-run: its heartbeats stop, but the launcher looks
+/// at the host over a new SSH connection before calling it lost, finds the agent stopped,
+/// continues it so that it can stop its ranks, and says so; nothing is left running.
+#[test]
+fn rig_frozen_agent_is_told_apart_from_a_lost_host() {
+    let rig = Rig::up(3);
+    let (job, _work, cluster) = rig_job(&rig);
+    let args = ["--agent-path", LAUNCH, "--set", "train.train_iters=100000", "--grace", "5s"];
+    let t0 = Instant::now();
+    let child = job.spawn(&cluster, &args);
+    wait_iterations(&job, 3);
+    // The agent is the rank's nearest `launch` ancestor.
+    let mut pid = job_engine_pid(&job, 2).expect("rank 2's engine process");
+    let agent = loop {
+        let stat = read(Path::new(&format!("/proc/{pid}/stat")));
+        let close = stat.rfind(')').unwrap();
+        pid = stat[close + 2..].split_whitespace().nth(1).unwrap().parse().unwrap();
+        if read(Path::new(&format!("/proc/{pid}/comm"))).trim() == "launch" {
+            break pid;
+        }
+        assert!(pid > 1, "no launch agent above rank 2");
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let fault = Instant::now();
+    let f = job.wait(child, t0, Duration::from_secs(120));
+    eprintln!("frozen agent: exit after {:?} from the fault", fault.elapsed());
+    assert_eq!(f.code, 255, "stderr:\n{}", f.stderr);
+    let headline = line_with(&f.stderr, "launch: FAILED:");
+    let want = format!("while the host itself answers: the agent (pid {agent}) is stopped (state T)");
+    assert!(
+        headline.contains(&format!("the node agent on {}", job.host_of(2))) && headline.contains(&want),
+        "{headline}"
+    );
+    job.assert_clean(Duration::from_secs(10), true);
 }

@@ -179,7 +179,8 @@ impl HostProbe {
                 // The agent sends Done and exits by itself; EOF makes sure of it.
                 link.close();
             }
-            LinkEvent::Msg(_) => {}
+            // The checks never probe.
+            LinkEvent::Msg(_) | LinkEvent::Probe(_) => {}
             // The checks run before the job's console exists: the line goes straight to stderr,
             // as the console would print it. The job's own connection finds the key recorded.
             LinkEvent::Notice(message) => eprintln!("[launch] {message}"),

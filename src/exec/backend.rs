@@ -19,6 +19,35 @@ pub enum LinkEvent {
     /// was never reached (`error` says why); after one, the agent exited or the connection
     /// broke (`status`: the agent's exit status when known).
     Closed { status: Option<ExitStatus>, error: Option<String> },
+    /// What [`Link::probe`] found.
+    Probe(Probe),
+}
+
+/// A silent agent looked at from outside its link: over a new SSH connection, or in /proc
+/// for a local one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Probe {
+    /// The host answers and the agent process is there, in this /proc state (a stopped one
+    /// was sent SIGCONT so that it can act on the launcher's stop).
+    Alive(char),
+    /// The host answers but the agent process is gone.
+    Gone,
+    /// The host does not answer.
+    Unreachable(String),
+}
+
+impl Probe {
+    /// The answer of `cat /proc/<pid>/stat` (or "gone"), for an agent process.
+    pub fn from_stat(stat: &str) -> Probe {
+        let stat = stat.trim();
+        let comm = stat.find('(').zip(stat.rfind(')')).map(|(a, b)| &stat[a + 1..b.max(a + 1)]);
+        let state =
+            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).and_then(|s| s.chars().next());
+        match (comm, state) {
+            (Some("launch"), Some(c)) => Probe::Alive(c),
+            _ => Probe::Gone,
+        }
+    }
 }
 
 pub type EventTx = tokio::sync::mpsc::Sender<(usize, LinkEvent)>;
@@ -31,6 +60,11 @@ pub trait Link: Send {
     fn close(&self);
     /// Give up on the connection now (a host that stopped answering): stop reading, drop it.
     fn abandon(&self);
+    /// Look at the agent (pid `agent_pid`) from outside this link and report a
+    /// [`LinkEvent::Probe`]; false when the backend cannot (the caller decides without it).
+    fn probe(&self, _agent_pid: u32) -> bool {
+        false
+    }
 }
 
 pub trait Backend: Send + Sync {
@@ -43,4 +77,18 @@ pub trait Backend: Send + Sync {
     /// (SSH: connect and start the agent in the background). Called after a short-lived use of
     /// the links, such as the checks' probe, so the first attempt does not wait to connect.
     fn reach_ahead(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Probe;
+
+    #[test]
+    fn probes_read_the_agents_stat_line() {
+        assert_eq!(Probe::from_stat("812 (launch) T 1 812 812 0 -1\n"), Probe::Alive('T'));
+        assert_eq!(Probe::from_stat("812 (launch) S 1 812"), Probe::Alive('S'));
+        // The pid now belongs to another program, or the shell said so.
+        assert_eq!(Probe::from_stat("812 (bash) S 1 812"), Probe::Gone);
+        assert_eq!(Probe::from_stat("gone\n"), Probe::Gone);
+    }
 }

@@ -38,6 +38,8 @@ const STOP_SLACK: Duration = Duration::from_secs(5);
 const KILL_SLACK: Duration = Duration::from_secs(5);
 /// After an agent's Done, how long its connection may take to close.
 const CLOSE_SLACK: Duration = Duration::from_secs(3);
+/// How long a probe of a silent agent may take before its host counts as lost.
+const PROBE_LIMIT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -72,6 +74,10 @@ pub struct AttemptSpec<'a> {
 struct NodeState {
     link: Option<Box<dyn Link>>,
     hello: bool,
+    /// The agent's pid on its host (from Hello).
+    agent_pid: Option<u32>,
+    /// Since when a probe of the silent agent runs.
+    probing: Option<Instant>,
     last_seen: Instant,
     done_at: Option<Instant>,
     closed: bool,
@@ -135,6 +141,8 @@ pub async fn run_attempt(
         .map(|h| NodeState {
             link: None,
             hello: false,
+            agent_pid: None,
+            probing: None,
             last_seen: now,
             done_at: None,
             closed: false,
@@ -233,7 +241,11 @@ impl Dispatcher<'_, '_, '_> {
         if self.nodes[node].terminal() {
             return;
         }
+        if let LinkEvent::Probe(found) = ev {
+            return self.on_probe(node, found);
+        }
         self.nodes[node].last_seen = now;
+        self.nodes[node].probing = None;
         match ev {
             LinkEvent::Msg(m) => self.on_message(node, m),
             LinkEvent::Stderr(line) => {
@@ -245,6 +257,7 @@ impl Dispatcher<'_, '_, '_> {
                 self.notice(Some(node), format!("agent: {line}"), true);
             }
             LinkEvent::Notice(message) => self.notice(None, message, false),
+            LinkEvent::Probe(_) => {}
             LinkEvent::Closed { status, error } => {
                 self.nodes[node].closed = true;
                 self.nodes[node].link = None;
@@ -299,6 +312,7 @@ impl Dispatcher<'_, '_, '_> {
                 }
                 tracing::info!(node, %hostname, agent_pid = pid, %version, "agent ready");
                 self.nodes[node].hello = true;
+                self.nodes[node].agent_pid = Some(pid);
                 self.nodes[node].report.connected = true;
                 let elapsed = self.t0.elapsed();
                 self.reporters.event(&LaunchEvent::Connected { node, elapsed });
@@ -371,6 +385,11 @@ impl Dispatcher<'_, '_, '_> {
             FromAgent::StoppingRanks { reason } => {
                 if self.phase != Phase::Running {
                     return self.notice(Some(node), reason, true);
+                }
+                // Read before the tick that would notice the launcher's own pause.
+                let gap = Instant::now().duration_since(self.last_tick);
+                if gap > Duration::from_secs(1) {
+                    self.paused = Some(self.paused.map_or(gap, |p| p.max(gap)));
                 }
                 let why = match self.paused {
                     Some(p) => format!(
@@ -569,14 +588,31 @@ impl Dispatcher<'_, '_, '_> {
             let limit = interval * count;
             for i in 0..self.nodes.len() {
                 let n = &self.nodes[i];
-                if n.live() && n.done_at.is_none() && now.duration_since(n.last_seen) > limit {
-                    let silent = now.duration_since(n.last_seen);
-                    let reason = format!(
-                        "no sign of life for {:.1}s (keepalive {} × {count}): the host or its network is down",
-                        silent.as_secs_f64(),
-                        crate::cluster::humane::format(interval)
-                    );
-                    self.lose(i, reason);
+                if !(n.live() && n.done_at.is_none() && now.duration_since(n.last_seen) > limit) {
+                    continue;
+                }
+                let silent = now.duration_since(n.last_seen);
+                match n.probing {
+                    // Tell a frozen agent from a lost host before judging (see on_probe).
+                    None if n.agent_pid.zip(n.link.as_ref()).is_some_and(|(pid, l)| l.probe(pid)) => {
+                        self.nodes[i].probing = Some(now);
+                        let name = self.nodes[i].report.info.name.clone();
+                        let message = format!(
+                            "no heartbeat from the agent on {name} for {:.1}s; looking at the host from outside",
+                            silent.as_secs_f64()
+                        );
+                        self.notice(Some(i), message, true);
+                    }
+                    Some(t) if now.duration_since(t) < PROBE_LIMIT => {}
+                    probing => {
+                        let reason = format!(
+                            "no sign of life for {:.1}s (keepalive {} × {count}){}: the host or its network is down",
+                            silent.as_secs_f64(),
+                            crate::cluster::humane::format(interval),
+                            if probing.is_some() { ", and a new connection got no answer either" } else { "" }
+                        );
+                        self.lose(i, reason);
+                    }
                 }
             }
         }
@@ -664,6 +700,36 @@ impl Dispatcher<'_, '_, '_> {
                 .contains(&rank)
                 .then(|| (i, n.report.units.iter().position(|u| u.ranks.contains(&rank))))
         })
+    }
+
+    /// What a probe of a silent agent found: a frozen or vanished agent on a host that
+    /// answers is the agent's failure; an unreachable host is lost.
+    fn on_probe(&mut self, node: usize, found: crate::exec::backend::Probe) {
+        use crate::exec::backend::Probe;
+        let n = &self.nodes[node];
+        if n.probing.is_none() {
+            return;
+        }
+        let silent = Instant::now().duration_since(n.last_seen).as_secs_f64();
+        let pid = n.agent_pid.unwrap_or(0);
+        let why = match found {
+            Probe::Alive(state) => format!(
+                "no heartbeat for {silent:.1}s while the host itself answers: the agent (pid {pid}) is {} (state \
+                 {state}){}",
+                mm_spec::flight::proc_state_label(state),
+                if matches!(state, 'T' | 't') { "; it was sent SIGCONT so that it can stop its ranks" } else { "" }
+            ),
+            Probe::Gone => format!("no heartbeat for {silent:.1}s, and its process (pid {pid}) is gone from the host"),
+            Probe::Unreachable(e) => {
+                let reason = format!(
+                    "no sign of life for {silent:.1}s, and a new connection failed ({e}): the host or its network is \
+                     down"
+                );
+                return self.lose(node, reason);
+            }
+        };
+        self.nodes[node].report.agent_error = Some(why.clone());
+        self.fail(node, None, FailureKind::AgentDied(why));
     }
 
     fn lose(&mut self, node: usize, reason: String) {

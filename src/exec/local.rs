@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
-use crate::exec::backend::{Backend, EventTx, Link, LinkEvent};
+use crate::exec::backend::{Backend, EventTx, Link, LinkEvent, Probe};
 use crate::exec::proto::{strip_magic, Decoder, ExitStatus, ToAgent};
 
 pub struct LocalBackend {
@@ -33,6 +33,8 @@ enum Cmd {
 
 struct LocalLink {
     tx: Mutex<Option<UnboundedSender<Cmd>>>,
+    node: usize,
+    events: EventTx,
 }
 
 impl Link for LocalLink {
@@ -53,6 +55,19 @@ impl Link for LocalLink {
             let _ = tx.send(Cmd::Abandon);
         }
     }
+
+    /// The agent is a child of this machine: /proc says how it is.
+    fn probe(&self, agent_pid: u32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{agent_pid}/stat")).unwrap_or_default();
+        let found = Probe::from_stat(&stat);
+        if matches!(found, Probe::Alive('T' | 't')) {
+            // SAFETY: plain syscall to the launcher's own child.
+            unsafe {
+                libc::kill(agent_pid as i32, libc::SIGCONT);
+            }
+        }
+        self.events.try_send((self.node, LinkEvent::Probe(found))).is_ok()
+    }
 }
 
 impl Backend for LocalBackend {
@@ -62,8 +77,8 @@ impl Backend for LocalBackend {
 
     fn open(&self, node: usize, events: EventTx) -> Box<dyn Link> {
         let (tx, rx) = unbounded_channel();
-        tokio::spawn(run(self.agent.clone(), node, rx, events));
-        Box::new(LocalLink { tx: Mutex::new(Some(tx)) })
+        tokio::spawn(run(self.agent.clone(), node, rx, events.clone()));
+        Box::new(LocalLink { tx: Mutex::new(Some(tx)), node, events })
     }
 }
 

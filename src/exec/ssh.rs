@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use ssh2::{Channel, Session};
 
-use crate::exec::backend::{Backend, EventTx, Link, LinkEvent};
+use crate::exec::backend::{Backend, EventTx, Link, LinkEvent, Probe};
 use crate::exec::proto::{strip_magic, Decoder, ExitStatus, ToAgent};
 use crate::render::shell_quote;
 use crate::ssh::{RecordedKey, SshTarget};
@@ -150,6 +150,10 @@ struct SshLink {
     tx: Mutex<Option<Sender<Cmd>>>,
     wake: Option<UnixStream>,
     abandoned: Arc<AtomicBool>,
+    /// For [`Link::probe`]: the host and where to report.
+    target: SshTarget,
+    node: usize,
+    events: EventTx,
 }
 
 impl SshLink {
@@ -186,6 +190,43 @@ impl Link for SshLink {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.wake();
     }
+
+    /// A new SSH connection reads the agent's /proc/<pid>/stat (and continues it when it is
+    /// stopped, so that it can carry out the launcher's stop): a frozen agent is told apart
+    /// from a host that is down.
+    fn probe(&self, agent_pid: u32) -> bool {
+        let (target, node, events) = (self.target.clone(), self.node, self.events.clone());
+        let spawned = std::thread::Builder::new().name(format!("ssh-probe-{}", target.host)).spawn(move || {
+            let found = probe_agent(&target, agent_pid);
+            let _ = events.blocking_send((node, LinkEvent::Probe(found)));
+        });
+        spawned.is_ok()
+    }
+}
+
+/// How long a probe's command may take once connected.
+const PROBE_TIMEOUT_MS: u32 = 5_000;
+
+fn probe_agent(target: &SshTarget, pid: u32) -> Probe {
+    let (sess, _) = match target.connect() {
+        Ok(c) => c,
+        Err(e) => return Probe::Unreachable(e.to_string()),
+    };
+    sess.set_timeout(PROBE_TIMEOUT_MS);
+    let script = format!(
+        "s=$(cat /proc/{pid}/stat 2>/dev/null) || {{ echo gone; exit 0; }}; echo \"$s\"; \
+         case \"$s\" in *'(launch) T'*|*'(launch) t'*) kill -CONT {pid};; esac"
+    );
+    let mut out = String::new();
+    let ran = sess.channel_session().and_then(|mut ch| {
+        ch.exec(&script)?;
+        let _ = ch.read_to_string(&mut out);
+        ch.wait_close()
+    });
+    match ran {
+        Ok(()) => Probe::from_stat(&out),
+        Err(e) => Probe::Unreachable(format!("{}: connected, but the probe failed: {e}", target.host)),
+    }
 }
 
 impl Backend for SshBackend {
@@ -211,7 +252,14 @@ impl Backend for SshBackend {
                     node,
                     LinkEvent::Closed { status: None, error: Some(format!("cannot create a socket pair: {e}")) },
                 ));
-                return Box::new(SshLink { tx: Mutex::new(None), wake: None, abandoned: Arc::default() });
+                return Box::new(SshLink {
+                    tx: Mutex::new(None),
+                    wake: None,
+                    abandoned: Arc::default(),
+                    target: self.targets[node].clone(),
+                    node,
+                    events,
+                });
             }
         };
         let _ = wake_r.set_nonblocking(true);
@@ -221,6 +269,7 @@ impl Backend for SshBackend {
         let early = self.early.lock().unwrap_or_else(|e| e.into_inner()).get_mut(node).and_then(Option::take);
         let abandoned = Arc::new(AtomicBool::new(false));
         let gone = abandoned.clone();
+        let link_events = events.clone();
         let spawned = std::thread::Builder::new().name(format!("ssh-{}", target.host)).spawn(move || {
             let (status, error) = match host_thread(&target, &agent, early, node, &events, &rx, &wake_r, &gone) {
                 Ok(status) => (status, None),
@@ -231,7 +280,14 @@ impl Backend for SshBackend {
         if let Err(e) = spawned {
             tracing::error!("cannot start a thread for node {node}: {e}");
         }
-        Box::new(SshLink { tx: Mutex::new(Some(tx)), wake: Some(wake_w), abandoned })
+        Box::new(SshLink {
+            tx: Mutex::new(Some(tx)),
+            wake: Some(wake_w),
+            abandoned,
+            target: self.targets[node].clone(),
+            node,
+            events: link_events,
+        })
     }
 }
 

@@ -179,7 +179,7 @@ fn ranks_text(ranks: &[usize]) -> String {
 }
 
 /// "rank 3 on h2 (pid 812, state T stopped; at iteration 10, step)".
-fn describe_rank(v: &RankView) -> String {
+fn describe_rank(v: &&RankView) -> String {
     let mut facts = Vec::new();
     if let Some(pid) = v.pid {
         facts.push(format!("pid {pid}"));
@@ -238,8 +238,14 @@ pub fn diagnose(views: &[RankView]) -> Diagnosis {
             .unwrap_or_default();
         let missing: Vec<usize> = members.iter().copied().filter(|r| !waiting.contains(r)).collect();
         let mut summary = format!("waiting in {label} on {group} #{seq}: {}", ranks_text(&waiting));
+        let stopped_others: Vec<String> =
+            stopped.iter().filter(|r| !missing.contains(r)).filter_map(|r| by_rank.get(r)).map(describe_rank).collect();
         if missing.is_empty() {
-            summary.push_str("; every member arrived (slow network or a stuck transfer)");
+            if stopped_others.is_empty() {
+                summary.push_str("; every member arrived (a slow network or a stuck transfer)");
+            } else {
+                summary.push_str(&format!("; every member arrived, but {} cannot run", stopped_others.join("; ")));
+            }
         } else {
             let described: Vec<String> = missing
                 .iter()
@@ -249,12 +255,9 @@ pub fn diagnose(views: &[RankView]) -> Diagnosis {
                 })
                 .collect();
             summary.push_str(&format!("; not arrived: {}", described.join("; ")));
-        }
-        let others: Vec<&usize> = stopped.iter().filter(|r| !missing.contains(r)).collect();
-        if !others.is_empty() {
-            let described: Vec<String> =
-                others.iter().filter_map(|r| by_rank.get(r)).map(|v| describe_rank(v)).collect();
-            summary.push_str(&format!("; also stopped: {}", described.join("; ")));
+            if !stopped_others.is_empty() {
+                summary.push_str(&format!("; also stopped: {}", stopped_others.join("; ")));
+            }
         }
         let culprits = if missing.is_empty() { stopped } else { missing };
         return Diagnosis { summary, culprits, desync: false };
@@ -271,7 +274,7 @@ pub fn diagnose(views: &[RankView]) -> Diagnosis {
     }
     let mut parts: Vec<String> = doing.iter().map(|(k, r)| format!("{}: {k}", ranks_text(r))).collect();
     if !stopped.is_empty() {
-        let described: Vec<String> = stopped.iter().filter_map(|r| by_rank.get(r)).map(|v| describe_rank(v)).collect();
+        let described: Vec<String> = stopped.iter().filter_map(|r| by_rank.get(r)).map(describe_rank).collect();
         parts.push(format!("stopped: {}", described.join("; ")));
     }
     Diagnosis { summary: format!("no rank is in a collective; {}", parts.join("; ")), culprits: stopped, desync: false }
