@@ -218,6 +218,17 @@ fn load(cli_cluster: &Option<PathBuf>, job: &JobArgs) -> Result<(ClusterSpec, Re
     Ok((cluster, recipe, plan))
 }
 
+/// A signal held while the plan was made and the checks ran ends the launch here.
+fn held_signal() -> Result<(), Failure> {
+    match launch::signals::held() {
+        Some(sig) => Err(Failure(
+            (128 + sig.number()) as u8,
+            format!("launch: {} received before the start: nothing was started", sig.name()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `--log-dir`, else the cluster file's `log_dir`, else `logs`.
 fn log_dir_of(flag: &Option<PathBuf>, cluster: &Option<PathBuf>) -> Result<PathBuf, Failure> {
     Ok(match (flag, cluster) {
@@ -252,6 +263,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
             if !args.no_checks {
                 let rows = checks::run_all(backend.as_ref(), &plan, &cluster, &args.skip_checks, version);
+                held_signal()?;
                 if rows.iter().any(|r| r.status == Status::Fail) {
                     eprint!("{}", checks::format_table(&rows));
                     return Err(Failure(
@@ -265,12 +277,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     eprintln!("warning: {} on {}: found {}, expected {}", r.check, r.host, r.found, r.expected);
                 }
             }
-            if let Some(sig) = launch::signals::held() {
-                return Err(Failure(
-                    (128 + sig.number()) as u8,
-                    format!("launch: {} received before the start: nothing was started", sig.name()),
-                ));
-            }
+            held_signal()?;
             if args.max_restarts > 0 {
                 let mm_engine = cluster.template == launch::cluster::Template::MmEngine;
                 if let Some(c) = plan.recipe.checkpoint.restart_caveat(mm_engine) {

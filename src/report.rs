@@ -420,4 +420,30 @@ mod tests {
         let bare = render(&result, None, None, root, &root.join("launch.log"), root);
         assert_eq!(bare, "launch: all 2 ranks on 1 host finished (exit 0) in 7.9s\n  logs         logs/run-1\n");
     }
+
+    #[test]
+    fn an_agreed_stop_names_its_iteration_and_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = vec![node("h1", vec![0], vec![unit(0, ExitStatus::code(143), true)])];
+        let result = AttemptResult {
+            outcome: Outcome::Interrupted { signal: crate::exec::outcome::Sig::Term, failure: None },
+            nodes,
+            master_port: None,
+            elapsed: Duration::from_secs(9),
+            rank_states: Vec::new(),
+            diagnosis: None,
+        };
+        let stop =
+            StopSummary { iteration: 12, signal: "SIGTERM".into(), checkpoint: Some("save/iter_0000012".into()) };
+        let text = render(&result, None, Some(&stop), dir.path(), &dir.path().join("launch.log"), dir.path());
+        assert!(
+            text.starts_with(
+                "launch: interrupted by SIGTERM: every rank stopped at iteration 12; checkpoint save/iter_0000012 \
+                 (launching again resumes from it)\n"
+            ),
+            "{text}"
+        );
+        let bare = render(&result, None, None, dir.path(), &dir.path().join("launch.log"), dir.path());
+        assert!(bare.starts_with("launch: interrupted by SIGTERM: stopped every rank on every host\n"), "{bare}");
+    }
 }

@@ -488,6 +488,9 @@ fn rig_sigstop_of_one_rank_is_named_within_the_stall_budget() {
     let headline = line_with(&f.stderr, "launch: FAILED:");
     assert!(headline.contains("no progress for") && headline.contains(&who), "{headline}");
     assert!(to_exit < Duration::from_secs(20 + 10 + 15), "ends within budget + grace: {to_exit:?}");
+    // SIGCONT came with the SIGTERM: the stopped rank ran again, and every rank agreed to stop
+    // after one more step and saved it.
+    assert!(f.stderr.contains("on the way out every rank stopped at iteration"), "{}", f.stderr);
     let state = job.run_dir().join(host).join("rank-3.state.json");
     let saved: serde_json::Value = serde_json::from_str(&read(&state)).unwrap();
     assert_eq!(saved["proc_state"], "T", "{saved}");

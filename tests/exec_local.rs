@@ -143,3 +143,24 @@ fn local_progress_lines() {
     assert!(f.stderr.contains("throughput   1000.0 tokens/s\n  checkpoint   none written"), "{}", f.stderr);
     assert!(!f.stdout.contains("@@mm-progress"), "progress lines stay in the logs:\n{}", f.stdout);
 }
+
+/// A Ctrl-C while the checks run (a `setup:` line makes them take 3 s) is held, not fatal:
+/// the launcher says so at once, finishes the checks, starts nothing and exits 130.
+#[test]
+fn sigint_during_the_checks_is_held_and_nothing_starts() {
+    let job = Job::new(Place::Local);
+    let cluster = job.cluster(&[("TEST_MODE", "run")], "setup:\n  - sleep 3\n");
+    let t0 = std::time::Instant::now();
+    let child = job.spawn(&cluster, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let f = job.wait(child, t0, Duration::from_secs(60));
+    assert_eq!(f.code, 130, "{}", f.stderr);
+    assert!(f.stderr.contains("signal received before any rank started"), "{}", f.stderr);
+    assert!(f.stderr.contains("launch: SIGINT received before the start: nothing was started"), "{}", f.stderr);
+    assert!((0..6).all(|r| !job.out.join(format!("running-{r}")).exists()), "no rank may start");
+    job.assert_clean(Duration::from_secs(5), false);
+}
