@@ -289,7 +289,15 @@ impl Agent {
                 self.next_deadline().map(|d| d.saturating_duration_since(now)).unwrap_or(Duration::from_secs(3600));
             match rx.recv_timeout(timeout) {
                 Ok(ctl) => self.handle(ctl),
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    // Woken far later than asked: the agent itself did not run (SIGSTOP, a
+                    // starved host). The launcher's silence is not the launcher's then: its
+                    // heartbeats wait unread in stdin. A fresh budget lets them arrive.
+                    if Instant::now().saturating_duration_since(now + timeout) > Duration::from_secs(1) {
+                        eprintln!("launch agent: the agent did not run for a while; the launcher's budget restarts");
+                        self.last_from_launcher = Instant::now();
+                    }
+                }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.on_time();
@@ -573,12 +581,13 @@ impl Agent {
     }
 }
 
-/// A private folder for this agent's rank state files: `$TMPDIR/mm-launch-<agent pid>`, mode
-/// 0700. None when it cannot be made (the ranks then run without a watchdog's view).
+/// A private folder for this agent's rank state files: `$TMPDIR/mm-launch-<agent pid>-<time>`,
+/// mode 0700, created new (never an existing path). None when it cannot be made (the ranks
+/// then run without a watchdog's view).
 fn make_state_dir(agent_pid: i32) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = std::env::temp_dir().join(format!("mm-launch-{agent_pid}"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let dir = std::env::temp_dir().join(format!("mm-launch-{agent_pid}-{:x}", nanos as u64));
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => Some(dir),
         Err(e) => {

@@ -615,7 +615,9 @@ fn launch_stop_saves_at_an_agreed_iteration_and_a_relaunch_ends_on_the_same_loss
 
 /// The node agent of h2 frozen (SIGSTOP) mid-run: its heartbeats stop, but the launcher looks
 /// at the host over a new SSH connection before calling it lost, finds the agent stopped,
-/// continues it so that it can stop its ranks, and says so; nothing is left running.
+/// continues it and the job goes on; frozen a second time, the agent's failure is the root
+/// cause (told apart from a lost host), it is continued so that it stops its ranks, and
+/// nothing is left running.
 #[test]
 fn rig_frozen_agent_is_told_apart_from_a_lost_host() {
     let rig = Rig::up(3);
@@ -635,16 +637,21 @@ fn rig_frozen_agent_is_told_apart_from_a_lost_host() {
         }
         assert!(pid > 1, "no launch agent above rank 2");
     };
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let freeze =
+        || nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let host = job.host_of(2);
+    freeze();
+    let fault = Instant::now();
+    let continued = format!("the node agent on {host} (pid {agent}) was stopped (state T); it was continued (SIGCONT)");
+    job.wait_for("the agent to be continued", || stderr_so_far(&job).contains(&continued), Duration::from_secs(30));
+    eprintln!("frozen agent: continued after {:?}", fault.elapsed());
+    freeze();
     let fault = Instant::now();
     let f = job.wait(child, t0, Duration::from_secs(120));
-    eprintln!("frozen agent: exit after {:?} from the fault", fault.elapsed());
+    eprintln!("frozen agent, again: exit after {:?} from the fault", fault.elapsed());
     assert_eq!(f.code, 255, "stderr:\n{}", f.stderr);
     let headline = line_with(&f.stderr, "launch: FAILED:");
-    let want = format!("while the host itself answers: the agent (pid {agent}) is stopped (state T)");
-    assert!(
-        headline.contains(&format!("the node agent on {}", job.host_of(2))) && headline.contains(&want),
-        "{headline}"
-    );
+    let want = format!("while the host itself answers: the agent (pid {agent}) is stopped (state T) again");
+    assert!(headline.contains(&format!("the node agent on {host}")) && headline.contains(&want), "{headline}");
     job.assert_clean(Duration::from_secs(10), true);
 }

@@ -78,6 +78,8 @@ struct NodeState {
     agent_pid: Option<u32>,
     /// Since when a probe of the silent agent runs.
     probing: Option<Instant>,
+    /// A probe found the agent stopped and continued it once already.
+    continued: bool,
     last_seen: Instant,
     done_at: Option<Instant>,
     closed: bool,
@@ -143,6 +145,7 @@ pub async fn run_attempt(
             hello: false,
             agent_pid: None,
             probing: None,
+            continued: false,
             last_seen: now,
             done_at: None,
             closed: false,
@@ -245,7 +248,6 @@ impl Dispatcher<'_, '_, '_> {
             return self.on_probe(node, found);
         }
         self.nodes[node].last_seen = now;
-        self.nodes[node].probing = None;
         match ev {
             LinkEvent::Msg(m) => self.on_message(node, m),
             LinkEvent::Stderr(line) => {
@@ -592,7 +594,8 @@ impl Dispatcher<'_, '_, '_> {
                     continue;
                 }
                 let silent = now.duration_since(n.last_seen);
-                match n.probing {
+                // A probe from before the agent's last sign of life is over.
+                match n.probing.filter(|t| n.last_seen <= *t) {
                     // Tell a frozen agent from a lost host before judging (see on_probe).
                     None if n.agent_pid.zip(n.link.as_ref()).is_some_and(|(pid, l)| l.probe(pid)) => {
                         self.nodes[i].probing = Some(now);
@@ -702,22 +705,45 @@ impl Dispatcher<'_, '_, '_> {
         })
     }
 
-    /// What a probe of a silent agent found: a frozen or vanished agent on a host that
-    /// answers is the agent's failure; an unreachable host is lost.
+    /// What a probe of a silent agent found. A stopped agent is continued (the probe sent it
+    /// SIGCONT) and the job goes on, once; stopped again, or alive but silent, or gone, it is
+    /// the agent's failure; an unreachable host is lost. An agent that spoke again while the
+    /// probe ran only gets a notice.
     fn on_probe(&mut self, node: usize, found: crate::exec::backend::Probe) {
         use crate::exec::backend::Probe;
-        let n = &self.nodes[node];
-        if n.probing.is_none() {
-            return;
-        }
-        let silent = Instant::now().duration_since(n.last_seen).as_secs_f64();
-        let pid = n.agent_pid.unwrap_or(0);
+        let now = Instant::now();
+        let n = &mut self.nodes[node];
+        let Some(started) = n.probing.take() else { return };
+        let back = n.last_seen > started;
+        let silent = now.duration_since(n.last_seen).as_secs_f64();
+        let (pid, name) = (n.agent_pid.unwrap_or(0), n.report.info.name.clone());
         let why = match found {
+            Probe::Alive(state @ ('T' | 't')) if !n.continued => {
+                n.continued = true;
+                n.last_seen = now;
+                let message = format!(
+                    "the node agent on {name} (pid {pid}) was stopped (state {state}); it was continued (SIGCONT) and \
+                     the job goes on"
+                );
+                return self.notice(Some(node), message, true);
+            }
+            // (A stopped agent was continued by the probe itself: its speaking again since is
+            // no news.)
+            Probe::Alive(state) if back && !matches!(state, 'T' | 't') => {
+                return self.notice(Some(node), format!("the node agent on {name} answers again"), false);
+            }
+            Probe::Gone | Probe::Unreachable(_) if back => {
+                return self.notice(Some(node), format!("the node agent on {name} answers again"), false);
+            }
             Probe::Alive(state) => format!(
                 "no heartbeat for {silent:.1}s while the host itself answers: the agent (pid {pid}) is {} (state \
                  {state}){}",
                 mm_spec::flight::proc_state_label(state),
-                if matches!(state, 'T' | 't') { "; it was sent SIGCONT so that it can stop its ranks" } else { "" }
+                if matches!(state, 'T' | 't') {
+                    " again; it was sent SIGCONT so that it can stop its ranks"
+                } else {
+                    ""
+                }
             ),
             Probe::Gone => format!("no heartbeat for {silent:.1}s, and its process (pid {pid}) is gone from the host"),
             Probe::Unreachable(e) => {

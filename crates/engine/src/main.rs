@@ -3,10 +3,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mm_engine::dist::{env::DistEnv, selftest, tp_check};
+use mm_engine::dist::{env::DistEnv, flight, selftest, tp_check};
 use mm_engine::eval::EvalArgs;
 use mm_engine::synth::SynthArgs;
 use mm_engine::train::args::TrainArgs;
+use mm_engine::train::stop::Stopped;
 
 #[derive(Parser)]
 #[command(name = "mm-engine", version, about = "InternVL3 fine-tuning engine on libtorch (tch) with c10d collectives")]
@@ -60,14 +61,23 @@ enum Command {
     },
 }
 
+/// Exit codes: 0 done, 1 an error, 128 + N an agreed stop on signal N (143 SIGTERM, 130
+/// SIGINT, 138 SIGUSR1: `train` saved the iteration it stopped after and did not reach
+/// --train-iters), 2 bad command-line syntax (clap).
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mm-engine: error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<Stopped>() {
+            Some(stopped) => {
+                eprintln!("mm-engine: {stopped}");
+                ExitCode::from(stopped.exit_code())
+            }
+            None => {
+                eprintln!("mm-engine: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -89,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CollectiveCheck { device, bytes, tp, pp, cp } => {
             let env = DistEnv::from_process()?;
+            flight::init(env.rank);
             let dims = if tp.is_some() || pp.is_some() || cp.is_some() {
                 let (tp, pp, cp) = (tp.unwrap_or(1), pp.unwrap_or(1), cp.unwrap_or(1));
                 let dims = mm_spec::layout::ParallelDims::new(env.world_size, tp, cp, pp, None).map_err(|e| {
@@ -103,12 +114,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None
             };
             let device = check_device(&device, &env)?;
-            let report = selftest::run(&env, device, bytes, dims)?;
-            println!("{}", serde_json::to_string(&report)?);
+            let report = selftest::run(&env, device, bytes, dims);
+            flight::flush();
+            println!("{}", serde_json::to_string(&report?)?);
         }
         Command::TpCheck { device } => {
             let env = DistEnv::from_process()?;
-            let report = tp_check::run(&env, check_device(&device, &env)?)?;
+            flight::init(env.rank);
+            let report = tp_check::run(&env, check_device(&device, &env)?);
+            flight::flush();
+            let report = report?;
             println!("{}", serde_json::to_string(&report)?);
             report.verdict()?;
         }

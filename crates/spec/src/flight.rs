@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Collectives are numbered per process group: the k-th collective a rank enters on group G
-//! has `seq` k on every member of G, so ranks that wait at (G, k) while a member has not
+//! has `seq` k on every member of G (groups are named "world" or "<kind>[<global ranks>]",
+//! e.g. "dp[0,2]"; pipeline transfers are numbered per direction as "p2p[<src>-><dst>]" with
+//! the operation "send/recv", since not every member of a pipeline group takes part in each), so ranks that wait at (G, k) while a member has not
 //! reached it name that member, and members at the same (G, k) in different operations are a
 //! desync. The file is replaced atomically (write + rename), so a reader never sees half of
 //! one; a rank that stopped (SIGSTOP, a debugger) leaves its last state, which is what the
@@ -216,8 +218,13 @@ pub fn diagnose(views: &[RankView]) -> Diagnosis {
     // A desync: one (group, seq), several operations.
     if let Some(((group, seq), ops)) = waits.iter().find(|(_, ops)| ops.len() > 1) {
         let parts: Vec<String> = ops.iter().map(|(label, ranks)| format!("{} in {label}", ranks_text(ranks))).collect();
-        // The smaller side is the odd one out.
-        let culprits = ops.values().min_by_key(|r| r.len()).cloned().unwrap_or_default();
+        // The smaller side is the odd one out; when sides tie, nobody can tell: all of them.
+        let smallest = ops.values().map(Vec::len).min().unwrap_or(0);
+        let mut culprits: Vec<usize> = match ops.values().filter(|r| r.len() == smallest).count() {
+            1 => ops.values().find(|r| r.len() == smallest).cloned().unwrap_or_default(),
+            _ => ops.values().flatten().copied().collect(),
+        };
+        culprits.sort_unstable();
         return Diagnosis {
             summary: format!("collective desync on {group} at #{seq}: {}", parts.join("; ")),
             culprits,
@@ -378,6 +385,14 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<RankState>(&json).unwrap(), s);
         assert_eq!(rank_of_state_file(&state_file_name(5)), Some(5));
+        // Two sides of one rank each: either may be the odd one out.
+        let (a, b) = (
+            state(0, 2, 1, vec![coll("world", 3, "all_reduce", "", false)]),
+            state(1, 2, 1, vec![coll("world", 3, "broadcast", "", false)]),
+        );
+        let d = diagnose(&[view(&a, 'S'), view(&b, 'S')]);
+        assert!(d.desync);
+        assert_eq!(d.culprits, vec![0, 1]);
         assert_eq!(rank_of_state_file("rank-x.json"), None);
         assert_eq!(s.in_flight().map(|c| c.op.as_str()), Some("all_gather"));
     }

@@ -1,8 +1,13 @@
 //! Safe Rust over the c10d shim (csrc/c10d_shim.cpp): libtorch's own TCPStore,
 //! PrefixStore, ProcessGroupGloo and ProcessGroupNCCL, the same objects torch.distributed
-//! uses. Every failure becomes a [`DistError`] naming the rank and the operation.
+//! uses. Every failure becomes a [`DistError`] naming the rank and the operation, and every
+//! collective is recorded by the flight recorder ([`super::flight`]): group name, per-group
+//! sequence number, operation, what it is for, bytes, start and end.
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CStr, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tch::Tensor;
@@ -226,6 +231,19 @@ pub struct ProcessGroup {
     global_rank: usize,
     pub backend: Backend,
     timeout: Duration,
+    /// The flight recorder's name of the group, the same on every member ("world", "dp[0,2]").
+    name: String,
+    /// Global ranks of the members in group-rank order (0..size until [`ProcessGroup::named`]).
+    ranks: Vec<usize>,
+    /// Collectives entered on this group so far (the recorder's sequence numbers).
+    seq: AtomicU64,
+    /// Point-to-point transfers so far per (source, destination) global rank pair.
+    p2p_seq: Mutex<HashMap<(usize, usize), u64>>,
+}
+
+/// Bytes of a tensor's elements (for the flight recorder).
+pub(super) fn nbytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 // SAFETY: a c10d Backend may be used from any thread; we never share it concurrently
@@ -259,7 +277,88 @@ impl ProcessGroup {
                 check(err, global_rank, "create NCCL process group")?;
             }
         }
-        Ok(ProcessGroup { raw, rank, size, global_rank, backend, timeout })
+        Ok(ProcessGroup {
+            raw,
+            rank,
+            size,
+            global_rank,
+            backend,
+            timeout,
+            name: "world".into(),
+            ranks: (0..size).collect(),
+            seq: AtomicU64::new(0),
+            p2p_seq: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Names the group for the flight recorder (see [`super::flight::group_name`]) and records
+    /// its members' global ranks in group-rank order. Unnamed groups are "world".
+    pub fn named(mut self, name: impl Into<String>, ranks: &[usize]) -> ProcessGroup {
+        self.name = name.into();
+        self.ranks = ranks.to_vec();
+        super::flight::register_group(&self.name, ranks);
+        self
+    }
+
+    /// The flight recorder's name of the group.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs one collective `call` of the shim under the flight recorder: entered (the next
+    /// sequence number of this group) before, left after a success; a failure keeps the entry
+    /// open, so the last state shows where the rank gave up. Errors name `error_op`, plus
+    /// `what` when given.
+    pub(super) fn recorded(
+        &self,
+        op: &str,
+        what: &str,
+        bytes: u64,
+        error_op: impl Into<String>,
+        call: impl FnOnce() -> *mut c_char,
+    ) -> Result<(), DistError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = super::flight::enter(&self.name, seq, op, what, bytes);
+        let err = call();
+        if err.is_null() {
+            super::flight::leave(id);
+        }
+        let error_op = error_op.into();
+        self.done(err, if what.is_empty() { error_op } else { format!("{error_op} ({what})") })
+    }
+
+    /// As [`ProcessGroup::recorded`] for point-to-point transfers `(group rank of the peer,
+    /// send?, bytes)`. They are not numbered on the group (its members do not all take part,
+    /// nor equally often) but per direction, as `p2p[<src>-><dst>]` (global ranks, registered
+    /// as a group of the two): the k-th transfer from src to dst has sequence number k on both
+    /// ends, and both record it as "send/recv". One entry per transfer, all entered before the
+    /// call and left after it.
+    fn recorded_p2p(&self, ops: &[(usize, bool, u64)], what: &str, call: impl FnOnce() -> *mut c_char) -> *mut c_char {
+        let ids: Vec<u64> = ops
+            .iter()
+            .map(|&(peer, send, bytes)| {
+                let other = self.ranks.get(peer).copied().unwrap_or(peer);
+                let (src, dst) = if send { (self.global_rank, other) } else { (other, self.global_rank) };
+                let name = format!("p2p[{src}->{dst}]");
+                let seq = {
+                    let mut counts = self.p2p_seq.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = counts.entry((src, dst)).or_insert(0);
+                    if *n == 0 {
+                        super::flight::register_group(&name, &[src, dst]);
+                    }
+                    *n += 1;
+                    *n
+                };
+                super::flight::enter(&name, seq, "send/recv", what, bytes)
+            })
+            .collect();
+        let err = call();
+        if err.is_null() {
+            for id in ids {
+                super::flight::leave(id);
+            }
+        }
+        err
     }
 
     /// The shim's handle, for the other wrappers of this module's group ([`super::tp`]).
@@ -290,36 +389,55 @@ impl ProcessGroup {
         t.as_ptr() as RawTensor
     }
 
-    pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), DistError> {
-        self.done(unsafe { mm_pg_allreduce(self.raw, Self::ptr(t), op as c_int) }, "all_reduce")
+    // Every collective takes `what`: what it is for ("step totals"), or "" when the caller
+    // does not say. The flight recorder keeps it and errors read "all_reduce (what)".
+
+    pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp, what: &str) -> Result<(), DistError> {
+        let raw = Self::ptr(t);
+        self.recorded("all_reduce", what, nbytes(t), "all_reduce", || unsafe {
+            mm_pg_allreduce(self.raw, raw, op as c_int)
+        })
     }
 
-    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {
-        self.done(unsafe { mm_pg_broadcast(self.raw, Self::ptr(t), root as c_int) }, "broadcast")
+    pub fn broadcast(&self, t: &mut Tensor, root: usize, what: &str) -> Result<(), DistError> {
+        let raw = Self::ptr(t);
+        self.recorded("broadcast", what, nbytes(t), "broadcast", || unsafe {
+            mm_pg_broadcast(self.raw, raw, root as c_int)
+        })
     }
 
     /// `out` holds `size` × `input.numel()` elements, group rank r's input at slice r.
-    pub fn all_gather(&self, out: &mut Tensor, input: &Tensor) -> Result<(), DistError> {
-        self.done(unsafe { mm_pg_allgather(self.raw, Self::ptr(out), Self::ptr(input)) }, "all_gather")
+    pub fn all_gather(&self, out: &mut Tensor, input: &Tensor, what: &str) -> Result<(), DistError> {
+        let (o, i) = (Self::ptr(out), Self::ptr(input));
+        self.recorded("all_gather", what, nbytes(out), "all_gather", || unsafe { mm_pg_allgather(self.raw, o, i) })
     }
 
     /// `input` holds `size` × `out.numel()` elements; group rank r receives the reduction of slice r.
-    pub fn reduce_scatter(&self, out: &mut Tensor, input: &Tensor, op: ReduceOp) -> Result<(), DistError> {
-        let err = unsafe { mm_pg_reduce_scatter(self.raw, Self::ptr(out), Self::ptr(input), op as c_int) };
-        self.done(err, "reduce_scatter")
+    pub fn reduce_scatter(&self, out: &mut Tensor, input: &Tensor, op: ReduceOp, what: &str) -> Result<(), DistError> {
+        let (o, i) = (Self::ptr(out), Self::ptr(input));
+        self.recorded("reduce_scatter", what, nbytes(input), "reduce_scatter", || unsafe {
+            mm_pg_reduce_scatter(self.raw, o, i, op as c_int)
+        })
     }
 
-    pub fn send(&self, t: &Tensor, dst: usize, tag: i32) -> Result<(), DistError> {
-        self.done(unsafe { mm_pg_send(self.raw, Self::ptr(t), dst as c_int, tag) }, format!("send to {dst}"))
+    pub fn send(&self, t: &Tensor, dst: usize, tag: i32, what: &str) -> Result<(), DistError> {
+        let err = self.recorded_p2p(&[(dst, true, nbytes(t))], what, || unsafe {
+            mm_pg_send(self.raw, Self::ptr(t), dst as c_int, tag)
+        });
+        self.done(err, if what.is_empty() { format!("send to {dst}") } else { format!("send to {dst} ({what})") })
     }
 
-    pub fn recv(&self, t: &mut Tensor, src: usize, tag: i32) -> Result<(), DistError> {
-        self.done(unsafe { mm_pg_recv(self.raw, Self::ptr(t), src as c_int, tag) }, format!("recv from {src}"))
+    pub fn recv(&self, t: &mut Tensor, src: usize, tag: i32, what: &str) -> Result<(), DistError> {
+        let raw = Self::ptr(t);
+        let err = self
+            .recorded_p2p(&[(src, false, nbytes(t))], what, || unsafe { mm_pg_recv(self.raw, raw, src as c_int, tag) });
+        self.done(err, if what.is_empty() { format!("recv from {src}") } else { format!("recv from {src} ({what})") })
     }
 
     /// Posts every transfer at once and waits for all (`batch_isend_irecv`): `(tensor, group
     /// rank of the peer, send?)`; received tensors are written in place. Transfers between two
-    /// ranks match in posting order, so both ends must post them in the same order.
+    /// ranks match in posting order, so both ends must post them in the same order. Errors name
+    /// `what` as the operation.
     pub fn batch_p2p(&self, ops: &[(&Tensor, usize, bool)], what: &str) -> Result<(), DistError> {
         if ops.is_empty() {
             return Ok(());
@@ -328,7 +446,10 @@ impl ProcessGroup {
         let peers: Vec<c_int> = ops.iter().map(|(_, p, _)| *p as c_int).collect();
         let sends: Vec<c_int> = ops.iter().map(|(_, _, s)| c_int::from(*s)).collect();
         let n = ops.len() as c_int;
-        let err = unsafe { mm_pg_batch_p2p(self.raw, n, ts.as_ptr(), peers.as_ptr(), sends.as_ptr(), 0) };
+        let recorded: Vec<(usize, bool, u64)> = ops.iter().map(|(t, p, s)| (*p, *s, nbytes(t))).collect();
+        let err = self.recorded_p2p(&recorded, what, || unsafe {
+            mm_pg_batch_p2p(self.raw, n, ts.as_ptr(), peers.as_ptr(), sends.as_ptr(), 0)
+        });
         self.done(err, what)
     }
 
@@ -337,8 +458,8 @@ impl ProcessGroup {
         self.global_rank
     }
 
-    pub fn barrier(&self) -> Result<(), DistError> {
-        self.done(unsafe { mm_pg_barrier(self.raw) }, "barrier")
+    pub fn barrier(&self, what: &str) -> Result<(), DistError> {
+        self.recorded("barrier", what, 0, "barrier", || unsafe { mm_pg_barrier(self.raw) })
     }
 }
 

@@ -1,7 +1,8 @@
 //! The process groups of one rank, built from mm-spec's layout (the same groups the
 //! launcher prints in its dry run). Each group gets its own PrefixStore namespace
 //! (`<kind>/<index>`) on the one TCPStore, so only its members rendezvous for it; a rank
-//! creates exactly the groups it belongs to.
+//! creates exactly the groups it belongs to. The flight recorder knows them as "world" and
+//! `<kind>[<global ranks>]` ("dp[0,2]", "tp[4,5]", "pp[1,3]"), the same on every member.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,7 +96,8 @@ impl ParallelGroups {
         let bind = env.gloo_bind_addr();
         let timeout: Duration = env.timeout;
         let world_store = store.prefixed("world/")?;
-        let world = ProcessGroup::new(&world_store, backend, env.rank, env.world_size, bind.as_deref(), timeout)?;
+        let world = ProcessGroup::new(&world_store, backend, env.rank, env.world_size, bind.as_deref(), timeout)?
+            .named("world", &(0..env.world_size).collect::<Vec<_>>());
         let make = |kind: GroupKind| -> Result<Group, DistError> {
             let all = dims.groups(kind);
             let (index, ranks) = all
@@ -105,7 +107,8 @@ impl ParallelGroups {
                 .expect("every rank belongs to exactly one group of each kind");
             let me = ranks.iter().position(|r| *r == env.rank).expect("member");
             let sub = store.prefixed(&format!("{}/{index}/", kind_name(kind)))?;
-            let pg = ProcessGroup::new(&sub, backend, me, ranks.len(), bind.as_deref(), timeout)?;
+            let pg = ProcessGroup::new(&sub, backend, me, ranks.len(), bind.as_deref(), timeout)?
+                .named(super::flight::group_name(kind_name(kind), &ranks), &ranks);
             Ok(Group { kind, ranks, pg: Arc::new(pg) })
         };
         Ok(ParallelGroups {

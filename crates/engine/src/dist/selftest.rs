@@ -80,36 +80,37 @@ pub fn run(
 fn run_on(store: &Store, env: &DistEnv, device: Device, bytes: usize) -> Result<CheckReport, CheckError> {
     let (r, w) = (env.rank, env.world_size);
     let backend = Backend::for_device(device);
-    let pg = ProcessGroup::new(store, backend, r, w, env.gloo_bind_addr().as_deref(), env.timeout)?;
+    let pg = ProcessGroup::new(store, backend, r, w, env.gloo_bind_addr().as_deref(), env.timeout)?
+        .named("world", &(0..w).collect::<Vec<_>>());
     let opts = (Kind::Float, device);
     let mut checks = Vec::new();
 
     let mut t = Tensor::full([4], (r + 1) as f64, opts);
-    pg.all_reduce(&mut t, ReduceOp::Sum)?;
+    pg.all_reduce(&mut t, ReduceOp::Sum, "check: all_reduce(sum)")?;
     expect(r, "all_reduce(sum)", &t, vec![(w * (w + 1) / 2) as f64; 4])?;
     checks.push("all_reduce(sum)".to_string());
 
     let mut t = Tensor::full([3], r as f64, opts);
-    pg.all_reduce(&mut t, ReduceOp::Max)?;
+    pg.all_reduce(&mut t, ReduceOp::Max, "check: all_reduce(max)")?;
     expect(r, "all_reduce(max)", &t, vec![(w - 1) as f64; 3])?;
     checks.push("all_reduce(max)".to_string());
 
     let mut t =
         if r == 0 { Tensor::from_slice(&[7.0f32, 8.0, 9.0]).to_device(device) } else { Tensor::zeros([3], opts) };
-    pg.broadcast(&mut t, 0)?;
+    pg.broadcast(&mut t, 0, "check")?;
     expect(r, "broadcast", &t, vec![7.0, 8.0, 9.0])?;
     checks.push("broadcast".to_string());
 
     let input = Tensor::full([2], r as f64, opts);
     let mut out = Tensor::zeros([2 * w as i64], opts);
-    pg.all_gather(&mut out, &input)?;
+    pg.all_gather(&mut out, &input, "check")?;
     expect(r, "all_gather", &out, (0..w).flat_map(|i| [i as f64, i as f64]).collect())?;
     checks.push("all_gather".to_string());
 
     // Slot j of rank q's input holds q + j; rank r receives Σ_q (q + 2r + k) for k in 0..2.
     let input = Tensor::arange((2 * w) as i64, opts) + r as f64;
     let mut out = Tensor::zeros([2], opts);
-    pg.reduce_scatter(&mut out, &input, ReduceOp::Sum)?;
+    pg.reduce_scatter(&mut out, &input, ReduceOp::Sum, "check")?;
     let base = (w * (w - 1) / 2) as f64;
     expect(r, "reduce_scatter", &out, (0..2).map(|k| base + (w * (2 * r + k)) as f64).collect())?;
     checks.push("reduce_scatter".to_string());
@@ -117,28 +118,28 @@ fn run_on(store: &Store, env: &DistEnv, device: Device, bytes: usize) -> Result<
     if w >= 2 && r < 2 {
         // A round trip between ranks 0 and 1: 0 sends, 1 answers with the value doubled.
         if r == 0 {
-            pg.send(&Tensor::from_slice(&[1.5f32, -2.0]).to_device(device), 1, 0)?;
+            pg.send(&Tensor::from_slice(&[1.5f32, -2.0]).to_device(device), 1, 0, "check")?;
             let mut back = Tensor::zeros([2], opts);
-            pg.recv(&mut back, 1, 1)?;
+            pg.recv(&mut back, 1, 1, "check")?;
             expect(r, "send/recv", &back, vec![3.0, -4.0])?;
         } else {
             let mut got = Tensor::zeros([2], opts);
-            pg.recv(&mut got, 0, 0)?;
-            pg.send(&(&got * 2.0), 0, 1)?;
+            pg.recv(&mut got, 0, 0, "check")?;
+            pg.send(&(&got * 2.0), 0, 1, "check")?;
         }
         checks.push("send/recv".to_string());
     }
 
-    pg.barrier()?;
+    pg.barrier("check")?;
     checks.push("barrier".to_string());
 
     let n = (bytes / 4).max(1) as i64;
     let mut big = Tensor::ones([n], opts);
-    pg.all_reduce(&mut big, ReduceOp::Sum)?; // warm-up (connection setup, allocation)
+    pg.all_reduce(&mut big, ReduceOp::Sum, "bandwidth warm-up")?; // warm-up (connection setup, allocation)
     let iters = 5;
     let start = Instant::now();
     for _ in 0..iters {
-        pg.all_reduce(&mut big, ReduceOp::Sum)?;
+        pg.all_reduce(&mut big, ReduceOp::Sum, "bandwidth")?;
     }
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
@@ -172,15 +173,15 @@ pub fn check_groups(
     let mut seen = Vec::new();
     for g in groups.groups() {
         let mut t = Tensor::full([1], env.rank as f64, (Kind::Float, device));
-        g.pg.all_reduce(&mut t, ReduceOp::Sum)?;
+        g.pg.all_reduce(&mut t, ReduceOp::Sum, "group check")?;
         let want = g.ranks.iter().sum::<usize>() as f64;
         expect(env.rank, "group all_reduce", &t, vec![want])?;
         let mine = Tensor::full([1], env.rank as f64, (Kind::Float, device));
         let mut all = Tensor::zeros([g.size() as i64], (Kind::Float, device));
-        g.pg.all_gather(&mut all, &mine)?;
+        g.pg.all_gather(&mut all, &mine, "group check")?;
         expect(env.rank, "group all_gather", &all, g.ranks.iter().map(|&r| r as f64).collect())?;
         seen.push((format!("{:?}", g.kind).to_lowercase(), g.ranks.clone()));
     }
-    groups.world.barrier()?;
+    groups.world.barrier("group check")?;
     Ok(seen)
 }

@@ -36,6 +36,14 @@
 //!   (`copy_to_tp_region`, or any region on a group of one) is a view of its input: modify it
 //!   in place and autograd refuses, as for views made by any custom function.
 //!
+//! Flight recorder ([`super::flight`]): the forward collective of a region (all-reduce,
+//! all-gather, reduce-scatter; none for the identity and slicing forwards) runs inside the shim
+//! call made here, so it is recorded around that call, with `what` = the region's name plus
+//! "forward". The backward collectives run inside libtorch's autograd engine, called from C++
+//! with no Rust frame around them, and are not recorded: a rank stuck in one shows the
+//! iteration and phase, not the collective (and the group's sequence numbers count forwards
+//! only, the same on every member).
+//!
 //! [`copy_to_tp_region`]: ProcessGroup::copy_to_tp_region
 //! [`reduce_from_tp_region`]: ProcessGroup::reduce_from_tp_region
 //! [`gather_from_tp_region`]: ProcessGroup::gather_from_tp_region
@@ -48,7 +56,7 @@ use std::ffi::c_char;
 
 use tch::Tensor;
 
-use super::c10d::{DistError, ProcessGroup, RawPg, RawTensor};
+use super::c10d::{nbytes, DistError, ProcessGroup, RawPg, RawTensor};
 
 extern "C" {
     fn mm_tp_copy_to(pg: *mut RawPg, x: RawTensor, out: *mut RawTensor) -> *mut c_char;
@@ -88,10 +96,32 @@ extern "C" {
 type SizedRegion = unsafe extern "C" fn(*mut RawPg, RawTensor, *const i64, usize, *mut RawTensor) -> *mut c_char;
 
 impl ProcessGroup {
-    /// Runs one shim entry point that hands back a new tensor.
-    fn region(&self, op: &str, call: impl FnOnce(*mut RawTensor) -> *mut c_char) -> Result<Tensor, DistError> {
+    /// Runs one shim entry point that hands back a new tensor, under the flight recorder when
+    /// its forward communicates (a group of more than one rank).
+    fn region(
+        &self,
+        op: &str,
+        x: &Tensor,
+        call: impl FnOnce(*mut RawTensor) -> *mut c_char,
+    ) -> Result<Tensor, DistError> {
         let mut out: RawTensor = std::ptr::null_mut();
-        self.done(call(&mut out), op)?;
+        let forward = match op {
+            "reduce_from_tp_region" => Some("all_reduce"),
+            "gather_from_tp_region" | "gather_from_sp_region" => Some("all_gather"),
+            "reduce_scatter_to_sp_region" => Some("reduce_scatter"),
+            _ => None,
+        };
+        match forward.filter(|_| self.size > 1) {
+            Some(collective) => {
+                let what = format!("{op} forward");
+                self.recorded(collective, &what, nbytes(x), op, || call(&mut out)).map_err(|mut e| {
+                    // The recorder's error op carries `what`; keep the region's name alone.
+                    e.op = op.to_string();
+                    e
+                })?
+            }
+            None => self.done(call(&mut out), op)?,
+        }
         // SAFETY: on success the shim stored a `new at::Tensor` that nothing else owns; tch's
         // Tensor frees it (delete) on drop.
         Ok(unsafe { Tensor::from_ptr(out) })
@@ -99,20 +129,20 @@ impl ProcessGroup {
 
     fn sized(&self, op: &str, f: SizedRegion, x: &Tensor, sizes: Option<&[i64]>) -> Result<Tensor, DistError> {
         let sizes = sizes.unwrap_or(&[]);
-        self.region(op, |out| unsafe { f(self.raw(), Self::ptr(x), sizes.as_ptr(), sizes.len(), out) })
+        self.region(op, x, |out| unsafe { f(self.raw(), Self::ptr(x), sizes.as_ptr(), sizes.len(), out) })
     }
 
     /// Entry to a tensor-parallel region (before a column-parallel matmul): the forward returns
     /// `x` unchanged, the backward all-reduces (sums) its gradient over the group, because every
     /// rank's slice of the computation contributed a part of it.
     pub fn copy_to_tp_region(&self, x: &Tensor) -> Result<Tensor, DistError> {
-        self.region("copy_to_tp_region", |out| unsafe { mm_tp_copy_to(self.raw(), Self::ptr(x), out) })
+        self.region("copy_to_tp_region", x, |out| unsafe { mm_tp_copy_to(self.raw(), Self::ptr(x), out) })
     }
 
     /// Exit from a tensor-parallel region (after a row-parallel matmul): the forward sums `x`
     /// over the group into a new tensor, the backward passes the gradient through unchanged.
     pub fn reduce_from_tp_region(&self, x: &Tensor) -> Result<Tensor, DistError> {
-        self.region("reduce_from_tp_region", |out| unsafe { mm_tp_reduce_from(self.raw(), Self::ptr(x), out) })
+        self.region("reduce_from_tp_region", x, |out| unsafe { mm_tp_reduce_from(self.raw(), Self::ptr(x), out) })
     }
 
     /// The forward concatenates every rank's `x` along the last dimension (rank r's slice is

@@ -70,8 +70,10 @@ pub fn run(env: &DistEnv, device: Device) -> Result<TpCheckReport, TpCheckError>
     let store = Store::tcp(&env.master_addr, env.master_port, env.rank, env.world_size, env.timeout)?;
     let store = store.prefixed("tp-check/")?;
     let backend = Backend::for_device(device);
+    let world: Vec<usize> = (0..env.world_size).collect();
     let pg =
-        ProcessGroup::new(&store, backend, env.rank, env.world_size, env.gloo_bind_addr().as_deref(), env.timeout)?;
+        ProcessGroup::new(&store, backend, env.rank, env.world_size, env.gloo_bind_addr().as_deref(), env.timeout)?
+            .named("world", &world);
     let ctx = Ctx { pg: &pg, device };
     let mut checks = Vec::new();
     for kind in [Kind::Float, Kind::Double] {
@@ -83,14 +85,15 @@ pub fn run(env: &DistEnv, device: Device) -> Result<TpCheckReport, TpCheckError>
             env.world_size,
             env.gloo_bind_addr().as_deref(),
             env.timeout,
-        )?;
+        )?
+        .named(format!("world/dropped-{kind:?}"), &world);
         checks.push(ctx.mlp(kind, Some(short_lived))?);
         checks.push(ctx.gather_scatter_last(kind, true)?);
         checks.push(ctx.gather_scatter_last(kind, false)?);
         checks.push(ctx.sequence_parallel(kind, true)?);
         checks.push(ctx.sequence_parallel(kind, false)?);
     }
-    pg.barrier()?;
+    pg.barrier("end of tp-check")?;
     Ok(TpCheckReport {
         rank: env.rank,
         world_size: env.world_size,

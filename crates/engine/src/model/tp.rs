@@ -198,7 +198,7 @@ impl Tp {
             logits
         };
         let mut max = logits.detach().amax([-1].as_slice(), true);
-        g.all_reduce(&mut max, ReduceOp::Max)?;
+        g.all_reduce(&mut max, ReduceOp::Max, "vocabulary-parallel cross entropy: logit maximum")?;
         let z = &logits - &max;
         let sum_exp = self.reduce_from(&z.exp().sum_dim_intlist([-1].as_slice(), false, Kind::Float))?;
         let (lo, hi) = (rows.start as i64, rows.start as i64 + real);

@@ -158,7 +158,7 @@ impl Parallel {
     pub fn tp_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(g) = self.groups.as_ref().filter(|_| self.tp_size > 1) else { return Ok(values.to_vec()) };
         let mut t = Tensor::from_slice(values).to_device(self.device);
-        g.tp.pg.all_reduce(&mut t, ReduceOp::Sum).map_err(|e| e.during(what))?;
+        g.tp.pg.all_reduce(&mut t, ReduceOp::Sum, what)?;
         Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
     }
 
@@ -172,7 +172,7 @@ impl Parallel {
     pub fn pp_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(pg) = self.pipeline_group() else { return Ok(values.to_vec()) };
         let mut t = Tensor::from_slice(values).to_device(self.device);
-        pg.all_reduce(&mut t, ReduceOp::Sum).map_err(|e| e.during(what))?;
+        pg.all_reduce(&mut t, ReduceOp::Sum, what)?;
         Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
     }
 
@@ -197,7 +197,7 @@ impl Parallel {
     pub fn sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(pg) = self.pg() else { return Ok(values.to_vec()) };
         let mut t = Tensor::from_slice(values).to_device(self.device);
-        pg.all_reduce(&mut t, ReduceOp::Sum).map_err(|e| e.during(what))?;
+        pg.all_reduce(&mut t, ReduceOp::Sum, what)?;
         Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
     }
 
@@ -206,7 +206,7 @@ impl Parallel {
         let Some(pg) = self.pg() else { return Ok(vec![value]) };
         let mine = Tensor::from_slice(&[value]).to_device(self.device);
         let mut all = Tensor::zeros([self.size as i64], (Kind::Int64, self.device));
-        pg.all_gather(&mut all, &mine).map_err(|e| e.during(what))?;
+        pg.all_gather(&mut all, &mine, what)?;
         Vec::<i64>::try_from(&all.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
     }
 
@@ -229,8 +229,27 @@ impl Parallel {
     pub fn world_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(g) = &self.groups else { return Ok(values.to_vec()) };
         let mut t = Tensor::from_slice(values).to_device(self.device);
-        g.world.all_reduce(&mut t, ReduceOp::Sum).map_err(|e| e.during(what))?;
+        g.world.all_reduce(&mut t, ReduceOp::Sum, what)?;
         Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+    }
+
+    /// Element-wise maximum of `values` over every rank of the job (the agreed stop: the
+    /// largest signal number any rank received, 0 for none).
+    pub fn world_max(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
+        let Some(g) = &self.groups else { return Ok(values.to_vec()) };
+        let mut t = Tensor::from_slice(values).to_device(self.device);
+        g.world.all_reduce(&mut t, ReduceOp::Max, what)?;
+        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+    }
+
+    /// Fault injection (`MM_ENGINE_FAULT=desync:…`): a 1-element broadcast from group rank 0
+    /// on the data-parallel group, the group of a step's first collective (the step totals),
+    /// which the other ranks do not enter: they wait in that all-reduce at the same sequence
+    /// number. No-op with one rank.
+    pub fn inject_desync(&self) -> Result<(), DistError> {
+        let Some(pg) = self.pg() else { return Ok(()) };
+        let mut t = Tensor::zeros([1], (Kind::Float, self.device));
+        pg.broadcast(&mut t, 0, "fault injection")
     }
 
     /// As [`Parallel::agree`] over every rank of the job (pipeline stages and
@@ -240,7 +259,7 @@ impl Parallel {
         let world = g.dims.world();
         let mine = Tensor::from_slice(&[fingerprint as i64]).to_device(self.device);
         let mut all = Tensor::zeros([world as i64], (Kind::Int64, self.device));
-        g.world.all_gather(&mut all, &mine).map_err(|e| e.during(format!("agreement on {what}")))?;
+        g.world.all_gather(&mut all, &mine, &format!("agreement on {what}"))?;
         let all = Vec::<i64>::try_from(&all.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))?;
         let odd: Vec<usize> = (0..all.len()).filter(|&r| all[r] != all[0]).collect();
         if odd.is_empty() {
@@ -264,7 +283,7 @@ impl Parallel {
                 let refs: Vec<&Tensor> = idx.iter().map(|&i| &tensors[i]).collect();
                 let flat = flatten(&refs);
                 let mut bytes = as_bytes(&flat);
-                pg.broadcast(&mut bytes, 0).map_err(|e| e.during(format!("{what}, bucket {} of {n}", b + 1)))?;
+                pg.broadcast(&mut bytes, 0, &format!("{what}, bucket {} of {n}", b + 1))?;
                 let mut outs: Vec<Tensor> = idx.iter().map(|&i| tensors[i].shallow_clone()).collect();
                 unflatten_into(&flat, &mut outs);
             }
@@ -284,8 +303,7 @@ impl Parallel {
             for (b, idx) in buckets.iter().enumerate() {
                 let refs: Vec<&Tensor> = idx.iter().map(|&i| &grads[i]).collect();
                 let mut flat = flatten(&refs);
-                pg.all_reduce(&mut flat, ReduceOp::Sum)
-                    .map_err(|e| e.during(format!("gradient bucket {} of {n}", b + 1)))?;
+                pg.all_reduce(&mut flat, ReduceOp::Sum, &format!("gradient bucket {} of {n}", b + 1))?;
                 let mut outs: Vec<Tensor> = idx.iter().map(|&i| grads[i].shallow_clone()).collect();
                 unflatten_into(&flat, &mut outs);
             }
@@ -296,7 +314,7 @@ impl Parallel {
     /// Waits for every rank of the job (pipeline checkpoints: all stages write into one folder).
     pub fn world_barrier(&self, what: &str) -> Result<(), DistError> {
         match &self.groups {
-            Some(g) => g.world.barrier().map_err(|e| e.during(what)),
+            Some(g) => g.world.barrier(what),
             None => Ok(()),
         }
     }
@@ -304,7 +322,7 @@ impl Parallel {
     /// Waits for every DP rank (before and after checkpoint writes).
     pub fn barrier(&self, what: &str) -> Result<(), DistError> {
         match self.pg() {
-            Some(pg) => pg.barrier().map_err(|e| e.during(what)),
+            Some(pg) => pg.barrier(what),
             None => Ok(()),
         }
     }

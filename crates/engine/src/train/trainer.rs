@@ -15,6 +15,16 @@
 //! Output: every rank prints plain text; only global rank 0 prints `@@mm-progress` lines
 //! (throughput over the whole data-parallel group) and only DP rank 0 writes the shared
 //! checkpoint files.
+//!
+//! Flight recorder (`dist::flight`, the rank state file): the phase goes Rendezvous (until the
+//! groups exist) → Loading (resume point, model, optimizer, data) → Step (iteration = the
+//! completed count, set at each step's end), with Eval and Checkpoint around evaluations and
+//! saves, → Done after the summary; an agreed stop (`stop`) is Stopping to the end. The state
+//! is written synchronously when `train` leaves, by an error or not.
+//!
+//! Stop: after every optimizer step the ranks agree on a stop (one all-reduce over the world
+//! group); on a signal every rank saves after that iteration and `train` returns
+//! [`Stopped`], which `main` maps to exit code 128 + the signal.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mm_spec::checkpoint::{iteration_dir, Iteration};
+use mm_spec::flight::Phase;
 use mm_spec::layout::Action;
 use mm_spec::{Progress, ProgressEvent};
 use tch::{Kind, Tensor};
@@ -34,10 +45,12 @@ use super::optimizer::AdamW;
 use super::parallel::{fingerprint, Parallel};
 use super::pipeline::{self, StepContext};
 use super::schedule::Schedule;
+use super::stop::{self, Stopped};
 use super::zero::{SavedOptimizer, ZeroAdamW};
 use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Producer, Share};
 use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
+use crate::dist::flight::{self, Fault};
 use crate::model::tp::Tp;
 use crate::rng::Rng;
 use crate::session::{configure_cpu_threads, pick_device, RankModel, Session, SessionOptions};
@@ -311,14 +324,21 @@ pub struct Trainer {
     load: Option<PathBuf>,
     counters: Counters,
     totals: RunTotals,
+    /// Test-only fault injection (`MM_ENGINE_FAULT`).
+    fault: Option<Fault>,
 }
 
-/// `mm-engine train`. With several ranks every error names the rank that hit it.
+/// `mm-engine train`. With several ranks every error names the rank that hit it. An agreed
+/// stop comes back as [`Stopped`] (exit code 128 + the signal in `main`).
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let env = DistEnv::from_process()?;
-    train(a, &env).map_err(|e| {
+    flight::init(env.rank);
+    let result = train(a, &env);
+    // The last state on disk: where an error left the rank, or Done / Stopping.
+    flight::flush();
+    result.map_err(|e| {
         let named = e.chain().any(|c| c.is::<DistError>()) || e.to_string().starts_with("rank ");
-        if env.world_size > 1 && !named {
+        if env.world_size > 1 && !named && !e.is::<Stopped>() {
             e.context(format!("rank {}", env.rank))
         } else {
             e
@@ -327,8 +347,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
+    let fault = Fault::from_env(env.rank, env.world_size)?;
+    stop::install()?;
     let cfg = TrainConfig::new(a, env.world_size).map_err(|e| anyhow::anyhow!("invalid train flags:\n  {e}"))?;
-    Trainer::setup(cfg, env)?.run()
+    let mut trainer = Trainer::setup(cfg, env)?;
+    trainer.fault = fault;
+    trainer.run()
 }
 
 /// This process's resident memory (VmRSS of /proc/self/status); None where unavailable.
@@ -452,6 +476,7 @@ impl Trainer {
         // others fail fast in their next collective instead of waiting for it at the store.
         let par = &cfg.parallel;
         let dp = Parallel::init(env, device, par.tp, par.pp, par.vpp)?;
+        flight::set_phase(Phase::Loading);
         let ck = &cfg.checkpoint;
         let load = resume_point(ck, cfg.tokenizer.as_deref())?;
         if ck.auto_resume {
@@ -623,14 +648,17 @@ impl Trainer {
             load,
             counters,
             totals: RunTotals::default(),
+            fault: None,
         })
     }
 
     /// Steps to --train-iters (or an --exit-interval), logging, evaluating and saving on the
     /// way; then the final save and the summary.
     pub fn run(mut self) -> anyhow::Result<()> {
+        flight::set_iteration(self.counters.iteration);
         if self.counters.iteration >= self.cfg.train_iters {
             self.nothing_to_train();
+            flight::set_phase(Phase::Done);
             return Ok(());
         }
         let run_start = Instant::now();
@@ -639,14 +667,24 @@ impl Trainer {
         let ck = self.cfg.checkpoint.clone();
         let train_iters = self.cfg.train_iters;
         while self.counters.iteration < train_iters {
+            flight::set_phase(Phase::Step);
             let s = self.step()?;
             let iteration = s.iteration;
+            flight::set_iteration(iteration);
+            // Whether any rank took a stop signal: one small all-reduce per step.
+            let local = stop::requested().unwrap_or(0);
+            let agreed = self.dp.world_max(&[f64::from(local)], "stop agreement: the largest signal any rank took")?[0]; // SYNC
+            let stopping = (agreed > 0.0 && iteration < train_iters).then_some(agreed as i32);
             window.add(&s);
-            if iteration % self.cfg.log_interval == 0 || iteration == train_iters {
+            if iteration % self.cfg.log_interval == 0 || iteration == train_iters || stopping.is_some() {
                 self.log(&s, &window);
                 window = LogWindow::new();
             }
+            if let Some(signal) = stopping {
+                return Err(self.stop(signal, last_ckpt, saved_at)?.into());
+            }
             if let Some(e) = self.cfg.eval.filter(|e| iteration % e.interval == 0) {
+                flight::set_phase(Phase::Eval);
                 let v = evaluate(&self.session, &self.ds, &self.cfg, e.iters, self.seed, &self.dp)?; // SYNC
                 if self.dp.global_rank == 0 {
                     println!(
@@ -656,6 +694,7 @@ impl Trainer {
                 }
             }
             if ck.save.is_some() && ck.save_interval > 0 && iteration % ck.save_interval == 0 {
+                flight::set_phase(Phase::Checkpoint);
                 last_ckpt = Some(self.save()?); // SYNC
                 saved_at = Some(iteration);
             }
@@ -666,11 +705,46 @@ impl Trainer {
         }
         self.loader = None;
         if ck.save.is_some() && saved_at != Some(self.counters.iteration) {
+            flight::set_phase(Phase::Checkpoint);
             last_ckpt = Some(self.save()?); // SYNC
         }
         self.dp.barrier("end of training")?; // SYNC
         self.summary(run_start.elapsed(), last_ckpt);
+        flight::set_phase(Phase::Done);
         Ok(())
+    }
+
+    /// The agreed stop after the iteration just completed: every rank saves it (unless the
+    /// periodic save just did) and the run ends with [`Stopped`]; rank 0 says so on stdout and
+    /// with a `Stopped` progress event.
+    fn stop(&mut self, signal: i32, last_ckpt: Option<PathBuf>, saved_at: Option<u64>) -> anyhow::Result<Stopped> {
+        let iteration = self.counters.iteration;
+        let name = stop::signal_name(signal);
+        flight::set_phase(Phase::Stopping);
+        flight::set_stop(&name);
+        let save = self.cfg.checkpoint.save.is_some();
+        if self.dp.global_rank == 0 {
+            println!(
+                "stopping at iteration {iteration}: {name} received (preemption or an operator's stop); {}",
+                if save { "saving a checkpoint" } else { "no --save: nothing is saved" }
+            );
+        }
+        self.loader = None;
+        let checkpoint = match (save, saved_at == Some(iteration)) {
+            (false, _) => None,
+            (true, true) => last_ckpt,
+            (true, false) => Some(self.save()?), // SYNC
+        };
+        if self.dp.global_rank == 0 {
+            let ev = ProgressEvent::Stopped {
+                iteration,
+                signal: name.clone(),
+                checkpoint: checkpoint.as_ref().map(|p| p.display().to_string()),
+            };
+            println!("{}", ev.to_line());
+        }
+        self.dp.world_barrier("agreed stop")?; // SYNC
+        Ok(Stopped { signal, iteration, train_iters: self.cfg.train_iters, checkpoint })
     }
 
     /// One optimizer step: this rank's micro batches, the pipeline schedule's forwards and
@@ -694,6 +768,24 @@ impl Trainer {
             batches.iter().map(supervised_tokens).sum::<i64>() as f64,
             batches.iter().map(|b| b.tokens()).sum::<usize>() as f64,
         ];
+        // Test-only faults, before the step's first collective and outside any collective.
+        match self.fault.and_then(|f| f.at(dp.global_rank, iteration)) {
+            Some(Fault::Sleep { seconds, .. }) => {
+                eprintln!(
+                    "fault injection: rank {} sleeps {seconds} s at the start of iteration {iteration}",
+                    dp.global_rank
+                );
+                std::thread::sleep(Duration::from_secs_f64(seconds));
+            }
+            Some(Fault::Desync { .. }) => {
+                eprintln!(
+                    "fault injection: rank {} enters a broadcast the others do not at the start of iteration {iteration}",
+                    dp.global_rank
+                );
+                dp.inject_desync()?; // SYNC (deliberately unmatched)
+            }
+            None => {}
+        }
         let global = dp.sum(&local, "step totals: micro batches, samples, supervised and real tokens")?; // SYNC
         let totals =
             StepTotals { micro_batches: global[0] as usize, samples: global[1] as usize, tokens: global[2] as i64 };

@@ -296,9 +296,7 @@ impl ZeroAdamW {
     pub fn reduce(&mut self, dp: &Parallel, received: &[bool]) -> Result<(), DistError> {
         self.received = received.to_vec();
         match dp.group() {
-            Some(pg) => {
-                pg.reduce_scatter(&mut self.shard_grad, &self.grad, ReduceOp::Sum).map_err(|e| e.during("gradients"))
-            }
+            Some(pg) => pg.reduce_scatter(&mut self.shard_grad, &self.grad, ReduceOp::Sum, "gradients"),
             None => {
                 self.shard_grad = self.grad.narrow(0, 0, self.layout.shard() as i64);
                 Ok(())
@@ -397,7 +395,7 @@ impl ZeroAdamW {
                     let local = self.master.to_kind(kind);
                     let full = Tensor::zeros([self.layout.padded as i64], (kind, device));
                     let mut out = as_bytes(&full);
-                    pg.all_gather(&mut out, &as_bytes(&local)).map_err(|e| e.during("updated parameters"))?;
+                    pg.all_gather(&mut out, &as_bytes(&local), "updated parameters")?;
                     full
                 }
                 None => self.master.to_kind(kind),
