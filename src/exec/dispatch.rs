@@ -1056,33 +1056,7 @@ mod tests {
     }
 
     fn rank_report(rank: usize, ticks: u64, in_flight: bool) -> crate::exec::proto::RankReport {
-        use mm_spec::flight::{Collective, Phase, RankState};
-        let collectives = in_flight
-            .then(|| Collective {
-                group: "world".into(),
-                seq: 12,
-                op: "all_reduce".into(),
-                what: "step totals".into(),
-                bytes: 32,
-                start_ms: 1,
-                end_ms: None,
-            })
-            .into_iter()
-            .collect();
-        crate::exec::proto::RankReport {
-            proc_state: Some(if in_flight { 'S' } else { 'T' }),
-            state: RankState {
-                rank,
-                pid: 700 + rank as u32,
-                phase: Phase::Step,
-                iteration: 3,
-                ticks,
-                updated_ms: 0,
-                groups: [("world".to_string(), vec![0, 1, 2, 3])].into(),
-                collectives,
-                stop: None,
-            },
-        }
+        crate::exec::watchdog::tests::report(rank, 3, ticks, in_flight)
     }
 
     #[tokio::test(start_paused = true)]
@@ -1110,7 +1084,7 @@ mod tests {
                 assert_eq!((f.node, f.unit), (1, Some(1)), "rank 3 is unit 1 on node 1");
                 let FailureKind::Stalled(why) = &f.kind else { panic!("{f:?}") };
                 assert!(why.starts_with("no progress for 3s (the step budget, --hang-timeout, is 3s): waiting in \
-                     all_reduce (step totals) on world #12: ranks 0-2; not arrived: rank 3 on h1 (pid 703; state T stopped"), "{why}");
+                     all_reduce (step totals) on world #12: ranks 0-2; not arrived: rank 3 on h1 (pid 503; state T stopped"), "{why}");
             }
             o => panic!("{o:?}"),
         }

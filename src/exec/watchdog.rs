@@ -209,7 +209,7 @@ impl Watchdog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use mm_spec::flight::{Collective, RankState};
 
     use super::*;
@@ -220,13 +220,15 @@ mod tests {
             .collect()
     }
 
-    fn report(rank: usize, iteration: u64, ticks: u64, in_flight: bool) -> RankReport {
+    /// Rank `rank`'s report: in the step's first all-reduce (world #12, "step totals") when
+    /// `in_flight`, else stopped (state T) outside any collective.
+    pub(crate) fn report(rank: usize, iteration: u64, ticks: u64, in_flight: bool) -> RankReport {
         let collectives = if in_flight {
             vec![Collective {
                 group: "world".into(),
-                seq: 40,
+                seq: 12,
                 op: "all_reduce".into(),
-                what: String::new(),
+                what: "step totals".into(),
                 bytes: 8,
                 start_ms: 1,
                 end_ms: None,

@@ -9,46 +9,21 @@
 
 mod ranks;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mm_spec::checkpoint::Manifest;
 use mm_spec::ProgressEvent;
-use ranks::{engine, events, free_port, launch, rank_cmd, steps, text};
+use ranks::{events, free_port, launch, lines, rank_cmd, steps, text};
 
 fn synth() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mm-engine-dp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let o = engine().args(["synth", "--out"]).arg(&dir).args(["--samples", "16"]).output().unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        dir
-    })
+    ranks::synth_once("dp", &[])
 }
 
 /// The training flags of every run here (tiny model, one tile per image, per-token loss).
 fn train_args(extra: &str) -> Vec<String> {
-    let d = synth();
-    let mut v: Vec<String> = vec!["train".into(), "--model".into(), "tiny".into()];
-    for (k, p) in [
-        ("--data-path", d.join("data/train.jsonl")),
-        ("--data-folder", d.join("data")),
-        ("--tokenizer", d.join("model")),
-    ] {
-        v.push(k.into());
-        v.push(p.display().to_string());
-    }
-    let common = "--device cpu --seq-length 512 --use-thumbnail --max-dynamic-patch 1 --min-num-frame 2 \
-        --max-num-frame 4 --log-interval 1 --log-tps --loss-reduction per_token --micro-batch-size 1 \
-        --lr 0.002 --seed 7";
-    v.extend(common.split_whitespace().map(String::from));
-    v.extend(extra.split_whitespace().map(String::from));
-    v
+    ranks::tiny_train_args(synth(), false, &format!("--log-tps --loss-reduction per_token --seed 7 {extra}"))
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -184,20 +159,6 @@ fn ranks_started_with_different_flags_refuse_to_train() {
         assert!(err.contains("data-parallel ranks [1] differ from rank 0"), "{err}");
         assert!(events(&o).is_empty(), "no training step ran");
     }
-}
-
-/// Reads a child's stdout on a thread, forwarding lines.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 /// Waits up to `limit` for `child` to exit; kills it and fails the test if it does not.

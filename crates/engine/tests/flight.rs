@@ -11,47 +11,23 @@
 
 mod ranks;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mm_spec::flight::{diagnose, state_file_name, Diagnosis, Phase, RankState, RankView, FAULT_ENV, STATE_DIR_ENV};
 use mm_spec::progress::RunSummary;
 use mm_spec::ProgressEvent;
-use ranks::{engine, events, free_port, launch, rank_cmd, steps, text};
+use ranks::{events, free_port, launch, lines, rank_cmd, steps, text};
 
 fn synth() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mm-engine-flight-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let o = engine().args(["synth", "--out"]).arg(&dir).args(["--samples", "16"]).output().unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        dir
-    })
+    ranks::synth_once("flight", &[])
 }
 
 /// Tiny model, one sample per rank and step.
 fn train_args(extra: &str) -> Vec<String> {
-    let d = synth();
-    let mut v: Vec<String> = vec!["train".into(), "--model".into(), "tiny".into()];
-    for (k, p) in [
-        ("--data-path", d.join("data/train.jsonl")),
-        ("--data-folder", d.join("data")),
-        ("--tokenizer", d.join("model")),
-        ("--load", d.join("model")),
-    ] {
-        v.push(k.into());
-        v.push(p.display().to_string());
-    }
-    let common = "--device cpu --seq-length 512 --use-thumbnail --max-dynamic-patch 1 --min-num-frame 2 \
-        --max-num-frame 4 --log-interval 1 --loss-reduction per_token --micro-batch-size 1 --lr 0.002 --seed 7";
-    v.extend(common.split_whitespace().map(String::from));
-    v.extend(extra.split_whitespace().map(String::from));
-    v
+    ranks::tiny_train_args(synth(), true, &format!("--loss-reduction per_token --seed 7 {extra}"))
 }
 
 /// Running ranks, killed when the test ends (passed or not).
@@ -81,20 +57,6 @@ fn start(world: usize, timeout_s: u64, args: &[String], env: &[(&str, &str)]) ->
             })
             .collect(),
     )
-}
-
-/// Collects a child's stdout lines on a thread.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 /// Reads `rx` until a Step event of at least `iteration` (panics after `limit`); returns every

@@ -9,7 +9,7 @@
 mod fresh;
 mod ranks;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::sync::OnceLock;
 
@@ -17,34 +17,15 @@ use ranks::{engine, launch, steps, text};
 
 /// A tiny model with 4 LLM layers and 2 ViT layers, and its data.
 fn synth() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mm-engine-pp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let o = engine().args(["synth", "--llm-layers", "4", "--samples", "16", "--out"]).arg(&dir).output().unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        dir
-    })
+    ranks::synth_once("pp", &["--llm-layers", "4"])
 }
 
 fn train_args(extra: &str) -> Vec<String> {
-    let d = synth();
-    let mut v: Vec<String> = vec!["train".into(), "--model".into(), "tiny".into()];
-    for (k, p) in [
-        ("--data-path", d.join("data/train.jsonl")),
-        ("--data-folder", d.join("data")),
-        ("--tokenizer", d.join("model")),
-        ("--load", d.join("model")),
-    ] {
-        v.push(k.into());
-        v.push(p.display().to_string());
-    }
-    let common = "--device cpu --seq-length 512 --use-thumbnail --max-dynamic-patch 1 --min-num-frame 2 \
-        --max-num-frame 4 --log-interval 1 --micro-batch-size 1 --global-batch-size 4 --train-iters 4 \
-        --lr 0.002 --clip-grad 0.5 --seed 11";
-    v.extend(common.split_whitespace().map(String::from));
-    v.extend(extra.split_whitespace().map(String::from));
-    v
+    ranks::tiny_train_args(
+        synth(),
+        true,
+        &format!("--global-batch-size 4 --train-iters 4 --clip-grad 0.5 --seed 11 {extra}"),
+    )
 }
 
 fn single() -> &'static Vec<(u64, f64, f64)> {

@@ -4,9 +4,62 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 
 use mm_spec::ProgressEvent;
+
+/// `mm-engine synth --samples 16 EXTRA` into a temporary folder named after `tag`, made once
+/// per test binary (the first call's arguments make it).
+pub fn synth_once(tag: &str, extra: &[&str]) -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mm-engine-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let o = engine().args(["synth", "--samples", "16"]).args(extra).arg("--out").arg(&dir).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        dir
+    })
+}
+
+/// `train --model tiny` on the data and tokenizer of `dir` (a [`synth_once`] folder; its
+/// model loaded when `load`), the CPU flags every test shares (one tile per image, short
+/// videos, a log line per step), then `flags` (whitespace separated).
+pub fn tiny_train_args(dir: &Path, load: bool, flags: &str) -> Vec<String> {
+    let mut v: Vec<String> = vec!["train".into(), "--model".into(), "tiny".into()];
+    let mut paths = vec![
+        ("--data-path", dir.join("data/train.jsonl")),
+        ("--data-folder", dir.join("data")),
+        ("--tokenizer", dir.join("model")),
+    ];
+    if load {
+        paths.push(("--load", dir.join("model")));
+    }
+    for (k, p) in paths {
+        v.push(k.into());
+        v.push(p.display().to_string());
+    }
+    let common = "--device cpu --seq-length 512 --use-thumbnail --max-dynamic-patch 1 --min-num-frame 2 \
+        --max-num-frame 4 --log-interval 1 --micro-batch-size 1 --lr 0.002";
+    v.extend(common.split_whitespace().chain(flags.split_whitespace()).map(String::from));
+    v
+}
+
+/// A child's stdout lines, read on a thread.
+pub fn lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
 
 /// The binary with no inherited rank environment.
 pub fn engine() -> Command {
