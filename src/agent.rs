@@ -287,17 +287,17 @@ impl Agent {
             let now = Instant::now();
             let timeout =
                 self.next_deadline().map(|d| d.saturating_duration_since(now)).unwrap_or(Duration::from_secs(3600));
-            match rx.recv_timeout(timeout) {
+            let got = rx.recv_timeout(timeout);
+            // Back far later than asked: the agent itself did not run (SIGSTOP, a starved
+            // host). The launcher's silence is not the launcher's then: its heartbeats wait
+            // unread in stdin. A fresh budget lets them arrive.
+            if Instant::now().saturating_duration_since(now + timeout) > Duration::from_secs(1) {
+                eprintln!("launch agent: the agent did not run for a while; the launcher's budget restarts");
+                self.last_from_launcher = Instant::now();
+            }
+            match got {
                 Ok(ctl) => self.handle(ctl),
-                Err(RecvTimeoutError::Timeout) => {
-                    // Woken far later than asked: the agent itself did not run (SIGSTOP, a
-                    // starved host). The launcher's silence is not the launcher's then: its
-                    // heartbeats wait unread in stdin. A fresh budget lets them arrive.
-                    if Instant::now().saturating_duration_since(now + timeout) > Duration::from_secs(1) {
-                        eprintln!("launch agent: the agent did not run for a while; the launcher's budget restarts");
-                        self.last_from_launcher = Instant::now();
-                    }
-                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.on_time();
@@ -612,8 +612,37 @@ fn read_rank_states(dir: &std::path::Path) -> Vec<crate::exec::proto::RankReport
 /// The state letter of /proc/<pid>/stat (R, S, D, T, Z, …).
 pub fn proc_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // pid (comm) state …; comm may contain spaces and parentheses.
-    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
+    stat_fields(&stat).map(|f| f.state)
+}
+
+/// The fields of a /proc/<pid>/stat line the launcher reads.
+#[derive(Debug, PartialEq)]
+pub struct StatFields<'a> {
+    pub comm: &'a str,
+    pub state: char,
+    pub ppid: i32,
+    /// When the process started, in clock ticks since boot (field 22): with the pid, it names
+    /// one process for good (pids are reused).
+    pub start: u64,
+}
+
+/// Parses `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+pub fn stat_fields(stat: &str) -> Option<StatFields<'_>> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    let field = |n: usize| rest.get(n - 3).copied().unwrap_or("");
+    Some(StatFields {
+        comm: stat.get(open + 1..close)?,
+        state: rest.first()?.chars().next()?,
+        ppid: field(4).parse().unwrap_or(0),
+        start: field(22).parse().unwrap_or(0),
+    })
+}
+
+/// The start time (see [`StatFields::start`]) of process `pid`, if it exists.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields(&stat).map(|f| f.start)
 }
 
 /// `bash -c SCRIPT` for a unit: its own session and process group, a clean signal mask,
@@ -667,13 +696,9 @@ pub fn descendants(root: i32) -> Vec<i32> {
     for entry in dir.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // pid (comm) state ppid ...; comm may contain spaces and parentheses.
-        let Some(close) = stat.rfind(')') else { continue };
-        let mut rest = stat[close + 1..].split_whitespace();
-        let state = rest.next().unwrap_or("");
-        let ppid: i32 = rest.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if state != "Z" && state != "X" {
-            children.entry(ppid).or_default().push(pid);
+        let Some(f) = stat_fields(&stat) else { continue };
+        if f.state != 'Z' && f.state != 'X' {
+            children.entry(f.ppid).or_default().push(pid);
         }
     }
     let mut out = Vec::new();

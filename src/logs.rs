@@ -48,6 +48,12 @@ pub struct RunStatus {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub outcome: Option<String>,
+    /// The machine the launcher runs on, and its process's start time there (with `pid`, what
+    /// `launch stop` checks before it signals anything).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub pid_start: Option<u64>,
     /// The engine's end-of-training summary (final loss, tokens/s, checkpoint), when it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<crate::exec::outcome::TrainingSummary>,
@@ -526,14 +532,14 @@ pub fn stop_run(log_dir: &Path, run: Option<&str>, wait: Duration) -> Result<Str
             status.exit_code.map(|c| format!(" with exit code {c}")).unwrap_or_default()
         ));
     }
+    let here = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(host) = status.host.as_deref().filter(|h| *h != here) {
+        return Err(format!("run {id} was started on {host} (this is {here}): run `launch stop` there"));
+    }
     // The pid must still be that launcher, not a process that reused the number.
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", status.pid)).unwrap_or_default();
-    let is_launch = cmdline.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"launch"))
-        && cmdline.split(|b| *b == 0).any(|a| a == b"finetune");
-    if !is_launch {
+    if status.pid_start.is_none_or(|t| crate::agent::start_time(status.pid) != Some(t)) {
         return Err(format!(
-            "run {id}: its launcher (pid {}) is gone from this machine (killed, or the run was started on \
-             another host); nothing to stop here",
+            "run {id}: its launcher (pid {}) is gone (killed before it could record the end); nothing to stop",
             status.pid
         ));
     }
@@ -687,6 +693,8 @@ mod tests {
             exit_code: Some(0),
             outcome: None,
             training: None,
+            host: None,
+            pid_start: None,
         })
         .unwrap();
         let mut out = Vec::new();
@@ -703,5 +711,34 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         assert_eq!(tail_lines(&p, 2).unwrap(), ["line 98", "line 99"]);
         assert_eq!(tail_matching(&p, 1, |l| l.ends_with('7')).unwrap(), ["line 97"]);
+    }
+
+    /// `launch stop` signals only the launcher that wrote the status: not a run of another
+    /// machine, not a process that reused the pid, not a finished run.
+    #[test]
+    fn stop_refuses_other_hosts_reused_pids_and_finished_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let run = RunDir::create(d.path(), "t", false).unwrap();
+        let me = std::process::id();
+        let here = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
+        let status = |state: &str, host: &str, pid_start| RunStatus {
+            run_id: run.id.clone(),
+            state: state.into(),
+            pid: me,
+            exit_code: (state == "finished").then_some(143),
+            outcome: None,
+            training: None,
+            host: Some(host.into()),
+            pid_start,
+        };
+        let started = crate::agent::start_time(me);
+        assert!(started.is_some_and(|t| t > 0));
+        let stop = || stop_run(d.path(), None, Duration::from_millis(10)).unwrap_err();
+        run.write_status(&status("running", "elsewhere", started)).unwrap();
+        assert!(stop().contains(&format!("was started on elsewhere (this is {here})")), "{}", stop());
+        run.write_status(&status("running", &here, started.map(|t| t + 1))).unwrap();
+        assert!(stop().contains(&format!("its launcher (pid {me}) is gone")), "{}", stop());
+        run.write_status(&status("finished", &here, started)).unwrap();
+        assert!(stop().contains("is not running (it finished with exit code 143)"), "{}", stop());
     }
 }

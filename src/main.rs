@@ -299,7 +299,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Stop(args) => {
             let log_dir = log_dir_of(&args.log_dir, &cli.cluster)?;
             let said = launch::logs::stop_run(&log_dir, args.run.as_deref(), args.wait)
-                .map_err(|e| Failure(EXIT_CONFIG, format!("error: {e}")))?;
+                .map_err(|e| Failure(1, format!("error: {e}")))?;
             println!("{said}");
             Ok(ExitCode::SUCCESS)
         }

@@ -1,16 +1,23 @@
 //! Signals that arrive before the job's own handlers exist (while the plan is made, the hosts
 //! are reached and the checks run) are held, not fatal: the launcher says so at once, finishes
 //! what it is doing without starting anything, and exits with 128 + the signal. A second one
-//! exits at once. [`crate::exec::job`] picks up a signal held in the last moment before its
-//! handlers took over.
+//! exits at once. [`crate::exec::job`] registers its handlers, then [`release`]s this one and
+//! picks up a signal held in the last moment before.
+//!
+//! Pitfall: tokio's signal registration keeps the handler it finds and calls it first on every
+//! signal, so `hold` stays in the chain for the whole job: once released it must do nothing.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use crate::exec::outcome::Sig;
 
 static HELD: AtomicI32 = AtomicI32::new(0);
+static RELEASED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn hold(sig: libc::c_int) {
+    if RELEASED.load(Ordering::SeqCst) {
+        return;
+    }
     // Only async-signal-safe calls here: atomics, write(2), _exit(2).
     let say = |msg: &[u8]| {
         // SAFETY: a valid buffer and its length.
@@ -46,7 +53,9 @@ pub fn held() -> Option<Sig> {
     Sig::from_number(HELD.load(Ordering::SeqCst))
 }
 
-/// The signal held so far, if any, handed over (the job's handlers act on it).
-pub fn take_held() -> Option<Sig> {
+/// The job's handlers are registered: holding ends, and the signal held so far, if any, is
+/// handed over (the job acts on it).
+pub fn release() -> Option<Sig> {
+    RELEASED.store(true, Ordering::SeqCst);
     Sig::from_number(HELD.swap(0, Ordering::SeqCst))
 }

@@ -144,12 +144,12 @@ fn local_progress_lines() {
     assert!(!f.stdout.contains("@@mm-progress"), "progress lines stay in the logs:\n{}", f.stdout);
 }
 
-/// A Ctrl-C while the checks run (a `setup:` line makes them take 3 s) is held, not fatal:
+/// A Ctrl-C while the checks run (a `setup:` line makes them take 5 s) is held, not fatal:
 /// the launcher says so at once, finishes the checks, starts nothing and exits 130.
 #[test]
 fn sigint_during_the_checks_is_held_and_nothing_starts() {
     let job = Job::new(Place::Local);
-    let cluster = job.cluster(&[("TEST_MODE", "run")], "setup:\n  - sleep 3\n");
+    let cluster = job.cluster(&[("TEST_MODE", "run")], "setup:\n  - sleep 5\n");
     let t0 = std::time::Instant::now();
     let child = job.spawn(&cluster, &[]);
     std::thread::sleep(Duration::from_millis(1500));

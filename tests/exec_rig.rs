@@ -62,8 +62,10 @@ fn start_running(job: &Job) -> (std::process::Child, Instant) {
     (child, t0)
 }
 
-/// (d) a host's link goes down mid-run: noticed within keepalive interval × count (1 s × 3),
-/// the others stopped, a clear report; the lost host's agent stops its own ranks.
+/// (d) a host's link goes down mid-run: its silence is noticed after keepalive interval ×
+/// count (1 s × 3), a new connection to it fails within the connect timeout (3 s), so it is
+/// declared lost (not a frozen agent), the others stopped, a clear report; the lost host's
+/// agent stops its own ranks.
 #[test]
 fn rig_lost_host_is_noticed_and_cleaned() {
     let rig = Rig::up(3);
@@ -77,8 +79,10 @@ fn rig_lost_host_is_noticed_and_cleaned() {
     assert!(f.stderr.contains("host h2 (10.78.0.3) was lost: no sign of life for"), "{}", f.stderr);
     assert!(f.stderr.contains("keepalive 1s × 3"), "{}", f.stderr);
     assert!(f.stderr.contains("LOST:"), "h2's status line says so:\n{}", f.stderr);
-    // Noticed after about 3 s, then the others stop (they exit on SIGTERM at once).
-    assert!(after_down < Duration::from_secs(3 + 2 + 4), "took {after_down:?}");
+    // Noticed after about 3 s, probed for up to 3 s, then the others stop (they exit on
+    // SIGTERM at once).
+    assert!(f.stderr.contains("and a new connection failed"), "{}", f.stderr);
+    assert!(after_down < Duration::from_secs(3 + 3 + 2 + 4), "took {after_down:?}");
     let lost_at: f64 = f
         .stderr
         .split("no sign of life for ")
@@ -86,7 +90,7 @@ fn rig_lost_host_is_noticed_and_cleaned() {
         .and_then(|s| s.split('s').next())
         .and_then(|s| s.parse().ok())
         .unwrap();
-    assert!((3.0..4.5).contains(&lost_at), "declared lost after {lost_at}s of silence");
+    assert!((3.0..7.5).contains(&lost_at), "declared lost after {lost_at}s of silence");
     // The reachable hosts are clean right away; h2's agent notices the silence (4 s), stops
     // its ranks (grace 2 s) and exits. Only sshd's session, stuck on the dead TCP connection,
     // may remain there.
@@ -250,11 +254,7 @@ fn rig_killed_sshd_reads_as_a_dropped_connection() {
     }
     let f = job.wait(child, t0, Duration::from_secs(60));
     assert_eq!(f.code, 255, "stderr:\n{}", f.stderr);
-    assert!(
-        f.stderr.contains("FAILED: the node agent on h3 (10.78.0.4) failed: the SSH connection to h3 dropped (sshd gone or host rebooted)"),
-        "{}",
-        f.stderr
-    );
+    assert!(f.stderr.contains("FAILED: the SSH connection to h3 dropped (sshd gone or host rebooted)"), "{}", f.stderr);
     assert!(!f.stderr.contains("transport read"), "{}", f.stderr);
     assert!(!f.stderr.contains("lines:\n  log:"), "no empty log tail:\n{}", f.stderr);
     job.assert_clean(Duration::from_secs(15), true);

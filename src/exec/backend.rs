@@ -37,17 +37,24 @@ pub enum Probe {
 }
 
 impl Probe {
-    /// The answer of `cat /proc/<pid>/stat` (or "gone"), for an agent process.
-    pub fn from_stat(stat: &str) -> Probe {
-        let stat = stat.trim();
-        let comm = stat.find('(').zip(stat.rfind(')')).map(|(a, b)| &stat[a + 1..b.max(a + 1)]);
-        let state =
-            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).and_then(|s| s.chars().next());
-        match (comm, state) {
-            (Some("launch"), Some(c)) => Probe::Alive(c),
+    /// The answer of `cat /proc/<pid>/stat` (or "gone") for an agent process whose executable
+    /// is called `exe`: another name means the pid now belongs to another program.
+    pub fn from_stat(stat: &str, exe: &str) -> Probe {
+        match crate::agent::stat_fields(stat.trim()) {
+            Some(f) if f.comm == comm_of(exe) => Probe::Alive(f.state),
             _ => Probe::Gone,
         }
     }
+}
+
+/// The name /proc shows for a process running `exe` (its file name, cut to 15 bytes).
+pub fn comm_of(exe: &str) -> &str {
+    let name = exe.rsplit('/').next().unwrap_or(exe);
+    let mut end = name.len().min(15);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 pub type EventTx = tokio::sync::mpsc::Sender<(usize, LinkEvent)>;
@@ -85,10 +92,13 @@ mod tests {
 
     #[test]
     fn probes_read_the_agents_stat_line() {
-        assert_eq!(Probe::from_stat("812 (launch) T 1 812 812 0 -1\n"), Probe::Alive('T'));
-        assert_eq!(Probe::from_stat("812 (launch) S 1 812"), Probe::Alive('S'));
+        assert_eq!(Probe::from_stat("812 (launch) T 1 812 812 0 -1\n", "launch"), Probe::Alive('T'));
+        assert_eq!(Probe::from_stat("812 (launch) S 1 812", "/opt/bin/launch"), Probe::Alive('S'));
+        // An agent installed under another name (cut to 15 bytes, as /proc does).
+        let exe = "/opt/mm/bin/mm-launch-0.1.0-linux";
+        assert_eq!(Probe::from_stat("9 (mm-launch-0.1.0) T 1", exe), Probe::Alive('T'));
         // The pid now belongs to another program, or the shell said so.
-        assert_eq!(Probe::from_stat("812 (bash) S 1 812"), Probe::Gone);
-        assert_eq!(Probe::from_stat("gone\n"), Probe::Gone);
+        assert_eq!(Probe::from_stat("812 (bash) S 1 812", "launch"), Probe::Gone);
+        assert_eq!(Probe::from_stat("gone\n", "launch"), Probe::Gone);
     }
 }

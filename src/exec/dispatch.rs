@@ -382,7 +382,11 @@ impl Dispatcher<'_, '_, '_> {
                         }
                     })
                     .collect();
-                self.watchdog.update(ranks, &units, Instant::now());
+                // Once stopping, the states are the stop's, not the failure's: keep the last
+                // ones from before it for the diagnosis and the run folder.
+                if self.phase == Phase::Running {
+                    self.watchdog.update(ranks, &units, Instant::now());
+                }
             }
             FromAgent::StoppingRanks { reason } => {
                 if self.phase != Phase::Running {
@@ -568,17 +572,18 @@ impl Dispatcher<'_, '_, '_> {
         let now = Instant::now();
         let gap = now.duration_since(self.last_tick);
         self.last_tick = now;
-        if let Some((interval, count)) = self.cfg.heartbeat {
-            if gap > (interval * count / 2).max(Duration::from_secs(1)) {
-                // The launcher itself did not run (suspended, starved): the hosts' silence
-                // is not theirs. Give every host a fresh budget.
-                tracing::warn!(gap_ms = gap.as_millis() as u64, "the launcher was paused; liveness budgets reset");
-                for n in &mut self.nodes {
-                    n.last_seen = now;
-                }
-                self.watchdog.reset(now);
-                self.paused = Some(self.paused.map_or(gap, |p| p.max(gap)));
+        let paused_after = self.cfg.heartbeat.map_or(Duration::ZERO, |(i, c)| i * c / 2).max(Duration::from_secs(1));
+        if gap > paused_after {
+            // The launcher itself did not run (suspended, starved): the hosts' and the ranks'
+            // silence is not theirs. Give every host and the watchdog a fresh budget.
+            tracing::warn!(gap_ms = gap.as_millis() as u64, "the launcher was paused; liveness budgets reset");
+            for n in &mut self.nodes {
+                n.last_seen = now;
             }
+            self.watchdog.reset(now);
+            self.paused = Some(self.paused.map_or(gap, |p| p.max(gap)));
+        }
+        if let Some((interval, count)) = self.cfg.heartbeat {
             if now >= self.next_heartbeat {
                 self.next_heartbeat = now + interval;
                 for i in 0..self.nodes.len() {
@@ -718,7 +723,7 @@ impl Dispatcher<'_, '_, '_> {
         let silent = now.duration_since(n.last_seen).as_secs_f64();
         let (pid, name) = (n.agent_pid.unwrap_or(0), n.report.info.name.clone());
         let why = match found {
-            Probe::Alive(state @ ('T' | 't')) if !n.continued => {
+            Probe::Alive(state @ 'T') if !n.continued => {
                 n.continued = true;
                 n.last_seen = now;
                 let message = format!(
@@ -729,7 +734,7 @@ impl Dispatcher<'_, '_, '_> {
             }
             // (A stopped agent was continued by the probe itself: its speaking again since is
             // no news.)
-            Probe::Alive(state) if back && !matches!(state, 'T' | 't') => {
+            Probe::Alive(state) if back && state != 'T' => {
                 return self.notice(Some(node), format!("the node agent on {name} answers again"), false);
             }
             Probe::Gone | Probe::Unreachable(_) if back => {
@@ -739,17 +744,20 @@ impl Dispatcher<'_, '_, '_> {
                 "no heartbeat for {silent:.1}s while the host itself answers: the agent (pid {pid}) is {} (state \
                  {state}){}",
                 mm_spec::flight::proc_state_label(state),
-                if matches!(state, 'T' | 't') {
-                    " again; it was sent SIGCONT so that it can stop its ranks"
-                } else {
-                    ""
+                match state {
+                    'T' => " again; it was sent SIGCONT so that it can stop its ranks",
+                    't' => "; a debugger holds it: detach it, or its ranks are left to their own watchdog",
+                    _ => "",
                 }
             ),
             Probe::Gone => format!("no heartbeat for {silent:.1}s, and its process (pid {pid}) is gone from the host"),
             Probe::Unreachable(e) => {
+                let keepalive = self.cfg.heartbeat.map_or(String::new(), |(i, c)| {
+                    format!(" (keepalive {} × {c})", crate::cluster::humane::format(i))
+                });
                 let reason = format!(
-                    "no sign of life for {silent:.1}s, and a new connection failed ({e}): the host or its network is \
-                     down"
+                    "no sign of life for {silent:.1}s{keepalive}, and a new connection failed ({e}): the host or its \
+                     network is down"
                 );
                 return self.lose(node, reason);
             }
@@ -1083,7 +1091,7 @@ mod tests {
             Outcome::Failed(f) => {
                 assert_eq!((f.node, f.unit), (1, Some(1)), "rank 3 is unit 1 on node 1");
                 let FailureKind::Stalled(why) = &f.kind else { panic!("{f:?}") };
-                assert!(why.starts_with("no progress for 3s (the step budget, --hang-timeout, is 3s): waiting in \
+                assert!(why.starts_with("no progress for 3s (the first step budget, --hang-timeout, is 3s): waiting in \
                      all_reduce (step totals) on world #12: ranks 0-2; not arrived: rank 3 on h1 (pid 503; state T stopped"), "{why}");
             }
             o => panic!("{o:?}"),

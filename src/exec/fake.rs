@@ -94,7 +94,7 @@ async fn simulate(
         return;
     }
     send(FromAgent::Hello {
-        protocol: 1,
+        protocol: crate::exec::proto::PROTOCOL,
         version: "fake".into(),
         pid: 1000 + node as u32,
         hostname: format!("fake{node}"),

@@ -122,6 +122,8 @@ pub fn run_job(
         })
     };
     let pid = std::process::id();
+    let host = nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned());
+    let pid_start = crate::agent::start_time(pid);
     let status = |state: &str, code: Option<i32>, outcome: Option<String>, training| RunStatus {
         run_id: run.id.clone(),
         state: state.into(),
@@ -129,6 +131,8 @@ pub fn run_job(
         exit_code: code,
         outcome,
         training,
+        host: host.clone(),
+        pid_start,
     };
     let _ = run.write_status(&status("running", None, None, None));
 
@@ -177,7 +181,7 @@ pub fn run_job(
             }
         }
         // A signal held before these handlers existed (during the checks) acts now.
-        if let Some(sig) = crate::signals::take_held() {
+        if let Some(sig) = crate::signals::release() {
             let _ = sig_tx.send(sig);
         }
         let mut attempt = 0u32;

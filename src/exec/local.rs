@@ -35,6 +35,8 @@ struct LocalLink {
     tx: Mutex<Option<UnboundedSender<Cmd>>>,
     node: usize,
     events: EventTx,
+    /// The agent's executable (what /proc names its process after).
+    agent: PathBuf,
 }
 
 impl Link for LocalLink {
@@ -59,8 +61,8 @@ impl Link for LocalLink {
     /// The agent is a child of this machine: /proc says how it is.
     fn probe(&self, agent_pid: u32) -> bool {
         let stat = std::fs::read_to_string(format!("/proc/{agent_pid}/stat")).unwrap_or_default();
-        let found = Probe::from_stat(&stat);
-        if matches!(found, Probe::Alive('T' | 't')) {
+        let found = Probe::from_stat(&stat, &self.agent.display().to_string());
+        if found == Probe::Alive('T') {
             // SAFETY: plain syscall to the launcher's own child.
             unsafe {
                 libc::kill(agent_pid as i32, libc::SIGCONT);
@@ -78,7 +80,7 @@ impl Backend for LocalBackend {
     fn open(&self, node: usize, events: EventTx) -> Box<dyn Link> {
         let (tx, rx) = unbounded_channel();
         tokio::spawn(run(self.agent.clone(), node, rx, events.clone()));
-        Box::new(LocalLink { tx: Mutex::new(Some(tx)), node, events })
+        Box::new(LocalLink { tx: Mutex::new(Some(tx)), node, events, agent: self.agent.clone() })
     }
 }
 

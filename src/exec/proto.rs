@@ -24,7 +24,7 @@ pub const MAGIC: &[u8] = b"@@mm-agent 1\n";
 /// What the SSH bootstrap command prints instead when the agent binary is not on the host.
 pub const MISSING_MARKER: &[u8] = b"@@mm-agent-missing\n";
 /// Protocol revision carried in Hello; bumped on incompatible changes.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 const KIND_CONTROL: u8 = 1;
 const KIND_OUTPUT: u8 = 2;
@@ -370,7 +370,7 @@ mod tests {
     #[test]
     fn frames_round_trip_in_any_split() {
         let msgs = vec![
-            FromAgent::Hello { protocol: 1, version: "0.1.0".into(), pid: 7, hostname: "h".into() },
+            FromAgent::Hello { protocol: PROTOCOL, version: "0.1.0".into(), pid: 7, hostname: "h".into() },
             FromAgent::Output { unit: 3, stream: Stream::Stderr, data: b"a\nb\n".to_vec() },
             FromAgent::Exited { unit: 3, status: ExitStatus::signal(15) },
             FromAgent::Output { unit: 0, stream: Stream::Stdout, data: Vec::new() },

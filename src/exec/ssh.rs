@@ -47,6 +47,14 @@ impl AgentSource {
         Ok(AgentSource::Upload { local, key })
     }
 
+    /// The agent's executable on the hosts (for the name /proc gives its process).
+    pub fn exe(&self) -> String {
+        match self {
+            AgentSource::Path(p) => p.clone(),
+            AgentSource::Upload { .. } => "launch".into(),
+        }
+    }
+
     /// The remote cache directory (relative to the login directory), if uploading.
     pub fn cache_dir(&self) -> Option<String> {
         match self {
@@ -150,8 +158,9 @@ struct SshLink {
     tx: Mutex<Option<Sender<Cmd>>>,
     wake: Option<UnixStream>,
     abandoned: Arc<AtomicBool>,
-    /// For [`Link::probe`]: the host and where to report.
+    /// For [`Link::probe`]: the host, the agent's executable there, and where to report.
     target: SshTarget,
+    agent_exe: String,
     node: usize,
     events: EventTx,
 }
@@ -196,8 +205,9 @@ impl Link for SshLink {
     /// from a host that is down.
     fn probe(&self, agent_pid: u32) -> bool {
         let (target, node, events) = (self.target.clone(), self.node, self.events.clone());
+        let exe = self.agent_exe.clone();
         let spawned = std::thread::Builder::new().name(format!("ssh-probe-{}", target.host)).spawn(move || {
-            let found = probe_agent(&target, agent_pid);
+            let found = probe_agent(&target, agent_pid, &exe);
             let _ = events.blocking_send((node, LinkEvent::Probe(found)));
         });
         spawned.is_ok()
@@ -207,15 +217,17 @@ impl Link for SshLink {
 /// How long a probe's command may take once connected.
 const PROBE_TIMEOUT_MS: u32 = 5_000;
 
-fn probe_agent(target: &SshTarget, pid: u32) -> Probe {
+fn probe_agent(target: &SshTarget, pid: u32, exe: &str) -> Probe {
     let (sess, _) = match target.connect() {
         Ok(c) => c,
         Err(e) => return Probe::Unreachable(e.to_string()),
     };
     sess.set_timeout(PROBE_TIMEOUT_MS);
+    // Only that program's process, and only when stopped (T), is continued.
+    let stopped = shell_quote(&format!("{pid} ({}) T", crate::exec::backend::comm_of(exe)));
     let script = format!(
         "s=$(cat /proc/{pid}/stat 2>/dev/null) || {{ echo gone; exit 0; }}; echo \"$s\"; \
-         case \"$s\" in *'(launch) T'*|*'(launch) t'*) kill -CONT {pid};; esac"
+         case \"$s\" in {stopped}*) kill -CONT {pid};; esac"
     );
     let mut out = String::new();
     let ran = sess.channel_session().and_then(|mut ch| {
@@ -224,7 +236,7 @@ fn probe_agent(target: &SshTarget, pid: u32) -> Probe {
         ch.wait_close()
     });
     match ran {
-        Ok(()) => Probe::from_stat(&out),
+        Ok(()) => Probe::from_stat(&out, exe),
         Err(e) => Probe::Unreachable(format!("{}: connected, but the probe failed: {e}", target.host)),
     }
 }
@@ -257,6 +269,7 @@ impl Backend for SshBackend {
                     wake: None,
                     abandoned: Arc::default(),
                     target: self.targets[node].clone(),
+                    agent_exe: self.agent.exe(),
                     node,
                     events,
                 });
@@ -285,6 +298,7 @@ impl Backend for SshBackend {
             wake: Some(wake_w),
             abandoned,
             target: self.targets[node].clone(),
+            agent_exe: self.agent.exe(),
             node,
             events: link_events,
         })

@@ -9,10 +9,12 @@
 //! ```
 //!
 //! Budgets come from the phase the ranks are in (the most lenient one when they differ): a
-//! first step may compile and allocate for minutes, a steady step is judged by the recent step
-//! times, a checkpoint by its size. `--hang-timeout` (cluster `hang_timeout`) replaces them all.
-//! Ranks that write no state file (MindSpeed-MM under torchrun, an old engine) are not watched:
-//! with no state from any rank the watchdog stays silent.
+//! first step (of this attempt: a resumed run warms up too) may compile and allocate for
+//! minutes, a steady step is judged by the recent step times, loading and checkpoints get a
+//! flat 30 minutes (their reads and writes hold no collective to count by). `--hang-timeout`
+//! (cluster `hang_timeout`) replaces them all; zero turns the watchdog off. Ranks that write no
+//! state file (MindSpeed-MM under torchrun, an old engine) are not watched: with no state from
+//! any rank the watchdog stays silent, and so it does once every watched rank is done.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -54,14 +56,16 @@ pub struct Watchdog {
     steps: VecDeque<f64>,
     /// The lowest watched rank's (iteration, when it got there).
     pace: Option<(usize, u64, Instant)>,
+    /// The iteration the ranks started this attempt from (the first one reported).
+    start: Option<u64>,
 }
 
-/// Budgets when `--hang-timeout` is not set.
-fn phase_budget(phase: Phase, iteration: u64, median_step: Option<f64>) -> Duration {
+/// Budgets when `--hang-timeout` is not set; `first`: the attempt's first step.
+fn phase_budget(phase: Phase, first: bool, median_step: Option<f64>) -> Duration {
     let secs = match phase {
         Phase::Rendezvous => 600.0,
         Phase::Loading => 1800.0,
-        Phase::Step if iteration == 0 => 900.0,
+        Phase::Step if first => 900.0,
         Phase::Step => median_step.map_or(600.0, |m| (20.0 * m).max(180.0)),
         Phase::Eval => 900.0,
         Phase::Checkpoint => 1800.0,
@@ -83,6 +87,7 @@ impl Watchdog {
             noticed: None,
             steps: VecDeque::new(),
             pace: None,
+            start: None,
         }
     }
 
@@ -93,6 +98,7 @@ impl Watchdog {
         }
         for report in reports {
             let rank = report.state.rank;
+            self.start = Some(self.start.map_or(report.state.iteration, |s| s.min(report.state.iteration)));
             let changed = self.ranks.get(&rank).is_none_or(|w| w.report.state.ticks != report.state.ticks);
             if changed {
                 self.last_progress = now;
@@ -105,6 +111,7 @@ impl Watchdog {
     /// The launcher itself did not run for a while: its silence is not the ranks'.
     pub fn reset(&mut self, now: Instant) {
         self.last_progress = now;
+        self.noticed = None;
     }
 
     fn track_pace(&mut self, now: Instant) {
@@ -112,8 +119,8 @@ impl Watchdog {
         let it = w.report.state.iteration;
         match self.pace {
             Some((r, last, at)) if r == rank && it > last => {
-                if last > 0 {
-                    // Iteration 1 includes the warm-up; it would skew the median.
+                if Some(last) > self.start {
+                    // The attempt's first step includes the warm-up; it would skew the median.
                     let per = now.duration_since(at).as_secs_f64() / (it - last) as f64;
                     self.steps.push_back(per);
                     if self.steps.len() > STEP_WINDOW {
@@ -139,24 +146,26 @@ impl Watchdog {
     /// (stall budget, notice threshold, the phase that set them).
     pub fn budget(&self) -> (Duration, Duration, &'static str) {
         let median = self.median_step();
-        let (budget, phase) = self
+        let first = |it: u64| self.start.is_none_or(|s| it <= s);
+        let (budget, phase, first_step) = self
             .ranks
             .values()
             .map(|w| {
                 let s = &w.report.state;
-                (phase_budget(s.phase, s.iteration, median), s.phase)
+                (phase_budget(s.phase, first(s.iteration), median), s.phase, first(s.iteration))
             })
-            .max_by_key(|(b, _)| *b)
-            .unwrap_or((Duration::from_secs(600), Phase::Rendezvous));
-        let label = if phase == Phase::Step && self.ranks.values().all(|w| w.report.state.iteration == 0) {
-            "first step"
-        } else {
-            phase.label()
+            .max_by_key(|(b, _, _)| *b)
+            .unwrap_or((Duration::from_secs(600), Phase::Rendezvous, true));
+        let label = if phase == Phase::Step && first_step { "first step" } else { phase.label() };
+        let steady = phase == Phase::Step && !first_step;
+        let notice = match self.hang_timeout {
+            Some(h) => Duration::from_secs_f64(median.map_or(10.0, |m| (5.0 * m).max(10.0))).min(h / 2),
+            // Steady steps: a few step times; elsewhere a third of the phase's budget (a long
+            // load or save is not news).
+            None if steady => Duration::from_secs_f64(median.map_or(30.0, |m| (5.0 * m).max(30.0))).min(budget / 2),
+            None => budget / 3,
         };
-        let budget = self.hang_timeout.unwrap_or(budget);
-        let floor = if self.hang_timeout.is_some() { 10.0 } else { 30.0 };
-        let notice = Duration::from_secs_f64(median.map_or(floor, |m| (5.0 * m).max(floor))).min(budget / 2);
-        (budget, notice, label)
+        (self.hang_timeout.unwrap_or(budget), notice, label)
     }
 
     /// Every rank of the plan as the diagnosis sees it.
@@ -183,7 +192,8 @@ impl Watchdog {
 
     /// What to do now; None while progress is fresh or nothing is watched.
     pub fn check(&mut self, now: Instant) -> Option<WatchAction> {
-        if self.ranks.is_empty() {
+        let all_done = self.ranks.values().all(|w| w.report.state.phase == Phase::Done);
+        if all_done || self.hang_timeout == Some(Duration::ZERO) {
             return None;
         }
         if let Some(began) = self.noticed.filter(|b| self.last_progress > *b) {
@@ -289,8 +299,7 @@ pub(crate) mod tests {
         let t0 = Instant::now();
         let mut w = Watchdog::new(&hosts(), None, t0);
         w.update(vec![report(0, 0, 1, false)], &[], t0);
-        assert_eq!(w.budget().0, Duration::from_secs(900), "first step");
-        assert_eq!(w.budget().2, "first step");
+        assert_eq!(w.budget(), (Duration::from_secs(900), Duration::from_secs(300), "first step"));
         for i in 1..=10u64 {
             w.update(vec![report(0, i, i + 1, false)], &[], t0 + Duration::from_secs(20 * i));
         }
@@ -301,5 +310,25 @@ pub(crate) mod tests {
         w.update(vec![report(0, 11, 99, false)], &[], t0 + Duration::from_secs(301));
         resumed = w.check(t0 + Duration::from_secs(302));
         assert_eq!(resumed, Some(WatchAction::Resumed { after: Duration::from_secs(101) }));
+        // Every rank done: nothing to watch (post-processing after the engine is not a stall).
+        let mut done = report(0, 12, 100, false);
+        done.state.phase = Phase::Done;
+        w.update(vec![done], &[], t0 + Duration::from_secs(303));
+        assert_eq!(w.check(t0 + Duration::from_secs(5000)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_turns_it_off_and_a_resumed_attempt_gets_a_first_step() {
+        let t0 = Instant::now();
+        let mut off = Watchdog::new(&hosts(), Some(Duration::ZERO), t0);
+        off.update(vec![report(0, 5, 1, false)], &[], t0);
+        assert_eq!(off.check(t0 + Duration::from_secs(3600)), None);
+        // Resumed at iteration 20: its first step has the first-step budget.
+        let mut w = Watchdog::new(&hosts(), None, t0);
+        w.update(vec![report(0, 20, 1, false)], &[], t0);
+        assert_eq!(w.budget().2, "first step");
+        w.update(vec![report(0, 21, 2, false)], &[], t0 + Duration::from_secs(60));
+        assert_eq!(w.budget().2, "step");
+        assert!(w.steps.is_empty(), "the warm-up step is not a step time");
     }
 }

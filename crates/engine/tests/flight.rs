@@ -120,8 +120,9 @@ fn diagnosis(states: &[Option<RankState>]) -> Diagnosis {
     diagnose(&views)
 }
 
-/// Polls the state files until every rank is in a training step and no file changed for a
-/// second (five writer periods: a stall, as the launcher's watchdog sees one), then diagnoses
+/// Polls the state files until every rank is in a training step and no file changed for 2.5 s
+/// (a dozen writer periods, and longer than a tiny step's compute on a loaded machine: a
+/// stall, as the launcher's watchdog sees one), then diagnoses
 /// them (panics after `limit`). Earlier, the files can disagree for a moment (each rank
 /// writes on its own 200 ms clock), which a diagnosis must not be asked about.
 fn diagnose_stall(dir: &Path, world: usize, limit: Duration) -> (Diagnosis, Vec<RankState>) {
@@ -133,7 +134,7 @@ fn diagnose_stall(dir: &Path, world: usize, limit: Duration) -> (Diagnosis, Vec<
             let ticks: Vec<u64> = s.iter().flatten().map(|s| s.ticks).collect();
             match &still {
                 Some((t, since)) if *t == ticks => {
-                    if since.elapsed() >= Duration::from_secs(1) {
+                    if since.elapsed() >= Duration::from_millis(2500) {
                         return (diagnosis(&s), s.into_iter().flatten().collect());
                     }
                 }
@@ -249,7 +250,7 @@ fn a_sleeping_rank_is_named_by_the_diagnosis_and_the_run_then_completes() {
 fn a_desync_is_diagnosed_from_the_state_files_and_every_rank_fails_within_the_timeout() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("state");
-    let timeout = 5;
+    let timeout = 10;
     let args = train_args("--train-iters 4 --global-batch-size 3");
     let mut ranks =
         start(3, timeout, &args, &[(STATE_DIR_ENV, dir.to_str().unwrap()), (FAULT_ENV, "desync:rank=1:iteration=2")]);

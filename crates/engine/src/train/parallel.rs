@@ -157,9 +157,7 @@ impl Parallel {
     /// the split parameters).
     pub fn tp_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(g) = self.groups.as_ref().filter(|_| self.tp_size > 1) else { return Ok(values.to_vec()) };
-        let mut t = Tensor::from_slice(values).to_device(self.device);
-        g.tp.pg.all_reduce(&mut t, ReduceOp::Sum, what)?;
-        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+        self.reduce_values(&g.tp.pg, values, ReduceOp::Sum, what)
     }
 
     /// The pipeline group's communicator (None without pipelining).
@@ -171,8 +169,19 @@ impl Parallel {
     /// last stage computes; squared gradient norms, each stage its own parameters').
     pub fn pp_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(pg) = self.pipeline_group() else { return Ok(values.to_vec()) };
+        self.reduce_values(pg, values, ReduceOp::Sum, what)
+    }
+
+    /// `values` reduced element-wise over `pg` (on the rank's device, back on the CPU).
+    fn reduce_values(
+        &self,
+        pg: &ProcessGroup,
+        values: &[f64],
+        op: ReduceOp,
+        what: &str,
+    ) -> Result<Vec<f64>, DistError> {
         let mut t = Tensor::from_slice(values).to_device(self.device);
-        pg.all_reduce(&mut t, ReduceOp::Sum, what)?;
+        pg.all_reduce(&mut t, op, what)?;
         Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
     }
 
@@ -196,9 +205,7 @@ impl Parallel {
     /// Element-wise sum of `values` over the DP group (f64, exact for counts below 2^53).
     pub fn sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(pg) = self.pg() else { return Ok(values.to_vec()) };
-        let mut t = Tensor::from_slice(values).to_device(self.device);
-        pg.all_reduce(&mut t, ReduceOp::Sum, what)?;
-        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+        self.reduce_values(pg, values, ReduceOp::Sum, what)
     }
 
     /// Every DP rank's `value`, in DP-rank order.
@@ -228,18 +235,14 @@ impl Parallel {
     /// Element-wise sum of `values` over every rank of the job.
     pub fn world_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(g) = &self.groups else { return Ok(values.to_vec()) };
-        let mut t = Tensor::from_slice(values).to_device(self.device);
-        g.world.all_reduce(&mut t, ReduceOp::Sum, what)?;
-        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+        self.reduce_values(&g.world, values, ReduceOp::Sum, what)
     }
 
     /// Element-wise maximum of `values` over every rank of the job (the agreed stop: the
     /// largest signal number any rank received, 0 for none).
     pub fn world_max(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(g) = &self.groups else { return Ok(values.to_vec()) };
-        let mut t = Tensor::from_slice(values).to_device(self.device);
-        g.world.all_reduce(&mut t, ReduceOp::Max, what)?;
-        Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))
+        self.reduce_values(&g.world, values, ReduceOp::Max, what)
     }
 
     /// Fault injection (`MM_ENGINE_FAULT=desync:…`): a 1-element broadcast from group rank 0

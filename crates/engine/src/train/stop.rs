@@ -8,11 +8,12 @@
 //! the unit too); a second SIGINT restores the default action and re-raises it, so a second
 //! Ctrl-C at a terminal kills at once. SIGKILL remains the way to force an end.
 //!
-//! Edges: a signal during setup stops the run after its first iteration (the first agreement);
-//! one whose agreement falls on the last iteration (--train-iters), or that arrives after it
-//! (final save, summary), lets the run finish normally with exit code 0; a stop skips that
-//! iteration's evaluation. A rank stuck in a collective never reaches the agreement: the
-//! second signal (or SIGKILL) is what ends such a run.
+//! Edges: the handlers are installed when the training loop starts; before (rendezvous,
+//! loading) a signal keeps its default action and ends the rank at once, as there is nothing
+//! new to save. A stop whose agreement falls on the last iteration (--train-iters), or a signal
+//! after it (final save, summary), lets the run finish normally with exit code 0; a stop skips
+//! that iteration's evaluation. A rank stuck in a collective never reaches the agreement:
+//! SIGKILL (the launcher's grace period) ends it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};

@@ -348,7 +348,6 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
 
 fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     let fault = Fault::from_env(env.rank, env.world_size)?;
-    stop::install()?;
     let cfg = TrainConfig::new(a, env.world_size).map_err(|e| anyhow::anyhow!("invalid train flags:\n  {e}"))?;
     let mut trainer = Trainer::setup(cfg, env)?;
     trainer.fault = fault;
@@ -661,6 +660,8 @@ impl Trainer {
             flight::set_phase(Phase::Done);
             return Ok(());
         }
+        // From here on a signal stops every rank after an agreed iteration, with a save.
+        stop::install()?;
         let run_start = Instant::now();
         let mut window = LogWindow::new();
         let (mut last_ckpt, mut saved_at) = (None, None);
@@ -681,7 +682,7 @@ impl Trainer {
                 window = LogWindow::new();
             }
             if let Some(signal) = stopping {
-                return Err(self.stop(signal, last_ckpt, saved_at)?.into());
+                return Err(self.stop(signal)?.into());
             }
             if let Some(e) = self.cfg.eval.filter(|e| iteration % e.interval == 0) {
                 flight::set_phase(Phase::Eval);
@@ -714,10 +715,10 @@ impl Trainer {
         Ok(())
     }
 
-    /// The agreed stop after the iteration just completed: every rank saves it (unless the
-    /// periodic save just did) and the run ends with [`Stopped`]; rank 0 says so on stdout and
+    /// The agreed stop after the iteration just completed: every rank saves it and the run ends
+    /// with [`Stopped`]; rank 0 says so on stdout and
     /// with a `Stopped` progress event.
-    fn stop(&mut self, signal: i32, last_ckpt: Option<PathBuf>, saved_at: Option<u64>) -> anyhow::Result<Stopped> {
+    fn stop(&mut self, signal: i32) -> anyhow::Result<Stopped> {
         let iteration = self.counters.iteration;
         let name = stop::signal_name(signal);
         flight::set_phase(Phase::Stopping);
@@ -730,11 +731,8 @@ impl Trainer {
             );
         }
         self.loader = None;
-        let checkpoint = match (save, saved_at == Some(iteration)) {
-            (false, _) => None,
-            (true, true) => last_ckpt,
-            (true, false) => Some(self.save()?), // SYNC
-        };
+        // The stop is agreed before the iteration's periodic save: this one is always new.
+        let checkpoint = if save { Some(self.save()?) } else { None }; // SYNC
         if self.dp.global_rank == 0 {
             let ev = ProgressEvent::Stopped {
                 iteration,
