@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::plan::Plan;
-use crate::render::{redact_env, Rendered};
+use crate::render::{redact_env, redact_script, Rendered};
 
 #[derive(Serialize)]
 pub struct DryRun<'a> {
@@ -14,7 +14,8 @@ pub struct DryRun<'a> {
     pub launch: &'a Rendered,
 }
 
-/// The plan and rendered launch with every secret-looking variable redacted.
+/// The plan and rendered launch with every secret-looking variable redacted: in `env:` and in
+/// the `setup:` lines' assignments.
 pub fn redacted(plan: &Plan, rendered: &Rendered) -> (Plan, Rendered) {
     let mut plan = plan.clone();
     for n in &mut plan.nodes {
@@ -24,6 +25,8 @@ pub fn redacted(plan: &Plan, rendered: &Rendered) -> (Plan, Rendered) {
     for n in &mut rendered.nodes {
         for u in &mut n.units {
             u.env = redact_env(&u.env);
+            // The cluster's `setup:` lines are in the script as written.
+            u.script = redact_script(&u.script);
         }
     }
     (plan, rendered)

@@ -568,10 +568,47 @@ pub fn stop_run(log_dir: &Path, run: Option<&str>, wait: Duration) -> Result<Str
     Ok(format!("run {id} is still stopping after {}s; follow it with `launch logs -f {id}`", wait.as_secs()))
 }
 
+/// `--rank` and `--host` must name a rank and a host of the run (from its plan.json): a filter
+/// that can match nothing is an error naming what exists, not an empty output. A run without
+/// a readable plan.json (still starting) is not checked.
+fn check_filters(run: &Path, q: &LogsQuery) -> Result<(), String> {
+    if q.rank.is_none() && q.host.is_none() {
+        return Ok(());
+    }
+    let Some(plan) =
+        std::fs::read(run.join("plan.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return Ok(());
+    };
+    let nodes = plan["plan"]["nodes"].as_array().cloned().unwrap_or_default();
+    let hosts: Vec<String> = nodes.iter().filter_map(|n| n["host"]["name"].as_str().map(String::from)).collect();
+    let ranks: Vec<usize> = nodes
+        .iter()
+        .flat_map(|n| n["ranks"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r.as_u64())
+        .map(|r| r as usize)
+        .collect();
+    let id = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(r) = q.rank.filter(|r| !ranks.is_empty() && !ranks.contains(r)) {
+        return Err(format!(
+            "run {id} has no rank {r}: its ranks are {} (on {})",
+            crate::exec::outcome::ranks_label(&ranks).trim_start_matches("ranks ").trim_start_matches("rank "),
+            hosts.join(", ")
+        ));
+    }
+    if let Some(h) = q.host.as_ref().filter(|h| !hosts.is_empty() && !hosts.contains(h)) {
+        let hint =
+            mm_spec::suggest::did_you_mean(h, &hosts).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+        return Err(format!("run {id} has no host `{h}`{hint}; its hosts are {}", hosts.join(", ")));
+    }
+    Ok(())
+}
+
 /// Prints the run's aggregated log through the filters; with `follow`, keeps printing new
 /// lines until the run has finished.
 pub fn show_logs(log_dir: &Path, q: &LogsQuery, out: &mut dyn Write) -> Result<(), String> {
     let run = resolve_run(log_dir, q.run.as_deref())?;
+    check_filters(&run, q)?;
     let path = run.join("launch.log");
     let mut f = loop {
         match File::open(&path) {

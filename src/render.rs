@@ -69,17 +69,56 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
-/// Names that contain a secret word but are well-known settings, printed as they are.
-const NOT_SECRET: &[&str] = &["TOKENIZERS_PARALLELISM"];
+/// The words that make a variable secret when one of its name's segments (split at `_`, `-`,
+/// `.`) is one of them: `HF_TOKEN`, `API_KEY`, `KEY_FILE`, `AWS_SECRET_ACCESS_KEY`, `DB_PASSWORD`;
+/// not `MONKEY_PATCH` or `TOKENIZERS_PARALLELISM`, whose words only contain one.
+const SECRET_WORDS: [&str; 5] = ["TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD"];
 
 /// Names that must never be printed: they name a token, key, secret or password.
 pub fn is_secret_name(name: &str) -> bool {
-    let up = name.to_ascii_uppercase();
-    !NOT_SECRET.contains(&up.as_str()) && ["TOKEN", "KEY", "SECRET", "PASSWORD"].iter().any(|w| up.contains(w))
+    name.split(['_', '-', '.']).any(|seg| SECRET_WORDS.iter().any(|w| seg.eq_ignore_ascii_case(w)))
 }
 
 pub fn redact_env(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     env.iter().map(|(k, v)| (k.clone(), if is_secret_name(k) { "<redacted>".to_string() } else { v.clone() })).collect()
+}
+
+/// Shell assignments in a line (`NAME=value`, `export NAME=value`, several per line, values
+/// bare or quoted): (name, byte range of the value as written, quotes included).
+fn assignments(line: &str) -> Vec<(&str, std::ops::Range<usize>)> {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let re = RE.get_or_init(|| {
+        regex::Regex::new(r#"(?:^|[\s;&|(])([A-Za-z_][A-Za-z0-9_]*)=('[^']*'|"(?:[^"\\]|\\.)*"|[^\s;&|)]*)"#)
+            .expect("a valid pattern")
+    });
+    re.captures_iter(line).filter_map(|c| Some((c.get(1)?.as_str(), c.get(2)?.range()))).collect()
+}
+
+/// The values assigned to secret names in a shell line (unquoted), for scrubbing output.
+pub fn setup_secrets(line: &str) -> Vec<String> {
+    assignments(line)
+        .into_iter()
+        .filter(|(name, r)| is_secret_name(name) && !r.is_empty())
+        .map(|(_, r)| line[r].trim_matches(|c| c == '\'' || c == '"').to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// `line` with the value of every secret-named assignment replaced by `<redacted>`
+/// (`export HF_TOKEN=<redacted>`), by the same rule as `env:`.
+pub fn redact_line(line: &str) -> String {
+    let mut out = line.to_string();
+    for (name, r) in assignments(line).into_iter().rev() {
+        if is_secret_name(name) && !r.is_empty() {
+            out.replace_range(r, "<redacted>");
+        }
+    }
+    out
+}
+
+/// Every line of a script through [`redact_line`].
+pub fn redact_script(script: &str) -> String {
+    script.split_inclusive('\n').map(redact_line).collect()
 }
 
 pub struct Renderer {
@@ -578,13 +617,33 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_recognised_by_name() {
-        for n in ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "api_key", "DB_PASSWORD"] {
+    fn secrets_are_recognised_by_name_segments() {
+        for n in ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "api_key", "DB_PASSWORD", "KEY_FILE", "MY_API_KEY", "TOKEN"] {
             assert!(is_secret_name(n), "{n}");
         }
-        for n in ["HCCL_CONNECT_TIMEOUT", "PATH", "MASTER_ADDR", "TOKENIZERS_PARALLELISM"] {
+        for n in ["HCCL_CONNECT_TIMEOUT", "PATH", "MASTER_ADDR", "TOKENIZERS_PARALLELISM", "MONKEY_PATCH", "KEYBOARD"] {
             assert!(!is_secret_name(n), "{n}");
         }
+    }
+
+    #[test]
+    fn secret_assignments_in_setup_lines_are_redacted() {
+        let cases = [
+            ("export MY_API_KEY=abc123", "export MY_API_KEY=<redacted>"),
+            ("HF_TOKEN='hf x' python x.py", "HF_TOKEN=<redacted> python x.py"),
+            ("export A=1 DB_PASSWORD=\"p w\"; echo ok", "export A=1 DB_PASSWORD=<redacted>; echo ok"),
+            ("export MONKEY_PATCH=1 PATH=/x:$PATH", "export MONKEY_PATCH=1 PATH=/x:$PATH"),
+            ("source /opt/set_env.sh", "source /opt/set_env.sh"),
+            ("cd /w && KEY_FILE=/k/id cmd", "cd /w && KEY_FILE=<redacted> cmd"),
+        ];
+        for (line, want) in cases {
+            assert_eq!(redact_line(line), want, "{line}");
+        }
+        assert_eq!(setup_secrets("export A=1 DB_PASSWORD=\"p w\" HF_TOKEN=t0k"), ["p w", "t0k"]);
+        assert_eq!(
+            redact_script("set -e\nexport HF_TOKEN=t\nexec x\n"),
+            "set -e\nexport HF_TOKEN=<redacted>\nexec x\n"
+        );
     }
 
     #[test]

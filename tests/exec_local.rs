@@ -43,7 +43,7 @@ fn logs_command_filters_and_follows() {
         let host = job.host_of(rank);
         assert_eq!(
             followed.lines().filter(|l| l.starts_with(&format!("[{host} r{rank}] "))).count(),
-            53,
+            54,
             "-f saw every line of rank {rank}"
         );
     }
@@ -56,7 +56,7 @@ fn logs_command_filters_and_follows() {
         String::from_utf8(o.stdout).unwrap()
     };
     let r3 = logs(&["--rank", "3"]);
-    assert_eq!(r3.lines().count(), 53);
+    assert_eq!(r3.lines().count(), 54);
     assert!(r3.lines().all(|l| l.starts_with("[l2 r3] ")), "{r3}");
     let h3 = logs(&["--host", "l3", "--grep", "line (7|49)$"]);
     let mut got: Vec<&str> = h3.lines().collect();
@@ -67,10 +67,26 @@ fn logs_command_filters_and_follows() {
     );
     // A given run by id, and a clear error for an unknown one.
     let id = std::fs::read_link(job.logs.join("latest")).unwrap();
-    assert_eq!(logs(&[id.to_str().unwrap(), "--rank", "0"]).lines().count(), 53);
+    assert_eq!(logs(&[id.to_str().unwrap(), "--rank", "0"]).lines().count(), 54);
     let bad = Command::new(LAUNCH).args(["logs", "nope", "--log-dir"]).arg(&job.logs).output().unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no run `nope`"));
+    // Filters that cannot match are errors that say what exists, not empty output.
+    let refused = |args: &[&str]| {
+        let o = Command::new(LAUNCH).arg("logs").args(args).arg("--log-dir").arg(&job.logs).output().unwrap();
+        assert!(!o.status.success() && o.stdout.is_empty(), "{args:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let run_id = id.to_str().unwrap();
+    assert_eq!(
+        refused(&["--rank", "9"]),
+        format!("error: run {run_id} has no rank 9: its ranks are 0-5 (on l1, l2, l3)\n")
+    );
+    assert_eq!(
+        refused(&["--host", "l4x"]),
+        format!("error: run {run_id} has no host `l4x`; its hosts are l1, l2, l3\n")
+    );
+    assert!(refused(&["--host", "L2"]).contains("has no host `L2` (did you mean `l2`?)"));
     job.assert_clean(Duration::from_secs(5), false);
 }
 

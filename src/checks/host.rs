@@ -45,6 +45,7 @@ pub(crate) fn reachable<'f>(
 /// One row per `setup:` line (its exit status), and the workdir if one is set.
 pub(crate) fn setup_rows(r: &mut Rows, cluster: &ClusterSpec, facts: &BTreeMap<String, String>) {
     for (i, line) in cluster.setup.iter().enumerate() {
+        let line = crate::render::redact_line(line);
         match fact(facts, &format!("setup.{i}")) {
             Some("0") => r.push(format!("setup:{i}"), Status::Ok, line.as_str(), "exit 0", ""),
             Some(rc) => r.push(

@@ -30,7 +30,7 @@ use crate::exec::outcome::{
 };
 use crate::exec::proto::{ExitStatus, FromAgent, ToAgent, UnitSpec, PROTOCOL};
 use crate::exec::watchdog::{WatchAction, Watchdog};
-use crate::render::{is_secret_name, Rendered};
+use crate::render::{is_secret_name, setup_secrets, Rendered};
 
 /// After the grace period, how long a host may take to confirm its stop before Kill.
 const STOP_SLACK: Duration = Duration::from_secs(5);
@@ -430,15 +430,12 @@ impl Dispatcher<'_, '_, '_> {
                 u.env.extend(self.spec.extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
         }
-        let secrets: Vec<&str> = rendered
-            .nodes
-            .iter()
-            .flat_map(|n| n.units.iter())
-            .flat_map(|u| u.env.iter())
-            .filter(|(k, _)| is_secret_name(k))
-            .map(|(_, v)| v.as_str())
-            .collect();
-        self.scrubber = Scrubber::new(secrets);
+        let units = || rendered.nodes.iter().flat_map(|n| n.units.iter());
+        let mut secrets: Vec<String> =
+            units().flat_map(|u| u.env.iter()).filter(|(k, _)| is_secret_name(k)).map(|(_, v)| v.clone()).collect();
+        // Values the `setup:` lines assign to secret names (in every unit's script).
+        secrets.extend(units().flat_map(|u| u.script.lines().flat_map(setup_secrets)));
+        self.scrubber = Scrubber::new(secrets.iter().map(String::as_str));
         for (i, n) in self.nodes.iter_mut().enumerate() {
             n.report.units = rendered
                 .nodes

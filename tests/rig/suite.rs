@@ -11,6 +11,8 @@ use super::Rig;
 pub const LAUNCH: &str = env!("CARGO_BIN_EXE_launch");
 /// A value under a secret-looking name; it must never reach plan.json or any log.
 pub const SECRET: &str = "s3cr3t-token-value-42";
+/// A value a `setup:` line assigns to a secret name (`export MY_API_KEY=…`): the same rule.
+pub const SETUP_SECRET: &str = "sk-setup-api-key-77";
 
 /// The stand-in for mm-engine. Behaviour comes from TEST_MODE in the cluster env; it records
 /// what it saw (env, args, cwd, network namespace) and every line it printed in $TEST_OUT.
@@ -27,6 +29,7 @@ case "$TEST_MODE" in
     for i in $(seq 1 50); do say "rank $r line $i"; done
     echo "rank $r stderr line" >&2
     echo "rank $r token is $HF_TOKEN"
+    echo "rank $r api key is ${MY_API_KEY:-unset}, monkey ${MONKEY_PATCH:-unset}"
     say "rank $r done" ;;
   run)
     # bash reports killed children ("Terminated") on its stderr; keep that noise out.
@@ -306,11 +309,13 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// No file of the run directory holds the secret.
+    /// No file of the run directory holds a secret value (from `env:` or a `setup:` line).
     pub fn assert_no_secret_in_logs(&self) {
         for e in walk(&self.logs) {
             let body = std::fs::read(&e).unwrap_or_default();
-            assert!(memchr_find(&body, SECRET.as_bytes()).is_none(), "{} contains the secret value", e.display());
+            for secret in [SECRET, SETUP_SECRET] {
+                assert!(memchr_find(&body, secret.as_bytes()).is_none(), "{} contains {secret}", e.display());
+            }
         }
     }
 }
@@ -351,7 +356,10 @@ pub fn layout(job: &Job, args: &[&str]) {
 
 /// [`layout`] with more cluster YAML (a workdir, say).
 pub fn layout_with_extra(job: &Job, args: &[&str], extra: &str) {
-    let cluster = job.cluster(&[("TEST_MODE", "layout")], extra);
+    // A setup line assigning a secret name (redacted everywhere) next to one that only
+    // contains the word (shown).
+    let setup = format!("setup:\n  - export MY_API_KEY={SETUP_SECRET} MONKEY_PATCH=visible-monkey-9\n");
+    let cluster = job.cluster(&[("TEST_MODE", "layout")], &format!("{extra}{setup}"));
     let f = job.run(&cluster, args);
     assert_eq!(f.code, 0, "launch failed:\n{}", f.stderr);
     let run = job.run_dir();
@@ -381,14 +389,16 @@ pub fn layout_with_extra(job: &Job, args: &[&str], extra: &str) {
             let ns = job.out_file(&format!("netns-{rank}")).unwrap_or_default();
             assert_eq!(ns.trim(), rig.hosts[rank / 2].ns, "rank {rank} must run on host {}", rig.hosts[rank / 2].name);
         }
-        // The complete per-rank log: 50 numbered lines, the stderr line, the redacted token, done.
+        // The complete per-rank log: 50 numbered lines, the stderr line, the redacted token and
+        // key, done.
         let log = job.rank_log(&run, job.host_of(rank), rank);
         let mut lines: Vec<&str> = log.lines().collect();
-        assert_eq!(lines.len(), 53, "rank {rank} log:\n{log}");
+        assert_eq!(lines.len(), 54, "rank {rank} log:\n{log}");
         lines.sort();
         let mut want: Vec<String> = (1..=50).map(|i| format!("rank {rank} line {i}")).collect();
         want.push(format!("rank {rank} stderr line"));
         want.push(format!("rank {rank} token is <redacted>"));
+        want.push(format!("rank {rank} api key is <redacted>, monkey visible-monkey-9"));
         want.push(format!("rank {rank} done"));
         want.sort();
         assert_eq!(lines, want, "rank {rank}");
@@ -402,7 +412,7 @@ pub fn layout_with_extra(job: &Job, args: &[&str], extra: &str) {
     let agg = std::fs::read_to_string(run.join("launch.log")).unwrap();
     for rank in 0..6 {
         let prefix = format!("[{} r{rank}] ", job.host_of(rank));
-        assert_eq!(agg.lines().filter(|l| l.starts_with(&prefix)).count(), 53, "rank {rank} in launch.log");
+        assert_eq!(agg.lines().filter(|l| l.starts_with(&prefix)).count(), 54, "rank {rank} in launch.log");
     }
     // The console shows rank 0 by default, not the others.
     assert!(f.stdout.contains(&format!("[{} r0] rank 0 line 50", job.hosts[0].name)), "{}", f.stdout);
@@ -415,6 +425,8 @@ pub fn layout_with_extra(job: &Job, args: &[&str], extra: &str) {
     let status: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("status.json")).unwrap()).unwrap();
     assert_eq!(status["exit_code"], serde_json::json!(0));
+    let plan_text = std::fs::read_to_string(run.join("plan.json")).unwrap();
+    assert!(plan_text.contains("export MY_API_KEY=<redacted> MONKEY_PATCH=visible-monkey-9"), "{plan_text}");
     job.assert_no_secret_in_logs();
     job.assert_clean(Duration::from_secs(5), false);
 }
