@@ -261,15 +261,24 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             // reach the hosts again ahead of the first attempt.
             let backend = launch::exec::job::backend_for(&plan, &cluster, args.agent_path.as_deref())
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
+            // The run folder exists before the checks run: `launch logs -f` follows this run.
+            let run = launch::exec::job::open_run(&plan, &cluster, args.max_restarts > 0)
+                .map_err(|e| Failure(1, format!("error: {e}")))?;
+            // Ending before any rank starts: the run folder says why, too.
+            let unstarted = |f: Failure| {
+                launch::exec::job::close_unstarted(&run, i32::from(f.0), &f.1);
+                f
+            };
             if !args.no_checks {
-                let rows = checks::run_all(backend.as_ref(), &plan, &cluster, &args.skip_checks, version);
-                held_signal()?;
+                let rows = checks::run_all(backend.as_ref(), &plan, &cluster, &args.skip_checks, version)
+                    .map_err(|e| unstarted(Failure(EXIT_CONFIG, format!("error: {e}"))))?;
+                held_signal().map_err(unstarted)?;
                 if rows.iter().any(|r| r.status == Status::Fail) {
-                    eprint!("{}", checks::format_table(&rows));
-                    return Err(Failure(
-                        EXIT_CHECKS,
-                        "error: environment checks failed (fix them, or skip one with --skip-check ID)".into(),
-                    ));
+                    let table = checks::format_table(&rows);
+                    eprint!("{table}");
+                    let why = "error: environment checks failed (fix them, or skip one with --skip-check ID)";
+                    launch::exec::job::close_unstarted(&run, i32::from(EXIT_CHECKS), &format!("{table}{why}"));
+                    return Err(Failure(EXIT_CHECKS, why.into()));
                 }
                 // The probe took the connections made ahead of time: make the job's now.
                 backend.reach_ahead();
@@ -277,7 +286,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     eprintln!("warning: {} on {}: found {}, expected {}", r.check, r.host, r.found, r.expected);
                 }
             }
-            held_signal()?;
+            held_signal().map_err(unstarted)?;
             if args.max_restarts > 0 {
                 let mm_engine = cluster.template == launch::cluster::Template::MmEngine;
                 if let Some(c) = plan.recipe.checkpoint.restart_caveat(mm_engine) {
@@ -292,7 +301,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 fancy: Console::stdout_is_terminal(),
                 hang_timeout: args.hang_timeout,
             };
-            let code = run_job(&plan, &cluster, &renderer, &rendered, backend, &opts)
+            let code = run_job(run, &plan, &cluster, &renderer, &rendered, backend, &opts)
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
@@ -328,7 +337,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             // The probe travels like a launch: to each host's node agent through the backend.
             let backend = launch::exec::job::backend_for(&plan, &cluster, args.agent_path.as_deref())
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
-            let rows = checks::run_all(backend.as_ref(), &plan, &cluster, &args.skip_checks, version);
+            let rows = checks::run_all(backend.as_ref(), &plan, &cluster, &args.skip_checks, version)
+                .map_err(|e| Failure(EXIT_CONFIG, format!("error: {e}")))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
             } else {

@@ -180,3 +180,31 @@ fn sigint_during_the_checks_is_held_and_nothing_starts() {
     assert!((0..6).all(|r| !job.out.join(format!("running-{r}")).exists()), "no rank may start");
     job.assert_clean(Duration::from_secs(5), false);
 }
+
+/// The run folder (and `latest`) exist before the checks run: `launch logs -f` typed right
+/// after `finetune` follows the new run, not the previous one. A run the checks refuse says so
+/// in its folder too (status finished, exit 3, the table in launch.log).
+#[test]
+fn the_run_folder_comes_before_the_checks() {
+    let job = Job::new(Place::Local);
+    let cluster = job.cluster(&[("TEST_MODE", "layout")], "setup:\n  - sleep 3\n");
+    let t0 = std::time::Instant::now();
+    let child = job.spawn(&cluster, &["--skip-check", "path"]);
+    job.wait_for("the run folder", || job.logs.join("latest").exists(), Duration::from_secs(30));
+    let made = t0.elapsed();
+    let follow = Command::new(LAUNCH).args(["logs", "-f", "--log-dir"]).arg(&job.logs).output().unwrap();
+    let f = job.wait(child, t0, Duration::from_secs(60));
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    assert!(made < Duration::from_secs(3), "the run folder came {made:?} after the start, not before the 3 s checks");
+    let followed = String::from_utf8_lossy(&follow.stdout);
+    assert!(followed.contains("[l1 r0] rank 0 done") && followed.contains("[l3 r5] rank 5 done"), "{followed}");
+
+    let f = job.run(&cluster, &[]);
+    assert_eq!(f.code, 3, "the tiny recipe's paths do not exist here:\n{}", f.stderr);
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(job.run_dir().join("status.json")).unwrap()).unwrap();
+    assert_eq!((status["state"].as_str(), status["exit_code"].as_i64()), (Some("finished"), Some(3)), "{status}");
+    let o = Command::new(LAUNCH).args(["logs", "--log-dir"]).arg(&job.logs).output().unwrap();
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(shown.contains("path:load") && shown.contains("environment checks failed"), "{shown}");
+}

@@ -128,6 +128,26 @@ pub fn check_value(allowed: Allowed, value: &str) -> Result<(), String> {
     }
 }
 
+/// Every check id, or family before `:` (`env:NAME`, `path:NAME`, `setup:N`), a run can
+/// produce, whatever the hosts said: what `--skip-check` may name.
+pub const CHECK_IDS: &[&str] = &[
+    "reachable",
+    "setup",
+    "workdir",
+    "master-port",
+    "cpu-cores",
+    "npu-count",
+    "gpu-count",
+    "ascend-env",
+    "engine",
+    "pretrain_vlm.py",
+    "env",
+    "path",
+    "disk",
+    "known-hosts",
+    "identity-file",
+];
+
 /// Whether `id` is skipped by one of the --skip-check values (an id, or its prefix before `:`).
 pub fn is_skipped(id: &str, skips: &[String]) -> bool {
     skips.iter().any(|s| s == id || id.split(':').next() == Some(s.as_str()))

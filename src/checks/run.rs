@@ -42,14 +42,15 @@ pub struct ProbeOutput {
 }
 
 /// Runs the probe on every host at once and evaluates it; rows come back grouped by host in
-/// node order, then filtered by `skips`.
+/// node order, then filtered by `skips`. A skip that names no check of this run (an id or a
+/// family before `:`) is an error with the nearest id, not silence.
 pub fn run_all(
     backend: &dyn Backend,
     plan: &Plan,
     cluster: &ClusterSpec,
     skips: &[String],
     launcher_version: &str,
-) -> Vec<CheckRow> {
+) -> Result<Vec<CheckRow>, String> {
     let targets: Vec<ProbeTarget> = plan
         .nodes
         .iter()
@@ -72,8 +73,33 @@ pub fn run_all(
         let facts = output.map(|o| parse_probe(&o.stdout));
         rows.extend(evaluate(plan, cluster, target, facts.as_ref().map_err(|e| e.as_str()), launcher_version));
     }
+    unknown_skips(&rows, skips)?;
     rows.retain(|r| !is_skipped(&r.check, skips));
-    rows
+    Ok(rows)
+}
+
+/// The error for `--skip-check` values that name no check: neither a check this run produced
+/// (`env:HCCL_CONNECT_TIMEOUT`, `setup:0`) nor an id or family any run can produce
+/// ([`CHECK_IDS`](super::rules::CHECK_IDS)); each with the nearest name.
+pub fn unknown_skips(rows: &[CheckRow], skips: &[String]) -> Result<(), String> {
+    let mut names: Vec<String> = rows.iter().map(|r| r.check.clone()).collect();
+    names.extend(super::rules::CHECK_IDS.iter().map(|s| s.to_string()));
+    names.sort();
+    names.dedup();
+    let known = |s: &str| names.iter().any(|n| n == s || n.split(':').next() == Some(s));
+    let unknown: Vec<String> = skips
+        .iter()
+        .filter(|s| !known(s) && !rows.iter().any(|r| is_skipped(&r.check, std::slice::from_ref(s))))
+        .map(|s| format!("`{s}`{}", mm_spec::suggest::hint(s, &names)))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "--skip-check {}: no such check; the checks are: {} (a family before `:` skips all of its checks)",
+        unknown.join("; "),
+        names.join(", ")
+    ))
 }
 
 /// Per host (node i runs `scripts[i]`): its probe's output, or why there is none.
@@ -327,7 +353,7 @@ mod tests {
             ])],
             ..Default::default()
         };
-        let rows = run_all(&backend, &plan, &cluster, &["path".into(), "disk".into()], "9.9");
+        let rows = run_all(&backend, &plan, &cluster, &["path".into(), "disk".into()], "9.9").unwrap();
         let row = |id: &str| rows.iter().find(|r| r.check == id).unwrap_or_else(|| panic!("{id}: {rows:#?}"));
         assert_eq!(row("reachable").status, Status::Ok);
         assert_eq!(row("engine").status, Status::Ok);
@@ -338,11 +364,35 @@ mod tests {
             nodes: vec![FakeNode { connect_error: Some("cannot start the node agent".into()), ..Default::default() }],
             ..Default::default()
         };
-        let rows = run_all(&down, &plan, &cluster, &[], "9.9");
+        let rows = run_all(&down, &plan, &cluster, &["env".into()], "9.9").unwrap();
         assert_eq!(rows.len(), 1, "{rows:#?}");
         assert_eq!(
             (rows[0].check.as_str(), rows[0].status, rows[0].found.as_str(), rows[0].fix.as_str()),
             ("reachable", Status::Fail, "cannot start the node agent", "check that bash is installed")
+        );
+    }
+
+    #[test]
+    fn unknown_skip_ids_are_refused_with_the_nearest() {
+        let row = |id: &str| CheckRow {
+            host: "h".into(),
+            check: id.into(),
+            status: super::super::Status::Ok,
+            found: String::new(),
+            expected: String::new(),
+            fix: String::new(),
+        };
+        let rows = [row("reachable"), row("env:HCCL_CONNECT_TIMEOUT"), row("path:load")];
+        // Ids of this run, families, and ids other clusters produce are all fine.
+        let fine = ["env", "path:load", "disk", "npu-count", "setup"].map(String::from);
+        assert_eq!(unknown_skips(&rows, &fine), Ok(()));
+        let e = unknown_skips(&rows, &["env:HCCL_CONECT_TIMEOUT".into(), "bogus".into()]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "--skip-check `env:HCCL_CONECT_TIMEOUT`, did you mean `env:HCCL_CONNECT_TIMEOUT`?; `bogus`: no such \
+                 check; the checks are: ascend-env, cpu-cores, disk, engine, env, env:HCCL_CONNECT_TIMEOUT"
+            ),
+            "{e}"
         );
     }
 }

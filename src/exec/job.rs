@@ -96,11 +96,63 @@ pub fn backend_for(plan: &Plan, cluster: &ClusterSpec, agent_path: Option<&str>)
     Ok(Box::new(SshBackend::start_early(targets, agent)))
 }
 
-/// Runs the job to its end; returns the process exit code (see main.rs for the table).
+/// The run directory of a launch, made before the checks run, so that `launch logs -f` typed
+/// right after `finetune` follows this run (status "running" from the start).
+pub fn open_run(plan: &Plan, cluster: &ClusterSpec, attempts: bool) -> Result<RunDir, String> {
+    let run = RunDir::create(&cluster.log_dir, &plan.model.name, attempts)
+        .map_err(|e| format!("cannot create a run directory under {}: {e}", cluster.log_dir.display()))?;
+    init_tracing(&run.launcher_log());
+    tracing::info!(run = %run.id, hosts = plan.nodes.len(), ranks = plan.world_size, "launch starting");
+    let _ = run.write_status(&status_of(&run, "running", None, None, None));
+    eprintln!("[launch] run {}: logs in {}", run.id, run.root.display());
+    Ok(run)
+}
+
+/// A run that ends before any rank starts (failed checks, a signal during them): `text` goes
+/// into launch.log, and status.json says finished with `code`.
+pub fn close_unstarted(run: &RunDir, code: i32, text: &str) {
+    use std::io::Write as _;
+    let lines: String = text.lines().map(|l| format!("[launch] {l}\n")).collect();
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.launch_log())
+        .and_then(|mut f| f.write_all(lines.as_bytes()));
+    if let Err(e) = appended {
+        tracing::warn!("cannot write {}: {e}", run.launch_log().display());
+    }
+    let outcome = text.lines().last().map(String::from);
+    let _ = run.write_status(&status_of(run, "finished", Some(code), outcome, None));
+}
+
+/// status.json's content for this launcher process.
+fn status_of(
+    run: &RunDir,
+    state: &str,
+    exit_code: Option<i32>,
+    outcome: Option<String>,
+    training: Option<crate::exec::outcome::TrainingSummary>,
+) -> RunStatus {
+    let pid = std::process::id();
+    RunStatus {
+        run_id: run.id.clone(),
+        state: state.into(),
+        pid,
+        exit_code,
+        outcome,
+        training,
+        host: nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()),
+        pid_start: crate::agent::start_time(pid),
+    }
+}
+
+/// Runs the job to its end in `run` (from [`open_run`]); returns the process exit code (see
+/// main.rs for the table).
 /// `rendered`: the launch as rendered for the dry run (written to plan.json until the attempt
 /// replaces it with the picked master port).
 /// `backend`: from [`backend_for`], made as early as possible.
 pub fn run_job(
+    run: RunDir,
     plan: &Plan,
     cluster: &ClusterSpec,
     renderer: &Renderer,
@@ -108,10 +160,6 @@ pub fn run_job(
     backend: Box<dyn Backend>,
     opts: &JobOptions,
 ) -> Result<i32, String> {
-    let run = RunDir::create(&cluster.log_dir, &plan.model.name, opts.max_restarts > 0)
-        .map_err(|e| format!("cannot create a run directory under {}: {e}", cluster.log_dir.display()))?;
-    init_tracing(&run.launcher_log());
-    tracing::info!(run = %run.id, hosts = plan.nodes.len(), ranks = plan.world_size, "launch starting");
     // Off the critical path: hosts are being reached meanwhile.
     let plan_writer = {
         let (run, plan, rendered) = (run.clone(), plan.clone(), rendered.clone());
@@ -121,27 +169,12 @@ pub fn run_job(
             }
         })
     };
-    let pid = std::process::id();
-    let host = nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned());
-    let pid_start = crate::agent::start_time(pid);
-    let status = |state: &str, code: Option<i32>, outcome: Option<String>, training| RunStatus {
-        run_id: run.id.clone(),
-        state: state.into(),
-        pid,
-        exit_code: code,
-        outcome,
-        training,
-        host: host.clone(),
-        pid_start,
-    };
-    let _ = run.write_status(&status("running", None, None, None));
 
     let hosts = hosts_of(plan);
     let logs = LogSink::new(run.clone(), plan.clone(), hosts.clone())
         .map_err(|e| format!("cannot write {}: {e}", run.launch_log().display()))?;
     let console = Console::new(hosts.clone(), opts.tee, opts.ranks.clone(), opts.fancy);
     let mut reporters = JobReporters { logs, console };
-    eprintln!("[launch] run {}: logs in {}", run.id, run.root.display());
 
     let cfg = DispatchConfig {
         grace: opts.grace,
@@ -254,7 +287,7 @@ pub fn run_job(
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     let _ = plan_writer.join();
-    let _ = run.write_status(&status("finished", Some(code), Some(headline), training));
+    let _ = run.write_status(&status_of(&run, "finished", Some(code), Some(headline), training));
     tracing::info!(code, "launch finished");
     Ok(code)
 }
