@@ -178,7 +178,7 @@ impl Renderer {
         cluster: &ClusterSpec,
         node: &NodePlan,
     ) -> Result<Vec<LaunchUnit>, RenderError> {
-        let engine = cluster.engine.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "mm-engine".into());
+        let engine = cluster.engine_command();
         let args = engine_args(plan);
         node.ranks
             .iter()

@@ -684,3 +684,31 @@ fn rig_frozen_agent_is_told_apart_from_a_lost_host() {
     assert!(headline.contains(&format!("the node agent on {host}")) && headline.contains(&want), "{headline}");
     job.assert_clean(Duration::from_secs(10), true);
 }
+
+/// A local cluster runs the mm-engine beside the launcher, PATH or not (the README's
+/// `./target/release/launch …` after `make build`), and the check table says which one.
+#[test]
+fn a_local_cluster_finds_the_engine_beside_the_launcher_and_says_which() {
+    let dir = tempfile::Builder::new().prefix("mm-e2e-beside-").tempdir().unwrap();
+    synth(dir.path());
+    let cluster = format!("{REPO}/clusters/local.yaml");
+    let o = Command::new(LAUNCH)
+        .args(["--cluster", &cluster, "check", "tiny", "--json"])
+        .current_dir(dir.path())
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["check"] == "engine").expect("an engine row");
+    let want = format!("mm-engine {} at {}", env!("CARGO_PKG_VERSION"), engine().display());
+    assert_eq!(row["found"].as_str(), Some(want.as_str()), "{row}");
+    let dry = Command::new(LAUNCH)
+        .args(["--cluster", &cluster, "finetune", "tiny", "--dry-run"])
+        .current_dir(dir.path())
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(text(&dry).0.contains(&format!("exec {} train", engine().display())), "{}", text(&dry).0);
+}

@@ -7,11 +7,6 @@ use super::probe::fact;
 use super::rules::{Rows, Status};
 use crate::cluster::{ClusterSpec, Template};
 
-/// The engine binary the probe runs with `--version` (the cluster's `engine:`, or PATH's).
-pub(crate) fn engine_binary(cluster: &ClusterSpec) -> String {
-    cluster.engine.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "mm-engine".into())
-}
-
 /// The rank launcher a MindSpeed-MM template runs on the hosts (None: mm-engine).
 pub(crate) fn template_tool(template: Template) -> Option<&'static str> {
     match template {
@@ -38,27 +33,41 @@ fn mm_engine_rows(r: &mut Rows, cluster: &ClusterSpec, facts: &BTreeMap<String, 
     match (fact(facts, "engine.rc"), fact(facts, "engine.out")) {
         (Some("0"), Some(out)) => {
             let version = out.split_whitespace().last().unwrap_or("");
+            // Which binary: the table says, so a stale one on PATH is seen at once.
+            let at = fact(facts, "engine.path").map(|p| format!(" at {}", p.trim())).unwrap_or_default();
             if version == launcher_version {
-                r.push("engine", Status::Ok, out.trim(), format!("mm-engine {launcher_version}"), "");
+                r.push(
+                    "engine",
+                    Status::Ok,
+                    format!("{}{at}", out.trim()),
+                    format!("mm-engine {launcher_version}"),
+                    "",
+                );
             } else {
                 r.push(
                     "engine",
                     Status::Fail,
-                    out.trim(),
+                    format!("{}{at}", out.trim()),
                     format!("mm-engine {launcher_version} (the launcher's version)"),
                     "install the matching mm-engine on this host, or point `engine:` at it",
                 );
             }
         }
         (Some("missing"), _) => {
-            let e = engine_binary(cluster);
-            r.push(
-                "engine",
-                Status::Fail,
-                format!("{e}: not found"),
-                "the mm-engine binary",
-                "build it (`make build`) and set `engine:` in the cluster file to its path on the hosts",
-            );
+            let e = cluster.engine_command();
+            let (found, fix) = match (&cluster.engine, cluster.local) {
+                (Some(_), _) => (format!("{e}: no such executable"), "fix `engine:` in the cluster file".to_string()),
+                (None, true) => (
+                    "mm-engine: neither beside this launcher nor on PATH".into(),
+                    "build it (`make build` puts it beside `launch` in target/release), or set `engine:` to its path"
+                        .into(),
+                ),
+                (None, false) => (
+                    "mm-engine: not on this host's PATH".into(),
+                    "install mm-engine on this host and set `engine:` in the cluster file to its path there".into(),
+                ),
+            };
+            r.push("engine", Status::Fail, found, "the mm-engine binary", fix);
         }
         (rc, out) => r.push(
             "engine",

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::devices::ASCEND_SET_ENV;
-use super::engine::{engine_binary, template_tool};
+use super::engine::template_tool;
 use super::env::{NPU_ENV_TABLE, OTHER_WATCHED};
 use super::paths::{job_paths, save_dir};
 use crate::cluster::{Accelerator, ClusterSpec, Template};
@@ -66,10 +66,10 @@ pub fn probe_script(plan: &Plan, cluster: &ClusterSpec, target: &ProbeTarget) ->
     }
     match template_tool(plan.template) {
         None => {
-            let e = shell_quote(&engine_binary(cluster));
+            let e = shell_quote(&cluster.engine_command());
             let _ = writeln!(
                 s,
-                "if command -v {e} >/dev/null 2>&1; then out=$({e} --version 2>&1); emit engine.rc $?; emit engine.out \"$out\"; else emit engine.rc missing; fi"
+                "if p=$(command -v {e}); then out=$({e} --version 2>&1); emit engine.rc $?; emit engine.out \"$out\"; emit engine.path \"$p\"; else emit engine.rc missing; fi"
             );
         }
         Some(t) => tool(&mut s, t, &format!("{t} --help")),

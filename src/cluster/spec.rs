@@ -369,6 +369,20 @@ pub struct JobSpec {
 }
 
 impl ClusterSpec {
+    /// The mm-engine the ranks run: `engine:` when set; on a local cluster the one beside this
+    /// launcher when it is there (`make build` puts both in target/release, so the README's
+    /// `./target/release/launch …` works without PATH); else `mm-engine` from the hosts' PATH.
+    pub fn engine_command(&self) -> String {
+        if let Some(p) = &self.engine {
+            return p.display().to_string();
+        }
+        let beside = || std::env::current_exe().ok()?.parent().map(|d| d.join("mm-engine")).filter(|p| p.is_file());
+        match (self.local, beside()) {
+            (true, Some(p)) => p.display().to_string(),
+            _ => "mm-engine".into(),
+        }
+    }
+
     /// Every host with defaults applied, in rank order.
     pub fn hosts_resolved(&self) -> Vec<ResolvedHost> {
         self.hosts
