@@ -106,7 +106,7 @@ struct JobArgs {
     /// YAML file overriding any recipe field (train.lr, parallel.tp, data.data_path, ...).
     #[arg(long, value_name = "FILE")]
     recipe: Option<PathBuf>,
-    /// Override one recipe field, e.g. --set train.lr=1e-5 --set parallel.llm_pp_layers=[7,7,7,7].
+    /// Override one recipe field, e.g. --set train.lr=1e-5 --set parallel.llm_pp_layers=7,7,7,7.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
 }

@@ -753,6 +753,11 @@ mod tests {
         assert_eq!(r.train.lr, 3e-4);
         assert_eq!(r.parallel.llm_pp_layers, Some(vec![7, 7, 7, 7]));
         assert_eq!(r.data.data_path, Some(PathBuf::from("x y")));
+        // The spelling mm-convert, mm-engine and the layout error use: `6,8,8,6`.
+        let r = Recipe::resolve("8b", None, None, &["parallel.llm_pp_layers=10, 6,8,8".into()]).unwrap();
+        assert_eq!(r.parallel.llm_pp_layers, Some(vec![10, 6, 8, 8]));
+        let err = Recipe::resolve("8b", None, None, &["parallel.llm_pp_layers=6,x".into()]).unwrap_err().to_string();
+        assert!(err.contains("--set parallel.llm_pp_layers"), "{err}");
     }
 
     #[test]

@@ -70,9 +70,22 @@ pub(super) fn set_value(key: &str, value: &str, shape: Option<Shape>) -> Result<
     }
     Ok(match shape.kind {
         Kind::Text => Value::String(value.to_string()),
+        // `6,8,8,6`, as mm-convert and mm-engine take a list of numbers (and as the layout
+        // error suggests it), is the list `[6,8,8,6]`.
+        Kind::List if !value.trim_start().starts_with('[') && value.contains(',') => {
+            Value::Array(value.split(',').map(|item| set_item(item.trim())).collect())
+        }
         // Not YAML: the deserializer then names the expected type.
         _ => serde_yaml_ng::from_str(value).unwrap_or_else(|_| Value::String(value.to_string())),
     })
+}
+
+/// One item of a comma-separated list: a number when it reads as one, else the text.
+fn set_item(item: &str) -> Value {
+    match serde_yaml_ng::from_str::<Value>(item) {
+        Ok(v @ Value::Number(_)) => v,
+        _ => Value::String(item.to_string()),
+    }
 }
 
 fn describe(kind: Kind) -> &'static str {
