@@ -317,7 +317,7 @@ impl Reporter for Console {
                 self.training = None;
                 self.stopped = None;
                 if *attempt > 0 {
-                    self.say(&format!("[launch] restart: attempt {attempt} of up to {}", max_restarts + 1));
+                    self.say(&format!("[launch] restart {attempt} of {max_restarts}: attempt {attempt} starts"));
                 }
                 let n = self.hosts.len() as u64;
                 let bar = self.bar(n, "{spinner} connecting to hosts {pos}/{len} {elapsed}");
