@@ -260,3 +260,18 @@ fn synth_hf_subcommand_writes_a_loadable_checkpoint() {
     assert!(stdout(&o).contains("check:     intact"), "{}", stdout(&o));
     let _ = preset("tiny6b").unwrap();
 }
+
+/// Logs into a pipe are plain text: colour escapes only on a terminal (and never with NO_COLOR).
+#[test]
+fn logs_into_a_pipe_have_no_colour_codes() {
+    let root = tempfile::tempdir().unwrap();
+    let hf = root.path().join("hf");
+    run(&["synth-hf", "--out", s(&hf), "--preset", "tiny6b"], 0);
+    let o = bin()
+        .args(["hf-to-mm", "--hf-dir", s(&hf), "--mm-dir", s(&root.path().join("mm"))])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("INFO") && !stderr(&o).contains('\x1b'), "{:?}", stderr(&o));
+}
