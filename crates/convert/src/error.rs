@@ -46,8 +46,24 @@ pub enum ConvertError {
     #[error("{0}")]
     Usage(String),
 
+    /// The model does not fit the requested layout (the file it came from, and why).
+    #[error("{}: the model it describes does not fit the requested layout: {message}", path.display())]
+    LayoutMismatch { path: PathBuf, message: String },
+
     #[error("conversion stopped: {0}")]
     Cancelled(String),
+}
+
+impl ConvertError {
+    /// The exit code, from the table all three tools share: 2 a usage or configuration error
+    /// (bad flags, an existing output without --force), 3 a layout mismatch, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ConvertError::Usage(_) | ConvertError::OutputExists { .. } => 2,
+            ConvertError::LayoutMismatch { .. } => 3,
+            _ => 1,
+        }
+    }
 }
 
 impl From<mm_spec::checkpoint::MindSpeedError> for ConvertError {

@@ -16,8 +16,9 @@ use mm_spec::{preset, DType, HfLayout, LayoutRequest};
 
 const AFTER_HELP: &str = "The seed's spelling works too:\n  mm-convert InternVLConverter hf_to_mm --cfg.mm_dir DIR \
 --cfg.hf_config.hf_dir DIR --cfg.parallel_config.llm_pp_layers [[6,8,8,6]] --cfg.parallel_config.vit_pp_layers \
-[[24,0,0,0]] --cfg.parallel_config.tp_size 1 --cfg.trust_remote_code True\n\nExit codes: 0 ok, 1 bad checkpoint or \
-I/O error, 2 usage error, 3 inspect: does not fit the recipe.";
+[[24,0,0,0]] --cfg.parallel_config.tp_size 1 --cfg.trust_remote_code True\n\nExit codes (as launch and mm-engine): 0 ok, \
+1 bad checkpoint or I/O error, 2 usage or configuration error (bad flags, an existing output without --force), \
+3 the layout does not fit the model (or, for inspect, the recipe).";
 
 #[derive(Parser)]
 #[command(name = "mm-convert", version, about = "InternVL3 checkpoints between HF and the MM (tp/pp split) layout, streamed", after_help = AFTER_HELP)]
@@ -239,9 +240,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let usage =
-                matches!(e.downcast_ref::<mm_convert::ConvertError>(), Some(mm_convert::ConvertError::Usage(_)));
-            ExitCode::from(if usage { 2 } else { 1 })
+            ExitCode::from(e.downcast_ref::<mm_convert::ConvertError>().map_or(1, mm_convert::ConvertError::exit_code))
         }
     }
 }

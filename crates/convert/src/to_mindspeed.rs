@@ -35,12 +35,9 @@ pub fn hf_to_mindspeed(o: &HfToMm) -> Result<Summary, ConvertError> {
         });
     }
     let req = LayoutRequest { unaligned_linear: true, ..o.layout.clone() };
-    let layout = MmLayout::resolve(arch, &req).map_err(|e| ConvertError::Config {
+    let layout = MmLayout::resolve(arch, &req).map_err(|e| ConvertError::LayoutMismatch {
         path: ckpt.dir.join(crate::hf::CONFIG_FILE),
-        message: format!(
-            "the model it describes does not fit the requested layout: {e}\n(mm-convert spells the options \
-             --tp, --vpp, --llm-pp-layers, --vit-pp-layers)"
-        ),
+        message: format!("{e}\n(mm-convert spells the options --tp, --vpp, --llm-pp-layers, --vit-pp-layers)"),
     })?;
     let plan = plan_mindspeed(arch, &layout)?;
     let sources =

@@ -65,11 +65,10 @@ pub fn hf_to_mm(o: &HfToMm) -> Result<Summary, ConvertError> {
     let mut out = OutputDir::prepare(&o.mm_dir, o.force)?;
     let ckpt = HfCheckpoint::open(&o.hf_dir)?;
     let arch = &ckpt.config.arch;
-    let layout = MmLayout::resolve(arch, &o.layout).map_err(|e| ConvertError::Config {
+    let layout = MmLayout::resolve(arch, &o.layout).map_err(|e| ConvertError::LayoutMismatch {
         path: ckpt.dir.join(crate::hf::CONFIG_FILE),
         message: format!(
-            "the model it describes does not fit the requested layout: {e}\n(mm-convert spells the options \
-             --tp, --vpp, --llm-pp-layers, --vit-pp-layers, --unaligned-linear)"
+            "{e}\n(mm-convert spells the options --tp, --vpp, --llm-pp-layers, --vit-pp-layers, --unaligned-linear)"
         ),
     })?;
     let plan = plan_checkpoint(arch, &layout)?;

@@ -10,12 +10,18 @@ use mm_convert::synth::{write_synthetic, SynthSpec};
 use mm_spec::{preset, HfLayout};
 use safetensors::Dtype;
 
-/// Runs hf-to-mm expecting failure; returns stderr after checking nothing was written.
+/// Runs hf-to-mm expecting failure (exit 1: bad input); returns stderr after checking nothing
+/// was written.
 fn fails(root: &Path, hf: &Path, extra: &[&str]) -> String {
+    fails_with(root, hf, extra, 1)
+}
+
+/// As [`fails`], with the exit code expected (3: the layout does not fit the model).
+fn fails_with(root: &Path, hf: &Path, extra: &[&str], code: i32) -> String {
     let mm = root.join("out");
     let mut args = vec!["hf-to-mm", "--hf-dir", s(hf), "--mm-dir", s(&mm)];
     args.extend_from_slice(extra);
-    let o = run(&args, 1);
+    let o = run(&args, code);
     assert!(!mm.exists(), "output created");
     assert!(entries_starting_with(root, "out").is_empty(), "leftovers: {:?}", entries_starting_with(root, "out"));
     stderr(&o)
@@ -79,11 +85,11 @@ fn shape_mismatch_with_config() {
 fn layer_lists_that_do_not_fit() {
     let root = tempfile::tempdir().unwrap();
     let hf = tiny(root.path(), false);
-    let err = fails(root.path(), &hf, &["--llm-pp-layers", "1,2", "--vit-pp-layers", "2,0"]);
+    let err = fails_with(root.path(), &hf, &["--llm-pp-layers", "1,2", "--vit-pp-layers", "2,0"], 3);
     assert!(err.contains("llm_pp_layers sums to 3 but the LLM has 2 layers"), "{err}");
-    let err = fails(root.path(), &hf, &["--llm-pp-layers", "1,1", "--vit-pp-layers", "2,0,0"]);
+    let err = fails_with(root.path(), &hf, &["--llm-pp-layers", "1,1", "--vit-pp-layers", "2,0,0"], 3);
     assert!(err.contains("vit_pp_layers has 3 entries but pp×vpp = 2×1 = 2"), "{err}");
-    let err = fails(root.path(), &hf, &["--llm-pp-layers", "1,1", "--vit-pp-layers", "1,0"]);
+    let err = fails_with(root.path(), &hf, &["--llm-pp-layers", "1,1", "--vit-pp-layers", "1,0"], 3);
     assert!(err.contains("vit_pp_layers sums to 1 but the ViT has 2 layers"), "{err}");
 }
 
@@ -96,7 +102,7 @@ fn kv_heads_not_divisible_by_tp() {
     arch.llm.num_key_value_heads = 3;
     arch.llm.hidden_size = 96;
     synth(&hf, arch, HfLayout::Original, 22, false);
-    let err = fails(root.path(), &hf, &["--tp", "2"]);
+    let err = fails_with(root.path(), &hf, &["--tp", "2"], 3);
     assert!(err.contains("3 LLM key/value heads are not divisible by tp 2"), "{err}");
     assert!(err.contains("unaligned_linear"), "{err}");
     // With --unaligned-linear it converts (kv heads 2 + 1) and round-trips.

@@ -88,7 +88,7 @@ fn llm_widths_that_tp_does_not_divide_are_refused_with_the_reason() {
     let hf = root.path().join("hf");
     synth(&hf, preset("tiny").unwrap(), HfLayout::Original, 3, false);
     let out = root.path().join("ms");
-    let o = run(&["hf-to-mm", "--format", "mindspeed", "--hf-dir", s(&hf), "--mm-dir", s(&out), "--tp", "4"], 1);
+    let o = run(&["hf-to-mm", "--format", "mindspeed", "--hf-dir", s(&hf), "--mm-dir", s(&out), "--tp", "4"], 3);
     assert!(stderr(&o).contains("key/value heads"), "{}", stderr(&o));
     assert!(!out.exists() && entries_starting_with(root.path(), "ms").is_empty(), "nothing left behind");
 }

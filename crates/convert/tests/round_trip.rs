@@ -199,7 +199,7 @@ fn force_replaces_existing_output() {
     let mm = root.path().join("mm");
     synth(&hf, preset("tiny").unwrap(), HfLayout::Original, 9, false);
     run(&["hf-to-mm", "--hf-dir", s(&hf), "--mm-dir", s(&mm)], 0);
-    let o = run(&["hf-to-mm", "--hf-dir", s(&hf), "--mm-dir", s(&mm), "--tp", "2"], 1);
+    let o = run(&["hf-to-mm", "--hf-dir", s(&hf), "--mm-dir", s(&mm), "--tp", "2"], 2);
     assert!(stderr(&o).contains("already exists") && stderr(&o).contains("--force"), "{}", stderr(&o));
     assert!(release(&mm).join("mp_rank_00/model.safetensors").is_file(), "old output untouched");
     run(&["hf-to-mm", "--hf-dir", s(&hf), "--mm-dir", s(&mm), "--tp", "2", "--force"], 0);

@@ -97,7 +97,7 @@ fn vit_25_heads_on_tp8() {
     arch.llm.num_hidden_layers = 2;
     arch.vision.num_hidden_layers = 2;
     synth(&hf, arch, HfLayout::Hf, 12, false);
-    let o = run(&["hf-to-mm", "--hf-dir", s(&hf), "--mm-dir", s(&mm), "--tp", "8"], 1);
+    let o = run(&["hf-to-mm", "--hf-dir", s(&hf), "--mm-dir", s(&mm), "--tp", "8"], 3);
     let err = stderr(&o);
     assert!(err.contains("25 ViT attention heads are not divisible by tp 8"), "{err}");
     assert!(!mm.exists());
