@@ -14,7 +14,9 @@ use launch::progress::{Console, Tee};
 use launch::recipe::Recipe;
 use launch::render::Renderer;
 
-/// Exit codes (documented in the README). A launch that ran exits with its first failure's
+/// Exit codes (documented in the README and --help; mm-convert and mm-engine share 0/2/3). A
+/// layout that does not fit the model or the cluster exits 3, like a failed check. A launch
+/// that ran exits with its first failure's
 /// code: the failing rank's exit code, 128 + signal when a rank was killed by one, 4 when
 /// nothing could be started (a host unreachable, its key refused, no agent), 255 when a host
 /// was lost or its agent died mid-run, 124 when the stall watchdog stopped it, 127 when a rank's
@@ -23,8 +25,15 @@ use launch::render::Renderer;
 const EXIT_CONFIG: u8 = 2;
 const EXIT_CHECKS: u8 = 3;
 
+const AFTER_HELP: &str = "Exit codes (shared with mm-convert and mm-engine): 0 ok, 2 usage or configuration error \
+(file, line and key named), 3 failed checks or a layout that does not fit; a run exits with its first failing rank's \
+code (128 + signal when killed), 4 when nothing could be started, 124 when the stall watchdog stopped it, 127 when a \
+rank's shell could not start, 255 when a host was lost or its agent failed, 130/143/129/138 when the launcher was \
+stopped by SIGINT/SIGTERM/SIGHUP/SIGUSR1 (launch stop sends SIGTERM).";
+
 #[derive(Parser)]
 #[command(
+    after_help = AFTER_HELP,
     name = "launch",
     version,
     about = "Plan, check and launch InternVL3 fine-tunes on one or many hosts",
@@ -214,7 +223,8 @@ fn load(cli_cluster: &Option<PathBuf>, job: &JobArgs) -> Result<(ClusterSpec, Re
     }
     let recipe = Recipe::resolve(&job.model, Some((&cluster.job, &cluster.origin)), job.recipe.as_deref(), &job.sets)
         .map_err(config)?;
-    let plan = Plan::build(&cluster, &recipe).map_err(config)?;
+    let plan = Plan::build(&cluster, &recipe)
+        .map_err(|e| Failure(if e.layout { EXIT_CHECKS } else { EXIT_CONFIG }, format!("error: {e}")))?;
     Ok((cluster, recipe, plan))
 }
 

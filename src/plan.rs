@@ -68,6 +68,9 @@ pub struct RankRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanError {
     pub problems: Vec<String>,
+    /// The layout does not fit the model or the cluster (exit 3); false when the model itself
+    /// could not be read (a configuration error, exit 2).
+    pub layout: bool,
 }
 
 impl std::fmt::Display for PlanError {
@@ -89,12 +92,13 @@ impl std::error::Error for PlanError {}
 impl Plan {
     pub fn build(cluster: &ClusterSpec, recipe: &Recipe) -> Result<Plan, PlanError> {
         let mut problems = Vec::new();
-        let model = crate::recipe::model_architecture(&recipe.model).map_err(|e| PlanError { problems: vec![e] })?;
+        let model = crate::recipe::model_architecture(&recipe.model)
+            .map_err(|e| PlanError { problems: vec![e], layout: false })?;
         let hosts = cluster.hosts_resolved();
         let slots: Vec<usize> = hosts.iter().map(|h| h.devices.len()).collect();
         let world: usize = slots.iter().sum();
         let p = &recipe.parallel;
-        let fail = |problems: Vec<String>| PlanError { problems };
+        let fail = |problems: Vec<String>| PlanError { problems, layout: true };
 
         let dims = match ParallelDims::new(world, p.tp, p.cp, p.pp, p.vpp) {
             Ok(d) => d,

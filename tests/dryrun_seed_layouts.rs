@@ -355,3 +355,26 @@ fn a_load_in_the_wrong_format_for_the_template_names_the_conversion() {
     let err = Plan::build(&cluster, &recipe).unwrap_err().to_string();
     assert!(err.contains("checkpoint.save_format mm: MindSpeed-MM saves its own torch files only"), "{err}");
 }
+
+/// A layout that does not fit exits 3 (as in mm-convert), a bad key 2; `--set` takes the
+/// layer list as `7,7,7,7`, the spelling the layout error itself suggests.
+#[test]
+fn layout_mismatch_exits_3_and_the_suggested_list_is_accepted() {
+    let run = |sets: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_launch"));
+        c.args(["--cluster", concat!(env!("CARGO_MANIFEST_DIR"), "/clusters/ascend-1x8-8b.yaml"), "finetune", "8b"]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let o = c.arg("--dry-run").output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (code, err) = run(&["parallel.llm_pp_layers=7,7,7,6"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("llm_pp_layers sums to 27 but the LLM has 28 layers") && err.contains("e.g. 7,7,7,7"),
+        "{err}"
+    );
+    assert_eq!(run(&["parallel.llm_pp_layers=7,7,7,7"]).0, Some(0));
+    assert_eq!(run(&["train.lrr=1"]).0, Some(2));
+}
