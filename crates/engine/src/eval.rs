@@ -27,20 +27,28 @@ pub struct EvalArgs {
     /// Checkpoint: save dir, MM iteration folder or HF folder.
     #[arg(long)]
     pub load: PathBuf,
-    /// InternVL chat JSONL or meta JSON.
-    #[arg(long)]
-    pub data: PathBuf,
+    /// InternVL chat JSONL, or a meta JSON listing several (as `train --data-path`).
+    #[arg(long, visible_alias = "data")]
+    pub data_path: PathBuf,
+    /// The flag the data path was given with (`--data-path` or its alias `--data`), for messages.
+    #[arg(skip = String::from("--data-path"))]
+    pub data_flag: String,
+    /// Root of the image/video paths in the records (default: the JSONL's folder).
     #[arg(long)]
     pub data_folder: Option<PathBuf>,
+    /// tokenizer.json or a folder with one (default: the checkpoint's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Preset name used when the checkpoint's config has none.
     #[arg(long, default_value = "tiny")]
     pub model: String,
+    /// Tokens per sample; longer samples are cut (as `train --seq-length`).
     #[arg(long, default_value_t = 4096)]
     pub seq_length: usize,
     #[command(flatten)]
     pub pre: PreprocessArgs,
+    /// Fraction of unreadable records tolerated before failing (default 1: skip them all with a
+    /// warning; `train` defaults to 0.01).
     #[arg(long, default_value_t = 1.0)]
     pub max_bad_fraction: f64,
     /// Seed of video frame sampling.
@@ -49,11 +57,13 @@ pub struct EvalArgs {
     /// Evaluate at most this many samples (default: all).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// cpu, cuda, cuda:N or auto (cuda when available).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Write the logits of the first N samples to --out.
     #[arg(long, default_value_t = 0)]
     pub dump_logits: usize,
+    /// Safetensors file the --dump-logits samples are written to.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Print the summary as one JSON object (after the per-sample lines).
@@ -73,10 +83,17 @@ pub struct EvalSummary {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
-    anyhow::ensure!(a.dump_logits == 0 || a.out.is_some(), "--dump-logits {} needs --out FILE", a.dump_logits);
     let mut errs = Vec::new();
+    if a.dump_logits > 0 && a.out.is_none() {
+        errs.push(format!("--dump-logits {} needs --out FILE", a.dump_logits));
+    }
     a.pre.check(&mut errs);
-    anyhow::ensure!(errs.is_empty(), "invalid eval flags:\n  {}", errs.join("\n  "));
+    if !(0.0..=1.0).contains(&a.max_bad_fraction) {
+        errs.push(format!("--max-bad-fraction {}: expected a fraction in [0, 1]", a.max_bad_fraction));
+    }
+    if !errs.is_empty() {
+        return crate::cli::usage(format!("invalid eval flags:\n  {}", errs.join("\n  ")));
+    }
     let device = pick_device(&a.device)?;
     configure_cpu_threads(device, 1);
     let session = Session::open(SessionOptions {
@@ -90,7 +107,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         tp: None,
     })?;
     let cfg = a.pre.data_config(&session.preset, a.seq_length);
-    let ds = open_dataset(&a.data, a.data_folder.as_deref(), &session, cfg)?;
+    let ds = open_dataset(&a.data_path, &a.data_flag, a.data_folder.as_deref(), &session, cfg)?;
     let n = a.limit.unwrap_or(ds.records.len()).min(ds.records.len());
     let lc = LoaderConfig {
         seed: a.seed,
@@ -139,7 +156,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         }
         Ok(())
     })?;
-    anyhow::ensure!(s.samples > 0, "{}: no sample could be evaluated", a.data.display());
+    anyhow::ensure!(s.samples > 0, "{} {}: no sample could be evaluated", a.data_flag, a.data_path.display());
     s.loss_per_token = sum / s.tokens.max(1) as f64;
     s.loss_per_sample = s.per_sample.iter().map(|p| p.1).sum::<f64>() / s.samples as f64;
     println!(

@@ -8,10 +8,12 @@
 //! - [`data`]: records, tiling, video, template, batching, prefetch.
 //! - [`train`]: the loop, AdamW, schedule, loss reductions, checkpoints, data parallelism over
 //!   WORLD_SIZE ranks (`train::parallel`) and the distributed optimizer, ZeRO-1 (`train::zero`).
+//! - [`cli`]: exit codes and usage errors shared with `launch` and `mm-convert`.
 //! - [`eval`], [`synth`]: the `eval` and `synth` subcommands.
 //! - [`dist`]: c10d process groups (Gloo/NCCL) from the launcher's environment,
 //!   `collective-check`, the tensor-parallel regions (`dist::tp`) and `tp-check`.
 
+pub mod cli;
 pub mod data;
 pub mod dist;
 pub mod doctor;

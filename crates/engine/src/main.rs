@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mm_engine::cli;
 use mm_engine::dist::{env::DistEnv, flight, selftest, tp_check};
 use mm_engine::eval::EvalArgs;
 use mm_engine::synth::SynthArgs;
@@ -10,7 +11,12 @@ use mm_engine::train::args::TrainArgs;
 use mm_engine::train::stop::Stopped;
 
 #[derive(Parser)]
-#[command(name = "mm-engine", version, about = "InternVL3 fine-tuning engine on libtorch (tch) with c10d collectives")]
+#[command(
+    name = "mm-engine",
+    version,
+    about = "InternVL3 fine-tuning engine on libtorch (tch) with c10d collectives",
+    after_help = mm_engine::cli::EXIT_CODES_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,8 +51,10 @@ enum Command {
         /// WORLD_SIZE / (tp·cp·pp)). Without any of the three only the world group is checked.
         #[arg(long)]
         tp: Option<usize>,
+        /// Pipeline-parallel size of the layout to check (see --tp).
         #[arg(long)]
         pp: Option<usize>,
+        /// Context-parallel size of the layout to check (see --tp).
         #[arg(long)]
         cp: Option<usize>,
     },
@@ -61,12 +69,19 @@ enum Command {
     },
 }
 
-/// Exit codes: 0 done, 1 an error, 128 + N an agreed stop on signal N (143 SIGTERM, 130
-/// SIGINT, 138 SIGUSR1: `train` saved the iteration it stopped after and did not reach
-/// --train-iters), 2 bad command-line syntax (clap).
+/// Exit codes (`mm_engine::cli`, shared with launch and mm-convert): 0 done, 1 a runtime
+/// error, 2 a usage or configuration error (clap's syntax errors, and `cli::UsageError`s such as
+/// "invalid train flags"), 128 + N an agreed stop on signal N (143 SIGTERM, 130 SIGINT, 138
+/// SIGUSR1: `train` saved the iteration it stopped after and did not reach --train-iters).
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let mut args = Cli::parse();
+    if let Command::Eval(a) = &mut args.command {
+        // The flag the data path came through, for messages (--data is --data-path's alias).
+        if std::env::args().any(|x| x == "--data" || x.starts_with("--data=")) {
+            a.data_flag = "--data".into();
+        }
+    }
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<Stopped>() {
             Some(stopped) => {
@@ -75,7 +90,7 @@ fn main() -> ExitCode {
             }
             None => {
                 eprintln!("mm-engine: error: {e:#}");
-                ExitCode::FAILURE
+                ExitCode::from(cli::exit_code(&e))
             }
         },
     }
@@ -103,11 +118,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dims = if tp.is_some() || pp.is_some() || cp.is_some() {
                 let (tp, pp, cp) = (tp.unwrap_or(1), pp.unwrap_or(1), cp.unwrap_or(1));
                 let dims = mm_spec::layout::ParallelDims::new(env.world_size, tp, cp, pp, None).map_err(|e| {
-                    anyhow::anyhow!(
+                    cli::UsageError(format!(
                         "rank {}: --tp {tp} --pp {pp} --cp {cp} with WORLD_SIZE {}: {e}",
-                        env.rank,
-                        env.world_size
-                    )
+                        env.rank, env.world_size
+                    ))
                 })?;
                 Some(dims)
             } else {
@@ -139,6 +153,6 @@ fn check_device(device: &str, env: &DistEnv) -> anyhow::Result<tch::Device> {
             anyhow::ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device is visible");
             Ok(tch::Device::Cuda(env.local_rank))
         }
-        other => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
+        other => cli::usage(format!("--device {other:?}: expected cpu or cuda")),
     }
 }

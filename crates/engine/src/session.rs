@@ -136,7 +136,12 @@ impl Session {
             (Some(t), _) => t.to_path_buf(),
             (None, Some(s)) => s.assets_dir(),
             (None, None) => bail!(
-                "no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json) or --load a checkpoint that has one"
+                "no tokenizer: pass {} (a folder with tokenizer.json) or {}",
+                crate::cli::spelled("--tokenizer DIR", "--set checkpoint.tokenizer=DIR"),
+                crate::cli::spelled(
+                    "--load a checkpoint that has one",
+                    "set checkpoint.load to a checkpoint that has one"
+                )
             ),
         };
         let tokenizer = Arc::new(ChatTokenizer::open(&tok_path)?);
@@ -168,8 +173,9 @@ impl Session {
             bail!(
                 "model {}: the output layer is tied to the token embedding (the checkpoint has no lm_head, or \
                  tie_word_embeddings is set), which mm-engine cannot split over pipeline stages: give the model its \
-                 own lm_head (every InternVL3 size has one) or train with --pipeline-model-parallel-size 1",
-                preset.name
+                 own lm_head (every InternVL3 size has one) or train with {}",
+                preset.name,
+                crate::cli::spelled("--pipeline-model-parallel-size 1", "--set parallel.pp=1")
             );
         }
         let tp = o.tp.clone().unwrap_or_else(Tp::single);

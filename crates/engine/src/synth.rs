@@ -25,6 +25,7 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
+use crate::cli::{usage, UsageError};
 use crate::data::template::SYSTEM_MESSAGE;
 use crate::model::InternVL;
 use crate::rng::Rng;
@@ -33,7 +34,8 @@ use crate::weights::hf;
 
 #[derive(Debug, Clone, Args)]
 pub struct SynthArgs {
-    /// Writes OUT/model (checkpoint + tokenizer) and OUT/data (train.jsonl, images, video).
+    /// Writes OUT/model (checkpoint + tokenizer) and OUT/data (train.jsonl, images, video); OUT
+    /// must not exist or be empty, unless --force.
     #[arg(long, default_value = "runs/tiny")]
     pub out: PathBuf,
     /// Preset of the checkpoint (tiny or tiny6b).
@@ -42,6 +44,7 @@ pub struct SynthArgs {
     /// Records in train.jsonl.
     #[arg(long, default_value_t = 16)]
     pub samples: usize,
+    /// Seed of the images and the weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Leave the video record out (no ffmpeg needed).
@@ -62,8 +65,13 @@ pub struct SynthArgs {
     /// (`--llm-heads 8 --llm-kv-heads 8` splits over 8 tensor-parallel ranks).
     #[arg(long, requires = "llm_kv_heads")]
     pub llm_heads: Option<usize>,
+    /// LLM key/value heads (with --llm-heads).
     #[arg(long, requires = "llm_heads")]
     pub llm_kv_heads: Option<usize>,
+    /// Replace --out when it exists and is not empty (its contents are deleted); without it such
+    /// a folder is refused.
+    #[arg(long)]
+    pub force: bool,
 }
 
 const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
@@ -247,39 +255,81 @@ pub fn write_tokenizer(dir: &Path, texts: &[String], vocab_size: usize) -> anyho
     Ok(())
 }
 
+/// `Err(UsageError(msg))` unless `ok`.
+fn check(ok: bool, msg: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        usage(msg())
+    }
+}
+
+/// Refuses an `--out` that exists and is not an empty folder, unless `force`: then removes it
+/// (never a folder holding the working directory).
+fn clear_out(out: &Path, force: bool) -> anyhow::Result<()> {
+    let meta = match std::fs::symlink_metadata(out) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow::anyhow!("--out {}: {e}", out.display())),
+    };
+    let empty_dir =
+        meta.is_dir() && std::fs::read_dir(out).with_context(|| format!("--out {}", out.display()))?.next().is_none();
+    if empty_dir {
+        return Ok(());
+    }
+    let what = if meta.is_dir() { "is a folder that is not empty" } else { "exists and is not a folder" };
+    if !force {
+        return usage(format!(
+            "--out {}: {what}; pass --force to replace it (its contents are deleted), or choose another folder",
+            out.display()
+        ));
+    }
+    if meta.is_dir() {
+        let full = out.canonicalize().with_context(|| format!("--out {}", out.display()))?;
+        let cwd = std::env::current_dir().unwrap_or_default();
+        check(!cwd.starts_with(&full), || {
+            format!("--out {} --force: the folder holds the working directory; refusing to delete it", out.display())
+        })?;
+        std::fs::remove_dir_all(out).with_context(|| format!("--force: removing {}", out.display()))?;
+    } else {
+        std::fs::remove_file(out).with_context(|| format!("--force: removing {}", out.display()))?;
+    }
+    Ok(())
+}
+
 pub fn run(a: SynthArgs) -> anyhow::Result<()> {
-    let mut preset = mm_spec::preset(&a.model)?;
+    let mut preset = mm_spec::preset(&a.model).map_err(|e| UsageError(format!("--model {}: {e}", a.model)))?;
     if let Some(n) = a.llm_layers {
-        anyhow::ensure!(n > 0, "--llm-layers 0: expected at least one layer");
+        check(n > 0, || "--llm-layers 0: expected at least one layer".into())?;
         preset.llm.num_hidden_layers = n;
     }
     if let Some(n) = a.vit_layers {
-        anyhow::ensure!(n > 0, "--vit-layers 0: expected at least one layer");
+        check(n > 0, || "--vit-layers 0: expected at least one layer".into())?;
         preset.vision.num_hidden_layers = n;
     }
     if let (Some(h), Some(kv)) = (a.llm_heads, a.llm_kv_heads) {
-        anyhow::ensure!(
-            h > 0 && kv > 0 && h % kv == 0,
-            "--llm-heads {h} --llm-kv-heads {kv}: expected a multiple of the key/value heads"
-        );
+        check(h > 0 && kv > 0 && h % kv == 0, || {
+            format!("--llm-heads {h} --llm-kv-heads {kv}: expected a multiple of the key/value heads")
+        })?;
         let width = preset.llm.hidden_size / preset.llm.num_attention_heads;
         preset.llm.num_attention_heads = h;
         preset.llm.num_key_value_heads = kv;
         preset.llm.hidden_size = h * width;
     }
     if let Some(n) = a.vit_heads {
-        anyhow::ensure!(n > 0, "--vit-heads 0: expected at least one head");
+        check(n > 0, || "--vit-heads 0: expected at least one head".into())?;
         let width = preset.vision.hidden_size / preset.vision.num_attention_heads;
         preset.vision.num_attention_heads = n;
         preset.vision.hidden_size = n * width;
     }
-    anyhow::ensure!(
-        preset.llm.vocab_size <= 4096,
-        "--model {}: synth builds small models only (tiny, tiny6b), this one has a {}-token vocabulary",
-        a.model,
-        preset.llm.vocab_size
-    );
-    anyhow::ensure!(a.samples > 0, "--samples 0: expected at least 1");
+    check(preset.llm.vocab_size <= 4096, || {
+        format!(
+            "--model {}: synth builds small models only (tiny, tiny6b), this one has a {}-token vocabulary",
+            a.model, preset.llm.vocab_size
+        )
+    })?;
+    check(a.samples > 0, || "--samples 0: expected at least 1".into())?;
+    clear_out(&a.out, a.force)?;
     let model_dir = a.out.join("model");
     let data_dir = a.out.join("data");
     std::fs::create_dir_all(&model_dir).with_context(|| format!("creating {}", model_dir.display()))?;

@@ -54,6 +54,7 @@ fn reference() -> &'static Path {
             vit_heads: None,
             llm_heads: None,
             llm_kv_heads: None,
+            force: false,
         })
         .expect("synth");
         let python = workspace().join(".venv/bin/python");

@@ -12,12 +12,9 @@ use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordsError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Not a `#[source]`: the message holds it already, so `{:#}` does not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: key {key}: {reason}")]
     Meta { path: PathBuf, key: String, reason: String },
     #[error("{path}: no records (the file is empty or every line is broken)")]
@@ -118,7 +115,7 @@ pub fn parse_line(text: &str, root: &Path, file: &Path, line: usize) -> Result<R
 
 /// Reads a JSONL file: the good records and the bad lines (blank lines are neither).
 pub fn read_jsonl(path: &Path, root: &Path) -> Result<(Vec<Record>, Vec<BadLine>), RecordsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RecordsError::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|error| RecordsError::Io { path: path.to_path_buf(), error })?;
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -155,7 +152,7 @@ pub fn load(path: &Path, folder: Option<&Path>) -> Result<Loaded, RecordsError> 
         out.bad = bad;
     } else {
         let text =
-            std::fs::read_to_string(path).map_err(|source| RecordsError::Io { path: path.to_path_buf(), source })?;
+            std::fs::read_to_string(path).map_err(|error| RecordsError::Io { path: path.to_path_buf(), error })?;
         let meta = |key: &str, reason: String| RecordsError::Meta { path: path.to_path_buf(), key: key.into(), reason };
         let v: Value = serde_json::from_str(&text).map_err(|e| meta("(file)", format!("not JSON: {e}")))?;
         let Value::Object(map) = v else {

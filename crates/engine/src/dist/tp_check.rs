@@ -56,8 +56,8 @@ pub struct TpCheck {
 pub enum TpCheckError {
     #[error(transparent)]
     Dist(#[from] DistError),
-    #[error("rank {rank}: {what}: {source}")]
-    Torch { rank: usize, what: String, source: tch::TchError },
+    #[error("rank {rank}: {what}: {error}")]
+    Torch { rank: usize, what: String, error: tch::TchError },
     #[error("rank {rank}: {what}: {message}")]
     Setup { rank: usize, what: String, message: String },
     #[error("rank {rank}: tensor-parallel results differ from the one-process reference: {failed}")]
@@ -157,7 +157,7 @@ impl Ctx<'_> {
     }
 
     fn backward(&self, loss: &Tensor, what: &str) -> Result<(), TpCheckError> {
-        loss.f_backward().map_err(|source| TpCheckError::Torch { rank: self.rank(), what: what.into(), source })
+        loss.f_backward().map_err(|error| TpCheckError::Torch { rank: self.rank(), what: what.into(), error })
     }
 
     fn setup(&self, what: &str, message: impl std::fmt::Display) -> TpCheckError {

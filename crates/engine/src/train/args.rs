@@ -26,24 +26,32 @@ pub struct TrainArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
 
-    // Parallelism: the engine is data parallel over WORLD_SIZE ranks; tp = pp = cp = 1.
+    // Parallelism: data parallel over WORLD_SIZE / (tp · pp) ranks.
+    /// Tensor-parallel ranks per model replica.
     #[arg(long, default_value_t = 1)]
     pub tensor_model_parallel_size: usize,
+    /// Pipeline stages per model replica.
     #[arg(long, default_value_t = 1)]
     pub pipeline_model_parallel_size: usize,
+    /// Context-parallel size; only 1 is supported (others are refused with the reason).
     #[arg(long, default_value_t = 1)]
     pub context_parallel_size: usize,
+    /// Virtual pipeline stages per rank (interleaved schedule; needs a pipeline above 1).
     #[arg(long)]
     pub virtual_pipeline_model_parallel_size: Option<usize>,
+    /// MindSpeed's uneven tensor-parallel split of ViT heads that do not divide the ranks.
     #[arg(long)]
     pub unaligned_linear: bool,
+    /// Megatron's sequence parallelism in the LLM (with tensor parallelism).
     #[arg(long)]
     pub sequence_parallel: bool,
+    /// Megatron's context-parallel algorithm; accepted and unused (context parallelism is 1).
     #[arg(long)]
     pub context_parallel_algo: Option<String>,
     /// LLM layers per pipeline chunk (comma list); with pp 1 a single entry, the depth.
     #[arg(long)]
     pub llm_pp_layers: Option<String>,
+    /// ViT layers per pipeline chunk (comma list); all on the first chunk.
     #[arg(long)]
     pub vit_pp_layers: Option<String>,
     /// ZeRO-1 over data-parallel ranks: fp32 masters and Adam moments sharded; with one rank it
@@ -59,6 +67,7 @@ pub struct TrainArgs {
     pub variable_seq_lengths: bool,
 
     // Batch.
+    /// Samples per micro batch on each rank.
     #[arg(long, default_value_t = 1)]
     pub micro_batch_size: usize,
     /// Samples per optimizer step (micro × accumulation × data-parallel ranks).
@@ -67,39 +76,54 @@ pub struct TrainArgs {
     /// Micro batches per optimizer step on each data-parallel rank.
     #[arg(long)]
     pub grad_accumulation: Option<usize>,
+    /// Tokens per sample; longer samples are cut.
     #[arg(long, default_value_t = 4096)]
     pub seq_length: usize,
 
     // Optimizer and schedule.
+    /// Peak learning rate (required).
     #[arg(long)]
     pub lr: f64,
+    /// Learning rate at the end of the decay.
     #[arg(long, default_value_t = 0.0)]
     pub min_lr: f64,
+    /// Optimizer steps to train to (required); a resumed run continues up to it.
     #[arg(long)]
     pub train_iters: u64,
+    /// constant, linear or cosine (default linear; launch always passes the recipe's value, cosine in its presets).
     #[arg(long, default_value = "linear")]
     pub lr_decay_style: String,
+    /// Fraction of --train-iters spent warming the learning rate up from 0.
     #[arg(long, default_value_t = 0.0)]
     pub lr_warmup_fraction: f64,
+    /// AdamW decoupled weight decay (default 0.01; launch always passes the recipe's value, 0.05 in its presets).
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     /// Gradient clipping by global L2 norm; 0 disables.
     #[arg(long, default_value_t = 1.0)]
     pub clip_grad: f64,
+    /// AdamW β1.
     #[arg(long, default_value_t = 0.9)]
     pub adam_beta1: f64,
+    /// AdamW β2.
     #[arg(long, default_value_t = 0.999)]
     pub adam_beta2: f64,
+    /// AdamW ε.
     #[arg(long, default_value_t = 1e-8)]
     pub adam_eps: f64,
+    /// Seed of initialisation, data order and augmentation (a checkpoint's own seed wins unless
+    /// --no-load-rng).
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
+    /// How token losses average into the step loss: default (InternVL's), per_sample or per_token.
     #[arg(long, default_value = "default")]
     pub loss_reduction: String,
 
     // Precision and kernels.
+    /// bf16 weights and activations with fp32 master weights in the optimizer.
     #[arg(long)]
     pub bf16: bool,
+    /// fp16 training: refused (no loss scaling); use --bf16.
     #[arg(long)]
     pub fp16: bool,
     /// bf16, fp16 or fp32 (the launcher passes this and --bf16/--fp16 together).
@@ -109,10 +133,13 @@ pub struct TrainArgs {
     /// kernels on CUDA by itself.
     #[arg(long)]
     pub use_flash_attn: bool,
+    /// Megatron's activation recomputation: accepted with a warning, not implemented.
     #[arg(long)]
     pub recompute_granularity: Option<String>,
+    /// Megatron's recomputation method: accepted with a warning, not implemented.
     #[arg(long)]
     pub recompute_method: Option<String>,
+    /// Megatron's recomputed layer count: accepted, not implemented.
     #[arg(long)]
     pub recompute_num_layers: Option<usize>,
     /// cpu, cuda or auto (cuda when available).
@@ -120,16 +147,22 @@ pub struct TrainArgs {
     pub device: String,
 
     // Freezing.
+    /// Keep the vision tower's weights fixed.
     #[arg(long)]
     pub freeze_vision: bool,
+    /// Keep the projector (mlp1) fixed.
     #[arg(long)]
     pub freeze_projector: bool,
+    /// Keep the language model fixed.
     #[arg(long)]
     pub freeze_llm: bool,
 
     // Checkpoints.
+    /// Checkpoint to start from: a save folder, an MM iteration folder, an HF folder or
+    /// MindSpeed-MM torch files (default: fresh weights of --model).
     #[arg(long)]
     pub load: Option<PathBuf>,
+    /// Folder the checkpoints are saved in (default: nothing is saved).
     #[arg(long)]
     pub save: Option<PathBuf>,
     /// The weights' format in saves: `mm` (mm-engine's safetensors layout) or `torch`
@@ -143,15 +176,19 @@ pub struct TrainArgs {
     /// used as usual.
     #[arg(long)]
     pub auto_resume: bool,
+    /// Start with a fresh optimizer instead of the checkpoint's state.
     #[arg(long)]
     pub no_load_optim: bool,
+    /// Use --seed instead of the checkpoint's saved seed and RNG state.
     #[arg(long)]
     pub no_load_rng: bool,
+    /// Leave the optimizer state out of saves (smaller; a resume then needs --no-load-optim).
     #[arg(long)]
     pub no_save_optim: bool,
+    /// Leave the RNG state out of saves.
     #[arg(long)]
     pub no_save_rng: bool,
-    /// Save every N iterations (and at the end); 0 saves only at the end.
+    /// Save every N iterations (and at the end); 0 saves only at the end (default 0; launch always passes the recipe's value).
     #[arg(long, default_value_t = 0)]
     pub save_interval: u64,
     /// Megatron's: stop after the iteration divisible by N (saving first when --save is set),
@@ -160,12 +197,14 @@ pub struct TrainArgs {
     pub exit_interval: Option<u64>,
 
     // Logging and evaluation.
+    /// Log a line every N iterations (default 100; launch always passes the recipe's value, 1 in its presets).
     #[arg(long, default_value_t = 100)]
     pub log_interval: u64,
     /// Evaluate every N iterations on --eval-iters micro batches taken in file order from the
-    /// start of the data; 0 never.
+    /// start of the data; 0 never (default 0; launch always passes the recipe's value).
     #[arg(long, default_value_t = 0)]
     pub eval_interval: u64,
+    /// Micro batches per evaluation; 0 never (default 0; launch always passes the recipe's value).
     #[arg(long, default_value_t = 0)]
     pub eval_iters: u64,
     /// Tokens per second in the log lines and the summary (always in the progress line).
@@ -173,14 +212,16 @@ pub struct TrainArgs {
     pub log_tps: bool,
 
     // Data.
+    /// Chat template of the records (internvl2_5 is InternVL3's).
     #[arg(long, default_value = "internvl2_5")]
     pub template: String,
     #[command(flatten)]
     pub pre: PreprocessArgs,
+    /// Fraction of unreadable records tolerated (skipped with a warning) before the run fails.
     #[arg(long, default_value_t = 0.01)]
     pub max_bad_fraction: f64,
     /// Data loading threads (Megatron's): each builds every N-th micro batch; the stream is the
-    /// same for any N.
+    /// same for any N (default 1; launch always passes the recipe's value).
     #[arg(long, default_value_t = 1)]
     pub num_workers: usize,
     /// Micro batches prepared ahead of the training loop.
@@ -191,14 +232,20 @@ pub struct TrainArgs {
 /// InternVL's image and video preprocessing flags, shared by `train` and `eval`.
 #[derive(Debug, Clone, PartialEq, Args)]
 pub struct PreprocessArgs {
+    /// Fewest image tiles per image (InternVL's dynamic resolution).
     #[arg(long, default_value_t = 1)]
     pub min_dynamic_patch: usize,
+    /// Most image tiles per image.
     #[arg(long, default_value_t = 12)]
     pub max_dynamic_patch: usize,
+    /// Add a whole-image thumbnail tile to multi-tile images (off by default; the launcher's
+    /// presets turn it on).
     #[arg(long)]
     pub use_thumbnail: bool,
+    /// Fewest frames sampled per video.
     #[arg(long, default_value_t = 4)]
     pub min_num_frame: usize,
+    /// Most frames sampled per video.
     #[arg(long, default_value_t = 12)]
     pub max_num_frame: usize,
 }

@@ -69,7 +69,14 @@ pub fn signal_name(sig: i32) -> String {
     "stopped at iteration {iteration} of {train_iters} on {} (every rank agreed){}",
     signal_name(*signal),
     match checkpoint {
-        Some(p) => format!("; saved {}: resume with --auto-resume (or --load it)", p.display()),
+        Some(p) => format!(
+            "; saved {}: resume with {}",
+            p.display(),
+            crate::cli::spelled(
+                "--auto-resume (or --load it)",
+                "checkpoint.auto_resume true, the recipes' default (or --set checkpoint.load=<it>)"
+            )
+        ),
         None => "; nothing was saved".to_string(),
     }
 )]

@@ -47,6 +47,7 @@ use super::pipeline::{self, StepContext};
 use super::schedule::Schedule;
 use super::stop::{self, Stopped};
 use super::zero::{SavedOptimizer, ZeroAdamW};
+use crate::cli::{self, UsageError};
 use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Producer, Share};
 use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
@@ -66,15 +67,21 @@ pub fn torch_seed(seed: u64, iteration: u64, micro_batch: u64) -> i64 {
     (Rng::keyed(&[seed, TORCH_SEED, iteration, micro_batch]).next_u64() >> 1) as i64
 }
 
-/// Builds the data set of `--data-path` for a model.
+/// Builds the data set of `--data-path` (given as `flag`, for messages) for a model. A missing or
+/// unreadable data file is reported once: `--data-path runs/x.jsonl: No such file or directory`.
 pub fn open_dataset(
     data_path: &Path,
+    flag: &str,
     data_folder: Option<&Path>,
     session: &Session,
     cfg: DataConfig,
 ) -> anyhow::Result<Arc<Dataset>> {
-    let loaded =
-        records::load(data_path, data_folder).with_context(|| format!("--data-path {}", data_path.display()))?;
+    let loaded = records::load(data_path, data_folder).map_err(|e| match e {
+        records::RecordsError::Io { path, error } if path == data_path => {
+            anyhow::anyhow!("{flag} {}: {error}", path.display())
+        }
+        e => anyhow::Error::new(e).context(format!("{flag} {}", data_path.display())),
+    })?;
     Ok(Arc::new(Dataset { records: loaded.records, bad_lines: loaded.bad, tokenizer: session.tokenizer.clone(), cfg }))
 }
 
@@ -348,7 +355,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
 
 fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     let fault = Fault::from_env(env.rank, env.world_size)?;
-    let cfg = TrainConfig::new(a, env.world_size).map_err(|e| anyhow::anyhow!("invalid train flags:\n  {e}"))?;
+    let cfg = TrainConfig::new(a, env.world_size).map_err(|e| UsageError(format!("invalid train flags:\n  {e}")))?;
     let mut trainer = Trainer::setup(cfg, env)?;
     trainer.fault = fault;
     trainer.run()
@@ -372,8 +379,9 @@ fn resume_point(c: &CheckpointConfig, tokenizer: Option<&Path>) -> anyhow::Resul
     }
     source::resolve(save, tokenizer).with_context(|| {
         format!(
-            "--auto-resume: {} names a checkpoint that cannot be read; fix or remove it, or drop --auto-resume",
-            tracker.display()
+            "--auto-resume: {} names a checkpoint that cannot be read; fix or remove it, or {}",
+            tracker.display(),
+            cli::spelled("drop --auto-resume", "pass --set checkpoint.auto_resume=false")
         )
     })?;
     Ok(Some(save.clone()))
@@ -406,14 +414,20 @@ fn resume_state(cfg: &TrainConfig, session: &Session, dp: &Parallel) -> anyhow::
             if cfg.checkpoint.load_optim {
                 let step = state.optimizer_step.with_context(|| {
                     format!(
-                        "{}: the optimizer state was not saved (--no-save-optim); pass --no-load-optim",
-                        src.describe()
+                        "{}: the optimizer state was not saved (--no-save-optim); pass {}",
+                        src.describe(),
+                        cli::spelled("--no-load-optim", "--set checkpoint.no_load_optim=true")
                     )
                 })?;
                 let saved = src
                     .saved_optimizer(&state, RankDir { tp_rank: dp.tp_rank, pp_rank: dp.pp_rank, pp: dp.pp_size })?
                     .with_context(|| {
-                        format!("{}: {} is missing; pass --no-load-optim", src.describe(), source::OPTIMIZER_FILE)
+                        format!(
+                            "{}: {} is missing; pass {}",
+                            src.describe(),
+                            source::OPTIMIZER_FILE,
+                            cli::spelled("--no-load-optim", "--set checkpoint.no_load_optim=true")
+                        )
                     })?;
                 resume_optim = Some((saved, step));
             }
@@ -496,10 +510,11 @@ impl Trainer {
         let session = open_session(&cfg, &dp, load.as_deref(), device)?;
         let preset = session.preset.clone();
         if ck.save.is_some() && ck.format == CkptFormat::Torch && preset.llm.tie_word_embeddings {
-            anyhow::bail!(
+            return cli::usage(format!(
                 "--ckpt-format torch: the model ties its output layer to the embedding, which MindSpeed-MM's \
-                 InternVL3 layout cannot express; save with --ckpt-format mm"
-            );
+                 InternVL3 layout cannot express; save with {}",
+                cli::spelled("--ckpt-format mm", "--set checkpoint.save_format=mm")
+            ));
         }
         let (pp, virtual_stages, ga) = (par.pp, par.virtual_stages(), cfg.grad_accumulation);
         let actions = mm_spec::layout::schedule(pp, dp.pp_rank, ga, virtual_stages)
@@ -529,6 +544,7 @@ impl Trainer {
         let data = &cfg.data;
         let ds = open_dataset(
             &data.data_path,
+            "--data-path",
             data.data_folder.as_deref(),
             &session,
             data.pre.data_config(&session.preset, cfg.seq_length),
@@ -895,14 +911,18 @@ impl Trainer {
     /// The checkpoint is at or past --train-iters: says so (rank 0 with its Done line).
     fn nothing_to_train(&self) {
         let (iteration, ck) = (self.counters.iteration, &self.cfg.checkpoint);
+        let (iters, raise) = if cli::launched() {
+            ("train.train_iters", format!("--set train.train_iters=N with N above {iteration}"))
+        } else {
+            ("--train-iters", format!("--train-iters N with N above {iteration}"))
+        };
         println!(
-            "nothing to train: the checkpoint is at iteration {iteration}, --train-iters is {}; raise --train-iters to \
-             continue{}",
+            "nothing to train: the checkpoint is at iteration {iteration}, {iters} is {}; pass {raise} to continue{}",
             self.cfg.train_iters,
             if self.load.is_some() && self.load == ck.save && ck.load != ck.save {
-                ", or remove the save folder to train from --load again"
+                format!(", or remove the save folder to train from {} again", cli::spelled("--load", "checkpoint.load"))
             } else {
-                ""
+                String::new()
             }
         );
         if self.dp.global_rank == 0 {

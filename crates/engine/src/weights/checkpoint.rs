@@ -48,12 +48,9 @@ pub enum CheckpointError {
     Weights(#[from] WeightsError),
     #[error(transparent)]
     Safetensors(#[from] st::SafetensorsError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Not a `#[source]`: the message holds it already, so `{:#}` does not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -69,7 +66,7 @@ impl From<torchfile::Error> for CheckpointError {
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |error| CheckpointError::Io { path: path.to_path_buf(), error }
 }
 
 pub(crate) fn format_err(path: &Path, reason: impl Into<String>) -> CheckpointError {
@@ -117,9 +114,9 @@ pub fn resolve(path: &Path, assets_from: Option<&Path>) -> Result<Source, Checkp
                     format_err(
                         &iter_dir,
                         format!(
-                            "holds MindSpeed-MM's torch files, which carry no config.json: pass --tokenizer <the HF \
-                             folder it was converted from> (mm-engine reads the architecture and the tokenizer \
-                             there){}",
+                            "holds MindSpeed-MM's torch files, which carry no config.json: pass {} <the HF folder \
+                             it was converted from> (mm-engine reads the architecture and the tokenizer there){}",
+                            crate::cli::spelled("--tokenizer", "--set checkpoint.tokenizer="),
                             assets_from.map(|d| format!("; {} has no {}", d.display(), hf::CONFIG)).unwrap_or_default()
                         ),
                     )

@@ -23,12 +23,9 @@ use super::slices::{self, TpSlices};
 pub enum WeightsError {
     #[error(transparent)]
     Safetensors(#[from] SafetensorsError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Not a `#[source]`: the message holds it already, so `{:#}` does not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{dir}: no weights: expected {SINGLE} or {INDEX}")]
     NoWeights { dir: PathBuf },
     #[error("{path}: {reason}")]
@@ -118,7 +115,7 @@ pub struct HfCheckpoint {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
-    move |source| WeightsError::Io { path: path.to_path_buf(), source }
+    move |error| WeightsError::Io { path: path.to_path_buf(), error }
 }
 
 impl HfCheckpoint {

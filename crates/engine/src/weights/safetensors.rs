@@ -15,12 +15,9 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SafetensorsError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Not a `#[source]`: the message holds it already, so `{:#}` does not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a safetensors file: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: tensor {key:?}: {reason}")]
@@ -30,7 +27,7 @@ pub enum SafetensorsError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SafetensorsError + '_ {
-    move |source| SafetensorsError::Io { path: path.to_path_buf(), source }
+    move |error| SafetensorsError::Io { path: path.to_path_buf(), error }
 }
 
 /// One header entry.
