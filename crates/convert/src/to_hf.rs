@@ -21,8 +21,8 @@ use crate::mm::MmCheckpoint;
 use crate::split::gather_ops;
 use crate::to_mm::Summary;
 use crate::write::{
-    copy_files, run_parallel, st_dtype, thread_count, write_text, OutputDir, Releaser, SafetensorsWriter, TensorHeader,
-    RELEASE_STEP,
+    copy_files, run_parallel, st_dtype, thread_count, write_text, OutputDir, ReleaseGroup, Releaser, SafetensorsWriter,
+    TensorHeader, RELEASE_STEP,
 };
 
 /// transformers' default `max_shard_size`.
@@ -215,9 +215,13 @@ fn write_hf_file(
             ConvertError::Usage(format!("internal error: {} cannot be rebuilt from its shards: {e}", p.key))
         })?;
         let es = t.from.size_bytes();
-        let mut releasers: Vec<Option<Releaser>> = (0..p.shards.len())
-            .map(|rank| ck.shard(t.plan, rank).map(|(file, meta)| Releaser::new(&file.map, meta.start, meta.end)))
-            .collect();
+        // One release budget for all ranks: a column-split tensor is read a row piece of each
+        // rank in turn, and per-rank releasers would keep up to a step of every rank resident.
+        let mut releasers = ReleaseGroup::new(
+            (0..p.shards.len())
+                .map(|rank| ck.shard(t.plan, rank).map(|(file, meta)| Releaser::new(&file.map, meta.start, meta.end)))
+                .collect(),
+        );
         for op in ops {
             let Some((file, meta)) = ck.shard(t.plan, op.rank) else {
                 return Err(ConvertError::Usage(format!(
@@ -230,14 +234,12 @@ fn write_hf_file(
             while a < b {
                 let e = (a + RELEASE_STEP).min(b);
                 w.write_converted(&bytes[a..e], t.from, t.to)?;
-                if let Some(Some(r)) = releasers.get_mut(op.rank) {
-                    r.advance(meta.start + e);
-                }
+                releasers.advance(op.rank, meta.start + e, e - a);
                 a = e;
             }
         }
         w.end_tensor()?;
-        releasers.into_iter().flatten().for_each(Releaser::finish);
+        releasers.finish();
     }
     w.finish()?;
     Ok(())

@@ -73,11 +73,61 @@ impl<'a> Releaser<'a> {
         }
     }
 
+    /// Drops everything before absolute offset `upto` now, however little that is.
+    pub fn release_to(&mut self, upto: usize) {
+        let upto = upto.min(self.end);
+        if upto > self.done {
+            release(self.map, self.done, upto - self.done);
+            self.done = upto;
+            self.prefetch(upto);
+        }
+    }
+
     /// The reader is done with the tensor.
     pub fn finish(self) {
         if self.end > self.done {
             release(self.map, self.done, self.end - self.done);
         }
+    }
+}
+
+/// [`Releaser`]s of several maps read in turn for one output tensor (mm-to-hf gathers a tensor
+/// from every tp rank's shard, often a row piece of each in turn): the pages are dropped once
+/// the *group* has consumed [`RELEASE_STEP`] bytes, so the resident input stays near one step
+/// whatever the number of ranks (a releaser per rank would keep up to a step per rank).
+pub struct ReleaseGroup<'a> {
+    members: Vec<Option<Releaser<'a>>>,
+    /// Absolute offset each member's reader has consumed up to.
+    at: Vec<usize>,
+    /// Bytes consumed by the group since the last drop.
+    pending: usize,
+}
+
+impl<'a> ReleaseGroup<'a> {
+    pub fn new(members: Vec<Option<Releaser<'a>>>) -> Self {
+        let at = members.iter().map(|m| m.as_ref().map_or(0, |r| r.done)).collect();
+        ReleaseGroup { members, at, pending: 0 }
+    }
+
+    /// Member `i`'s reader consumed `consumed` bytes and is now at absolute offset `upto`.
+    pub fn advance(&mut self, i: usize, upto: usize, consumed: usize) {
+        if let Some(at) = self.at.get_mut(i) {
+            *at = (*at).max(upto);
+        }
+        self.pending += consumed;
+        if self.pending >= RELEASE_STEP {
+            for (r, &at) in self.members.iter_mut().zip(&self.at) {
+                if let Some(r) = r {
+                    r.release_to(at);
+                }
+            }
+            self.pending = 0;
+        }
+    }
+
+    /// The readers are done with the tensor.
+    pub fn finish(self) {
+        self.members.into_iter().flatten().for_each(Releaser::finish);
     }
 }
 
@@ -238,6 +288,30 @@ mod tests {
         o.commit().unwrap();
         assert!(target.join("new").is_file());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no .old or .tmp left");
+    }
+
+    #[test]
+    fn release_group_drops_all_ranks_after_one_step_in_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let map = map_file(&path).unwrap();
+        // Offsets past the map's end: release() ignores them, the bookkeeping is what is tested.
+        let base = 1 << 40;
+        let end = base + 4 * RELEASE_STEP;
+        let mut g =
+            ReleaseGroup::new(vec![Some(Releaser::new(&map, base, end)), None, Some(Releaser::new(&map, base, end))]);
+        let half = RELEASE_STEP / 2;
+        g.advance(0, base + half, half);
+        g.advance(1, base + half, 0);
+        assert_eq!(g.members[0].as_ref().unwrap().done, base, "half a step in all: nothing dropped yet");
+        g.advance(2, base + half, half);
+        // One step consumed by the group, half by each rank: each rank's pages are dropped, so
+        // no more than about one step is resident whatever the number of ranks.
+        assert_eq!(g.members[0].as_ref().unwrap().done, base + half);
+        assert_eq!(g.members[2].as_ref().unwrap().done, base + half);
+        assert_eq!(g.pending, 0);
+        g.finish();
     }
 
     #[test]
