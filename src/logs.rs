@@ -596,7 +596,8 @@ fn check_filters(run: &Path, q: &LogsQuery) -> Result<(), String> {
             hosts.join(", ")
         ));
     }
-    if let Some(h) = q.host.as_ref().filter(|h| !hosts.is_empty() && !hosts.contains(h)) {
+    // `launch` names the launcher's own lines (`[launch] …`).
+    if let Some(h) = q.host.as_ref().filter(|h| !hosts.is_empty() && !hosts.contains(h) && *h != "launch") {
         let hint =
             mm_spec::suggest::did_you_mean(h, &hosts).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
         return Err(format!("run {id} has no host `{h}`{hint}; its hosts are {}", hosts.join(", ")));
@@ -610,10 +611,14 @@ pub fn show_logs(log_dir: &Path, q: &LogsQuery, out: &mut dyn Write) -> Result<(
     let run = resolve_run(log_dir, q.run.as_deref())?;
     check_filters(&run, q)?;
     let path = run.join("launch.log");
+    // A run folder is published (`latest`) a moment before its status.json: give a run that
+    // has just started that moment.
+    let starting_until = std::time::Instant::now() + Duration::from_secs(10);
+    let starting = || !run.join("status.json").exists() && std::time::Instant::now() < starting_until;
     let mut f = loop {
         match File::open(&path) {
             Ok(f) => break f,
-            Err(_) if q.follow && still_running(&run) => std::thread::sleep(Duration::from_millis(200)),
+            Err(_) if q.follow && (still_running(&run) || starting()) => std::thread::sleep(Duration::from_millis(200)),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         }
     };

@@ -98,18 +98,25 @@ impl Plan {
         let slots: Vec<usize> = hosts.iter().map(|h| h.devices.len()).collect();
         let world: usize = slots.iter().sum();
         let p = &recipe.parallel;
-        let fail = |problems: Vec<String>| PlanError { problems, layout: true };
+        // How many problems are the layout's (the parallel sizes against the cluster and the
+        // model): only then is the refusal exit 3; anything else is configuration (exit 2).
+        let mut layout_problems = 0;
+        let fail = |problems: Vec<String>, layout_problems: usize| {
+            let layout = layout_problems == problems.len();
+            PlanError { problems, layout }
+        };
 
         let dims = match ParallelDims::new(world, p.tp, p.cp, p.pp, p.vpp) {
             Ok(d) => d,
             Err(e) => {
                 problems.push(with_context(&e, recipe, world));
-                return Err(fail(problems));
+                return Err(fail(problems, 1));
             }
         };
         let placement = Placement::new(dims, &slots);
         if let Err(e) = &placement {
             problems.push(e.to_string());
+            layout_problems += 1;
         }
 
         let t = &recipe.train;
@@ -194,7 +201,9 @@ impl Plan {
             global_batch_size: None,
             grad_accumulation: None,
         };
-        problems.extend(mm_spec::layout::validate_model_layout(&model, &dims, &opts).iter().map(|e| e.to_string()));
+        let misfits = mm_spec::layout::validate_model_layout(&model, &dims, &opts);
+        layout_problems += misfits.len();
+        problems.extend(misfits.iter().map(|e| e.to_string()));
         if p.sequence_parallel && !p.unaligned_linear && cluster.template != Template::MmEngine {
             // The seed: "开启TP-SP需要添加 --unaligned-linear --sequence-parallel".
             problems.push(
@@ -251,8 +260,9 @@ impl Plan {
         else {
             if problems.is_empty() {
                 problems.push("the pipeline split failed; check parallel.llm_pp_layers and vit_pp_layers".into());
+                layout_problems += 1;
             }
-            return Err(fail(problems));
+            return Err(fail(problems, layout_problems));
         };
 
         let nodes: Vec<NodePlan> = hosts

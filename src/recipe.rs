@@ -756,6 +756,8 @@ mod tests {
         // The spelling mm-convert, mm-engine and the layout error use: `6,8,8,6`.
         let r = Recipe::resolve("8b", None, None, &["parallel.llm_pp_layers=10, 6,8,8".into()]).unwrap();
         assert_eq!(r.parallel.llm_pp_layers, Some(vec![10, 6, 8, 8]));
+        let r = Recipe::resolve("8b", None, None, &["parallel.llm_pp_layers=28".into()]).unwrap();
+        assert_eq!(r.parallel.llm_pp_layers, Some(vec![28]), "one stage: a one-item list");
         let err = Recipe::resolve("8b", None, None, &["parallel.llm_pp_layers=6,x".into()]).unwrap_err().to_string();
         assert!(err.contains("--set parallel.llm_pp_layers"), "{err}");
     }

@@ -70,13 +70,31 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// The words that make a variable secret when one of its name's segments (split at `_`, `-`,
-/// `.`) is one of them: `HF_TOKEN`, `API_KEY`, `KEY_FILE`, `AWS_SECRET_ACCESS_KEY`, `DB_PASSWORD`;
-/// not `MONKEY_PATCH` or `TOKENIZERS_PARALLELISM`, whose words only contain one.
+/// `.` and lower→upper case changes) is one of them: `HF_TOKEN`, `API_KEY`, `KEY_FILE`,
+/// `AWS_SECRET_ACCESS_KEY`, `hfToken`; not `MONKEY_PATCH` or `TOKENIZERS_PARALLELISM`, whose
+/// words only contain one.
 const SECRET_WORDS: [&str; 5] = ["TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD"];
+/// Glued spellings that end a segment (`HFTOKEN`, `OPENAI_APIKEY`, `COS_SECRETKEY`): every
+/// secret word but the bare KEY, which would take `MONKEY`.
+const SECRET_ENDINGS: [&str; 8] =
+    ["TOKEN", "SECRET", "PASSWORD", "PASSWD", "APIKEY", "ACCESSKEY", "SECRETKEY", "PRIVATEKEY"];
 
 /// Names that must never be printed: they name a token, key, secret or password.
 pub fn is_secret_name(name: &str) -> bool {
-    name.split(['_', '-', '.']).any(|seg| SECRET_WORDS.iter().any(|w| seg.eq_ignore_ascii_case(w)))
+    let mut segments: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let mut prev_lower = false;
+    for c in name.chars() {
+        if matches!(c, '_' | '-' | '.') || (prev_lower && c.is_ascii_uppercase()) {
+            segments.push(std::mem::take(&mut cur));
+        }
+        if !matches!(c, '_' | '-' | '.') {
+            cur.push(c.to_ascii_uppercase());
+        }
+        prev_lower = c.is_ascii_lowercase();
+    }
+    segments.push(cur);
+    segments.iter().any(|seg| SECRET_WORDS.contains(&seg.as_str()) || SECRET_ENDINGS.iter().any(|e| seg.ends_with(e)))
 }
 
 pub fn redact_env(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
@@ -618,7 +636,22 @@ mod tests {
 
     #[test]
     fn secrets_are_recognised_by_name_segments() {
-        for n in ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "api_key", "DB_PASSWORD", "KEY_FILE", "MY_API_KEY", "TOKEN"] {
+        for n in [
+            "HF_TOKEN",
+            "AWS_SECRET_ACCESS_KEY",
+            "api_key",
+            "DB_PASSWORD",
+            "KEY_FILE",
+            "MY_API_KEY",
+            "TOKEN",
+            "HFTOKEN",
+            "OPENAI_APIKEY",
+            "COS_SECRETKEY",
+            "AWS_ACCESSKEY",
+            "PRIVATEKEY",
+            "hfToken",
+            "apiKey",
+        ] {
             assert!(is_secret_name(n), "{n}");
         }
         for n in ["HCCL_CONNECT_TIMEOUT", "PATH", "MASTER_ADDR", "TOKENIZERS_PARALLELISM", "MONKEY_PATCH", "KEYBOARD"] {

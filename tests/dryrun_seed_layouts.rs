@@ -377,4 +377,7 @@ fn layout_mismatch_exits_3_and_the_suggested_list_is_accepted() {
     );
     assert_eq!(run(&["parallel.llm_pp_layers=7,7,7,7"]).0, Some(0));
     assert_eq!(run(&["train.lrr=1"]).0, Some(2));
+    // A configuration problem the plan finds (no batch size) is 2, not a layout misfit.
+    let (code, err) = run(&["train.global_batch_size=null", "train.grad_accumulation=null"]);
+    assert_eq!(code, Some(2), "{err}");
 }

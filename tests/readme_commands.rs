@@ -65,8 +65,9 @@ fn every_ci_block_of_the_readme_runs_as_typed() {
         std::os::unix::fs::symlink(format!("{REPO}/clusters"), dir.path().join("clusters")).unwrap();
         std::fs::create_dir(dir.path().join("target")).unwrap();
         std::os::unix::fs::symlink(&bins, dir.path().join("target/release")).unwrap();
-        let o = Command::new("bash")
-            .args(["-e", "-c", &body])
+        // A hung block (a rendezvous that never completes) fails instead of hanging the suite.
+        let o = Command::new("timeout")
+            .args(["300", "bash", "-e", "-c", &body])
             .current_dir(dir.path())
             .env("PATH", &path)
             .stdin(std::process::Stdio::null())

@@ -140,6 +140,8 @@ pub const CHECK_IDS: &[&str] = &[
     "gpu-count",
     "ascend-env",
     "engine",
+    "torchrun",
+    "msrun",
     "pretrain_vlm.py",
     "env",
     "path",

@@ -72,7 +72,9 @@ pub(super) fn set_value(key: &str, value: &str, shape: Option<Shape>) -> Result<
         Kind::Text => Value::String(value.to_string()),
         // `6,8,8,6`, as mm-convert and mm-engine take a list of numbers (and as the layout
         // error suggests it), is the list `[6,8,8,6]`.
-        Kind::List if !value.trim_start().starts_with('[') && value.contains(',') => {
+        Kind::List
+            if !value.trim_start().starts_with('[') && (value.contains(',') || value.trim().parse::<f64>().is_ok()) =>
+        {
             Value::Array(value.split(',').map(|item| set_item(item.trim())).collect())
         }
         // Not YAML: the deserializer then names the expected type.

@@ -266,6 +266,10 @@ fn check(ok: bool, msg: impl FnOnce() -> String) -> anyhow::Result<()> {
 
 /// Refuses an `--out` that exists and is not an empty folder, unless `force`: then removes it
 /// (never a folder holding the working directory).
+/// What `--force` may delete in an `--out` folder: what synth writes, and the save and log
+/// folders of runs trained from it (the README's `runs/tiny/save`).
+const SYNTH_ENTRIES: [&str; 4] = ["model", "data", "save", "logs"];
+
 fn clear_out(out: &Path, force: bool) -> anyhow::Result<()> {
     let meta = match std::fs::symlink_metadata(out) {
         Ok(m) => m,
@@ -285,6 +289,24 @@ fn clear_out(out: &Path, force: bool) -> anyhow::Result<()> {
         ));
     }
     if meta.is_dir() {
+        // Only what a synth folder holds (its model and data, and the runs trained from it) is
+        // deleted: `--out ~ --force` must not wipe a home folder.
+        let mut foreign: Vec<String> = std::fs::read_dir(out)
+            .with_context(|| format!("--out {}", out.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !SYNTH_ENTRIES.contains(&n.as_str()))
+            .collect();
+        foreign.sort();
+        check(foreign.is_empty(), || {
+            format!(
+                "--out {} --force: it holds {} besides a synth folder's {}; refusing to delete it (choose another \
+                 folder)",
+                out.display(),
+                foreign.join(", "),
+                SYNTH_ENTRIES.join(", ")
+            )
+        })?;
         let full = out.canonicalize().with_context(|| format!("--out {}", out.display()))?;
         let cwd = std::env::current_dir().unwrap_or_default();
         check(!cwd.starts_with(&full), || {

@@ -181,8 +181,8 @@ fn nothing_to_train_suggests_the_flag_of_whoever_started_the_engine() {
 fn synth_refuses_an_occupied_out_folder_unless_forced() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("runs/tiny");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    // A synth folder a run has saved into.
+    std::fs::create_dir_all(out.join("save/iter_0000002")).unwrap();
     let synth = |force: bool| {
         let mut c = engine();
         c.args(["synth", "--samples", "2", "--no-video", "--out"]).arg(&out);
@@ -195,11 +195,17 @@ fn synth_refuses_an_occupied_out_folder_unless_forced() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let e = stderr(&o);
     assert!(e.contains(&out.display().to_string()) && e.contains("--force"), "{e}");
-    assert!(out.join("keep.txt").exists(), "nothing is touched without --force");
+    assert!(out.join("save/iter_0000002").exists(), "nothing is touched without --force");
     let o = synth(true);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(!out.join("keep.txt").exists(), "--force replaces the folder");
+    assert!(!out.join("save").exists(), "--force replaces the folder");
     assert!(out.join("model/config.json").is_file() && out.join("data/train.jsonl").is_file());
+    // A folder holding anything a synth folder does not is never deleted, --force or not.
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let o = synth(true);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(stderr(&o).contains("it holds keep.txt besides"), "{}", stderr(&o));
+    assert!(out.join("keep.txt").exists() && out.join("model/config.json").is_file(), "untouched");
     // A file where the folder should be is refused too.
     let file = work.path().join("file");
     std::fs::write(&file, "x").unwrap();
