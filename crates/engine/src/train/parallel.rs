@@ -222,13 +222,19 @@ impl Parallel {
     /// as mismatched collectives or silently different replicas.
     pub fn agree(&self, what: &str, fingerprint: u64) -> Result<(), DistError> {
         let all = self.gather(fingerprint as i64, &format!("agreement on {what}"))?;
+        self.disagreement(&all, what, "data-parallel ranks")
+    }
+
+    /// The error naming the ranks (`whose`: "ranks", "data-parallel ranks") whose fingerprint in
+    /// `all` differs from rank 0's; Ok when none does.
+    fn disagreement(&self, all: &[i64], what: &str, whose: &str) -> Result<(), DistError> {
         let odd: Vec<usize> = (0..all.len()).filter(|&r| all[r] != all[0]).collect();
         if odd.is_empty() {
             return Ok(());
         }
         Err(self.error(
             &format!("agreement on {what}"),
-            format!("data-parallel ranks {odd:?} differ from rank 0; start every rank with the same flags and files"),
+            format!("{whose} {odd:?} differ from rank 0; start every rank with the same flags and files"),
         ))
     }
 
@@ -264,14 +270,7 @@ impl Parallel {
         let mut all = Tensor::zeros([world as i64], (Kind::Int64, self.device));
         g.world.all_gather(&mut all, &mine, &format!("agreement on {what}"))?;
         let all = Vec::<i64>::try_from(&all.to_device(Device::Cpu)).map_err(|e| self.error(what, e.to_string()))?;
-        let odd: Vec<usize> = (0..all.len()).filter(|&r| all[r] != all[0]).collect();
-        if odd.is_empty() {
-            return Ok(());
-        }
-        Err(self.error(
-            &format!("agreement on {what}"),
-            format!("ranks {odd:?} differ from rank 0; start every rank with the same flags and files"),
-        ))
+        self.disagreement(&all, what, "ranks")
     }
 
     /// Copies DP rank 0's tensors to every rank, in buckets of at most `bucket_bytes`.
