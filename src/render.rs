@@ -101,24 +101,69 @@ pub fn redact_env(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     env.iter().map(|(k, v)| (k.clone(), if is_secret_name(k) { "<redacted>".to_string() } else { v.clone() })).collect()
 }
 
-/// Shell assignments in a line (`NAME=value`, `export NAME=value`, several per line, values
-/// bare or quoted): (name, byte range of the value as written, quotes included).
-fn assignments(line: &str) -> Vec<(&str, std::ops::Range<usize>)> {
+/// One shell word's value as written: quoted pieces and bare characters glued together
+/// (`'a b'`, `"x\"y"`, `ab'c d'"e"`), stopping at blanks and control operators.
+const WORD: &str = r#"(?:'[^']*'|"(?:[^"\\]|\\.)*"|\\.|[^\s;&|()'"\\])+"#;
+/// A flag's value: a [`WORD`] that does not start with `-` (`--password --stdin` has none).
+const FLAG_VALUE: &str =
+    r#"(?:'[^']*'|"(?:[^"\\]|\\.)*"|\\.|[^\s;&|()'"\\-])(?:'[^']*'|"(?:[^"\\]|\\.)*"|\\.|[^\s;&|()'"\\])*"#;
+
+/// Secret-bearing pieces of a shell line: assignments (`NAME=value`, `export NAME=value`,
+/// several per line) and long flags (`--token VALUE`, `--api-key=VALUE`): (name, byte range of
+/// the value as written, quotes included, whether it came from a flag).
+fn assignments(line: &str) -> Vec<(&str, std::ops::Range<usize>, bool)> {
     static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     let re = RE.get_or_init(|| {
-        regex::Regex::new(r#"(?:^|[\s;&|(])([A-Za-z_][A-Za-z0-9_]*)=('[^']*'|"(?:[^"\\]|\\.)*"|[^\s;&|)]*)"#)
-            .expect("a valid pattern")
+        regex::Regex::new(&format!(
+            r#"(?:^|[\s;&|(])(?:([A-Za-z_][A-Za-z0-9_]*)=({WORD})?|--([A-Za-z][A-Za-z0-9_.-]*)(?:=|\s+)({FLAG_VALUE}))"#
+        ))
+        .expect("a valid pattern")
     });
-    re.captures_iter(line).filter_map(|c| Some((c.get(1)?.as_str(), c.get(2)?.range()))).collect()
+    re.captures_iter(line)
+        .filter_map(|c| match (c.get(1), c.get(3)) {
+            (Some(name), _) => {
+                Some((name.as_str(), c.get(2).map_or(name.end() + 1..name.end() + 1, |v| v.range()), false))
+            }
+            (None, Some(flag)) => Some((flag.as_str(), c.get(4)?.range(), true)),
+            _ => None,
+        })
+        .collect()
 }
 
-/// The values assigned to secret names in a shell line (unquoted), for scrubbing output.
+/// A shell word without its quoting: what the program receives.
+fn unquote(word: &str) -> String {
+    let mut out = String::new();
+    let mut chars = word.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => out.extend(chars.by_ref().take_while(|&c| c != '\'')),
+            '"' => {
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => out.extend(chars.next()),
+                        c => out.push(c),
+                    }
+                }
+            }
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The values given to secret names in a shell line (unquoted), for scrubbing output. Flag
+/// values shorter than 4 characters are left out: `--key-count 2` would otherwise redact every
+/// `2` in the logs, and no real secret is that short.
 pub fn setup_secrets(line: &str) -> Vec<String> {
     assignments(line)
         .into_iter()
-        .filter(|(name, r)| is_secret_name(name) && !r.is_empty())
-        .map(|(_, r)| line[r].trim_matches(|c| c == '\'' || c == '"').to_string())
-        .filter(|v| !v.is_empty())
+        .filter(|(name, r, _)| is_secret_name(name) && !r.is_empty())
+        .filter_map(|(_, r, flag)| {
+            let v = unquote(&line[r]);
+            (!v.is_empty() && (!flag || v.chars().count() >= 4)).then_some(v)
+        })
         .collect()
 }
 
@@ -126,7 +171,7 @@ pub fn setup_secrets(line: &str) -> Vec<String> {
 /// (`export HF_TOKEN=<redacted>`), by the same rule as `env:`.
 pub fn redact_line(line: &str) -> String {
     let mut out = line.to_string();
-    for (name, r) in assignments(line).into_iter().rev() {
+    for (name, r, _) in assignments(line).into_iter().rev() {
         if is_secret_name(name) && !r.is_empty() {
             out.replace_range(r, "<redacted>");
         }
@@ -668,11 +713,20 @@ mod tests {
             ("export MONKEY_PATCH=1 PATH=/x:$PATH", "export MONKEY_PATCH=1 PATH=/x:$PATH"),
             ("source /opt/set_env.sh", "source /opt/set_env.sh"),
             ("cd /w && KEY_FILE=/k/id cmd", "cd /w && KEY_FILE=<redacted> cmd"),
+            ("export HF_TOKEN=ab'c d'\"e f\"g; ls", "export HF_TOKEN=<redacted>; ls"),
+            ("huggingface-cli login --token hf_abc --add", "huggingface-cli login --token <redacted> --add"),
+            ("tool --api-key='k 1' --password=\"p\"w x", "tool --api-key=<redacted> --password=<redacted> x"),
+            ("tool --password --stdin", "tool --password --stdin"),
+            ("tool --password --token abc1", "tool --password --token <redacted>"),
+            ("tool --tokenizer /m/tok --seed 1", "tool --tokenizer /m/tok --seed 1"),
+            ("export EMPTY_KEY= NEXT=1", "export EMPTY_KEY= NEXT=1"),
         ];
         for (line, want) in cases {
             assert_eq!(redact_line(line), want, "{line}");
         }
         assert_eq!(setup_secrets("export A=1 DB_PASSWORD=\"p w\" HF_TOKEN=t0k"), ["p w", "t0k"]);
+        assert_eq!(setup_secrets("export HF_TOKEN=ab'c d'\"e\\\"f\""), ["abc de\"f"]);
+        assert_eq!(setup_secrets("login --token hf_abc --key-count 2"), ["hf_abc"]);
         assert_eq!(
             redact_script("set -e\nexport HF_TOKEN=t\nexec x\n"),
             "set -e\nexport HF_TOKEN=<redacted>\nexec x\n"

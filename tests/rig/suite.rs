@@ -13,6 +13,8 @@ pub const LAUNCH: &str = env!("CARGO_BIN_EXE_launch");
 pub const SECRET: &str = "s3cr3t-token-value-42";
 /// A value a `setup:` line assigns to a secret name (`export MY_API_KEY=…`): the same rule.
 pub const SETUP_SECRET: &str = "sk-setup-api-key-77";
+/// A secret given to a setup line's command as a flag value (`--token VALUE`).
+pub const FLAG_SECRET: &str = "hf-flag-token-4242";
 
 /// The stand-in for mm-engine. Behaviour comes from TEST_MODE in the cluster env; it records
 /// what it saw (env, args, cwd, network namespace) and every line it printed in $TEST_OUT.
@@ -313,7 +315,7 @@ impl<'a> Job<'a> {
     pub fn assert_no_secret_in_logs(&self) {
         for e in walk(&self.logs) {
             let body = std::fs::read(&e).unwrap_or_default();
-            for secret in [SECRET, SETUP_SECRET] {
+            for secret in [SECRET, SETUP_SECRET, FLAG_SECRET] {
                 assert!(memchr_find(&body, secret.as_bytes()).is_none(), "{} contains {secret}", e.display());
             }
         }
@@ -358,7 +360,10 @@ pub fn layout(job: &Job, args: &[&str]) {
 pub fn layout_with_extra(job: &Job, args: &[&str], extra: &str) {
     // A setup line assigning a secret name (redacted everywhere) next to one that only
     // contains the word (shown).
-    let setup = format!("setup:\n  - export MY_API_KEY={SETUP_SECRET} MONKEY_PATCH=visible-monkey-9\n");
+    // A secret flag value in a setup line is redacted the same way.
+    let setup = format!(
+        "setup:\n  - export MY_API_KEY={SETUP_SECRET} MONKEY_PATCH=visible-monkey-9\n  - ': login --token {FLAG_SECRET} --add'\n"
+    );
     let cluster = job.cluster(&[("TEST_MODE", "layout")], &format!("{extra}{setup}"));
     let f = job.run(&cluster, args);
     assert_eq!(f.code, 0, "launch failed:\n{}", f.stderr);
@@ -427,6 +432,7 @@ pub fn layout_with_extra(job: &Job, args: &[&str], extra: &str) {
     assert_eq!(status["exit_code"], serde_json::json!(0));
     let plan_text = std::fs::read_to_string(run.join("plan.json")).unwrap();
     assert!(plan_text.contains("export MY_API_KEY=<redacted> MONKEY_PATCH=visible-monkey-9"), "{plan_text}");
+    assert!(plan_text.contains(": login --token <redacted> --add"), "{plan_text}");
     job.assert_no_secret_in_logs();
     job.assert_clean(Duration::from_secs(5), false);
 }

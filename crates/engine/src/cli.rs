@@ -8,6 +8,8 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_RUNTIME: u8 = 1;
 /// 2: a usage or configuration error (bad flags, refused combinations, an occupied --out).
 pub const EXIT_USAGE: u8 = 2;
+/// 3: the parallel layout does not fit the model or the world (as `launch` and `mm-convert`).
+pub const EXIT_LAYOUT: u8 = 3;
 
 /// The exit codes, as `mm-engine --help` lists them (the same for `launch` and `mm-convert`).
 pub const EXIT_CODES_HELP: &str = "\
@@ -15,6 +17,8 @@ Exit codes (shared with launch and mm-convert):
   0        done
   1        runtime error (I/O, data, collectives, a failed check)
   2        usage or configuration error (bad flags or flag combinations, an occupied --out)
+  3        the parallel layout does not fit the model or WORLD_SIZE (--tp, --pp,
+           --llm-pp-layers, --vit-pp-layers)
   128+N    agreed stop on signal N: `train` saved the iteration it stopped after
            (143 SIGTERM, 130 SIGINT, 138 SIGUSR1)";
 
@@ -23,6 +27,12 @@ Exit codes (shared with launch and mm-convert):
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
+
+/// A parallel layout that does not fit the model or the world (pipeline split, tensor-parallel
+/// size against the heads, WORLD_SIZE against tp·cp·pp): `main` exits with [`EXIT_LAYOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LayoutError(pub String);
 
 /// `Err(UsageError(msg))` as an `anyhow::Error`.
 pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
@@ -45,11 +55,13 @@ pub fn spelled(engine: &str, launcher: &str) -> String {
     }
 }
 
-/// The exit code of a failed command: 2 for a [`UsageError`] anywhere in the chain, else 1
-/// (an agreed stop is handled by `main` before).
+/// The exit code of a failed command: 2 for a [`UsageError`], 3 for a [`LayoutError`] anywhere
+/// in the chain, else 1 (an agreed stop is handled by `main` before).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<UsageError>().is_some() {
         EXIT_USAGE
+    } else if e.downcast_ref::<LayoutError>().is_some() {
+        EXIT_LAYOUT
     } else {
         EXIT_RUNTIME
     }
@@ -66,5 +78,7 @@ mod tests {
         assert_eq!(exit_code(&e), EXIT_USAGE);
         assert_eq!(format!("{e:#}"), "rank 3: --x 0: bad");
         assert_eq!(exit_code(&anyhow::anyhow!("io")), EXIT_RUNTIME);
+        let e = anyhow::Error::from(LayoutError("--llm-pp-layers 1,1: sums to 2".into())).context("rank 0");
+        assert_eq!(exit_code(&e), EXIT_LAYOUT);
     }
 }

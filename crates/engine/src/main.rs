@@ -118,7 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dims = if tp.is_some() || pp.is_some() || cp.is_some() {
                 let (tp, pp, cp) = (tp.unwrap_or(1), pp.unwrap_or(1), cp.unwrap_or(1));
                 let dims = mm_spec::layout::ParallelDims::new(env.world_size, tp, cp, pp, None).map_err(|e| {
-                    cli::UsageError(format!(
+                    cli::LayoutError(format!(
                         "rank {}: --tp {tp} --pp {pp} --cp {cp} with WORLD_SIZE {}: {e}",
                         env.rank, env.world_size
                     ))

@@ -1,5 +1,5 @@
 //! The command line the three tools share ("Three tools, one voice"): every flag documented in
-//! `--help`, the exit codes (0 ok, 1 runtime, 2 usage or configuration), a missing data file
+//! `--help`, the exit codes (0 ok, 1 runtime, 2 usage or configuration, 3 layout misfit), a missing data file
 //! reported once under the flag that named it, advice in the launcher's spelling when the
 //! launcher started the engine, and `synth --out` refusing an occupied folder.
 
@@ -108,6 +108,43 @@ fn usage_and_configuration_errors_exit_2() {
     let o = engine().args(["eval", "--load", "m", "--data-path", "x.jsonl", "--dump-logits", "2"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(stderr(&o).contains("--dump-logits 2 needs --out FILE"), "{}", text(&o));
+}
+
+#[test]
+fn layout_misfits_exit_3() {
+    let d = synth();
+    let train = |extra: &[&str]| {
+        engine()
+            .args(["train", "--data-path"])
+            .arg(d.join("data/train.jsonl"))
+            .arg("--load")
+            .arg(d.join("model"))
+            .args(["--lr", "0.001", "--train-iters", "1", "--seq-length", "512", "--device", "cpu"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Two pipeline stages in a world of one.
+    let o = train(&["--pipeline-model-parallel-size", "2"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(stderr(&o).contains("WORLD_SIZE 1 is not a multiple of"), "{}", text(&o));
+    // A pipeline split that does not sum to the model's depth (found with the model).
+    let o = train(&["--llm-pp-layers", "99"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(stderr(&o).contains("--llm-pp-layers"), "{}", text(&o));
+    // A layout misfit beside a usage error is a usage error.
+    let o = train(&["--pipeline-model-parallel-size", "2", "--log-interval", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // collective-check's layout.
+    let o = engine()
+        .args(["collective-check", "--tp", "2"])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "3")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "29533")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 }
 
 #[test]

@@ -304,11 +304,36 @@ fn parse_list(s: &str) -> Option<Vec<usize>> {
 /// Why cp > 1 is refused.
 pub use mm_spec::layout::MM_ENGINE_LIMITS as LIMITS;
 
+/// Every problem [`TrainArgs::validate`] found, one per line, and whether they are all about
+/// the parallel layout (the sizes against WORLD_SIZE, the pipeline split's length), which
+/// exits with code 3 like the launcher's and mm-convert's layout misfits; any other makes it a
+/// usage error (2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagErrors {
+    pub text: String,
+    pub layout_only: bool,
+}
+
+impl std::fmt::Display for FlagErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::ops::Deref for FlagErrors {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
 impl TrainArgs {
     /// Checks everything that does not need the model, reporting all problems at once.
     /// `world_size` ranks: pipeline stages × data-parallel replicas.
-    pub fn validate(&self, world_size: usize) -> Result<Resolved, String> {
+    pub fn validate(&self, world_size: usize) -> Result<Resolved, FlagErrors> {
         let mut errs: Vec<String> = Vec::new();
+        // Problems of the parallel layout alone (exit code 3 when they are all there is).
+        let mut layout: Vec<String> = Vec::new();
         let pp = self.pipeline_model_parallel_size.max(1);
         let vpp = self.virtual_pipeline_model_parallel_size.unwrap_or(1).max(1);
         let mut lists = [None, None];
@@ -318,7 +343,7 @@ impl TrainArgs {
             if let Some(s) = v {
                 match parse_list(s) {
                     None => errs.push(format!("{flag} {s:?}: expected a comma-separated list of layer counts")),
-                    Some(l) if l.len() != pp * vpp => errs.push(format!(
+                    Some(l) if l.len() != pp * vpp => layout.push(format!(
                         "{flag} {s:?}: {} entries, but pipeline size {pp} × virtual stages {vpp} needs {}",
                         l.len(),
                         pp * vpp
@@ -338,13 +363,13 @@ impl TrainArgs {
         let model_parallel = pp * self.tensor_model_parallel_size.max(1) * self.context_parallel_size.max(1);
         let world = world_size.max(1);
         if world % model_parallel != 0 {
-            errs.push(format!(
+            layout.push(format!(
                 "WORLD_SIZE {world} is not a multiple of tensor × context × pipeline parallel size {model_parallel}"
             ));
         }
         let dp = (world / model_parallel).max(1);
         if self.virtual_pipeline_model_parallel_size.is_some_and(|v| v > 1) && pp == 1 {
-            errs.push(format!(
+            layout.push(format!(
                 "--virtual-pipeline-model-parallel-size {vpp}: needs --pipeline-model-parallel-size above 1"
             ));
         }
@@ -449,8 +474,10 @@ impl TrainArgs {
         if self.freeze_vision && self.freeze_projector && self.freeze_llm {
             errs.push("--freeze-vision, --freeze-projector and --freeze-llm together leave nothing to train".into());
         }
-        if !errs.is_empty() {
-            return Err(errs.join("\n  "));
+        if !errs.is_empty() || !layout.is_empty() {
+            let layout_only = errs.is_empty();
+            layout.extend(errs);
+            return Err(FlagErrors { text: layout.join("\n  "), layout_only });
         }
         Ok(Resolved {
             grad_accumulation: ga,
@@ -527,7 +554,11 @@ mod tests {
         assert_eq!((r.data_parallel_size, r.grad_accumulation), (2, 2));
         let e = args("--pipeline-model-parallel-size 2 --llm-pp-layers 1,1,1").validate(2).unwrap_err();
         assert!(e.contains("3 entries, but pipeline size 2 × virtual stages 1 needs 2"), "{e}");
+        assert!(e.layout_only, "{e}");
         let e = args("--pipeline-model-parallel-size 2").validate(3).unwrap_err();
         assert!(e.contains("WORLD_SIZE 3 is not a multiple of"), "{e}");
+        assert!(e.layout_only, "{e}");
+        let e = args("--pipeline-model-parallel-size 2 --dp-bucket-mb 0").validate(3).unwrap_err();
+        assert!(!e.layout_only, "a usage error among them makes it one: {e}");
     }
 }

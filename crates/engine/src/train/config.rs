@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use crate::cli::LayoutError;
 use crate::model::StagePart;
 
 use super::args::{PreprocessArgs, Resolved, TrainArgs};
@@ -124,7 +125,7 @@ pub struct EvalConfig {
 
 impl TrainConfig {
     /// Checks the flags for `world_size` ranks (every problem at once) and builds the config.
-    pub fn new(a: TrainArgs, world_size: usize) -> Result<TrainConfig, String> {
+    pub fn new(a: TrainArgs, world_size: usize) -> Result<TrainConfig, super::args::FlagErrors> {
         let r = a.validate(world_size)?;
         Ok(TrainConfig::from_checked(a, r))
     }
@@ -223,14 +224,16 @@ impl ParallelConfig {
         let (pp, vpp) = (self.pp, self.vpp);
         let (llm_depth, vit_depth) = (preset.llm.num_hidden_layers, preset.vision.num_hidden_layers);
         let stages = mm_spec::layout::split_layers(llm_depth, pp, vpp, self.llm_pp_layers.as_deref())
-            .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
+            .map_err(|e| LayoutError(format!("--llm-pp-layers: {e}")))?;
         if let Some(v) = &self.vit_pp_layers {
-            anyhow::ensure!(
-                v.first() == Some(&vit_depth) && v.iter().skip(1).all(|&n| n == 0),
-                "--vit-pp-layers {}: the model's ViT has {vit_depth} layers, all on the first pipeline chunk \
-                 ({vit_depth},0,…)",
-                v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
-            );
+            if !(v.first() == Some(&vit_depth) && v.iter().skip(1).all(|&n| n == 0)) {
+                return Err(LayoutError(format!(
+                    "--vit-pp-layers {}: the model's ViT has {vit_depth} layers, all on the first pipeline chunk \
+                     ({vit_depth},0,…)",
+                    v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+                ))
+                .into());
+            }
         }
         let chunks = stages.len();
         Ok((0..self.virtual_stages())
@@ -247,7 +250,7 @@ impl ParallelConfig {
         let (pp, vpp) = (self.pp, self.vpp);
         let stages =
             mm_spec::layout::split_layers(preset.llm.num_hidden_layers, pp, vpp, self.llm_pp_layers.as_deref())
-                .map_err(|e| anyhow::anyhow!("--llm-pp-layers: {e}"))?;
+                .map_err(|e| LayoutError(format!("--llm-pp-layers: {e}")))?;
         let vit = mm_spec::layout::vit_pp_layers_or_default(None, preset.vision.num_hidden_layers, pp, vpp);
         Ok(mm_spec::LayoutRequest {
             tp: self.tp,

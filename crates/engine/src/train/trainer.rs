@@ -355,7 +355,13 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
 
 fn train(a: TrainArgs, env: &DistEnv) -> anyhow::Result<()> {
     let fault = Fault::from_env(env.rank, env.world_size)?;
-    let cfg = TrainConfig::new(a, env.world_size).map_err(|e| UsageError(format!("invalid train flags:\n  {e}")))?;
+    let cfg = TrainConfig::new(a, env.world_size).map_err(|e| -> anyhow::Error {
+        if e.layout_only {
+            crate::cli::LayoutError(format!("the parallel layout does not fit:\n  {e}")).into()
+        } else {
+            UsageError(format!("invalid train flags:\n  {e}")).into()
+        }
+    })?;
     let mut trainer = Trainer::setup(cfg, env)?;
     trainer.fault = fault;
     trainer.run()
@@ -445,7 +451,10 @@ fn open_session(cfg: &TrainConfig, dp: &Parallel, load: Option<&Path>, device: t
         let parts = cfg.parallel.stage_parts(preset, dp.pp_rank)?;
         let slices = if dp.tp_size > 1 {
             let layout = cfg.parallel.save_layout(preset)?;
-            Some(TpSlices::new(preset, &layout, dp.tp_rank).map_err(|e| anyhow::anyhow!("tensor parallelism: {e}"))?)
+            Some(
+                TpSlices::new(preset, &layout, dp.tp_rank)
+                    .map_err(|e| crate::cli::LayoutError(format!("tensor parallelism: {e}")))?,
+            )
         } else {
             None
         };
