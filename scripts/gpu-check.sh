@@ -18,8 +18,11 @@
 #   5. bf16 training of a randomly initialised InternVL3-1B (`--model 1b`, no --load) on the
 #      bundle's synthetic records with their 512-token tokenizer (a vocabulary within the
 #      model's 151674, so every id has an embedding row): two shapes, micro batch 1 (the seed
-#      recipe's) and micro batch 8, ITERS iterations each; median step time, tokens/s, model
-#      TFLOP/s and MFU over the steps after the first. nvidia-smi samples memory and load.
+#      recipe's) and micro batch 8 at seq 2048, then a pair at seq 4096 on records cut at that
+#      length, without and with full activation recomputation (uniform, 1 layer); ITERS
+#      iterations each; median step time, tokens/s, model TFLOP/s and MFU over the steps after
+#      the first. nvidia-smi samples memory and load (the pair's peak memory is the
+#      recomputation's saving).
 #
 # Model FLOPs (training = forward + backward = 3 × forward; every part trains here):
 #   ViT, per 448² tile of T_v = 1025 tokens (1024 patches + class token):
@@ -138,27 +141,43 @@ when libtorch_cuda.so and the NCCL/CUDA header wheels are in the build venv and 
         : >"$work/collective.json"
     fi
 
-    # 5. Training runs: NAME MICRO GLOBAL.
-    local runs=("mb1 1 16" "mb8 8 64") model_flags
+    # 5. Training runs: NAME MICRO GLOBAL SEQ RECOMPUTE. The s4096 pair trains on records whose
+    # answers are cut at 4096 tokens (every sample is that long), without and with full
+    # activation recomputation (uniform, 1 layer): memory and tokens/s side by side.
+    local runs=("mb1 1 16 2048 off" "mb8 8 64 2048 off" "s4096 1 16 4096 off" "s4096-rc 1 16 4096 full") model_flags
     if [[ $MODE == cpu ]]; then
-        runs=("mb1 1 8" "mb4 4 8")
+        runs=("mb1 1 8 2048 off" "mb4 4 8 2048 off" "s1024 1 4 1024 off" "s1024-rc 1 4 1024 full")
         # The bundle's tiny checkpoint, so the FLOP count reads a real config.json.
         model_flags=(--model tiny --load "$SYNTH/model")
     else
         model_flags=(--model 1b)
     fi
-    local smi_pid="" r name micro global
+    # Long records: one image and an answer of a few thousand words, 16 times.
+    "$PYTHON" - "$SYNTH/data/train.jsonl" "$work/long.jsonl" <<'PY'
+import json, sys
+first = json.loads(open(sys.argv[1]).readline())
+answer = " ".join(["A red circle beside a green square."] * 1200)
+rec = {"conversations": [first["conversations"][0], {"from": "gpt", "value": answer}], "image": first["image"]}
+with open(sys.argv[2], "w") as f:
+    for _ in range(16):
+        f.write(json.dumps(rec) + "\n")
+PY
+    local smi_pid="" r name micro global seq rc data rc_flags
     for r in "${runs[@]}"; do
-        read -r name micro global <<<"$r"
-        echo "== train $name: micro batch $micro, global batch $global, $ITERS iterations, bf16, --device $dev"
+        read -r name micro global seq rc <<<"$r"
+        data="$SYNTH/data/train.jsonl"
+        [[ $seq != 2048 ]] && data="$work/long.jsonl"
+        rc_flags=()
+        [[ $rc == full ]] && rc_flags=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
+        echo "== train $name: micro batch $micro, global batch $global, seq $seq, recompute $rc, $ITERS iterations, bf16, --device $dev"
         if [[ $MODE == gpu ]]; then
             nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 \
                 >"$work/smi-$name.csv" 2>/dev/null &
             smi_pid=$!
         fi
         if ! MM_CPU_THREADS="$(nproc)" timeout 180 "$BIN" train "${model_flags[@]}" --device "$dev" --precision bf16 \
-            --tokenizer "$SYNTH/model" --data-path "$SYNTH/data/train.jsonl" --data-folder "$SYNTH/data" \
-            --micro-batch-size "$micro" --global-batch-size "$global" --seq-length 2048 --max-dynamic-patch 1 \
+            --tokenizer "$SYNTH/model" --data-path "$data" --data-folder "$SYNTH/data" "${rc_flags[@]}" \
+            --micro-batch-size "$micro" --global-batch-size "$global" --seq-length "$seq" --max-dynamic-patch 1 \
             --train-iters "$ITERS" --lr 1e-5 --clip-grad 1.0 --seed 1 --log-interval 1 --log-tps \
             --num-workers "$(($(nproc) > 8 ? 8 : $(nproc)))" 2>&1 | tee "$OUT/train-$name.log" | grep -v '^@@mm-progress'; then
             fail "train $name (log: $OUT/train-$name.log)"
@@ -244,7 +263,7 @@ if os.path.exists(f"{work}/smi.csv"):
     report["nvidia_smi"] = open(f"{work}/smi.csv").read().strip()
 
 rows = []
-for name, micro, global_batch in runs:
+for name, micro, global_batch, seq, recompute in runs:
     log = f"{out}/train-{name}.log"
     text = open(log).read() if os.path.exists(log) else ""
     steps = []
@@ -255,7 +274,8 @@ for name, micro, global_batch in runs:
                 steps.append(e)
     waits = [float(x) for x in re.findall(r"data wait \(ms\): ([0-9.]+)", text)][1:]
     head = re.search(r"model \S+ \((\d+) parameters, (\d+) trainable\), \d+ records, device (\S+), ([^,]+),", text)
-    run = {"name": name, "micro_batch": int(micro), "global_batch": int(global_batch), "steps": len(steps)}
+    run = {"name": name, "micro_batch": int(micro), "global_batch": int(global_batch), "seq_length": int(seq),
+           "recompute": recompute, "steps": len(steps)}
     if not head or len(steps) < 2:
         errors.append(f"train {name}: no startup line or fewer than 2 steps in {log}")
         report["runs"].append(run)
@@ -307,14 +327,15 @@ t = report["torch"] or {}
 print(f"torch {t.get('torch')} cuda {t.get('cuda_build')} device {t.get('device', 'none')}; "
       f"nccl compiled: {(report['doctor'] or {}).get('nccl_compiled')}; collective-check: "
       f"{'ok' if report['collective_check'] else 'FAILED'}")
-print("| run | micro × global | step ms | tokens/s | samples/s | data wait ms | TFLOP/s | MFU | LLM-only MFU | GPU mem MiB | loss first → last |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+print("| run | micro × global | seq | recompute | step ms | tokens/s | samples/s | data wait ms | TFLOP/s | MFU | LLM-only MFU | GPU mem MiB | loss first → last |")
+print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 for r in report["runs"]:
     if "step_ms" not in r:
-        print(f"| {r['name']} | {r['micro_batch']} × {r['global_batch']} | FAILED |||||||||")
+        print(f"| {r['name']} | {r['micro_batch']} × {r['global_batch']} | {r['seq_length']} | {r['recompute']} | FAILED |||||||||")
         continue
     dw = f"{r['data_wait_ms']:.1f}" if r["data_wait_ms"] is not None else "-"
-    print(f"| {r['name']} | {r['micro_batch']} × {r['global_batch']} | {r['step_ms']:.1f} | {r['tokens_per_sec']:.0f} "
+    print(f"| {r['name']} | {r['micro_batch']} × {r['global_batch']} | {r['seq_length']} | {r['recompute']} "
+          f"| {r['step_ms']:.1f} | {r['tokens_per_sec']:.0f} "
           f"| {r['samples_per_sec']:.1f} | {dw} | {r['model_tflops']:.2f} | {r['mfu']:.2%} | {r['llm_only_mfu']:.2%} "
           f"| {r.get('gpu_mem_peak_mib', '-')} | {r['first_loss']:.3f} → {r['final_loss']:.3f} |")
 for f in report["failures"]:

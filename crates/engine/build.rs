@@ -48,6 +48,7 @@ fn main() {
         .define("USE_C10D_GLOO", None)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .file("csrc/c10d_shim.cpp")
+        .file("csrc/recompute.cpp")
         .file("csrc/tp_regions.cpp");
 
     if let Some(includes) = nccl_headers(&torch_dir, &lib) {

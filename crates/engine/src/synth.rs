@@ -68,6 +68,10 @@ pub struct SynthArgs {
     /// LLM key/value heads (with --llm-heads).
     #[arg(long, requires = "llm_heads")]
     pub llm_kv_heads: Option<usize>,
+    /// The ViT's stochastic depth (drop_path_rate in config.json: layer i drops its residual
+    /// branches with probability rate·i/(L−1) in training) instead of the preset's 0.
+    #[arg(long)]
+    pub vit_drop_path_rate: Option<f64>,
     /// Replace --out when it exists and is not empty (its contents are deleted); without it such
     /// a folder is refused.
     #[arg(long)]
@@ -343,6 +347,10 @@ pub fn run(a: SynthArgs) -> anyhow::Result<()> {
         let width = preset.vision.hidden_size / preset.vision.num_attention_heads;
         preset.vision.num_attention_heads = n;
         preset.vision.hidden_size = n * width;
+    }
+    if let Some(r) = a.vit_drop_path_rate {
+        check((0.0..1.0).contains(&r), || format!("--vit-drop-path-rate {r}: expected a probability in [0, 1)"))?;
+        preset.vision.drop_path_rate = r;
     }
     check(preset.llm.vocab_size <= 4096, || {
         format!(

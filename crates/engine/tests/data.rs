@@ -25,6 +25,7 @@ fn synth() -> &'static Path {
             vit_heads: None,
             llm_heads: None,
             llm_kv_heads: None,
+            vit_drop_path_rate: None,
             force: false,
         })
         .unwrap();

@@ -54,6 +54,7 @@ fn reference() -> &'static Path {
             vit_heads: None,
             llm_heads: None,
             llm_kv_heads: None,
+            vit_drop_path_rate: None,
             force: false,
         })
         .expect("synth");

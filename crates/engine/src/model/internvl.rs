@@ -114,6 +114,14 @@ impl InternVL {
         })
     }
 
+    /// Recomputes activations as `r` says, in the ViT and the LLM (None: keeps them all).
+    pub fn set_recompute(&mut self, r: Option<super::recompute::Recompute>) {
+        self.language_model.set_recompute(r);
+        if let Some(v) = &mut self.vision_model {
+            v.set_recompute(r);
+        }
+    }
+
     /// Image tokens per tile (256 at 448 px, 16 for the tiny preset).
     pub fn tokens_per_tile(&self) -> i64 {
         self.cfg.num_image_token() as i64

@@ -5,6 +5,7 @@ pub mod internvl;
 pub mod layers;
 pub mod projector;
 pub mod qwen2;
+pub mod recompute;
 pub mod tp;
 pub mod vit;
 

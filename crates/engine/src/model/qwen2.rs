@@ -15,6 +15,7 @@ use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use super::layers::{normal_init, Linear, RmsNorm};
+use super::recompute::{checkpoint1, run_layers, Recompute};
 use super::tp::{RowLinear, Tp};
 use super::ForwardError;
 
@@ -31,6 +32,8 @@ pub struct Qwen2Attention {
     kv_heads: i64,
     head_dim: i64,
     tp: Tp,
+    /// Selective recomputation: the attention core is rerun in backward.
+    pub recompute_core: bool,
 }
 
 /// SwiGLU with this rank's share of the intermediate width (gate/up column-, down row-parallel).
@@ -51,6 +54,7 @@ pub struct Qwen2Layer {
 }
 
 /// cos and sin for RoPE, [B or 1, T, head_dim], in the activations' dtype.
+#[derive(Debug)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -67,6 +71,11 @@ impl Rope {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+    }
+
+    /// The same tables (no copy), for a recomputed segment to keep.
+    fn share(&self) -> Rope {
+        Rope { cos: self.cos.shallow_clone(), sin: self.sin.shallow_clone() }
     }
 
     /// x [B, H, T, D] → x·cos + rotate_half(x)·sin.
@@ -106,6 +115,7 @@ impl Qwen2Attention {
             kv_heads: kv,
             head_dim: d,
             tp: tp.clone(),
+            recompute_core: false,
         })
     }
 
@@ -118,16 +128,25 @@ impl Qwen2Attention {
         let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
         let v = split(self.v_proj.forward(x), self.kv_heads);
         let rep = self.heads / self.kv_heads;
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &repeat_kv(k, rep),
-            &repeat_kv(v, rep),
-            Some(mask),
-            0.0,
-            false,
-            None,
-            false,
-        );
+        let core = move |q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor| {
+            Tensor::scaled_dot_product_attention(
+                q,
+                &repeat_kv(k.shallow_clone(), rep),
+                &repeat_kv(v.shallow_clone(), rep),
+                Some(mask),
+                0.0,
+                false,
+                None,
+                false,
+            )
+        };
+        let out = if self.recompute_core {
+            let mask = mask.shallow_clone();
+            // No parameters inside: only the inputs' gradients matter.
+            checkpoint1(&[&q, &k, &v], false, Box::new(move |t| Ok(vec![core(&t[0], &t[1], &t[2], &mask)])))?
+        } else {
+            core(&q, &k, &v, mask)
+        };
         Ok(self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * d]))?)
     }
 }
@@ -181,6 +200,8 @@ pub struct Qwen2 {
     vocab_rows: std::ops::Range<usize>,
     vocab: usize,
     tp: Tp,
+    /// Full recomputation of the layers (selective lives in the attention layers).
+    recompute: Option<Recompute>,
 }
 
 /// What part of the language model to build.
@@ -229,6 +250,7 @@ impl Qwen2 {
             vocab_rows,
             vocab: cfg.vocab_size,
             tp: tp.clone(),
+            recompute: None,
         })
     }
 
@@ -260,11 +282,25 @@ impl Qwen2 {
         let positions = Tensor::arange(padded, (Kind::Int64, hidden.device())).unsqueeze(0).expand([b, padded], false);
         let rope = Rope::new(&positions, self.head_dim, self.rope_theta, hidden.kind());
         let mask = causal_padding_mask(&attention_mask);
-        let mut h = hidden.shallow_clone();
-        for layer in &self.layers {
-            h = layer.forward(&h, &rope, &mask)?;
+        run_layers(
+            &self.layers,
+            self.recompute,
+            hidden,
+            |l| l.input_layernorm.weight.requires_grad(),
+            || {
+                let (rope, mask) = (rope.share(), mask.shallow_clone());
+                move |layer: &Qwen2Layer, h: &Tensor| layer.forward(h, &rope, &mask)
+            },
+        )
+    }
+
+    /// Recomputes activations as `r` says (None: keeps them all).
+    pub fn set_recompute(&mut self, r: Option<Recompute>) {
+        let core = r.is_some_and(|r| r.attention_core());
+        for layer in &mut self.layers {
+            layer.self_attn.recompute_core = core;
         }
-        Ok(h)
+        self.recompute = r.filter(|r| !r.attention_core());
     }
 
     /// The final norm (on the stage with the head).

@@ -19,6 +19,7 @@ use tch::{Kind, Tensor};
 use mm_spec::layout::LayoutError;
 
 use super::layers::{normal_init, LayerNorm, Linear, Norm, RmsNorm};
+use super::recompute::{checkpoint1, run_layers, Recompute};
 use super::tp::{RowLinear, Tp};
 use super::ForwardError;
 
@@ -99,6 +100,8 @@ pub struct VisionAttention {
     first_channel: i64,
     width: i64,
     tp: Tp,
+    /// Selective recomputation: the attention core is rerun in backward.
+    pub recompute_core: bool,
 }
 
 impl VisionAttention {
@@ -125,6 +128,7 @@ impl VisionAttention {
             first_channel: shard.q_heads.start as i64 * d,
             width: c,
             tp: tp.clone(),
+            recompute_core: false,
         })
     }
 
@@ -157,16 +161,15 @@ impl VisionAttention {
             k = self.full_width_norm(kn, &k)?;
         }
         let heads = |t: Tensor| t.reshape([b, n, self.heads, d]).transpose(1, 2);
-        let out = Tensor::scaled_dot_product_attention::<Tensor>(
-            &heads(q),
-            &heads(k),
-            &heads(v),
-            None,
-            0.0,
-            false,
-            None,
-            false,
-        );
+        let core = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, false)
+        };
+        let (q, k, v) = (heads(q), heads(k), heads(v));
+        let out = if self.recompute_core {
+            checkpoint1(&[&q, &k, &v], false, Box::new(move |t| Ok(vec![core(&t[0], &t[1], &t[2])])))?
+        } else {
+            core(&q, &k, &v)
+        };
         Ok(self.proj.forward(&out.transpose(1, 2).reshape([b, n, local]))?)
     }
 }
@@ -244,6 +247,8 @@ impl VisionLayer {
 pub struct VisionModel {
     pub embeddings: VisionEmbeddings,
     pub layers: Vec<VisionLayer>,
+    /// Full recomputation of the layers (selective lives in the attention layers).
+    recompute: Option<Recompute>,
 }
 
 impl VisionModel {
@@ -257,15 +262,27 @@ impl VisionModel {
                 VisionLayer::new(layers_path.sub(i), cfg, rate, tp)
             })
             .collect::<Result<_, _>>()?;
-        Ok(VisionModel { embeddings: VisionEmbeddings::new(p.sub("embeddings"), cfg), layers })
+        Ok(VisionModel { embeddings: VisionEmbeddings::new(p.sub("embeddings"), cfg), layers, recompute: None })
     }
 
     /// [N, 3, S, S] → last hidden state [N, 1 + grid², C] (class token first).
     pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor, ForwardError> {
-        let mut h = self.embeddings.forward(pixel_values);
-        for layer in &self.layers {
-            h = layer.forward(&h, train)?;
+        let h = self.embeddings.forward(pixel_values);
+        run_layers(
+            &self.layers,
+            self.recompute,
+            &h,
+            |l| l.ls1.requires_grad(),
+            || move |layer: &VisionLayer, h: &Tensor| layer.forward(h, train),
+        )
+    }
+
+    /// Recomputes activations as `r` says (None: keeps them all).
+    pub fn set_recompute(&mut self, r: Option<Recompute>) {
+        let core = r.is_some_and(|r| r.attention_core());
+        for layer in &mut self.layers {
+            layer.attn.recompute_core = core;
         }
-        Ok(h)
+        self.recompute = r.filter(|r| !r.attention_core());
     }
 }

@@ -133,13 +133,15 @@ pub struct TrainArgs {
     /// kernels on CUDA by itself.
     #[arg(long)]
     pub use_flash_attn: bool,
-    /// Megatron's activation recomputation: accepted with a warning, not implemented.
+    /// Activation recomputation, in the ViT and the LLM: full (whole layers, with
+    /// --recompute-method) or selective (the attention core of every layer).
     #[arg(long)]
     pub recompute_granularity: Option<String>,
-    /// Megatron's recomputation method: accepted with a warning, not implemented.
+    /// With full granularity: uniform (every layer, in groups of --recompute-num-layers) or
+    /// block (the first --recompute-num-layers layers of each pipeline chunk).
     #[arg(long)]
     pub recompute_method: Option<String>,
-    /// Megatron's recomputed layer count: accepted, not implemented.
+    /// Layers per recomputed group (uniform) or recomputed layers per chunk (block) [default: 1].
     #[arg(long)]
     pub recompute_num_layers: Option<usize>,
     /// cpu, cuda or auto (cuda when available).
@@ -295,6 +297,7 @@ pub struct Resolved {
     /// `--llm-pp-layers` and `--vit-pp-layers` parsed, one entry per pipeline chunk.
     pub llm_pp_layers: Option<Vec<usize>>,
     pub vit_pp_layers: Option<Vec<usize>>,
+    pub recompute: Option<crate::model::recompute::Recompute>,
 }
 
 fn parse_list(s: &str) -> Option<Vec<usize>> {
@@ -445,6 +448,14 @@ impl TrainArgs {
         if self.log_interval == 0 {
             errs.push("--log-interval 0: expected at least 1".into());
         }
+        let recompute = crate::model::recompute::Recompute::from_flags(
+            self.recompute_granularity.as_deref(),
+            self.recompute_method.as_deref(),
+            self.recompute_num_layers,
+        )
+        .map_err(|e| errs.push(e))
+        .ok()
+        .flatten();
         if self.save_interval > 0 && self.save.is_none() {
             errs.push(format!("--save-interval {} without --save DIR", self.save_interval));
         }
@@ -488,6 +499,7 @@ impl TrainArgs {
             bf16,
             llm_pp_layers,
             vit_pp_layers,
+            recompute,
         })
     }
 }

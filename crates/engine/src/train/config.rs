@@ -24,6 +24,8 @@ pub struct TrainConfig {
     pub tokenizer: Option<PathBuf>,
     pub parallel: ParallelConfig,
     pub data: DataSettings,
+    /// Activation recomputation (None: activations are kept).
+    pub recompute: Option<crate::model::recompute::Recompute>,
 
     /// Samples per micro batch.
     pub micro_batch_size: usize,
@@ -55,8 +57,6 @@ pub struct TrainConfig {
     pub log_tps: bool,
     /// None: no evaluation.
     pub eval: Option<EvalConfig>,
-    /// Accepted flags the engine ignores, one message each (rank 0 prints them).
-    pub warnings: Vec<String>,
 }
 
 /// The rank layout's sizes and the pipeline split, as the flags ask for them.
@@ -132,16 +132,6 @@ impl TrainConfig {
 
     /// The config of flags `a` that [`TrainArgs::validate`] resolved to `r`.
     pub fn from_checked(a: TrainArgs, r: Resolved) -> TrainConfig {
-        let mut warnings = Vec::new();
-        for (flag, v) in
-            [("--recompute-granularity", &a.recompute_granularity), ("--recompute-method", &a.recompute_method)]
-        {
-            if let Some(v) = v {
-                warnings.push(format!(
-                    "{flag} {v}: activation recomputation is not implemented in this engine; activations are kept"
-                ));
-            }
-        }
         TrainConfig {
             model: a.model,
             device: a.device,
@@ -155,6 +145,7 @@ impl TrainConfig {
                 llm_pp_layers: r.llm_pp_layers,
                 vit_pp_layers: r.vit_pp_layers,
             },
+            recompute: r.recompute,
             data: DataSettings {
                 data_path: a.data_path,
                 data_folder: a.data_folder,
@@ -201,7 +192,6 @@ impl TrainConfig {
             log_tps: a.log_tps,
             eval: (a.eval_interval > 0 && a.eval_iters > 0)
                 .then_some(EvalConfig { interval: a.eval_interval, iters: a.eval_iters }),
-            warnings,
         }
     }
 
@@ -295,7 +285,8 @@ mod tests {
         let c = config(
             "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2 --llm-pp-layers 1,0,0,1 \
              --vit-pp-layers 2,0,0,0 --tensor-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 4 \
-             --no-save-optim --exit-interval 0 --eval-interval 5 --recompute-method uniform",
+             --no-save-optim --exit-interval 0 --eval-interval 5 --recompute-granularity full \
+             --recompute-method block --recompute-num-layers 2",
             8,
         );
         let p = &c.parallel;
@@ -306,7 +297,8 @@ mod tests {
         assert!(!c.checkpoint.save_optim && c.checkpoint.load_optim);
         assert_eq!(c.checkpoint.exit_interval, None, "--exit-interval 0 never exits");
         assert_eq!(c.eval, None, "no --eval-iters, no evaluation");
-        assert_eq!(c.warnings.len(), 1);
+        let r = c.recompute.expect("recomputation");
+        assert_eq!((r.method, r.num_layers), (Some(crate::model::recompute::Method::Block), 2));
         assert_eq!(c.bucket_bytes, (super::super::parallel::DEFAULT_BUCKET_MB * 1048576.0) as usize);
         let c = config("--virtual-pipeline-model-parallel-size 1", 1);
         assert_eq!((c.parallel.pp, c.parallel.vpp, c.parallel.virtual_stages()), (1, None, 1));

@@ -487,11 +487,6 @@ impl Trainer {
     /// Everything before the first step: rendezvous, the model (this rank's stages and
     /// slices), resume state, the agreement of all ranks on the job, the optimizer and the data.
     pub fn setup(cfg: TrainConfig, env: &DistEnv) -> anyhow::Result<Trainer> {
-        if env.rank == 0 {
-            for w in &cfg.warnings {
-                eprintln!("warning: {w}");
-            }
-        }
         let device = pick_device(&cfg.device)?;
         configure_cpu_threads(device, env.local_world_size.min(env.world_size));
         // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
@@ -516,7 +511,11 @@ impl Trainer {
                 );
             }
         }
-        let session = open_session(&cfg, &dp, load.as_deref(), device)?;
+        let mut session = open_session(&cfg, &dp, load.as_deref(), device)?;
+        session.model.set_recompute(cfg.recompute);
+        for chunk in &mut session.more_chunks {
+            chunk.set_recompute(cfg.recompute);
+        }
         let preset = session.preset.clone();
         if ck.save.is_some() && ck.format == CkptFormat::Torch && preset.llm.tie_word_embeddings {
             return cli::usage(format!(
@@ -534,6 +533,9 @@ impl Trainer {
                 if virtual_stages > 1 { format!(" × {virtual_stages} virtual") } else { String::new() },
                 100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, ga)
             );
+        }
+        if let (Some(r), 0) = (cfg.recompute, dp.global_rank) {
+            println!("activation recomputation: {} (LLM and ViT layers)", r.describe());
         }
 
         // Freezing, then the optimizer over what is left.
