@@ -106,6 +106,7 @@ pub fn to_text(plan: &Plan, rendered: &Rendered) -> String {
     };
     let _ = writeln!(o, "master: {}:{port}", plan.master_addr);
     let _ = writeln!(o, "checkpoint: about {} per save", crate::checks::human_bytes(plan.checkpoint_bytes));
+    memory_section(&mut o, &plan);
 
     let _ = writeln!(o, "\npipeline (layers per stage, model order):");
     let _ = writeln!(o, "  {:<10} {:<18} vit", "stage", "llm");
@@ -171,4 +172,38 @@ pub fn to_text(plan: &Plan, rendered: &Rendered) -> String {
         }
     }
     o
+}
+
+/// The memory estimate per pipeline stage (`crate::memory`): what each device of the stage
+/// holds at its busiest moment, and the recomputation in effect.
+fn memory_section(o: &mut String, plan: &Plan) {
+    let h = |b: f64| crate::checks::human_bytes(b as u64);
+    let recompute = match plan.recipe.train.recompute_setting() {
+        Ok(Some(r)) => format!(
+            "recompute {}{}{}",
+            crate::render::serde_plain(&r.granularity),
+            r.method.map(|m| format!("/{}", crate::render::serde_plain(&m))).unwrap_or_default(),
+            r.num_layers.map(|n| format!("/{n}")).unwrap_or_default()
+        ),
+        _ => "no recomputation".to_string(),
+    };
+    let _ = writeln!(o, "\nmemory per device (estimate, {recompute}; formulas in crates/spec/src/memory.rs):");
+    let _ = writeln!(
+        o,
+        "  {:<6} {:>11} {:>11} {:>11} {:>24} {:>11} {:>11}",
+        "stage", "weights", "gradients", "optimizer", "activations (in flight)", "transient", "total"
+    );
+    for s in &plan.memory.stages {
+        let _ = writeln!(
+            o,
+            "  {:<6} {:>11} {:>11} {:>11} {:>24} {:>11} {:>11}",
+            format!("pp{}", s.pp_rank),
+            h(s.weights),
+            h(s.gradients),
+            h(s.optimizer),
+            format!("{} ({})", h(s.activations), s.in_flight),
+            h(s.transient),
+            h(s.total)
+        );
+    }
 }

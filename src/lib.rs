@@ -13,6 +13,7 @@ pub mod exec;
 pub mod hostlist;
 pub mod input;
 pub mod logs;
+pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod recipe;

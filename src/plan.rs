@@ -40,6 +40,8 @@ pub struct Plan {
     pub vit_stages: Vec<StageLayers>,
     /// Estimated bytes of one saved checkpoint (weights, plus optimizer state when saved).
     pub checkpoint_bytes: u64,
+    /// Estimated memory per device, every pipeline stage (`crate::memory`).
+    pub memory: mm_spec::memory::MemoryEstimate,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -310,7 +312,7 @@ impl Plan {
             checkpoint_bytes += params * if dtype_bytes == 2 { 12 } else { 8 };
         }
 
-        Ok(Plan {
+        let mut plan = Plan {
             cluster: cluster.origin.display().to_string(),
             cluster_name: cluster.name.clone(),
             accelerator: cluster.accelerator,
@@ -329,7 +331,10 @@ impl Plan {
             llm_stages,
             vit_stages,
             checkpoint_bytes,
-        })
+            memory: mm_spec::memory::MemoryEstimate { stages: Vec::new() },
+        };
+        plan.memory = crate::memory::estimate(&plan);
+        Ok(plan)
     }
 }
 

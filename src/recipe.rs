@@ -69,6 +69,31 @@ pub enum LrDecayStyle {
     Constant,
 }
 
+/// Megatron's `--recompute-granularity`: whole layers, or the attention core of every layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecomputeGranularity {
+    Full,
+    Selective,
+}
+
+/// Megatron's `--recompute-method` (with full granularity): every layer in groups of
+/// `recompute_num_layers`, or the first `recompute_num_layers` layers of each pipeline stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecomputeMethod {
+    Uniform,
+    Block,
+}
+
+/// The recomputation a recipe asks for, resolved: (granularity, method, num_layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecomputeSetting {
+    pub granularity: RecomputeGranularity,
+    pub method: Option<RecomputeMethod>,
+    pub num_layers: Option<usize>,
+}
+
 /// MindSpeed-MM's `vlm_model_loss_calculate_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -106,14 +131,81 @@ pub struct TrainRecipe {
     pub freeze_vision: bool,
     pub freeze_projector: bool,
     pub freeze_llm: bool,
-    /// Activation recomputation (gradient checkpointing) of every layer.
+    /// Activation recomputation (gradient checkpointing) of every layer: full, uniform, 1 layer
+    /// (MindSpeed-MM's 78B example), unless `recompute_granularity` says otherwise.
     pub recompute: bool,
+    /// Megatron's `--recompute-granularity` (full or selective); with it, `recompute` is moot.
+    #[serde(default)]
+    pub recompute_granularity: Option<RecomputeGranularity>,
+    /// Megatron's `--recompute-method` (uniform or block), with full granularity.
+    #[serde(default)]
+    pub recompute_method: Option<RecomputeMethod>,
+    /// Megatron's `--recompute-num-layers` (default 1), with full granularity.
+    #[serde(default)]
+    pub recompute_num_layers: Option<usize>,
     /// InternViT's stochastic depth while fine-tuning; null = the model's config value.
     /// MindSpeed-MM's InternVL3-78B example trains with 0.4.
     #[serde(default)]
     pub vit_drop_path_rate: Option<f64>,
     pub flash_attention: bool,
     pub num_workers: usize,
+}
+
+impl TrainRecipe {
+    /// The recomputation asked for, checked as Megatron checks its flags: `recompute_granularity`
+    /// wins over the `recompute` shorthand (full, uniform, 1); a method or layer count needs
+    /// full granularity; uniform needs at least one layer per group.
+    pub fn recompute_setting(&self) -> Result<Option<RecomputeSetting>, (String, String)> {
+        let (m, n) = (self.recompute_method, self.recompute_num_layers);
+        let g = match (self.recompute_granularity, self.recompute) {
+            (Some(g), _) => g,
+            (None, true) if m.is_none() && n.is_none() => {
+                return Ok(Some(RecomputeSetting {
+                    granularity: RecomputeGranularity::Full,
+                    method: Some(RecomputeMethod::Uniform),
+                    num_layers: Some(1),
+                }))
+            }
+            (None, _) if m.is_some() || n.is_some() => {
+                return Err((
+                    "train.recompute_granularity".into(),
+                    "recompute_method and recompute_num_layers need recompute_granularity full: add \
+                     --set train.recompute_granularity=full"
+                        .into(),
+                ))
+            }
+            (None, _) => return Ok(None),
+        };
+        match g {
+            RecomputeGranularity::Selective if m.is_some() || n.is_some() => Err((
+                "train.recompute_method".into(),
+                "selective recomputation reruns every layer's attention core and takes no method or layer \
+                 count: clear them (--set train.recompute_method=null --set train.recompute_num_layers=null)"
+                    .into(),
+            )),
+            RecomputeGranularity::Selective => {
+                Ok(Some(RecomputeSetting { granularity: g, method: None, num_layers: None }))
+            }
+            RecomputeGranularity::Full => {
+                let Some(method) = m else {
+                    return Err((
+                        "train.recompute_method".into(),
+                        "full recomputation needs a method: uniform (every layer, in groups of \
+                         recompute_num_layers) or block (the first recompute_num_layers layers of each stage)"
+                            .into(),
+                    ));
+                };
+                let n = n.unwrap_or(1);
+                if method == RecomputeMethod::Uniform && n == 0 {
+                    return Err((
+                        "train.recompute_num_layers".into(),
+                        "0 layers per group: expected at least 1".into(),
+                    ));
+                }
+                Ok(Some(RecomputeSetting { granularity: g, method: Some(method), num_layers: Some(n) }))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -301,6 +393,9 @@ impl Recipe {
                 freeze_projector: false,
                 freeze_llm: false,
                 recompute: false,
+                recompute_granularity: None,
+                recompute_method: None,
+                recompute_num_layers: None,
                 vit_drop_path_rate: None,
                 flash_attention: true,
                 num_workers: 4,
@@ -560,6 +655,7 @@ impl Recipe {
         if let Some(d) = t.vit_drop_path_rate.filter(|d| !(0.0..1.0).contains(d)) {
             return Err(("train.vit_drop_path_rate".into(), format!("{d} must lie in [0, 1)")));
         }
+        t.recompute_setting()?;
         if !(0.0..1.0).contains(&t.lr_warmup_fraction) {
             return Err(("train.lr_warmup_fraction".into(), format!("{} is not in [0, 1)", t.lr_warmup_fraction)));
         }

@@ -394,10 +394,15 @@ fn common_args(plan: &Plan) -> Vec<String> {
         Precision::Fp16 => a.push("--fp16".into()),
         Precision::Fp32 => {}
     }
-    if t.recompute {
-        kv(&mut a, "--recompute-granularity", "full");
-        kv(&mut a, "--recompute-method", "uniform");
-        kv(&mut a, "--recompute-num-layers", 1);
+    // Checked when the recipe was resolved.
+    if let Ok(Some(r)) = t.recompute_setting() {
+        kv(&mut a, "--recompute-granularity", serde_plain(&r.granularity));
+        if let Some(m) = r.method {
+            kv(&mut a, "--recompute-method", serde_plain(&m));
+        }
+        if let Some(n) = r.num_layers {
+            kv(&mut a, "--recompute-num-layers", n);
+        }
     }
     path_arg(&mut a, "--load", &c.load);
     // The seed: pipeline parallelism needs --variable-seq-lengths.
@@ -469,7 +474,7 @@ pub fn megatron_args(plan: &Plan, data_json: &str, model_json: &str) -> Vec<Stri
     a
 }
 
-fn serde_plain<T: Serialize>(v: &T) -> String {
+pub(crate) fn serde_plain<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
@@ -540,7 +545,7 @@ fn pipeline_layers(stages: &[mm_spec::layout::StageLayers], pp: usize, vpp: Opti
 /// each value comes from: sizes, norms, qkv bias, qk layernorm (InternViT-6B), rope θ and
 /// `rope_scaling` from the model (the preset, or the checkpoint's config.json); the pipeline
 /// split from the plan; precision, recomputation (`train.recompute`: full, uniform, 1 layer, as
-/// the 78B example), ViT drop path (`train.vit_drop_path_rate`, else the model's) and freezing
+/// the 78B example, or `train.recompute_granularity`/`_method`/`_num_layers`), ViT drop path (`train.vit_drop_path_rate`, else the model's) and freezing
 /// from the recipe.
 pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
     let m = &plan.model;
@@ -549,7 +554,7 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
     let bf16 = plan.recipe.train.precision == Precision::Bf16;
     let dtype = if bf16 { "bf16" } else { "fp32" };
     let rms = v.norm_type == mm_spec::presets::NormType::RmsNorm;
-    let recompute = plan.recipe.train.recompute;
+    let recompute = plan.recipe.train.recompute_setting().ok().flatten();
     let mut text_decoder = json!({
         "model_id": "internllm",
         "num_layers": l.num_hidden_layers,
@@ -582,9 +587,9 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
         "add_qkv_bias": true,
         "reset_attention_mask": false,
         "variable_seq_lengths": plan.dims.pp() > 1,
-        "recompute_granularity": if recompute { json!("full") } else { json!(null) },
-        "recompute_method": if recompute { json!("uniform") } else { json!(null) },
-        "recompute_num_layers": if recompute { json!(1) } else { json!(null) }
+        "recompute_granularity": recompute.map(|r| serde_plain(&r.granularity)),
+        "recompute_method": recompute.and_then(|r| r.method).map(|m| serde_plain(&m)),
+        "recompute_num_layers": recompute.and_then(|r| r.num_layers)
     });
     // From the checkpoint's config (InternVL3-78B: dynamic, factor 2.0).
     if let Some(r) = &l.rope_scaling {

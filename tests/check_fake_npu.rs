@@ -18,13 +18,21 @@ fn write_exec(path: &Path, body: &str) {
 }
 
 fn fixture(npu_count: usize) -> Fixture {
+    fixture_with(npu_count, 65536)
+}
+
+/// A fake host with `npu_count` NPUs of `hbm_mb` MB each (Atlas 800T A2: 65536).
+fn fixture_with(npu_count: usize, hbm_mb: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let bin = root.join("fakebin");
     std::fs::create_dir_all(&bin).unwrap();
     write_exec(
         &bin.join("npu-smi"),
-        &format!("#!/bin/sh\n[ \"$1 $2\" = 'info -l' ] || exit 9\nprintf '\\tTotal Count                    : {npu_count}\\n\\n\\tNPU ID : 0\\n'\n"),
+        &format!(
+            "#!/bin/sh\nif [ \"$1 $2\" = 'info -l' ]; then printf '\\tTotal Count                    : {npu_count}\\n\\n\\tNPU ID : 0\\n'; exit 0; fi\n\
+             if [ \"$1 $2 $3 $4 $5\" = 'info -t memory -i 0' ]; then printf '\\tDDR Capacity(MB)               : 15171\\n\\tHBM Capacity(MB)               : {hbm_mb}\\n'; exit 0; fi\nexit 9\n"
+        ),
     );
     write_exec(&bin.join("torchrun"), "#!/bin/sh\nexit 0\n");
     let work = root.join("work");
@@ -114,6 +122,40 @@ fn the_seed_environment_passes_every_check() {
         assert_eq!(row(&rows, id)["status"], "ok", "{id}");
     }
     assert_eq!(row(&rows, "npu-count")["found"], "8 devices");
+    // The seed's 8B layout (TP1 PP4, no recomputation) fits a 64 GB NPU.
+    let m = row(&rows, "memory");
+    assert_eq!(m["status"], "ok", "{m}");
+    assert_eq!(m["found"], "64.00 GiB per NPU (npu-smi)", "{m}");
+    assert!(m["expected"].as_str().unwrap().contains("the estimate for the busiest device"), "{m}");
+}
+
+/// On NPUs with half the memory the same layout does not fit: the memory row warns and lists
+/// the recipe changes that would, each with its estimate; recomputation is one of them.
+#[test]
+fn a_device_too_small_for_the_estimate_warns_with_options_that_fit() {
+    let f = fixture_with(8, 32768);
+    let (code, rows, stderr) = check(&cluster(&f, free_port(), SEED_ENV), &[]);
+    assert_eq!(code, 0, "a warning does not fail the checks: {stderr}");
+    let m = row(&rows, "memory");
+    assert_eq!(m["status"], "warn", "{m}");
+    assert_eq!(m["found"], "32.00 GiB per NPU (npu-smi)", "{m}");
+    let fix = m["fix"].as_str().unwrap();
+    assert!(fix.starts_with("options that fit: ") && fix.contains("`--set train.recompute=true` ("), "{fix}");
+    // The suggestion fits: the dry run with it estimates less than 90% of 32 GiB.
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg("--cluster")
+        .arg(f.root.join("cluster.yaml"))
+        .args(["finetune", "8b", "--dry-run", "--json", "--set", "train.recompute=true"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peak = v["plan"]["memory"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["total"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(peak > 0.0 && peak <= 0.9 * 32768.0 * 1048576.0, "{peak}");
 }
 
 #[test]

@@ -199,6 +199,45 @@ fn generated_model_json_matches_mindspeed_mm_examples() {
     let m = launch::render::mindspeed_model_json(&plan);
     assert_eq!(m["image_encoder"]["vision_encoder"]["drop_path_rate"], 0.1);
     assert_eq!(m["text_decoder"]["recompute_granularity"], "full");
+    // Megatron's three settings, spelled out, reach both MindSpeed-MM's model.json and mm-engine.
+    let sets = ["train.recompute_granularity=full", "train.recompute_method=block", "train.recompute_num_layers=2"];
+    let (plan, _) = dry("clusters/ascend-1x8-8b.yaml", "8b", &sets);
+    let t = &launch::render::mindspeed_model_json(&plan)["text_decoder"];
+    assert_eq!(
+        (&t["recompute_granularity"], &t["recompute_method"], &t["recompute_num_layers"]),
+        (&"full".into(), &"block".into(), &2.into())
+    );
+    let a = launch::render::engine_args(&plan).join(" ");
+    assert!(a.contains("--recompute-granularity full --recompute-method block --recompute-num-layers 2"), "{a}");
+    let (plan, _) = dry("clusters/ascend-1x8-8b.yaml", "8b", &["train.recompute_granularity=selective"]);
+    let a = launch::render::engine_args(&plan).join(" ");
+    assert!(a.contains("--recompute-granularity selective") && !a.contains("--recompute-method"), "{a}");
+    let (plan, _) = dry("clusters/ascend-1x8-8b.yaml", "8b", &[]);
+    assert!(!launch::render::engine_args(&plan).join(" ").contains("--recompute"), "off by default for the 8B");
+}
+
+/// Recomputation settings Megatron would refuse are refused when the recipe is resolved, naming
+/// the key and the fix.
+#[test]
+fn inconsistent_recompute_settings_name_the_key() {
+    for (sets, key, hint) in [
+        (&["train.recompute_granularity=full"][..], "train.recompute_method", "needs a method"),
+        (
+            &["train.recompute_granularity=selective", "train.recompute_method=uniform"][..],
+            "train.recompute_method",
+            "takes no method",
+        ),
+        (&["train.recompute_num_layers=2"][..], "train.recompute_granularity", "need recompute_granularity full"),
+        (
+            &["train.recompute_granularity=full", "train.recompute_method=uniform", "train.recompute_num_layers=0"][..],
+            "train.recompute_num_layers",
+            "at least 1",
+        ),
+    ] {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let e = Recipe::resolve("8b", None, None, &sets).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(hint), "{sets:?}: {e}");
+    }
 }
 
 #[test]

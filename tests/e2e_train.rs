@@ -280,11 +280,20 @@ fn rig_finetune_tiny_over_ssh_and_resume() {
 /// multiple of micro batch 1 × 3 replicas) = 1 × 2 micro batches × 3. Each stage saves its part
 /// of one checkpoint; a second launch resumes every rank from it.
 #[test]
-fn rig_finetune_tiny_two_pipeline_stages_across_hosts_and_resume() {
+fn rig_finetune_tiny_two_pipeline_stages_across_hosts_with_recomputation_and_resume() {
     let rig = Rig::up(3);
     let (job, work, cluster) = rig_job(&rig);
-    let pipeline =
-        ["--set", "parallel.pp=2", "--set", "parallel.llm_pp_layers=[1,1]", "--set", "parallel.vit_pp_layers=[2,0]"];
+    // With activation recomputation on, as the seed's 78B recipe trains.
+    let pipeline = [
+        "--set",
+        "parallel.pp=2",
+        "--set",
+        "parallel.llm_pp_layers=[1,1]",
+        "--set",
+        "parallel.vit_pp_layers=[2,0]",
+        "--set",
+        "train.recompute=true",
+    ];
     let args = |iters: &'static str| {
         let mut a = vec!["--agent-path", LAUNCH, "--set", iters, "--set", "output.save_interval=3"];
         a.extend(pipeline);
@@ -311,6 +320,11 @@ fn rig_finetune_tiny_two_pipeline_stages_across_hosts_and_resume() {
     }
     let logs: Vec<String> = (0..6).map(|r| job.rank_log(&run, job.host_of(r), r)).collect();
     assert!(logs[0].contains("pipeline: 2 stages") && logs[0].contains("theoretical bubble 33.3%"), "{}", logs[0]);
+    assert!(
+        logs[0].contains("activation recomputation: full, uniform, groups of 1 layer (LLM and ViT layers)"),
+        "{}",
+        logs[0]
+    );
     // Rank r is data-parallel rank r % 3 of stage r / 3; a stage's replicas build the same
     // parameters, stage 0 (ViT, projector, embedding, LLM layer 0) more than stage 1.
     let params = |log: &str| -> u64 {

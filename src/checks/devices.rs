@@ -27,6 +27,59 @@ pub fn gpu_count(out: &str) -> usize {
     out.lines().filter(|l| l.starts_with("GPU ")).count()
 }
 
+/// HBM per NPU in bytes from `npu-smi info -t memory -i 0` ("HBM Capacity(MB) : 65536").
+pub fn npu_memory(out: &str) -> Option<u64> {
+    out.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            let k = k.trim();
+            (k.starts_with("HBM Capacity") && k.contains("MB")).then(|| v.trim().parse::<u64>().ok())?
+        })
+        .map(|mb| mb * 1024 * 1024)
+}
+
+/// The smallest GPU's memory in bytes from `nvidia-smi --query-gpu=memory.total
+/// --format=csv,noheader,nounits` (MiB, one line per GPU).
+pub fn gpu_memory(out: &str) -> Option<u64> {
+    out.lines().filter_map(|l| l.trim().parse::<u64>().ok()).min().map(|mib| mib * 1024 * 1024)
+}
+
+/// The `memory` row: the plan's busiest device (`need` bytes) against what one device of this
+/// host has, per rank for CPU ranks (they share the host's memory). Warns, with the recipe
+/// changes that would fit (`options` of a budget), above [`crate::memory::USABLE_FRACTION`].
+pub(crate) fn memory_row(
+    r: &mut Rows,
+    accelerator: Accelerator,
+    facts: &BTreeMap<String, String>,
+    slots: usize,
+    need: f64,
+    options: &dyn Fn(f64) -> String,
+) {
+    let get = |k: &str| fact(facts, k);
+    let host = get("mem.host").and_then(|v| v.trim().parse::<u64>().ok()).map(|kib| kib * 1024);
+    let (have, source) = match accelerator {
+        Accelerator::Npu => (get("mem.npu").and_then(npu_memory), "per NPU (npu-smi)"),
+        Accelerator::Gpu => (get("mem.gpu").and_then(gpu_memory), "per GPU (nvidia-smi)"),
+        Accelerator::Cpu => (host.map(|b| b / slots.max(1) as u64), "per rank: host memory ÷ ranks on it"),
+    };
+    let expected = format!(
+        "the estimate for the busiest device, {}, within {:.0}% of it",
+        mm_spec::human_bytes(need as u64),
+        crate::memory::USABLE_FRACTION * 100.0
+    );
+    let Some(have) = have else {
+        r.push("memory", Status::Warn, "unknown (could not read the device memory)", expected, "");
+        return;
+    };
+    let found = format!("{} {source}", mm_spec::human_bytes(have));
+    let budget = have as f64 * crate::memory::USABLE_FRACTION;
+    if need <= budget {
+        r.push("memory", Status::Ok, found, expected, "");
+    } else {
+        r.push("memory", Status::Warn, found, expected, options(budget));
+    }
+}
+
 /// The rows for a host running `slots` ranks on `accelerator`.
 pub(crate) fn rows(r: &mut Rows, accelerator: Accelerator, facts: &BTreeMap<String, String>, slots: usize) {
     let get = |k: &str| fact(facts, k);
@@ -122,6 +175,15 @@ fn device_count(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_memory_from_npu_smi_and_nvidia_smi() {
+        let npu = "\tDDR Capacity(MB)               : 15171\n\tHBM Capacity(MB)               : 65536\n\tHBM Clock Speed(MHz) : 1600\n";
+        assert_eq!(npu_memory(npu), Some(65536 * 1048576));
+        assert_eq!(npu_memory("Error: invalid"), None);
+        assert_eq!(gpu_memory("81559\n81559\n40960\n"), Some(40960 * 1048576));
+        assert_eq!(gpu_memory(""), None);
+    }
 
     #[test]
     fn device_counts() {

@@ -64,6 +64,16 @@ pub fn probe_script(plan: &Plan, cluster: &ClusterSpec, target: &ProbeTarget) ->
         Accelerator::Gpu => tool(&mut s, "nvidia-smi", "nvidia-smi -L"),
         Accelerator::Cpu => {}
     }
+    // Device memory against the plan's estimate: the first NPU's HBM, every GPU's total, or
+    // for CPU ranks the host's memory (which its ranks share).
+    match plan.accelerator {
+        Accelerator::Npu => s.push_str("emit mem.npu \"$(npu-smi info -t memory -i 0 2>/dev/null)\"\n"),
+        Accelerator::Gpu => s.push_str(
+            "emit mem.gpu \"$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null)\"\n",
+        ),
+        Accelerator::Cpu => {}
+    }
+    s.push_str("emit mem.host \"$(awk '/^MemTotal:/{print $2}' /proc/meminfo 2>/dev/null)\"\n");
     match template_tool(plan.template) {
         None => {
             let e = shell_quote(&cluster.engine_command());

@@ -138,6 +138,7 @@ pub const CHECK_IDS: &[&str] = &[
     "cpu-cores",
     "npu-count",
     "gpu-count",
+    "memory",
     "ascend-env",
     "engine",
     "torchrun",

@@ -25,6 +25,7 @@ pub mod flight;
 pub mod hf;
 pub mod io;
 pub mod layout;
+pub mod memory;
 pub mod presets;
 pub mod progress;
 pub mod suggest;
