@@ -174,7 +174,7 @@ pub fn to_text(plan: &Plan, rendered: &Rendered) -> String {
     o
 }
 
-/// The memory estimate per pipeline stage (`crate::memory`): what each device of the stage
+/// The memory estimate per pipeline stage (`crate::plan::memory`): what each device of the stage
 /// holds at its busiest moment, and the recomputation in effect.
 fn memory_section(o: &mut String, plan: &Plan) {
     let h = |b: f64| crate::checks::human_bytes(b as u64);

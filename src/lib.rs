@@ -13,7 +13,6 @@ pub mod exec;
 pub mod hostlist;
 pub mod input;
 pub mod logs;
-pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod recipe;

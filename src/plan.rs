@@ -15,6 +15,8 @@ use serde::Serialize;
 use crate::cluster::{Accelerator, ClusterSpec, ResolvedHost, Template};
 use crate::recipe::{Recipe, SaveFormat};
 
+pub mod memory;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub cluster: String,
@@ -40,7 +42,7 @@ pub struct Plan {
     pub vit_stages: Vec<StageLayers>,
     /// Estimated bytes of one saved checkpoint (weights, plus optimizer state when saved).
     pub checkpoint_bytes: u64,
-    /// Estimated memory per device, every pipeline stage (`crate::memory`).
+    /// Estimated memory per device, every pipeline stage (`memory`).
     pub memory: mm_spec::memory::MemoryEstimate,
 }
 
@@ -250,6 +252,23 @@ impl Plan {
         let llm_stages = split_layers(model.llm.num_hidden_layers, dims.pp(), dims.vpp(), p.llm_pp_layers.as_deref());
         let vit_stages = split_layers(model.vision.num_hidden_layers, dims.pp(), dims.vpp(), Some(&vit_layers));
 
+        if let (Ok(llm), Some(r), true) =
+            (&llm_stages, recipe.train.recompute_setting().ok().flatten(), cluster.template != Template::MmEngine)
+        {
+            // Megatron's uniform method checkpoints layers start..start+N of a chunk without
+            // clamping: N must divide every chunk's layer count there (mm-engine clamps).
+            let n = r.num_layers.unwrap_or(1);
+            let uniform = r.method == Some(crate::recipe::RecomputeMethod::Uniform);
+            if uniform && llm.iter().any(|s| s.num_layers % n != 0) {
+                let counts: Vec<String> = llm.iter().map(|s| s.num_layers.to_string()).collect();
+                problems.push(format!(
+                    "train.recompute_num_layers {n} with the uniform method: Megatron needs it to divide every \
+                     pipeline chunk's layer count ({}); pick a divisor, e.g. --set train.recompute_num_layers=1",
+                    counts.join(",")
+                ));
+                layout_problems += 1;
+            }
+        }
         if let (Ok(llm), Ok(vit)) = (&llm_stages, &vit_stages) {
             if let Some((load, located)) = &located {
                 let tokenizer = recipe.checkpoint.tokenizer.as_deref();
@@ -333,7 +352,7 @@ impl Plan {
             checkpoint_bytes,
             memory: mm_spec::memory::MemoryEstimate { stages: Vec::new() },
         };
-        plan.memory = crate::memory::estimate(&plan);
+        plan.memory = memory::estimate(&plan);
         Ok(plan)
     }
 }

@@ -196,11 +196,14 @@ impl TrainRecipe {
                     ));
                 };
                 let n = n.unwrap_or(1);
-                if method == RecomputeMethod::Uniform && n == 0 {
-                    return Err((
-                        "train.recompute_num_layers".into(),
-                        "0 layers per group: expected at least 1".into(),
-                    ));
+                if n == 0 {
+                    let what = match method {
+                        RecomputeMethod::Uniform => "0 layers per group: expected at least 1",
+                        RecomputeMethod::Block => {
+                            "0 recomputed layers per stage: expected at least 1 (or clear recompute_granularity)"
+                        }
+                    };
+                    return Err(("train.recompute_num_layers".into(), what.into()));
                 }
                 Ok(Some(RecomputeSetting { granularity: g, method: Some(method), num_layers: Some(n) }))
             }

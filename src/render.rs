@@ -110,30 +110,46 @@ const FLAG_VALUE: &str =
 
 /// Secret-bearing pieces of a shell line: assignments (`NAME=value`, `export NAME=value`,
 /// several per line) and long flags (`--token VALUE`, `--api-key=VALUE`): (name, byte range of
-/// the value as written, quotes included, whether it came from a flag).
+/// the value as written, quotes included, whether it came from a flag), in line order. The two
+/// are found in separate passes, so a flag before an assignment (`--env HF_TOKEN=x`) hides
+/// nothing: such a "flag value" is the assignment's, not the flag's.
 fn assignments(line: &str) -> Vec<(&str, std::ops::Range<usize>, bool)> {
-    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    let re = RE.get_or_init(|| {
-        regex::Regex::new(&format!(
-            r#"(?:^|[\s;&|(])(?:([A-Za-z_][A-Za-z0-9_]*)=({WORD})?|--([A-Za-z][A-Za-z0-9_.-]*)(?:=|\s+)({FLAG_VALUE}))"#
-        ))
-        .expect("a valid pattern")
+    static ASSIGN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    static FLAG: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    static NAME_EQ: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let assign = ASSIGN.get_or_init(|| {
+        regex::Regex::new(&format!(r#"(?:^|[\s;&|(])([A-Za-z_][A-Za-z0-9_]*)=({WORD})?"#)).expect("a valid pattern")
     });
-    re.captures_iter(line)
-        .filter_map(|c| match (c.get(1), c.get(3)) {
-            (Some(name), _) => {
-                Some((name.as_str(), c.get(2).map_or(name.end() + 1..name.end() + 1, |v| v.range()), false))
-            }
-            (None, Some(flag)) => Some((flag.as_str(), c.get(4)?.range(), true)),
-            _ => None,
+    let flag = FLAG.get_or_init(|| {
+        regex::Regex::new(&format!(r#"(?:^|[\s;&|(])--([A-Za-z][A-Za-z0-9_.-]*)(?:=({WORD})|\s+({FLAG_VALUE}))"#))
+            .expect("a valid pattern")
+    });
+    let name_eq = NAME_EQ.get_or_init(|| regex::Regex::new(r"^[A-Za-z_][A-Za-z0-9_]*=").expect("a valid pattern"));
+    let mut out: Vec<(&str, std::ops::Range<usize>, bool)> = assign
+        .captures_iter(line)
+        .filter_map(|c| {
+            let name = c.get(1)?;
+            Some((name.as_str(), c.get(2).map_or(name.end() + 1..name.end() + 1, |v| v.range()), false))
         })
-        .collect()
+        .collect();
+    for c in flag.captures_iter(line) {
+        let (Some(name), Some(v)) = (c.get(1), c.get(2).or(c.get(3))) else { continue };
+        if c.get(3).is_some() && name_eq.is_match(v.as_str()) {
+            continue;
+        }
+        if out.iter().all(|(_, r, _)| r.end <= v.start() || v.end() <= r.start) {
+            out.push((name.as_str(), v.range(), true));
+        }
+    }
+    out.sort_by_key(|(_, r, _)| r.start);
+    out
 }
 
-/// A shell word without its quoting: what the program receives.
+/// A shell word without its quoting: what the program receives (inside double quotes a
+/// backslash escapes only `$`, `` ` ``, `"`, `\` and a newline, as in the shell).
 fn unquote(word: &str) -> String {
     let mut out = String::new();
-    let mut chars = word.chars();
+    let mut chars = word.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '\'' => out.extend(chars.by_ref().take_while(|&c| c != '\'')),
@@ -141,7 +157,13 @@ fn unquote(word: &str) -> String {
                 while let Some(c) = chars.next() {
                     match c {
                         '"' => break,
-                        '\\' => out.extend(chars.next()),
+                        '\\' => match chars.peek() {
+                            Some(&n) if matches!(n, '$' | '`' | '"' | '\\' | '\n') => {
+                                out.push(n);
+                                chars.next();
+                            }
+                            _ => out.push('\\'),
+                        },
                         c => out.push(c),
                     }
                 }
@@ -723,6 +745,9 @@ mod tests {
             ("tool --api-key='k 1' --password=\"p\"w x", "tool --api-key=<redacted> --password=<redacted> x"),
             ("tool --password --stdin", "tool --password --stdin"),
             ("tool --password --token abc1", "tool --password --token <redacted>"),
+            ("docker run --env HF_TOKEN=hf_x img", "docker run --env HF_TOKEN=<redacted> img"),
+            ("cmd --verbose API_KEY=abc", "cmd --verbose API_KEY=<redacted>"),
+            ("tool --password=-xyz1 go", "tool --password=<redacted> go"),
             ("tool --tokenizer /m/tok --seed 1", "tool --tokenizer /m/tok --seed 1"),
             ("export EMPTY_KEY= NEXT=1", "export EMPTY_KEY= NEXT=1"),
         ];
@@ -732,6 +757,8 @@ mod tests {
         assert_eq!(setup_secrets("export A=1 DB_PASSWORD=\"p w\" HF_TOKEN=t0k"), ["p w", "t0k"]);
         assert_eq!(setup_secrets("export HF_TOKEN=ab'c d'\"e\\\"f\""), ["abc de\"f"]);
         assert_eq!(setup_secrets("login --token hf_abc --key-count 2"), ["hf_abc"]);
+        assert_eq!(setup_secrets(r#"export DB_PASSWORD="a\b\$c""#), [r"a\b$c"]);
+        assert_eq!(setup_secrets("docker run --env HF_TOKEN=hf_x img"), ["hf_x"]);
         assert_eq!(
             redact_script("set -e\nexport HF_TOKEN=t\nexec x\n"),
             "set -e\nexport HF_TOKEN=<redacted>\nexec x\n"

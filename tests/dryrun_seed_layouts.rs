@@ -217,9 +217,20 @@ fn generated_model_json_matches_mindspeed_mm_examples() {
 }
 
 /// Recomputation settings Megatron would refuse are refused when the recipe is resolved, naming
-/// the key and the fix.
+/// the key and the fix; a uniform group size that does not divide a stage's layers (which
+/// Megatron would index past) is refused for the MindSpeed-MM templates at plan time.
 #[test]
 fn inconsistent_recompute_settings_name_the_key() {
+    let cluster = ClusterSpec::from_file("clusters/ascend-1x8-8b.yaml").unwrap();
+    let sets: Vec<String> =
+        ["train.recompute_granularity=full", "train.recompute_method=uniform", "train.recompute_num_layers=4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &sets).unwrap();
+    let e = Plan::build(&cluster, &recipe).unwrap_err();
+    assert!(e.layout && e.to_string().contains("train.recompute_num_layers 4 with the uniform method"), "{e}");
+    assert!(e.to_string().contains("(6,8,8,6)"), "{e}");
     for (sets, key, hint) in [
         (&["train.recompute_granularity=full"][..], "train.recompute_method", "needs a method"),
         (
@@ -228,6 +239,11 @@ fn inconsistent_recompute_settings_name_the_key() {
             "takes no method",
         ),
         (&["train.recompute_num_layers=2"][..], "train.recompute_granularity", "need recompute_granularity full"),
+        (
+            &["train.recompute_granularity=full", "train.recompute_method=block", "train.recompute_num_layers=0"][..],
+            "train.recompute_num_layers",
+            "0 recomputed layers per stage",
+        ),
         (
             &["train.recompute_granularity=full", "train.recompute_method=uniform", "train.recompute_num_layers=0"][..],
             "train.recompute_num_layers",

@@ -46,7 +46,7 @@ pub fn gpu_memory(out: &str) -> Option<u64> {
 
 /// The `memory` row: the plan's busiest device (`need` bytes) against what one device of this
 /// host has, per rank for CPU ranks (they share the host's memory). Warns, with the recipe
-/// changes that would fit (`options` of a budget), above [`crate::memory::USABLE_FRACTION`].
+/// changes that would fit (`options` of a budget), above [`crate::plan::memory::USABLE_FRACTION`].
 pub(crate) fn memory_row(
     r: &mut Rows,
     accelerator: Accelerator,
@@ -65,14 +65,14 @@ pub(crate) fn memory_row(
     let expected = format!(
         "the estimate for the busiest device, {}, within {:.0}% of it",
         mm_spec::human_bytes(need as u64),
-        crate::memory::USABLE_FRACTION * 100.0
+        crate::plan::memory::USABLE_FRACTION * 100.0
     );
     let Some(have) = have else {
         r.push("memory", Status::Warn, "unknown (could not read the device memory)", expected, "");
         return;
     };
     let found = format!("{} {source}", mm_spec::human_bytes(have));
-    let budget = have as f64 * crate::memory::USABLE_FRACTION;
+    let budget = have as f64 * crate::plan::memory::USABLE_FRACTION;
     if need <= budget {
         r.push("memory", Status::Ok, found, expected, "");
     } else {

@@ -25,7 +25,8 @@ pub fn evaluate(
     let slots = node.ranks.len();
     devices::rows(&mut r, plan.accelerator, facts, slots);
     if let Some(peak) = plan.memory.stages.iter().map(|s| s.total).reduce(f64::max) {
-        let options = |budget: f64| crate::memory::describe_options(&crate::memory::options_that_fit(plan, budget));
+        let options =
+            |budget: f64| crate::plan::memory::describe_options(&crate::plan::memory::options_that_fit(plan, budget));
         devices::memory_row(&mut r, plan.accelerator, facts, slots, peak, &options);
     }
     if plan.accelerator == Accelerator::Npu {

@@ -99,6 +99,7 @@ fn estimate(layers: usize, seq: usize, vocab: usize, r: Option<Recompute>) -> f6
         freeze_projector: false,
         freeze_llm: false,
         drop_path: false,
+        vit_recompute: true,
     };
     let s = input.estimate().peak();
     (s.activations + s.transient) / 1048576.0

@@ -17,7 +17,7 @@
 // or when an unused graph is dropped), or at once when no graph was recorded.
 //
 // The callback may run on an autograd worker thread (CUDA backward); the Rust side makes it
-// Send and serialises calls.
+// Send and serialises the calls of one segment.
 #include "shim.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -46,6 +46,8 @@ namespace mm_recompute {
 struct Sink {
   variable_list outputs;
   std::string error;
+  // Set when handing over an output or a message threw (out of memory): the run fails.
+  bool broken = false;
 };
 
 struct Segment : torch::CustomClassHolder {
@@ -67,7 +69,9 @@ struct Segment : torch::CustomClassHolder {
     Sink sink;
     // The callback owns (and frees) the copies whatever it returns.
     const int rc = run_fn(ctx, owned.data(), owned.size(), &sink);
-    if (rc != 0) throw std::runtime_error(sink.error.empty() ? "recomputed segment failed" : sink.error);
+    if (rc != 0 || sink.broken) {
+      throw std::runtime_error(sink.error.empty() ? "recomputed segment failed" : sink.error);
+    }
     return std::move(sink.outputs);
   }
 };
@@ -132,15 +136,19 @@ struct ForkRng {
 };
 
 struct Recompute : torch::autograd::Function<Recompute> {
-  static variable_list forward(AutogradContext* ctx, const SegmentRef& seg, at::TensorList inputs) {
+  // `forced`: the index of an input made a leaf that requires grad only so that a node is
+  // recorded (see mm_recompute_apply), or -1; its gradient is neither computed nor returned.
+  static variable_list forward(AutogradContext* ctx, const SegmentRef& seg, int64_t forced, at::TensorList inputs) {
     const variable_list in(inputs.begin(), inputs.end());
+    // Saved before the body runs, so an in-place change of an input in the body is caught.
+    ctx->save_for_backward(in);
     RngStates rng = capture(in);
     variable_list out;
     {
       at::NoGradGuard no_grad;
       out = seg->run(in);
     }
-    ctx->save_for_backward(in);
+    ctx->saved_data["forced"] = forced;
     ctx->saved_data["segment"] = seg;
     ctx->saved_data["cpu_rng"] = rng.cpu;
     if (rng.device.has_value()) {
@@ -161,11 +169,12 @@ struct Recompute : torch::autograd::Function<Recompute> {
       rng.device = at::Device(static_cast<c10::DeviceType>(ctx->saved_data.at("accel_type").toInt()),
                               static_cast<c10::DeviceIndex>(ctx->saved_data.at("accel_index").toInt()));
     }
+    const int64_t forced = ctx->saved_data.at("forced").toInt();
     variable_list detached;
     detached.reserve(saved.size());
-    for (const auto& t : saved) {
-      at::Tensor d = t.detach();
-      if (t.requires_grad()) d.requires_grad_(true);
+    for (size_t i = 0; i < saved.size(); ++i) {
+      at::Tensor d = saved[i].detach();
+      if (saved[i].requires_grad() && static_cast<int64_t>(i) != forced) d.requires_grad_(true);
       detached.push_back(d);
     }
     variable_list out;
@@ -184,7 +193,7 @@ struct Recompute : torch::autograd::Function<Recompute> {
       }
     }
     if (!roots.empty()) torch::autograd::backward(roots, root_grads);
-    variable_list result{at::Tensor()};  // the segment argument
+    variable_list result{at::Tensor(), at::Tensor()};  // the segment and `forced` arguments
     for (const auto& d : detached) result.push_back(d.requires_grad() ? d.grad() : at::Tensor());
     return result;
   }
@@ -194,12 +203,23 @@ struct Recompute : torch::autograd::Function<Recompute> {
 
 extern "C" {
 
+// Called from Rust frames: nothing may throw out of these.
 void mm_recompute_push(void* sink, const at::Tensor* t) {
-  static_cast<mm_recompute::Sink*>(sink)->outputs.push_back(*t);
+  auto* s = static_cast<mm_recompute::Sink*>(sink);
+  try {
+    s->outputs.push_back(*t);
+  } catch (...) {
+    s->broken = true;
+  }
 }
 
 void mm_recompute_fail(void* sink, const char* msg, size_t len) {
-  static_cast<mm_recompute::Sink*>(sink)->error.assign(msg, len);
+  auto* s = static_cast<mm_recompute::Sink*>(sink);
+  try {
+    s->error.assign(msg, len);
+  } catch (...) {
+    s->broken = true;
+  }
 }
 
 // Runs the segment `ctx` over `inputs` as one autograd node (see the header). The segment is
@@ -209,24 +229,33 @@ void mm_recompute_fail(void* sink, const char* msg, size_t len) {
 // `trainable`: the segment reads parameters that require grad. A node is only recorded when
 // an input requires grad, so when none does (the first layers after a frozen embedding) the
 // first floating-point input is replaced by a detached copy that does: the parameters inside
-// still get their gradients, as torch.utils.checkpoint's users must arrange by hand.
+// still get their gradients, as torch.utils.checkpoint's users must arrange by hand. That copy's
+// own gradient is neither computed in the rerun nor returned.
 char* mm_recompute_apply(void* ctx, mm_recompute_run run, mm_recompute_drop drop, at::Tensor** inputs, size_t n,
                          int trainable, at::Tensor** out, size_t cap, size_t* n_out) {
-  auto seg = c10::make_intrusive<mm_recompute::Segment>(ctx, run, drop);
+  mm_recompute::SegmentRef seg;
+  try {
+    seg = c10::make_intrusive<mm_recompute::Segment>(ctx, run, drop);
+  } catch (...) {
+    drop(ctx);
+    return mm_shim::dup_str("could not allocate a recomputed segment");
+  }
   return guarded([&] {
     std::vector<at::Tensor> in;
     in.reserve(n);
     for (size_t i = 0; i < n; ++i) in.push_back(*inputs[i]);
     const bool any = std::any_of(in.begin(), in.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+    int64_t forced = -1;
     if (trainable != 0 && !any && at::GradMode::is_enabled()) {
-      for (auto& t : in) {
-        if (t.is_floating_point()) {
-          t = t.detach().requires_grad_(true);
+      for (size_t i = 0; i < in.size(); ++i) {
+        if (in[i].is_floating_point()) {
+          in[i] = in[i].detach().requires_grad_(true);
+          forced = static_cast<int64_t>(i);
           break;
         }
       }
     }
-    variable_list result = mm_recompute::Recompute::apply(seg, at::TensorList(in));
+    variable_list result = mm_recompute::Recompute::apply(seg, forced, at::TensorList(in));
     TORCH_CHECK(result.size() <= cap, "a recomputed segment returned ", result.size(), " outputs, at most ", cap,
                 " expected");
     for (size_t i = 0; i < result.size(); ++i) out[i] = new at::Tensor(std::move(result[i]));

@@ -17,8 +17,9 @@ Exit codes (shared with launch and mm-convert):
   0        done
   1        runtime error (I/O, data, collectives, a failed check)
   2        usage or configuration error (bad flags or flag combinations, an occupied --out)
-  3        the parallel layout does not fit the model or WORLD_SIZE (--tp, --pp,
-           --llm-pp-layers, --vit-pp-layers)
+  3        the parallel layout does not fit the model or WORLD_SIZE
+           (--tensor-model-parallel-size, --pipeline-model-parallel-size,
+           --llm-pp-layers, --vit-pp-layers; collective-check's --tp, --pp, --cp)
   128+N    agreed stop on signal N: `train` saved the iteration it stopped after
            (143 SIGTERM, 130 SIGINT, 138 SIGUSR1)";
 

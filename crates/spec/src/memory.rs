@@ -35,8 +35,9 @@
 //!   time in backward (its full activations are the transient; with the block method the
 //!   first layers rerun after the later layers' backward freed theirs);
 //! - ViT layer (first stage, not frozen): e·M·(6c + 5c/t + 2j/t) with M = micro batch × tiles ×
-//!   tokens per tile, c its width and j its MLP width, plus 2c with drop path; a frozen ViT keeps
-//!   nothing; the projector e·M'·(8c + 2h) for its M' image tokens;
+//!   tokens per tile, c its width and j its MLP width, plus 2c with drop path (c/t less with
+//!   selective recomputation; full recomputation as in the LLM, when it applies to the ViT); a
+//!   frozen ViT keeps nothing; the projector e·M'·(8c + 2h) for its M' image tokens;
 //! - the loss (last stage): the log-softmax over the vocabulary (N·V/t·4) kept, and its gradient
 //!   and the logits' (N·V/t·(4 + e)) as the transient of the loss's backward; a layer's
 //!   backward has 2·e·N·i/t of gradients in flight.
@@ -89,6 +90,9 @@ pub struct MemoryInput<'a> {
     pub freeze_llm: bool,
     /// The ViT's drop path is on (it keeps its masks).
     pub drop_path: bool,
+    /// `recompute` applies to the ViT's layers too (mm-engine's behaviour; MindSpeed-MM's
+    /// model.json from the launcher sets it for the LLM only).
+    pub vit_recompute: bool,
 }
 
 /// One pipeline rank's estimate, in bytes.
@@ -171,7 +175,9 @@ impl MemoryInput<'_> {
         }
         if first {
             out.saved += stream; // the embeddings
-            out.saved += self.vision_saved();
+            let (vit, rerun) = self.vision();
+            out.saved += vit;
+            out.transient = out.transient.max(rerun);
         }
         if last {
             let v = self.model.llm.vocab_size as f64 / t;
@@ -181,33 +187,44 @@ impl MemoryInput<'_> {
         out
     }
 
-    fn vision_saved(&self) -> f64 {
+    /// The first chunk's vision activations for one micro batch: (saved, the working set of a
+    /// recomputed group's rerun).
+    fn vision(&self) -> (f64, f64) {
         let v = &self.model.vision;
         let e = self.element_bytes as f64;
         let t = self.tp as f64;
         let tiles = (self.micro_batch * self.tiles_per_sample) as f64;
-        let mut out = 0.0;
+        let (mut saved, mut rerun) = (0.0, 0.0);
         if !self.freeze_vision {
             let (c, j) = (v.hidden_size as f64, v.intermediate_size as f64);
             let m = tiles * v.seq_len() as f64;
             let drop = if self.drop_path { 2.0 * c } else { 0.0 };
-            let layer = e * m * (6.0 * c + 5.0 * c / t + 2.0 * j / t + drop);
+            let layer = |core: bool| e * m * (6.0 * c + if core { 5.0 } else { 4.0 } * c / t + 2.0 * j / t + drop);
             let layers = v.num_hidden_layers;
-            out += match self.recompute {
-                Some(Recompute::FullUniform(g)) => layers.div_ceil(g.max(1)) as f64 * e * m * c,
+            let recompute = self.recompute.filter(|_| self.vit_recompute);
+            saved = match recompute {
+                Some(Recompute::FullUniform(g)) => {
+                    rerun = g.max(1).min(layers) as f64 * layer(true);
+                    layers.div_ceil(g.max(1)) as f64 * e * m * c
+                }
                 Some(Recompute::FullBlock(b)) => {
                     let kept = b.min(layers);
-                    kept as f64 * e * m * c + (layers - kept) as f64 * layer
+                    if kept > 0 {
+                        rerun = (layer(true) - (layers - kept) as f64 * layer(true)).max(0.0);
+                    }
+                    kept as f64 * e * m * c + (layers - kept) as f64 * layer(true)
                 }
-                _ => layers as f64 * layer,
+                // Selective: the attention core's output is not kept.
+                Some(Recompute::Selective) => layers as f64 * layer(false),
+                None => layers as f64 * layer(true),
             };
         }
         if !(self.freeze_vision && self.freeze_projector) {
             let c = self.model.projector_in() as f64;
             let m = tiles * self.model.num_image_token() as f64;
-            out += e * m * (2.0 * c + 2.0 * self.model.llm.hidden_size as f64);
+            saved += e * m * (2.0 * c + 2.0 * self.model.llm.hidden_size as f64);
         }
-        out
+        (saved, rerun)
     }
 
     /// Parameters of chunk `chunk`, and how many of them train.
@@ -258,21 +275,30 @@ impl MemoryInput<'_> {
                 }
                 // The worst moment of the schedule: the most saved activations at once.
                 let (mut live, mut worst, mut in_flight, mut most) = (0.0f64, 0.0f64, 0usize, 0usize);
-                if let Ok(actions) = schedule(pp, rank, m, vpp) {
-                    for a in actions {
-                        match a {
-                            Action::Forward(s) => {
-                                live += acts[s.chunk].saved;
-                                in_flight += 1;
-                                worst = worst.max(live);
-                                most = most.max(in_flight);
+                match schedule(pp, rank, m, vpp) {
+                    Ok(actions) => {
+                        for a in actions {
+                            match a {
+                                Action::Forward(s) => {
+                                    live += acts[s.chunk].saved;
+                                    in_flight += 1;
+                                    worst = worst.max(live);
+                                    most = most.max(in_flight);
+                                }
+                                Action::Backward(s) => {
+                                    live -= acts[s.chunk].saved;
+                                    in_flight = in_flight.saturating_sub(1);
+                                }
+                                Action::Exchange(_) => {}
                             }
-                            Action::Backward(s) => {
-                                live -= acts[s.chunk].saved;
-                                in_flight = in_flight.saturating_sub(1);
-                            }
-                            Action::Exchange(_) => {}
                         }
+                    }
+                    // A schedule that cannot run here (e.g. interleaving with micro batches not
+                    // a multiple of pp): the bound of every chunk's micro batches in flight at
+                    // once, never an optimistic zero.
+                    Err(_) => {
+                        most = vpp * m.min(pp);
+                        worst = acts.iter().map(|a| a.saved).sum::<f64>() * m.min(pp) as f64;
                     }
                 }
                 let transient = acts.iter().map(|a| a.transient).fold(0.0, f64::max);
@@ -321,6 +347,7 @@ mod tests {
             freeze_projector: false,
             freeze_llm: false,
             drop_path: false,
+            vit_recompute: true,
         }
     }
 

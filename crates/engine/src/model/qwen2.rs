@@ -282,16 +282,20 @@ impl Qwen2 {
         let positions = Tensor::arange(padded, (Kind::Int64, hidden.device())).unsqueeze(0).expand([b, padded], false);
         let rope = Rope::new(&positions, self.head_dim, self.rope_theta, hidden.kind());
         let mask = causal_padding_mask(&attention_mask);
-        run_layers(
-            &self.layers,
-            self.recompute,
-            hidden,
-            |l| l.input_layernorm.weight.requires_grad(),
-            || {
-                let (rope, mask) = (rope.share(), mask.shallow_clone());
-                move |layer: &Qwen2Layer, h: &Tensor| layer.forward(h, &rope, &mask)
-            },
-        )
+        // SAFETY: the layers belong to the model, which outlives every graph of its steps and is
+        // not mutated during one.
+        unsafe {
+            run_layers(
+                &self.layers,
+                self.recompute,
+                hidden,
+                |l| l.input_layernorm.weight.requires_grad(),
+                || {
+                    let (rope, mask) = (rope.share(), mask.shallow_clone());
+                    move |layer: &Qwen2Layer, h: &Tensor| layer.forward(h, &rope, &mask)
+                },
+            )
+        }
     }
 
     /// Recomputes activations as `r` says (None: keeps them all).

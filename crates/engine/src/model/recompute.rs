@@ -62,8 +62,7 @@ pub struct Recompute {
     pub granularity: Granularity,
     /// `Some` exactly with full granularity.
     pub method: Option<Method>,
-    /// Layers per group (uniform) or recomputed layers per chunk (block); at least 1 for
-    /// uniform, 0 or more for block.
+    /// Layers per group (uniform) or recomputed layers per chunk (block); at least 1.
     pub num_layers: usize,
 }
 
@@ -108,8 +107,11 @@ impl Recompute {
                     }
                 };
                 let n = num_layers.unwrap_or(1);
-                if method == Method::Uniform && n == 0 {
-                    return Err("--recompute-num-layers 0 with --recompute-method uniform: expected at least 1".into());
+                if n == 0 {
+                    return Err(format!(
+                        "--recompute-num-layers 0 with --recompute-method {}: expected at least 1",
+                        if method == Method::Uniform { "uniform" } else { "block" }
+                    ));
                 }
                 Ok(Some(Recompute { granularity, method: Some(method), num_layers: n }))
             }
@@ -154,8 +156,8 @@ const MAX_OUTPUTS: usize = 8;
 /// Runs `body` over `inputs` as one recomputed segment (see the module doc). The body must be
 /// a pure function of its inputs, the parameters it reads and the RNG: it runs twice when the
 /// outputs are back-propagated. It may outlive this call (until the graph's backward or its
-/// drop), so whatever it borrows must outlive the graph (the caller's promise: the model's
-/// layers live as long as the training session).
+/// drop); being `'static`, it owns what it reads, or holds a [`Borrowed`] pointer whose
+/// lifetime its maker vouches for ([`run_layers`]).
 ///
 /// `trainable`: the body reads parameters that require grad (then a node is recorded even when
 /// no input requires grad, so that they get their gradients). With grad mode off the body runs
@@ -243,7 +245,12 @@ unsafe extern "C" fn drop_body(ctx: *mut c_void) {
 /// [`checkpoint`], the others plainly. `make` gives the layer step (a closure owning what the
 /// layers share, e.g. the rotary tables and the mask), one per recomputed segment;
 /// `trainable` says whether a layer's parameters require grad.
-pub fn run_layers<L: 'static, F>(
+///
+/// # Safety
+/// A recomputed segment keeps a pointer to `layers` in the graph it records: `layers` must
+/// stay alive and unmoved until that graph's backward has run or the graph is dropped (the
+/// model's layers outlive every step's graph), and nothing may mutate them meanwhile.
+pub unsafe fn run_layers<L: 'static, F>(
     layers: &[L],
     recompute: Option<Recompute>,
     input: &Tensor,
@@ -286,11 +293,13 @@ where
 }
 
 /// A pointer to a model part that a segment body reads: the part outlives every graph built
-/// from it (see [`checkpoint`]), and bodies run one at a time.
+/// from it (the promise of [`run_layers`]'s caller).
 pub struct Borrowed<T: ?Sized>(*const T);
 
-// SAFETY: the model's tensors are only read by a body, one body at a time (the Mutex in
-// `checkpoint`), while the training thread waits in forward or backward.
+// SAFETY: a body only reads the part (layers: tch tensors, i.e. counted references to
+// libtorch tensors, whose reference counts are atomic), possibly on an autograd thread while
+// the training thread waits in forward or backward; the part is not mutated meanwhile
+// ([`run_layers`]'s contract). tch's Tensor is not `Sync` only because it wraps a raw pointer.
 unsafe impl<T: ?Sized> Send for Borrowed<T> {}
 
 impl<T: ?Sized> Borrowed<T> {
@@ -329,6 +338,7 @@ mod tests {
         assert!(r(Some("partial"), None, None).unwrap_err().contains("expected full or selective"));
         assert!(r(None, Some("uniform"), None).is_err());
         assert!(r(Some("full"), Some("uniform"), Some(0)).is_err());
+        assert!(r(Some("full"), Some("block"), Some(0)).is_err());
     }
 
     /// A segment gives the values and the gradients (of its input and of a parameter it reads)

@@ -268,13 +268,17 @@ impl VisionModel {
     /// [N, 3, S, S] → last hidden state [N, 1 + grid², C] (class token first).
     pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor, ForwardError> {
         let h = self.embeddings.forward(pixel_values);
-        run_layers(
-            &self.layers,
-            self.recompute,
-            &h,
-            |l| l.ls1.requires_grad(),
-            || move |layer: &VisionLayer, h: &Tensor| layer.forward(h, train),
-        )
+        // SAFETY: the layers belong to the model, which outlives every graph of its steps and is
+        // not mutated during one.
+        unsafe {
+            run_layers(
+                &self.layers,
+                self.recompute,
+                &h,
+                |l| l.ls1.requires_grad(),
+                || move |layer: &VisionLayer, h: &Tensor| layer.forward(h, train),
+            )
+        }
     }
 
     /// Recomputes activations as `r` says (None: keeps them all).

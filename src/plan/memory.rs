@@ -5,8 +5,8 @@
 use mm_spec::memory::{MemoryEstimate, MemoryInput, Recompute};
 use mm_spec::{human_bytes, ModelPreset};
 
+use super::Plan;
 use crate::cluster::Template;
-use crate::plan::Plan;
 use crate::recipe::{Precision, RecomputeGranularity, RecomputeMethod};
 
 /// The share of a device's memory a run may plan to use: the rest goes to the runtime
@@ -19,8 +19,19 @@ struct Knobs {
     pp: usize,
     cp: usize,
     dp: usize,
+    /// Micro batches per step: the global batch over micro batch × dp.
+    grad_accumulation: usize,
     recompute: Option<Recompute>,
     distributed_optimizer: bool,
+}
+
+impl Knobs {
+    /// `self` with `dp` halved (pp or cp doubled), the global batch kept.
+    fn halve_dp(self, plan: &Plan) -> Knobs {
+        let dp = self.dp / 2;
+        let grad_accumulation = plan.batch.global_batch_size / (plan.batch.micro_batch_size * dp.max(1)).max(1);
+        Knobs { dp, grad_accumulation, ..self }
+    }
 }
 
 fn recipe_recompute(plan: &Plan) -> Option<Recompute> {
@@ -38,6 +49,7 @@ fn knobs(plan: &Plan) -> Knobs {
         pp: d.pp(),
         cp: d.cp(),
         dp: d.dp(),
+        grad_accumulation: plan.batch.grad_accumulation,
         recompute: recipe_recompute(plan),
         distributed_optimizer: plan.recipe.parallel.distributed_optimizer,
     }
@@ -56,7 +68,7 @@ fn input<'a>(plan: &'a Plan, model: &'a ModelPreset, chunks: &'a [usize], k: Kno
         vpp: plan.dims.vpp().unwrap_or(1),
         llm_chunks: chunks,
         micro_batch: plan.batch.micro_batch_size,
-        grad_accumulation: plan.batch.grad_accumulation,
+        grad_accumulation: k.grad_accumulation,
         seq_length: t.seq_length,
         tiles_per_sample: tiles,
         element_bytes: if t.precision == Precision::Fp32 { 4 } else { 2 },
@@ -67,6 +79,7 @@ fn input<'a>(plan: &'a Plan, model: &'a ModelPreset, chunks: &'a [usize], k: Kno
         freeze_projector: t.freeze_projector,
         freeze_llm: t.freeze_llm,
         drop_path: t.vit_drop_path_rate.unwrap_or(model.vision.drop_path_rate) > 0.0,
+        vit_recompute: plan.template == Template::MmEngine,
     }
 }
 
@@ -94,7 +107,8 @@ fn peak_with(plan: &Plan, k: Knobs) -> Option<f64> {
 /// Recipe changes that bring the busiest device under `budget` bytes, each with the flags to
 /// pass and its estimate: full recomputation, the distributed optimizer, twice the pipeline
 /// stages, twice the context-parallel ranks (templates that run it), alone, then in pairs.
-/// Doubling pp or cp keeps the world size by halving dp, so dp must be even.
+/// Doubling pp or cp keeps the world size and the global batch by halving dp (so dp must be
+/// even) and doubling the micro batches per step.
 pub fn options_that_fit(plan: &Plan, budget: f64) -> Vec<(String, f64)> {
     let base = knobs(plan);
     let depth = plan.model.llm.num_hidden_layers;
@@ -121,12 +135,12 @@ pub fn options_that_fit(plan: &Plan, budget: f64) -> Vec<(String, f64)> {
                 "--set parallel.pp={pp} --set parallel.llm_pp_layers=null --set parallel.vit_pp_layers={}",
                 vit_list.join(",")
             ),
-            Knobs { pp, dp: base.dp / 2, ..base },
+            Knobs { pp, ..base.halve_dp(plan) },
         ));
     }
     if base.dp % 2 == 0 && plan.template != Template::MmEngine {
         let cp = 2 * base.cp;
-        singles.push((format!("--set parallel.cp={cp}"), Knobs { cp, dp: base.dp / 2, ..base }));
+        singles.push((format!("--set parallel.cp={cp}"), Knobs { cp, ..base.halve_dp(plan) }));
     }
     let fits = |k: Knobs| peak_with(plan, k).filter(|&b| b <= budget);
     let mut out: Vec<(String, f64)> =
@@ -136,12 +150,10 @@ pub fn options_that_fit(plan: &Plan, budget: f64) -> Vec<(String, f64)> {
             for (fb, b) in &singles[i + 1..] {
                 let mut k = *a;
                 if b.pp != base.pp {
-                    k.pp = b.pp;
-                    k.dp /= 2;
+                    k = Knobs { pp: b.pp, ..k.halve_dp(plan) };
                 }
                 if b.cp != base.cp {
-                    k.cp = b.cp;
-                    k.dp /= 2;
+                    k = Knobs { cp: b.cp, ..k.halve_dp(plan) };
                 }
                 k.recompute = if b.recompute != base.recompute { b.recompute } else { k.recompute };
                 k.distributed_optimizer |= b.distributed_optimizer;
