@@ -457,6 +457,9 @@ pub fn engine_args(plan: &Plan) -> Vec<String> {
     kv(&mut a, "--grad-accumulation", plan.batch.grad_accumulation);
     kv(&mut a, "--loss-reduction", serde_plain(&r.train.loss_reduction));
     kv(&mut a, "--precision", serde_plain(&r.train.precision));
+    if let Some(d) = r.train.vit_drop_path_rate {
+        kv(&mut a, "--vit-drop-path-rate", fnum(d));
+    }
     flag(&mut a, "--freeze-vision", r.train.freeze_vision);
     flag(&mut a, "--freeze-projector", r.train.freeze_projector);
     flag(&mut a, "--freeze-llm", r.train.freeze_llm);

@@ -213,7 +213,11 @@ fn generated_model_json_matches_mindspeed_mm_examples() {
     let a = launch::render::engine_args(&plan).join(" ");
     assert!(a.contains("--recompute-granularity selective") && !a.contains("--recompute-method"), "{a}");
     let (plan, _) = dry("clusters/ascend-1x8-8b.yaml", "8b", &[]);
-    assert!(!launch::render::engine_args(&plan).join(" ").contains("--recompute"), "off by default for the 8B");
+    let a = launch::render::engine_args(&plan).join(" ");
+    assert!(!a.contains("--recompute") && !a.contains("--vit-drop-path-rate"), "off by default for the 8B: {a}");
+    // The recipe's ViT drop path reaches mm-engine too (it used to reach MindSpeed-MM only).
+    let (plan, _) = dry("clusters/ascend-1x8-8b.yaml", "8b", &["train.vit_drop_path_rate=0.4"]);
+    assert!(launch::render::engine_args(&plan).join(" ").contains("--vit-drop-path-rate 0.4"));
 }
 
 /// Recomputation settings Megatron would refuse are refused when the recipe is resolved, naming

@@ -103,6 +103,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<EvalSummary> {
         device,
         seed: a.seed,
         bf16: false,
+        vit_drop_path_rate: None,
         parts: None,
         tp: None,
     })?;

@@ -95,6 +95,8 @@ pub struct SessionOptions<'a> {
     /// Seed of the random init (used when nothing is loaded).
     pub seed: u64,
     pub bf16: bool,
+    /// The ViT's stochastic depth for this run instead of the checkpoint's `drop_path_rate`.
+    pub vit_drop_path_rate: Option<f64>,
     /// The pipeline chunks this rank builds, in order, for the checkpoint's architecture
     /// (None: the whole model). Each loads only its own tensors.
     pub parts: Option<&'a PartsOf<'a>>,
@@ -123,6 +125,10 @@ impl Session {
             }
             None => mm_spec::preset(o.model).with_context(|| format!("--model {}", o.model))?,
         };
+        let mut preset = preset;
+        if let Some(r) = o.vit_drop_path_rate {
+            preset.vision.drop_path_rate = r;
+        }
         preset.validate().with_context(|| format!("model {}", preset.name))?;
         if preset.ps_version != "v2" {
             anyhow::bail!(
@@ -159,7 +165,6 @@ impl Session {
             eprintln!("note: the checkpoint has no lm_head: the output projection is tied to embed_tokens");
         }
         // Saves must describe the model as built (a tied model has no lm_head to save).
-        let mut preset = preset;
         preset.llm.tie_word_embeddings = tie;
         tch::manual_seed(o.seed as i64);
         let mut vs = VarStore::new(o.device);

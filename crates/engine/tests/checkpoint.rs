@@ -131,6 +131,7 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
         device: Device::Cpu,
         seed: 0,
         bf16: false,
+        vit_drop_path_rate: None,
         parts: None,
         tp: None,
     })
@@ -149,6 +150,7 @@ fn a_checkpoint_without_lm_head_loads_tied_and_saves_without_one() {
         device: Device::Cpu,
         seed: 0,
         bf16: false,
+        vit_drop_path_rate: None,
         parts: Some(&first_stage),
         tp: None,
     })

@@ -132,3 +132,17 @@ fn inconsistent_recompute_flags_are_usage_errors() {
         assert!(String::from_utf8_lossy(&o.stderr).contains(want), "{flags}: {}", text(&o));
     }
 }
+
+/// `--vit-drop-path-rate` overrides the checkpoint's rate (the launcher renders it from
+/// `train.vit_drop_path_rate`): without drop path the same run gives other losses, and a rate
+/// outside [0, 1) is a usage error.
+#[test]
+fn the_drop_path_flag_overrides_the_checkpoint() {
+    let o = launch(1, &train_args("--vit-drop-path-rate 0"));
+    let got = steps(&o[0]);
+    assert_eq!(got.len(), ITERS as usize, "{}", text(&o[0]));
+    assert!(got.iter().zip(single()).any(|(a, b)| a.1 != b.1), "drop path 0.3 and 0 trained alike: {got:?}");
+    let o = ranks::engine().args(train_args("--vit-drop-path-rate 1.5")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--vit-drop-path-rate 1.5"), "{}", text(&o));
+}

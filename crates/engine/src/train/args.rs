@@ -148,6 +148,10 @@ pub struct TrainArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
 
+    /// The ViT's stochastic depth (drop path) for this run instead of the checkpoint's
+    /// drop_path_rate (MindSpeed-MM's 78B example trains with 0.4).
+    #[arg(long)]
+    pub vit_drop_path_rate: Option<f64>,
     // Freezing.
     /// Keep the vision tower's weights fixed.
     #[arg(long)]
@@ -447,6 +451,9 @@ impl TrainArgs {
         }
         if self.log_interval == 0 {
             errs.push("--log-interval 0: expected at least 1".into());
+        }
+        if let Some(r) = self.vit_drop_path_rate.filter(|r| !(0.0..1.0).contains(r)) {
+            errs.push(format!("--vit-drop-path-rate {r}: expected a probability in [0, 1)"));
         }
         let recompute = crate::model::recompute::Recompute::from_flags(
             self.recompute_granularity.as_deref(),

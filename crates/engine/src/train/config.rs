@@ -26,6 +26,8 @@ pub struct TrainConfig {
     pub data: DataSettings,
     /// Activation recomputation (None: activations are kept).
     pub recompute: Option<crate::model::recompute::Recompute>,
+    /// The ViT's drop path rate instead of the checkpoint's.
+    pub vit_drop_path_rate: Option<f64>,
 
     /// Samples per micro batch.
     pub micro_batch_size: usize,
@@ -146,6 +148,7 @@ impl TrainConfig {
                 vit_pp_layers: r.vit_pp_layers,
             },
             recompute: r.recompute,
+            vit_drop_path_rate: a.vit_drop_path_rate,
             data: DataSettings {
                 data_path: a.data_path,
                 data_folder: a.data_folder,

@@ -467,6 +467,7 @@ fn open_session(cfg: &TrainConfig, dp: &Parallel, load: Option<&Path>, device: t
         device,
         seed: cfg.seed,
         bf16: cfg.bf16,
+        vit_drop_path_rate: cfg.vit_drop_path_rate,
         parts: Some(&stages),
         tp: dp.tp_group().map(|g| Tp::new(g, cfg.parallel.unaligned_linear, cfg.parallel.sequence_parallel)),
     })
