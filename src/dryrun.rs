@@ -181,9 +181,9 @@ fn memory_section(o: &mut String, plan: &Plan) {
     let recompute = match plan.recipe.train.recompute_setting() {
         Ok(Some(r)) => format!(
             "recompute {}{}{}",
-            crate::render::serde_plain(&r.granularity),
-            r.method.map(|m| format!("/{}", crate::render::serde_plain(&m))).unwrap_or_default(),
-            r.num_layers.map(|n| format!("/{n}")).unwrap_or_default()
+            r.granularity(),
+            r.method().map(|m| format!("/{m}")).unwrap_or_default(),
+            r.num_layers().map(|n| format!("/{n}")).unwrap_or_default()
         ),
         _ => "no recomputation".to_string(),
     };

@@ -252,14 +252,12 @@ impl Plan {
         let llm_stages = split_layers(model.llm.num_hidden_layers, dims.pp(), dims.vpp(), p.llm_pp_layers.as_deref());
         let vit_stages = split_layers(model.vision.num_hidden_layers, dims.pp(), dims.vpp(), Some(&vit_layers));
 
-        if let (Ok(llm), Some(r), true) =
+        // Megatron's uniform method checkpoints layers start..start+N of a chunk without
+        // clamping: N must divide every chunk's layer count there (mm-engine clamps).
+        if let (Ok(llm), Some(mm_spec::recompute::Recompute::FullUniform(n)), true) =
             (&llm_stages, recipe.train.recompute_setting().ok().flatten(), cluster.template != Template::MmEngine)
         {
-            // Megatron's uniform method checkpoints layers start..start+N of a chunk without
-            // clamping: N must divide every chunk's layer count there (mm-engine clamps).
-            let n = r.num_layers.unwrap_or(1);
-            let uniform = r.method == Some(crate::recipe::RecomputeMethod::Uniform);
-            if uniform && llm.iter().any(|s| s.num_layers % n != 0) {
+            if llm.iter().any(|s| s.num_layers % n != 0) {
                 let counts: Vec<String> = llm.iter().map(|s| s.num_layers.to_string()).collect();
                 problems.push(format!(
                     "train.recompute_num_layers {n} with the uniform method: Megatron needs it to divide every \

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use mm_spec::recompute::Recompute;
 use mm_spec::suggest::did_you_mean;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -86,14 +87,6 @@ pub enum RecomputeMethod {
     Block,
 }
 
-/// The recomputation a recipe asks for, resolved: (granularity, method, num_layers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecomputeSetting {
-    pub granularity: RecomputeGranularity,
-    pub method: Option<RecomputeMethod>,
-    pub num_layers: Option<usize>,
-}
-
 /// MindSpeed-MM's `vlm_model_loss_calculate_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,17 +148,11 @@ impl TrainRecipe {
     /// The recomputation asked for, checked as Megatron checks its flags: `recompute_granularity`
     /// wins over the `recompute` shorthand (full, uniform, 1); a method or layer count needs
     /// full granularity; uniform needs at least one layer per group.
-    pub fn recompute_setting(&self) -> Result<Option<RecomputeSetting>, (String, String)> {
+    pub fn recompute_setting(&self) -> Result<Option<Recompute>, (String, String)> {
         let (m, n) = (self.recompute_method, self.recompute_num_layers);
         let g = match (self.recompute_granularity, self.recompute) {
             (Some(g), _) => g,
-            (None, true) if m.is_none() && n.is_none() => {
-                return Ok(Some(RecomputeSetting {
-                    granularity: RecomputeGranularity::Full,
-                    method: Some(RecomputeMethod::Uniform),
-                    num_layers: Some(1),
-                }))
-            }
+            (None, true) if m.is_none() && n.is_none() => return Ok(Some(Recompute::FullUniform(1))),
             (None, _) if m.is_some() || n.is_some() => {
                 return Err((
                     "train.recompute_granularity".into(),
@@ -183,9 +170,7 @@ impl TrainRecipe {
                  count: clear them (--set train.recompute_method=null --set train.recompute_num_layers=null)"
                     .into(),
             )),
-            RecomputeGranularity::Selective => {
-                Ok(Some(RecomputeSetting { granularity: g, method: None, num_layers: None }))
-            }
+            RecomputeGranularity::Selective => Ok(Some(Recompute::Selective)),
             RecomputeGranularity::Full => {
                 let Some(method) = m else {
                     return Err((
@@ -205,7 +190,10 @@ impl TrainRecipe {
                     };
                     return Err(("train.recompute_num_layers".into(), what.into()));
                 }
-                Ok(Some(RecomputeSetting { granularity: g, method: Some(method), num_layers: Some(n) }))
+                Ok(Some(match method {
+                    RecomputeMethod::Uniform => Recompute::FullUniform(n),
+                    RecomputeMethod::Block => Recompute::FullBlock(n),
+                }))
             }
         }
     }

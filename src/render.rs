@@ -418,11 +418,11 @@ fn common_args(plan: &Plan) -> Vec<String> {
     }
     // Checked when the recipe was resolved.
     if let Ok(Some(r)) = t.recompute_setting() {
-        kv(&mut a, "--recompute-granularity", serde_plain(&r.granularity));
-        if let Some(m) = r.method {
-            kv(&mut a, "--recompute-method", serde_plain(&m));
+        kv(&mut a, "--recompute-granularity", r.granularity());
+        if let Some(m) = r.method() {
+            kv(&mut a, "--recompute-method", m);
         }
-        if let Some(n) = r.num_layers {
+        if let Some(n) = r.num_layers() {
             kv(&mut a, "--recompute-num-layers", n);
         }
     }
@@ -499,7 +499,7 @@ pub fn megatron_args(plan: &Plan, data_json: &str, model_json: &str) -> Vec<Stri
     a
 }
 
-pub(crate) fn serde_plain<T: Serialize>(v: &T) -> String {
+fn serde_plain<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
@@ -612,9 +612,9 @@ pub fn mindspeed_model_json(plan: &Plan) -> serde_json::Value {
         "add_qkv_bias": true,
         "reset_attention_mask": false,
         "variable_seq_lengths": plan.dims.pp() > 1,
-        "recompute_granularity": recompute.map(|r| serde_plain(&r.granularity)),
-        "recompute_method": recompute.and_then(|r| r.method).map(|m| serde_plain(&m)),
-        "recompute_num_layers": recompute.and_then(|r| r.num_layers)
+        "recompute_granularity": recompute.map(|r| r.granularity()),
+        "recompute_method": recompute.and_then(|r| r.method()),
+        "recompute_num_layers": recompute.and_then(|r| r.num_layers())
     });
     // From the checkpoint's config (InternVL3-78B: dynamic, factor 2.0).
     if let Some(r) = &l.rope_scaling {

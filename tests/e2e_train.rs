@@ -706,23 +706,23 @@ fn a_local_cluster_finds_the_engine_beside_the_launcher_and_says_which() {
     let dir = tempfile::Builder::new().prefix("mm-e2e-beside-").tempdir().unwrap();
     synth(dir.path());
     let cluster = format!("{REPO}/clusters/local.yaml");
-    let o = Command::new(LAUNCH)
-        .args(["--cluster", &cluster, "check", "tiny", "--json"])
-        .current_dir(dir.path())
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .unwrap();
+    // Without target/release on PATH.
+    let launch = |args: &[&str]| {
+        Command::new(LAUNCH)
+            .args(["--cluster", &cluster])
+            .args(args)
+            .current_dir(dir.path())
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap()
+    };
+    let o = launch(&["check", "tiny", "--json"]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     let row = rows.as_array().unwrap().iter().find(|r| r["check"] == "engine").expect("an engine row");
     let want = format!("mm-engine {} at {}", env!("CARGO_PKG_VERSION"), engine().display());
     assert_eq!(row["found"].as_str(), Some(want.as_str()), "{row}");
-    let dry = Command::new(LAUNCH)
-        .args(["--cluster", &cluster, "finetune", "tiny", "--dry-run"])
-        .current_dir(dir.path())
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .unwrap();
+    let dry = launch(&["finetune", "tiny", "--dry-run"]);
     assert!(text(&dry).0.contains(&format!("exec {} train", engine().display())), "{}", text(&dry).0);
 }

@@ -24,7 +24,7 @@ pub fn evaluate(
     host::setup_rows(&mut r, cluster, facts);
     let slots = node.ranks.len();
     devices::rows(&mut r, plan.accelerator, facts, slots);
-    if let Some(peak) = plan.memory.stages.iter().map(|s| s.total).reduce(f64::max) {
+    if let Some(peak) = plan.memory.peak().map(|s| s.total) {
         let options =
             |budget: f64| crate::plan::memory::describe_options(&crate::plan::memory::options_that_fit(plan, budget));
         devices::memory_row(&mut r, plan.accelerator, facts, slots, peak, &options);

@@ -7,7 +7,7 @@ use mm_spec::{human_bytes, ModelPreset};
 
 use super::Plan;
 use crate::cluster::Template;
-use crate::recipe::{Precision, RecomputeGranularity, RecomputeMethod};
+use crate::recipe::Precision;
 
 /// The share of a device's memory a run may plan to use: the rest goes to the runtime
 /// (CUDA/CANN context), the allocator's fragmentation and the collectives' buffers.
@@ -34,15 +34,6 @@ impl Knobs {
     }
 }
 
-fn recipe_recompute(plan: &Plan) -> Option<Recompute> {
-    let r = plan.recipe.train.recompute_setting().ok().flatten()?;
-    Some(match (r.granularity, r.method) {
-        (RecomputeGranularity::Selective, _) => Recompute::Selective,
-        (_, Some(RecomputeMethod::Block)) => Recompute::FullBlock(r.num_layers.unwrap_or(1)),
-        _ => Recompute::FullUniform(r.num_layers.unwrap_or(1)),
-    })
-}
-
 fn knobs(plan: &Plan) -> Knobs {
     let d = &plan.dims;
     Knobs {
@@ -50,7 +41,7 @@ fn knobs(plan: &Plan) -> Knobs {
         cp: d.cp(),
         dp: d.dp(),
         grad_accumulation: plan.batch.grad_accumulation,
-        recompute: recipe_recompute(plan),
+        recompute: plan.recipe.train.recompute_setting().ok().flatten(),
         distributed_optimizer: plan.recipe.parallel.distributed_optimizer,
     }
 }
@@ -101,7 +92,7 @@ fn peak_with(plan: &Plan, k: Knobs) -> Option<f64> {
             .map(|s| s.num_layers)
             .collect()
     };
-    Some(input(plan, &plan.model, &chunks, k).estimate().peak().total)
+    input(plan, &plan.model, &chunks, k).estimate().peak().map(|s| s.total)
 }
 
 /// Recipe changes that bring the busiest device under `budget` bytes, each with the flags to

@@ -33,7 +33,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use mm_engine::model::recompute::{Granularity, Method, Recompute};
+use mm_engine::model::recompute::Recompute;
 use mm_engine::model::{InternVL, ModelInput};
 use mm_engine::train::loss::{objective, sample_losses, LossReduction, StepTotals};
 use tch::nn::VarStore;
@@ -74,11 +74,6 @@ fn estimate(layers: usize, seq: usize, vocab: usize, r: Option<Recompute>) -> f6
     model.llm.vocab_size = vocab;
     model.vision.num_hidden_layers = 1;
     let chunks = [layers];
-    let recompute = r.map(|r| match (r.granularity, r.method) {
-        (Granularity::Selective, _) => mm_spec::memory::Recompute::Selective,
-        (_, Some(Method::Block)) => mm_spec::memory::Recompute::FullBlock(r.num_layers),
-        _ => mm_spec::memory::Recompute::FullUniform(r.num_layers),
-    });
     let input = mm_spec::memory::MemoryInput {
         model: &model,
         tp: 1,
@@ -94,14 +89,14 @@ fn estimate(layers: usize, seq: usize, vocab: usize, r: Option<Recompute>) -> f6
         element_bytes: 4,
         distributed_optimizer: false,
         sequence_parallel: false,
-        recompute,
+        recompute: r,
         freeze_vision: false,
         freeze_projector: false,
         freeze_llm: false,
         drop_path: false,
         vit_recompute: true,
     };
-    let s = input.estimate().peak();
+    let s = input.estimate().peak().expect("one pipeline stage");
     (s.activations + s.transient) / 1048576.0
 }
 

@@ -28,6 +28,7 @@ pub mod layout;
 pub mod memory;
 pub mod presets;
 pub mod progress;
+pub mod recompute;
 pub mod suggest;
 
 pub use checkpoint::{CheckpointError, DType, HfLayout, Iteration, LayoutRequest, Manifest, MmLayout, SplitKind};

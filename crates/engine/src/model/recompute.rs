@@ -1,10 +1,5 @@
-//! Activation recomputation, Megatron's flags and semantics:
-//!
-//! | flags | what is recomputed in backward |
-//! |---|---|
-//! | `--recompute-granularity full --recompute-method uniform --recompute-num-layers N` | every layer of a chunk, in groups of N consecutive layers (one saved input per group) |
-//! | `--recompute-granularity full --recompute-method block --recompute-num-layers N` | the first N layers of each chunk, each on its own; the rest keep their activations |
-//! | `--recompute-granularity selective` | the attention core (softmax(QKᵀ)V) of every layer |
+//! Activation recomputation as mm-engine runs it: the settings are `mm_spec::recompute`'s
+//! (Megatron's flags and their meaning, shared with the launcher and its memory estimate).
 //!
 //! The same setting applies to the LLM's layers and the ViT's (MindSpeed-MM's InternVL recipes
 //! set both alike, e.g. full/uniform/1). A recomputed segment is one autograd node made in the
@@ -14,7 +9,6 @@
 //! are the ones of the plain graph: the tests compare whole training runs with and without.
 
 use std::ffi::{c_char, c_void};
-use std::ops::Range;
 use std::sync::Mutex;
 
 use tch::{TchError, Tensor};
@@ -42,110 +36,7 @@ extern "C" {
     fn mm_c10d_free_str(s: *mut c_char);
 }
 
-/// What `--recompute-granularity` asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Granularity {
-    Full,
-    Selective,
-}
-
-/// What `--recompute-method` asks for (full granularity only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Uniform,
-    Block,
-}
-
-/// A checked recomputation setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Recompute {
-    pub granularity: Granularity,
-    /// `Some` exactly with full granularity.
-    pub method: Option<Method>,
-    /// Layers per group (uniform) or recomputed layers per chunk (block); at least 1.
-    pub num_layers: usize,
-}
-
-impl Recompute {
-    /// Parses the three flags as Megatron checks them: full needs a method, selective takes
-    /// none; `--recompute-num-layers` defaults to 1. `None`: no recomputation.
-    pub fn from_flags(
-        granularity: Option<&str>,
-        method: Option<&str>,
-        num_layers: Option<usize>,
-    ) -> Result<Option<Recompute>, String> {
-        let granularity = match granularity {
-            None => {
-                return match (method, num_layers) {
-                    (None, None) => Ok(None),
-                    _ => Err("--recompute-method and --recompute-num-layers need --recompute-granularity full".into()),
-                }
-            }
-            Some("full") => Granularity::Full,
-            Some("selective") => Granularity::Selective,
-            Some(other) => return Err(format!("--recompute-granularity {other:?}: expected full or selective")),
-        };
-        match granularity {
-            Granularity::Selective => {
-                if method.is_some() || num_layers.is_some() {
-                    return Err("--recompute-granularity selective recomputes every layer's attention core: \
-                                --recompute-method and --recompute-num-layers go with full"
-                        .into());
-                }
-                Ok(Some(Recompute { granularity, method: None, num_layers: 0 }))
-            }
-            Granularity::Full => {
-                let method = match method {
-                    Some("uniform") => Method::Uniform,
-                    Some("block") => Method::Block,
-                    Some(other) => return Err(format!("--recompute-method {other:?}: expected uniform or block")),
-                    None => {
-                        return Err("--recompute-granularity full needs --recompute-method uniform (every layer, in \
-                                    groups of --recompute-num-layers) or block (the first --recompute-num-layers \
-                                    layers of each stage)"
-                            .into())
-                    }
-                };
-                let n = num_layers.unwrap_or(1);
-                if n == 0 {
-                    return Err(format!(
-                        "--recompute-num-layers 0 with --recompute-method {}: expected at least 1",
-                        if method == Method::Uniform { "uniform" } else { "block" }
-                    ));
-                }
-                Ok(Some(Recompute { granularity, method: Some(method), num_layers: n }))
-            }
-        }
-    }
-
-    /// How `n` consecutive layers of a chunk run: ranges of layer indices, each recomputed as
-    /// one segment (`true`) or kept (`false`), covering `0..n` in order.
-    pub fn segments(&self, n: usize) -> Vec<(Range<usize>, bool)> {
-        match self.method {
-            Some(Method::Uniform) => {
-                let k = self.num_layers.max(1);
-                (0..n).step_by(k).map(|s| (s..(s + k).min(n), true)).collect()
-            }
-            Some(Method::Block) => (0..n).map(|i| (i..i + 1, i < self.num_layers)).collect(),
-            None => vec![(0..n, false)],
-        }
-    }
-
-    /// In words, for the log: "full, uniform, groups of 2 layers", "selective (attention core)".
-    pub fn describe(&self) -> String {
-        let layers = |n: usize| if n == 1 { "1 layer".to_string() } else { format!("{n} layers") };
-        match self.method {
-            Some(Method::Uniform) => format!("full, uniform, groups of {}", layers(self.num_layers)),
-            Some(Method::Block) => format!("full, block, the first {} of each chunk", layers(self.num_layers)),
-            None => "selective (attention core)".into(),
-        }
-    }
-
-    /// Whether the attention core is recomputed (selective granularity).
-    pub fn attention_core(&self) -> bool {
-        self.granularity == Granularity::Selective
-    }
-}
+pub use mm_spec::recompute::Recompute;
 
 /// The body of a segment: input tensors → output tensors.
 pub type Body = Box<dyn FnMut(&[Tensor]) -> Result<Vec<Tensor>, ForwardError> + Send>;
@@ -318,28 +209,6 @@ impl<T: ?Sized> Borrowed<T> {
 mod tests {
     use super::*;
     use tch::{Device, Kind};
-
-    #[test]
-    fn megatron_flags_and_their_segments() {
-        let r = |g: Option<&str>, m: Option<&str>, n: Option<usize>| Recompute::from_flags(g, m, n);
-        assert_eq!(r(None, None, None), Ok(None));
-        let uni = r(Some("full"), Some("uniform"), Some(2)).unwrap().unwrap();
-        assert_eq!(uni.segments(5), [(0..2, true), (2..4, true), (4..5, true)]);
-        let block = r(Some("full"), Some("block"), Some(2)).unwrap().unwrap();
-        assert_eq!(block.segments(3), [(0..1, true), (1..2, true), (2..3, false)]);
-        assert_eq!(block.describe(), "full, block, the first 2 layers of each chunk");
-        assert_eq!(uni.describe(), "full, uniform, groups of 2 layers");
-        assert_eq!(r(Some("full"), Some("uniform"), None).unwrap().unwrap().num_layers, 1);
-        let sel = r(Some("selective"), None, None).unwrap().unwrap();
-        assert!(sel.attention_core());
-        assert_eq!(sel.segments(3), [(0..3, false)]);
-        assert!(r(Some("full"), None, None).unwrap_err().contains("needs --recompute-method"));
-        assert!(r(Some("selective"), Some("block"), None).is_err());
-        assert!(r(Some("partial"), None, None).unwrap_err().contains("expected full or selective"));
-        assert!(r(None, Some("uniform"), None).is_err());
-        assert!(r(Some("full"), Some("uniform"), Some(0)).is_err());
-        assert!(r(Some("full"), Some("block"), Some(0)).is_err());
-    }
 
     /// A segment gives the values and the gradients (of its input and of a parameter it reads)
     /// of the same computation without it, also with dropout, and its body runs twice.

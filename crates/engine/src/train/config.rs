@@ -300,8 +300,7 @@ mod tests {
         assert!(!c.checkpoint.save_optim && c.checkpoint.load_optim);
         assert_eq!(c.checkpoint.exit_interval, None, "--exit-interval 0 never exits");
         assert_eq!(c.eval, None, "no --eval-iters, no evaluation");
-        let r = c.recompute.expect("recomputation");
-        assert_eq!((r.method, r.num_layers), (Some(crate::model::recompute::Method::Block), 2));
+        assert_eq!(c.recompute, Some(crate::model::recompute::Recompute::FullBlock(2)));
         assert_eq!(c.bucket_bytes, (super::super::parallel::DEFAULT_BUCKET_MB * 1048576.0) as usize);
         let c = config("--virtual-pipeline-model-parallel-size 1", 1);
         assert_eq!((c.parallel.pp, c.parallel.vpp, c.parallel.virtual_stages()), (1, None, 1));
