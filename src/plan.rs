@@ -142,13 +142,14 @@ impl Plan {
         // (On NPUs the template itself is refused below.)
         if cluster.template == Template::MmEngine && cluster.accelerator != Accelerator::Npu {
             let vit_chunks = p.vit_pp_layers.as_deref().unwrap_or(&[]);
-            let unsupported = mm_engine_unsupported(dims.cp(), vit_chunks);
+            let unsupported = mm_engine_unsupported(dims.cp(), Some(&p.context_parallel_algo), vit_chunks);
             if !unsupported.is_empty() {
                 let what: Vec<String> = unsupported.iter().map(|u| format!("{} {}", u.key, u.value)).collect();
                 let fix: Vec<String> = unsupported
                     .iter()
                     .map(|u| match u.key {
                         "parallel.vit_pp_layers" => format!("{}=null", u.key),
+                        "parallel.context_parallel_algo" => format!("{}={}", u.key, mm_spec::layout::MM_ENGINE_CP_ALGO),
                         _ => format!("{}=1", u.key),
                     })
                     .collect();

@@ -287,8 +287,7 @@ fn json_dry_run_is_the_same_plan_with_secrets_redacted() {
     let args = launch::render::engine_args(&plan).join(" ");
     assert!(args.contains("--pipeline-model-parallel-size 4"), "{args}");
     assert!(args.contains("--llm-pp-layers 6,8,8,6 --vit-pp-layers 24,0,0,0"), "{args}");
-    // The seed's 78B, TP 8 × PP 2 with unaligned linear, runs too (the 16 GPUs); context
-    // parallelism is not built in mm-engine yet: refused at plan time with the fix.
+    // The seed's 78B, TP 8 × PP 2 with unaligned linear, runs too (the 16 GPUs).
     let recipe_tp = Recipe::resolve("78b", Some((&cluster.job, &cluster.origin)), None, &[]).unwrap();
     let tp_plan = Plan::build(&cluster, &recipe_tp).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((tp_plan.dims.tp(), tp_plan.dims.pp(), tp_plan.dims.dp()), (8, 2, 1));
@@ -299,11 +298,26 @@ fn json_dry_run_is_the_same_plan_with_secrets_redacted() {
     let recipe_torch = Recipe::resolve("78b", Some((&cluster.job, &cluster.origin)), None, &torch).unwrap();
     let err = Plan::build(&cluster, &recipe_torch).unwrap_err().to_string();
     assert!(err.contains("checkpoint.save_format torch with parallel.tp 8"), "{err}");
+    // Context parallelism runs (megatron_cp_algo); other algorithms are refused with the fix.
     let cp = ["parallel.cp=2".to_string()];
     let recipe_cp = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &cp).unwrap();
-    let err = Plan::build(&cluster, &recipe_cp).unwrap_err().to_string();
-    assert!(err.contains("the mm-engine template cannot run this layout (parallel.cp 2)"), "{err}");
-    assert!(err.contains("--set parallel.cp=1`, or set `template: mindspeed-mm-torchrun`"), "{err}");
+    let cp_plan = Plan::build(&cluster, &recipe_cp).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((cp_plan.dims.cp(), cp_plan.dims.pp(), cp_plan.dims.dp()), (2, 4, 2));
+    let args = launch::render::engine_args(&cp_plan).join(" ");
+    assert!(args.contains("--context-parallel-size 2 --context-parallel-algo megatron_cp_algo"), "{args}");
+    let ulysses = ["parallel.cp=2".to_string(), "parallel.context_parallel_algo=ulysses_cp_algo".to_string()];
+    let recipe_u = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &ulysses).unwrap();
+    let err = Plan::build(&cluster, &recipe_u).unwrap_err().to_string();
+    assert!(
+        err.contains("the mm-engine template cannot run this layout (parallel.context_parallel_algo ulysses_cp_algo)"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "--set parallel.context_parallel_algo=megatron_cp_algo`, or set `template: mindspeed-mm-torchrun`"
+        ),
+        "{err}"
+    );
     let r = Renderer::new(None).unwrap().render_plan(&plan, &cluster).unwrap();
     let json = dryrun::to_json(&plan, &r);
     let text_out = dryrun::to_text(&plan, &r);

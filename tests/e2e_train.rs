@@ -374,6 +374,70 @@ fn rig_finetune_tiny_two_pipeline_stages_across_hosts_with_recomputation_and_res
 /// 8 LLM key/value heads at small width runs as TP 8 × PP 2 (16 ranks, MindSpeed's unaligned
 /// split 4,3,3,3,3,3,3,3 of the ViT heads) with one process's losses, saves one folder per
 /// (tp, pp) rank, and a second launch resumes from it.
+/// The seed's 8B recipe shape (pipeline stages, full recomputation) shrunk to the rig with
+/// context parallelism on: 2 SSH hosts × 2 ranks = 2 pipeline stages × 2 context-parallel ranks
+/// (Megatron's order: the context-parallel pair of a stage on one host, the stages across the
+/// bridge). Saves at iterations 3 and 6; rolled back to 3, a second launch resumes there and
+/// logs the first run's losses for iterations 4 to 6 digit for digit.
+#[test]
+fn rig_finetune_tiny_context_parallel_pipeline_with_recomputation_resumes_exactly() {
+    let rig = Rig::up(2);
+    let (job, work, cluster) = rig_job(&rig);
+    let layout = [
+        "parallel.pp=2",
+        "parallel.cp=2",
+        "parallel.llm_pp_layers=[1,1]",
+        "parallel.vit_pp_layers=[2,0]",
+        "train.recompute=true",
+        "train.global_batch_size=2",
+        "output.save_interval=3",
+    ];
+    let args = |iters: &'static str| {
+        let mut a = vec!["--agent-path", LAUNCH, "--set", iters];
+        for s in layout {
+            a.extend(["--set", s]);
+        }
+        a
+    };
+    let f = job.run(&cluster, &args("train.train_iters=6"));
+    assert_eq!(f.code, 0, "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
+    assert!(f.stderr.contains("launch: all 4 ranks on 2 hosts finished (exit 0)"), "{}", f.stderr);
+    let run = job.run_dir();
+    let plan: serde_json::Value = serde_json::from_str(&read(&run.join("plan.json"))).unwrap();
+    let dims = &plan["plan"]["dims"];
+    assert_eq!((dims["pp"].as_u64(), dims["cp"].as_u64(), dims["dp"].as_u64()), (Some(2), Some(2), Some(1)), "{dims}");
+    let logs: Vec<String> = (0..4).map(|r| job.rank_log(&run, job.host_of(r), r)).collect();
+    assert!(
+        logs[0].contains("context parallelism: the sequence in 4 load-balanced chunks over 2 ranks"),
+        "{}",
+        logs[0]
+    );
+    assert!(logs[0].contains("activation recomputation: full, uniform"), "{}", logs[0]);
+    for (r, log) in logs.iter().enumerate() {
+        assert!(log.contains(&format!("context-parallel rank {} of 2", r % 2)), "rank {r}:\n{log}");
+        assert_eq!(losses(log), losses(&logs[0]), "rank {r}:\n{log}");
+    }
+    let first = losses(&logs[0]);
+    assert_eq!(first.len(), 6, "{}", logs[0]);
+    let save = work.join("runs/tiny/save");
+    assert!(save.join("iter_0000003/mp_rank_00_001/model.safetensors").is_file());
+
+    // Back to iteration 3, as an operator rolls a run back (the same train_iters: the learning
+    // rate schedule depends on it).
+    std::fs::write(save.join("latest_checkpointed_iteration.txt"), "3\n").unwrap();
+    std::fs::remove_dir_all(save.join("iter_0000006")).unwrap();
+    let f = job.run(&cluster, &args("train.train_iters=6"));
+    assert_eq!(f.code, 0, "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
+    let run = job.run_dir();
+    let log = job.rank_log(&run, job.host_of(0), 0);
+    assert!(log.contains("from iteration 3"), "{log}");
+    let resumed = losses(&log);
+    let text = |v: &[f64]| v.iter().map(|l| format!("{l:.6E}")).collect::<Vec<_>>();
+    assert_eq!(text(&resumed), text(&first[3..]), "{log}");
+    assert_eq!(read(&save.join("latest_checkpointed_iteration.txt")).trim(), "6");
+    job.assert_clean(Duration::from_secs(10), true);
+}
+
 #[test]
 fn seed_78b_layout_shrunk_runs_tp8_pp2_through_the_launcher_and_resumes() {
     let dir = tempfile::Builder::new().prefix("mm-e2e-78b-").tempdir().unwrap();

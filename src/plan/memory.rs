@@ -71,6 +71,7 @@ fn input<'a>(plan: &'a Plan, model: &'a ModelPreset, chunks: &'a [usize], k: Kno
         freeze_llm: t.freeze_llm,
         drop_path: t.vit_drop_path_rate.unwrap_or(model.vision.drop_path_rate) > 0.0,
         vit_recompute: plan.template == Template::MmEngine,
+        cp_gathers_kv: plan.template == Template::MmEngine,
     }
 }
 
@@ -97,7 +98,7 @@ fn peak_with(plan: &Plan, k: Knobs) -> Option<f64> {
 
 /// Recipe changes that bring the busiest device under `budget` bytes, each with the flags to
 /// pass and its estimate: full recomputation, the distributed optimizer, twice the pipeline
-/// stages, twice the context-parallel ranks (templates that run it), alone, then in pairs.
+/// stages, twice the context-parallel ranks, alone, then in pairs.
 /// Doubling pp or cp keeps the world size and the global batch by halving dp (so dp must be
 /// even) and doubling the micro batches per step.
 pub fn options_that_fit(plan: &Plan, budget: f64) -> Vec<(String, f64)> {
@@ -129,7 +130,7 @@ pub fn options_that_fit(plan: &Plan, budget: f64) -> Vec<(String, f64)> {
             Knobs { pp, ..base.halve_dp(plan) },
         ));
     }
-    if base.dp % 2 == 0 && plan.template != Template::MmEngine {
+    if base.dp % 2 == 0 {
         let cp = 2 * base.cp;
         singles.push((format!("--set parallel.cp={cp}"), Knobs { cp, ..base.halve_dp(plan) }));
     }

@@ -95,6 +95,7 @@ fn estimate(layers: usize, seq: usize, vocab: usize, r: Option<Recompute>) -> f6
         freeze_llm: false,
         drop_path: false,
         vit_recompute: true,
+        cp_gathers_kv: true,
     };
     let s = input.estimate().peak().expect("one pipeline stage");
     (s.activations + s.transient) / 1048576.0

@@ -42,6 +42,6 @@ pub use schedule::{
     interleaved, one_f_one_b, schedule, simulate, theoretical_bubble, Action, Compute, Dir, P2p, Pass, Payload,
     RankTimeline, ScheduleError, Step, Timeline, BACKWARD_COST, FORWARD_COST,
 };
-pub use support::{mm_engine_unsupported, Unsupported, MM_ENGINE_LIMITS};
+pub use support::{mm_engine_unsupported, Unsupported, MM_ENGINE_CP_ALGO, MM_ENGINE_LIMITS};
 pub use tensor::{attention_partition, tp_partition, AttentionShard};
 pub use validate::{validate_model_layout, LayoutOptions};

@@ -29,6 +29,9 @@
 //!   and its rotated half, k likewise; the attention's own saved q, k, v (k and v repeated to
 //!   the query heads) and output, the output projection's input; the MLP's input; gate, SiLU,
 //!   up and their product. Flash attention keeps no s×s matrix.
+//! - with mm-engine's context parallelism (keys and values all-gathered) the attention also
+//!   keeps the other ranks' keys and values: e·N·(cp − 1)·2h/t (repeated to the query heads),
+//!   or e·N·(cp − 1)·2k/t with selective recomputation;
 //! - selective recomputation drops what the attention core keeps (its repeated k, v and its
 //!   output: 3h/t − 2k/t fewer per token) and keeps its inputs;
 //! - full recomputation keeps only each group's input (e·N·h/σ) and reruns one group at a
@@ -84,6 +87,10 @@ pub struct MemoryInput<'a> {
     /// `recompute` applies to the ViT's layers too (mm-engine's behaviour; MindSpeed-MM's
     /// model.json from the launcher sets it for the LLM only).
     pub vit_recompute: bool,
+    /// Context parallelism all-gathers the keys and values (mm-engine's): each layer's attention
+    /// keeps them for the whole sequence, not for the rank's share (Megatron's ring keeps one
+    /// remote chunk at a time).
+    pub cp_gathers_kv: bool,
 }
 
 /// One pipeline rank's estimate, in bytes.
@@ -129,7 +136,14 @@ impl MemoryInput<'_> {
         let (t, e) = (self.tp as f64, self.element_bytes as f64);
         let sigma = if self.sequence_parallel { t } else { 1.0 };
         let attention = if selective { 4.0 * h / t + 4.0 * k / t } else { 7.0 * h / t + 2.0 * k / t };
-        e * n * (h + attention + h + 4.0 * i / t) + 2.0 * (4.0 + e) * n * h / sigma
+        // Gathered keys and values: the other ranks' share of the sequence too (repeated to the
+        // query heads, or as the recomputed core's inputs with selective recomputation).
+        let gathered = if self.cp_gathers_kv && self.cp > 1 {
+            e * n * (self.cp - 1) as f64 * if selective { 2.0 * k / t } else { 2.0 * h / t }
+        } else {
+            0.0
+        };
+        e * n * (h + attention + h + 4.0 * i / t) + 2.0 * (4.0 + e) * n * h / sigma + gathered
     }
 
     fn llm_layer_transient(&self, n: f64) -> f64 {
@@ -339,6 +353,7 @@ mod tests {
             freeze_llm: false,
             drop_path: false,
             vit_recompute: true,
+            cp_gathers_kv: false,
         }
     }
 
@@ -406,6 +421,11 @@ mod tests {
         assert!(p.estimate().peak().unwrap().total < base);
         let mut c = i.clone();
         c.cp = 2;
-        assert!(c.estimate().peak().unwrap().total < base);
+        let ring = c.estimate().peak().unwrap().total;
+        assert!(ring < base);
+        // Gathered keys and values keep more, still less than one rank with the whole sequence.
+        c.cp_gathers_kv = true;
+        let gathered = c.estimate().peak().unwrap().total;
+        assert!(ring < gathered && gathered < base, "{ring} {gathered} {base}");
     }
 }

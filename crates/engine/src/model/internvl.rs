@@ -122,6 +122,12 @@ impl InternVL {
         }
     }
 
+    /// Splits the LLM's sequence over `cp`'s group (the ViT and the projector keep whole
+    /// sequences: see `model::cp`).
+    pub fn set_context_parallel(&mut self, cp: super::cp::Cp) {
+        self.language_model.set_context_parallel(cp);
+    }
+
     /// Image tokens per tile (256 at 448 px, 16 for the tiny preset).
     pub fn tokens_per_tile(&self) -> i64 {
         self.cfg.num_image_token() as i64

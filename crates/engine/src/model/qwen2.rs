@@ -14,6 +14,7 @@ use mm_spec::LlmConfig;
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
+use super::cp::Cp;
 use super::layers::{normal_init, Linear, RmsNorm};
 use super::recompute::{checkpoint1, run_layers, Recompute};
 use super::tp::{RowLinear, Tp};
@@ -32,6 +33,8 @@ pub struct Qwen2Attention {
     kv_heads: i64,
     head_dim: i64,
     tp: Tp,
+    /// Context parallelism: the keys and values of the whole sequence are gathered.
+    cp: Cp,
     /// Selective recomputation: the attention core is rerun in backward.
     pub recompute_core: bool,
 }
@@ -115,6 +118,7 @@ impl Qwen2Attention {
             kv_heads: kv,
             head_dim: d,
             tp: tp.clone(),
+            cp: Cp::single(),
             recompute_core: false,
         })
     }
@@ -125,8 +129,8 @@ impl Qwen2Attention {
         let d = self.head_dim;
         let split = |y: Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2);
         let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
-        let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let k = self.cp.gather_keys(&rope.apply(&split(self.k_proj.forward(x), self.kv_heads)))?;
+        let v = self.cp.gather_keys(&split(self.v_proj.forward(x), self.kv_heads))?;
         let rep = self.heads / self.kv_heads;
         let core = move |q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor| {
             Tensor::scaled_dot_product_attention(
@@ -200,6 +204,8 @@ pub struct Qwen2 {
     vocab_rows: std::ops::Range<usize>,
     vocab: usize,
     tp: Tp,
+    /// This rank's share of the sequence (see `model::cp`).
+    cp: Cp,
     /// Full recomputation of the layers (selective lives in the attention layers).
     recompute: Option<Recompute>,
 }
@@ -250,6 +256,7 @@ impl Qwen2 {
             vocab_rows,
             vocab: cfg.vocab_size,
             tp: tp.clone(),
+            cp: Cp::single(),
             recompute: None,
         })
     }
@@ -265,12 +272,13 @@ impl Qwen2 {
         self.final_norm(&self.forward_layers(&self.to_layers(embeds)?, attention_mask)?)
     }
 
-    /// This part's layers over hidden states [B, T, H] (with sequence parallelism this rank's
-    /// slice of the padded sequence; the rotary tables and the mask are rebuilt from the
-    /// padding mask [B, T], so any stage can run from a received activation).
+    /// This part's layers over hidden states [B, T, H] (with sequence or context parallelism
+    /// this rank's share of the padded sequence; the rotary tables and the mask are rebuilt
+    /// from the whole sequence's padding mask [B, T], so any stage can run from a received
+    /// activation).
     pub fn forward_layers(&self, hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ForwardError> {
         let (b, t) = attention_mask.size2().expect("the padding mask is [B, T]");
-        let padded = self.tp.padded_len(t);
+        let padded = self.padded_len(t);
         let attention_mask = if padded > t {
             Tensor::cat(
                 &[attention_mask, &attention_mask.zeros_like().narrow(1, 0, 1).expand([b, padded - t], false)],
@@ -279,9 +287,14 @@ impl Qwen2 {
         } else {
             attention_mask.shallow_clone()
         };
-        let positions = Tensor::arange(padded, (Kind::Int64, hidden.device())).unsqueeze(0).expand([b, padded], false);
+        let device = hidden.device();
+        let positions = self.cp.positions(padded, device).unsqueeze(0).expand([b, -1], false);
         let rope = Rope::new(&positions, self.head_dim, self.rope_theta, hidden.kind());
-        let mask = causal_padding_mask(&attention_mask);
+        let mask = if self.cp.is_split() {
+            self.cp.mask(&attention_mask, padded)
+        } else {
+            causal_padding_mask(&attention_mask)
+        };
         // SAFETY: the layers belong to the model, which outlives every graph of its steps and is
         // not mutated during one.
         unsafe {
@@ -296,6 +309,32 @@ impl Qwen2 {
                 },
             )
         }
+    }
+
+    /// The length the sequence of `t` tokens runs at: padded for sequence parallelism (a
+    /// multiple of tp) and context parallelism (a multiple of 2·cp, times tp with both).
+    pub fn padded_len(&self, t: i64) -> i64 {
+        if self.cp.is_split() {
+            self.cp.padded_len(t, self.tp.seq_multiple())
+        } else {
+            self.tp.padded_len(t)
+        }
+    }
+
+    /// Splits the sequence over `cp`'s group (see `model::cp`).
+    pub fn set_context_parallel(&mut self, cp: Cp) {
+        for layer in &mut self.layers {
+            layer.self_attn.cp = cp.clone();
+        }
+        self.cp = cp;
+    }
+
+    /// With context parallelism, the targets [B, local] of this rank's logits for labels [B, T]
+    /// (shifted on the whole sequence, `ignore` for the last position and the padding); None
+    /// without, where the logits cover the whole sequence and the loss shifts them itself.
+    pub fn context_targets(&self, labels: &Tensor, ignore: i64) -> Option<Tensor> {
+        let t = labels.size()[1];
+        self.cp.is_split().then(|| self.cp.targets(labels, self.padded_len(t), ignore))
     }
 
     /// Recomputes activations as `r` says (None: keeps them all).
@@ -313,20 +352,23 @@ impl Qwen2 {
         Ok(norm.forward_with(&self.tp.slice_weight(&norm.weight)?, hidden))
     }
 
-    /// Whole-sequence input embeddings → what the first layer takes (this rank's sequence
-    /// slice with sequence parallelism).
+    /// Whole-sequence input embeddings → what the first layer takes (this rank's chunks with
+    /// context parallelism, of which its slice with sequence parallelism).
     pub fn to_layers(&self, embeds: &Tensor) -> Result<Tensor, ForwardError> {
-        Ok(self.tp.to_sequence_slice(embeds)?)
+        let local = self.cp.slice(embeds, self.padded_len(embeds.size()[1]));
+        Ok(self.tp.to_sequence_slice(&local)?)
     }
 
     /// Hidden states → logits [.., V] (with tensor parallelism: this rank's vocabulary rows,
     /// padding included; [`Qwen2::token_losses`] combines them).
-    /// `seq_len`: the unpadded length, to which sequence-parallel logits are cut back.
+    /// `seq_len`: the unpadded length, to which sequence-parallel logits are cut back (with
+    /// context parallelism they stay this rank's positions, which
+    /// [`Qwen2::context_targets`] scores).
     pub fn logits(&self, hidden: &Tensor, seq_len: i64) -> Result<Tensor, ForwardError> {
         let w =
             self.lm_head.as_ref().or(self.embed_tokens.as_ref()).expect("the output layer is on this pipeline stage");
         let logits = self.tp.enter(hidden)?.linear::<Tensor>(w, None);
-        Ok(if logits.size()[1] > seq_len { logits.narrow(1, 0, seq_len) } else { logits })
+        Ok(if logits.size()[1] > seq_len && !self.cp.is_split() { logits.narrow(1, 0, seq_len) } else { logits })
     }
 
     /// Cross entropy per token of [`Qwen2::logits`] rows [N, V or this rank's rows] against

@@ -84,11 +84,16 @@ impl Tp {
     /// The sequence length the LLM runs at: with sequence parallelism rounded up to a multiple
     /// of tp (the padding positions are masked out and dropped before the loss).
     pub fn padded_len(&self, t: i64) -> i64 {
+        let n = self.seq_multiple();
+        (t + n - 1) / n * n
+    }
+
+    /// What a rank's sequence length must divide by: tp with sequence parallelism, else 1.
+    pub fn seq_multiple(&self) -> i64 {
         if self.sequence_parallel {
-            let n = self.size as i64;
-            (t + n - 1) / n * n
+            self.size as i64
         } else {
-            t
+            1
         }
     }
 

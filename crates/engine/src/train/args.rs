@@ -33,7 +33,8 @@ pub struct TrainArgs {
     /// Pipeline stages per model replica.
     #[arg(long, default_value_t = 1)]
     pub pipeline_model_parallel_size: usize,
-    /// Context-parallel size; only 1 is supported (others are refused with the reason).
+    /// Context-parallel ranks per model replica: the LLM's sequence split into 2·cp load-balanced
+    /// chunks (megatron_cp_algo).
     #[arg(long, default_value_t = 1)]
     pub context_parallel_size: usize,
     /// Virtual pipeline stages per rank (interleaved schedule; needs a pipeline above 1).
@@ -45,7 +46,8 @@ pub struct TrainArgs {
     /// Megatron's sequence parallelism in the LLM (with tensor parallelism).
     #[arg(long)]
     pub sequence_parallel: bool,
-    /// Megatron's context-parallel algorithm; accepted and unused (context parallelism is 1).
+    /// Megatron's context-parallel algorithm: megatron_cp_algo (the default) is the one mm-engine
+    /// runs; others are refused with the reason.
     #[arg(long)]
     pub context_parallel_algo: Option<String>,
     /// LLM layers per pipeline chunk (comma list); with pp 1 a single entry, the depth.
@@ -362,6 +364,7 @@ impl TrainArgs {
         let [llm_pp_layers, vit_pp_layers] = lists;
         let unsupported = mm_spec::layout::mm_engine_unsupported(
             self.context_parallel_size,
+            self.context_parallel_algo.as_deref(),
             vit_pp_layers.as_deref().unwrap_or_default(),
         );
         for u in unsupported {
@@ -552,14 +555,22 @@ mod tests {
     }
 
     #[test]
-    fn context_parallelism_a_late_vit_and_bad_bucket_sizes_are_refused_together() {
-        let e = args("--context-parallel-size 2 --pipeline-model-parallel-size 2 --vit-pp-layers 1,1 --dp-bucket-mb 0")
-            .validate(4)
-            .unwrap_err();
-        assert!(
-            e.contains("--context-parallel-size 2: mm-engine runs data, tensor (with sequence parallelism)"),
-            "{e}"
-        );
+    fn ulysses_a_late_vit_and_bad_bucket_sizes_are_refused_together() {
+        let e = args(
+            "--context-parallel-size 2 --context-parallel-algo ulysses_cp_algo --pipeline-model-parallel-size 2 \
+             --vit-pp-layers 1,1 --dp-bucket-mb 0",
+        )
+        .validate(4)
+        .unwrap_err();
+        assert!(e.contains("--context-parallel-algo ulysses_cp_algo: mm-engine runs data, tensor"), "{e}");
+        assert!(!e.contains("--context-parallel-size 2:"), "context parallelism runs: {e}");
+        // Context-parallel ranks hold replicas but read the same data: 8 ranks at cp 2 × tp 2
+        // are 2 data-parallel ranks.
+        let r =
+            args("--context-parallel-size 2 --tensor-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 4")
+                .validate(8)
+                .unwrap();
+        assert_eq!((r.data_parallel_size, r.grad_accumulation), (2, 2));
         assert!(e.contains("--vit-pp-layers 1,1: mm-engine runs"), "{e}");
         assert!(!e.contains("--pipeline-model-parallel-size 2:"), "pipelines run: {e}");
         let torch = args("--tensor-model-parallel-size 2 --save s --ckpt-format torch").validate(2).unwrap_err();

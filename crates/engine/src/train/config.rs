@@ -66,6 +66,8 @@ pub struct TrainConfig {
 pub struct ParallelConfig {
     /// Tensor-parallel size (at least 1).
     pub tp: usize,
+    /// Context-parallel size (at least 1).
+    pub cp: usize,
     /// Pipeline stages (at least 1).
     pub pp: usize,
     /// Virtual stages per pipeline rank; None for one.
@@ -140,6 +142,7 @@ impl TrainConfig {
             tokenizer: a.tokenizer,
             parallel: ParallelConfig {
                 tp: a.tensor_model_parallel_size.max(1),
+                cp: a.context_parallel_size.max(1),
                 pp: a.pipeline_model_parallel_size.max(1),
                 vpp: a.virtual_pipeline_model_parallel_size.filter(|&v| v > 1),
                 unaligned_linear: a.unaligned_linear,

@@ -67,6 +67,27 @@ pub fn sample_losses_with<E>(
     Ok(SampleLosses { sums: per_token.sum_dim_intlist(1, false, Kind::Float), counts })
 }
 
+/// The per-sample losses of `lm`'s logits for a micro batch's labels [B, T] (the whole
+/// sequence's), with its vocabulary-parallel cross entropy. With context parallelism the logits
+/// are this rank's positions [B, local, V]: they are scored against the targets of those
+/// positions (shifted on the whole sequence), so the sums are this rank's part, while the
+/// counts are the whole samples' (every rank has the labels): summed over the context-parallel
+/// ranks, the terms of [`objective`] give the loss one rank computes.
+pub fn model_sample_losses(
+    lm: &crate::model::qwen2::Qwen2,
+    logits: &Tensor,
+    labels: &Tensor,
+) -> Result<SampleLosses, crate::model::ForwardError> {
+    let ce = |l: &Tensor, t: &Tensor| lm.token_losses(l, t, IGNORE);
+    let Some(targets) = lm.context_targets(labels, IGNORE) else { return sample_losses_with(logits, labels, &ce) };
+    let (b, _, v) = logits.size3().expect("logits are [B, T, V]");
+    let t = labels.size()[1];
+    let per_token = ce(&logits.to_kind(Kind::Float).reshape([-1, v]), &targets.reshape([-1]))?.reshape([b, -1]);
+    let counts_t = labels.narrow(1, 1, t - 1).ne(IGNORE).sum_dim_intlist(1, false, Kind::Int64);
+    let counts = Vec::<i64>::try_from(&counts_t).unwrap_or_else(|_| vec![0; b as usize]);
+    Ok(SampleLosses { sums: per_token.sum_dim_intlist(1, false, Kind::Float), counts })
+}
+
 /// Sizes of the whole step the reductions divide by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepTotals {

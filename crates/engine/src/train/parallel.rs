@@ -15,6 +15,15 @@
 //! locally averaged losses; for per-token it is Σ token losses / global supervised tokens, the
 //! number one rank computes.
 //!
+//! Context parallelism: the ranks of a context-parallel (CP) group hold the same parameters
+//! and read the same micro batches, each computing the loss of its share of the sequence
+//! (`model::cp`). So the replica group, over which gradients are summed, the distributed
+//! optimizer shards and the initial parameters are broadcast, is data × context (Megatron's
+//! `data_parallel_group_with_cp`: [`Parallel::rank`], [`Parallel::size`], [`Parallel::sum`]),
+//! while the data is shared and the step totals counted over the data-parallel ranks alone
+//! ([`Parallel::data_rank`], [`Parallel::data_size`], [`Parallel::data_sum`]). Without CP the
+//! two are the same ranks.
+//!
 //! Pitfall: every rank must call the same collectives with the same shapes in the same order.
 //! Gradients a rank did not receive (a frozen-in-practice tower in a step without images) are
 //! agreed on first ([`Parallel::sum`] of the flags), so the bucket layout is identical.
@@ -30,9 +39,16 @@ pub const DEFAULT_BUCKET_MB: f64 = 25.0;
 
 /// This rank's place in the data-parallel, pipeline and tensor-parallel groups, and the groups.
 pub struct Parallel {
-    /// Rank inside the DP group.
+    /// Rank inside the replica group (data × context parallel: the ranks that hold the same
+    /// parameters), and its size.
     pub rank: usize,
     pub size: usize,
+    /// Rank inside the data-parallel group (which micro batches it reads), and its size.
+    pub data_rank: usize,
+    pub data_size: usize,
+    /// This rank's context-parallel rank and the group size (0 and 1 without).
+    pub cp_rank: usize,
+    pub cp_size: usize,
     pub global_rank: usize,
     /// This rank's pipeline stage and the number of stages (0 and 1 without pipelining).
     pub pp_rank: usize,
@@ -106,6 +122,10 @@ impl Parallel {
         Parallel {
             rank: 0,
             size: 1,
+            data_rank: 0,
+            data_size: 1,
+            cp_rank: 0,
+            cp_size: 1,
             global_rank: 0,
             pp_rank: 0,
             pp_size: 1,
@@ -116,28 +136,33 @@ impl Parallel {
         }
     }
 
-    /// Builds this rank's groups of `tp` tensor-parallel ranks × `pp` pipeline stages ×
-    /// WORLD_SIZE / (tp·pp) data-parallel replicas (cp = 1; mm-spec's rank order, tp fastest):
-    /// rendezvous through the launcher's environment, with its timeout.
+    /// Builds this rank's groups of `tp` tensor-parallel ranks × `cp` context-parallel ranks ×
+    /// `pp` pipeline stages × WORLD_SIZE / (tp·cp·pp) data-parallel replicas (mm-spec's rank
+    /// order, tp fastest): rendezvous through the launcher's environment, with its timeout.
     pub fn init(
         env: &DistEnv,
         device: Device,
         tp: usize,
+        cp: usize,
         pp: usize,
         vpp: Option<usize>,
     ) -> Result<Parallel, DistError> {
         if env.world_size == 1 {
             return Ok(Parallel::single(device));
         }
-        let dims = mm_spec::layout::ParallelDims::new(env.world_size, tp, 1, pp, vpp).map_err(|e| DistError {
+        let dims = mm_spec::layout::ParallelDims::new(env.world_size, tp, cp, pp, vpp).map_err(|e| DistError {
             rank: env.rank,
             op: "parallel layout".into(),
             message: e.to_string(),
         })?;
         let groups = ParallelGroups::init(env, dims, Backend::for_device(device))?;
         Ok(Parallel {
-            rank: groups.dp.rank(),
-            size: groups.dp.size(),
+            rank: groups.dp_cp.rank(),
+            size: groups.dp_cp.size(),
+            data_rank: groups.dp.rank(),
+            data_size: groups.dp.size(),
+            cp_rank: groups.cp.rank(),
+            cp_size: groups.cp.size(),
             global_rank: env.rank,
             pp_rank: groups.pp.rank(),
             pp_size: groups.pp.size(),
@@ -151,6 +176,18 @@ impl Parallel {
     /// The tensor-parallel group, for the model's parallel layers (None without).
     pub fn tp_group(&self) -> Option<std::sync::Arc<ProcessGroup>> {
         self.groups.as_ref().filter(|_| self.tp_size > 1).map(|g| g.tp.pg.clone())
+    }
+
+    /// The context-parallel group, for the model's attention (None without).
+    pub fn cp_group(&self) -> Option<std::sync::Arc<ProcessGroup>> {
+        self.groups.as_ref().filter(|_| self.cp_size > 1).map(|g| g.cp.pg.clone())
+    }
+
+    /// Element-wise sum of `values` over the data-parallel ranks alone (the step totals: the
+    /// context-parallel ranks of a replica read the same micro batches).
+    pub fn data_sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
+        let Some(g) = &self.groups else { return Ok(values.to_vec()) };
+        self.reduce_values(&g.dp.pg, values, ReduceOp::Sum, what)
     }
 
     /// Element-wise sum of `values` over the tensor-parallel ranks (squared gradient norms of
@@ -186,10 +223,11 @@ impl Parallel {
     }
 
     fn pg(&self) -> Option<&ProcessGroup> {
-        self.groups.as_ref().map(|g| g.dp.pg.as_ref())
+        self.groups.as_ref().map(|g| g.dp_cp.pg.as_ref())
     }
 
-    /// The DP group's communicator, for the distributed optimizer (None with one rank).
+    /// The replica group's communicator (data × context parallel), for the distributed
+    /// optimizer (None with one rank).
     pub fn group(&self) -> Option<&ProcessGroup> {
         self.pg()
     }
@@ -202,13 +240,14 @@ impl Parallel {
         DistError { rank: self.global_rank, op: op.into(), message }
     }
 
-    /// Element-wise sum of `values` over the DP group (f64, exact for counts below 2^53).
+    /// Element-wise sum of `values` over the replica group (data × context parallel; f64, exact
+    /// for counts below 2^53).
     pub fn sum(&self, values: &[f64], what: &str) -> Result<Vec<f64>, DistError> {
         let Some(pg) = self.pg() else { return Ok(values.to_vec()) };
         self.reduce_values(pg, values, ReduceOp::Sum, what)
     }
 
-    /// Every DP rank's `value`, in DP-rank order.
+    /// Every replica's `value`, in replica-group order.
     pub fn gather(&self, value: i64, what: &str) -> Result<Vec<i64>, DistError> {
         let Some(pg) = self.pg() else { return Ok(vec![value]) };
         let mine = Tensor::from_slice(&[value]).to_device(self.device);
@@ -222,7 +261,8 @@ impl Parallel {
     /// as mismatched collectives or silently different replicas.
     pub fn agree(&self, what: &str, fingerprint: u64) -> Result<(), DistError> {
         let all = self.gather(fingerprint as i64, &format!("agreement on {what}"))?;
-        self.disagreement(&all, what, "data-parallel ranks")
+        let whose = if self.cp_size > 1 { "replicas (data × context parallel ranks)" } else { "data-parallel ranks" };
+        self.disagreement(&all, what, whose)
     }
 
     /// The error naming the ranks (`whose`: "ranks", "data-parallel ranks") whose fingerprint in
@@ -256,7 +296,7 @@ impl Parallel {
     /// which the other ranks do not enter: they wait in that all-reduce at the same sequence
     /// number. No-op with one rank.
     pub fn inject_desync(&self) -> Result<(), DistError> {
-        let Some(pg) = self.pg() else { return Ok(()) };
+        let Some(pg) = self.groups.as_ref().map(|g| g.dp.pg.as_ref()) else { return Ok(()) };
         let mut t = Tensor::zeros([1], (Kind::Float, self.device));
         pg.broadcast(&mut t, 0, "fault injection")
     }
@@ -273,7 +313,7 @@ impl Parallel {
         self.disagreement(&all, what, "ranks")
     }
 
-    /// Copies DP rank 0's tensors to every rank, in buckets of at most `bucket_bytes`.
+    /// Copies replica rank 0's tensors to every replica, in buckets of at most `bucket_bytes`.
     pub fn broadcast(&self, tensors: &[Tensor], bucket_bytes: usize, what: &str) -> Result<(), DistError> {
         let Some(pg) = self.pg() else { return Ok(()) };
         let items: Vec<(Kind, usize)> =
@@ -293,7 +333,7 @@ impl Parallel {
         })
     }
 
-    /// Sums `grads` over the DP group in flattened buckets (one dtype each, at most
+    /// Sums `grads` over the replica group (data × context parallel) in flattened buckets (one dtype each, at most
     /// `bucket_bytes`) and copies the sums back into them. Returns the number of buckets.
     pub fn all_reduce_grads(&self, grads: &[Tensor], bucket_bytes: usize) -> Result<usize, DistError> {
         let Some(pg) = self.pg() else { return Ok(0) };

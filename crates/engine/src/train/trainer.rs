@@ -40,7 +40,7 @@ use tch::{Kind, Tensor};
 use super::args::TrainArgs;
 use super::checkpoint::{self, mm_name, CkptFormat, RankDir, SaveRequest, SavedState, TrainerState};
 use super::config::{CheckpointConfig, TrainConfig};
-use super::loss::{objective, sample_losses_with, StepTotals, IGNORE};
+use super::loss::{model_sample_losses, objective, StepTotals};
 use super::optimizer::AdamW;
 use super::parallel::{fingerprint, Parallel};
 use super::pipeline::{self, StepContext};
@@ -52,6 +52,7 @@ use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Pro
 use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
 use crate::dist::flight::{self, Fault};
+use crate::model::cp::Cp;
 use crate::model::tp::Tp;
 use crate::rng::Rng;
 use crate::session::{configure_cpu_threads, pick_device, RankModel, Session, SessionOptions};
@@ -86,7 +87,8 @@ pub fn open_dataset(
 }
 
 /// Mean loss (default reduction) over `iters` micro batches in file order, without gradients;
-/// DP rank r evaluates micro batches r, r + dp, … and the sum is all-reduced.
+/// DP rank r evaluates micro batches r, r + dp, … (its context-parallel ranks each their part
+/// of the sequence) and the sum is all-reduced over the replicas.
 fn evaluate(
     session: &Session,
     ds: &Arc<Dataset>,
@@ -95,7 +97,7 @@ fn evaluate(
     seed: u64,
     dp: &Parallel,
 ) -> anyhow::Result<f64> {
-    let share = Share { rank: dp.rank, size: dp.size, micro_batches: 1 };
+    let share = Share { rank: dp.data_rank, size: dp.data_size, micro_batches: 1 };
     let cfg = LoaderConfig {
         seed,
         micro_batch: cfg.micro_batch_size,
@@ -106,14 +108,13 @@ fn evaluate(
         share,
     };
     let mut producer = Producer::new(ds.clone(), cfg, 0)?;
-    let mine = (dp.rank as u64..iters).step_by(dp.size).count();
+    let mine = (dp.data_rank as u64..iters).step_by(dp.data_size).count();
     // Through the pipeline stages and tensor-parallel ranks as training runs: the last stage
     // computes each micro batch's token mean with the vocabulary-parallel loss.
     let chunks = session.chunks();
     let last = *chunks.last().expect("a rank holds at least one chunk");
     let token_mean = |logits: &Tensor, labels: &Tensor| -> anyhow::Result<Tensor> {
-        let ce = |l: &Tensor, t: &Tensor| last.language_model.token_losses(l, t, IGNORE);
-        let l = sample_losses_with(logits, labels, &ce)?;
+        let l = model_sample_losses(&last.language_model, logits, labels)?;
         let n: i64 = l.counts.iter().sum();
         Ok(l.sums.sum(Kind::Float).to_kind(Kind::Double) / n.max(1) as f64)
     };
@@ -493,7 +494,7 @@ impl Trainer {
         // Rendezvous first: a rank that fails later (bad checkpoint, bad data) then makes the
         // others fail fast in their next collective instead of waiting for it at the store.
         let par = &cfg.parallel;
-        let dp = Parallel::init(env, device, par.tp, par.pp, par.vpp)?;
+        let dp = Parallel::init(env, device, par.tp, par.cp, par.pp, par.vpp)?;
         flight::set_phase(Phase::Loading);
         let ck = &cfg.checkpoint;
         let load = resume_point(ck, cfg.tokenizer.as_deref())?;
@@ -513,9 +514,10 @@ impl Trainer {
             }
         }
         let mut session = open_session(&cfg, &dp, load.as_deref(), device)?;
-        session.model.set_recompute(cfg.recompute);
-        for chunk in &mut session.more_chunks {
+        let cp = dp.cp_group().map(Cp::new).unwrap_or_else(Cp::single);
+        for chunk in std::iter::once(&mut session.model).chain(&mut session.more_chunks) {
             chunk.set_recompute(cfg.recompute);
+            chunk.set_context_parallel(cp.clone());
         }
         let preset = session.preset.clone();
         if ck.save.is_some() && ck.format == CkptFormat::Torch && preset.llm.tie_word_embeddings {
@@ -533,6 +535,15 @@ impl Trainer {
                 "pipeline: {pp} stages{}, {ga} micro batches per step: theoretical bubble {:.1}%",
                 if virtual_stages > 1 { format!(" × {virtual_stages} virtual") } else { String::new() },
                 100.0 * mm_spec::layout::theoretical_bubble(pp, virtual_stages, ga)
+            );
+        }
+        if dp.cp_size > 1 && dp.global_rank == 0 {
+            println!(
+                "context parallelism: the sequence in {} load-balanced chunks over {} ranks ({}; keys and values \
+                 all-gathered)",
+                2 * dp.cp_size,
+                dp.cp_size,
+                mm_spec::layout::MM_ENGINE_CP_ALGO
             );
         }
         if let (Some(r), 0) = (cfg.recompute, dp.global_rank) {
@@ -570,7 +581,7 @@ impl Trainer {
         // sample's activations with another's labels).
         let run = format!(
             "gbs {} mbs {} ga {ga} seq {} iters {} seed {seed} lr {} loss {:?} bf16 {} zero {} from \
-             {iteration}/{consumed}/{position} records {} tp {} pp {} vpp {:?} load {load:?} data {:?}",
+             {iteration}/{consumed}/{position} records {} tp {} cp {} pp {} vpp {:?} load {load:?} data {:?}",
             cfg.global_batch_size,
             cfg.micro_batch_size,
             cfg.seq_length,
@@ -581,6 +592,7 @@ impl Trainer {
             cfg.distributed_optimizer,
             ds.records.len(),
             par.tp,
+            par.cp,
             par.pp,
             par.vpp,
             cfg.data.pre
@@ -618,13 +630,18 @@ impl Trainer {
             workers: data.workers,
             max_bad_fraction: data.max_bad_fraction,
             shuffle: true,
-            share: Share { rank: dp.rank, size: dp.size, micro_batches: ga },
+            share: Share { rank: dp.data_rank, size: dp.data_size, micro_batches: ga },
         };
         let parallel = if dp.size > 1 {
             format!(
-                "data-parallel rank {} of {} ({}), ",
-                dp.rank,
-                dp.size,
+                "data-parallel rank {} of {}{} ({}), ",
+                dp.data_rank,
+                dp.data_size,
+                if dp.cp_size > 1 {
+                    format!(", context-parallel rank {} of {}", dp.cp_rank, dp.cp_size)
+                } else {
+                    String::new()
+                },
                 if sharded { "distributed optimizer" } else { "replicated optimizer" }
             )
         } else {
@@ -641,8 +658,8 @@ impl Trainer {
             if cfg.bf16 { "bf16 with fp32 master weights" } else { "fp32" },
             cfg.micro_batch_size,
             ga,
-            dp.size,
-            if dp.size == 1 { "" } else { "s" },
+            dp.data_size,
+            if dp.data_size == 1 { "" } else { "s" },
             cfg.global_batch_size,
             cfg.loss,
             iteration
@@ -812,18 +829,18 @@ impl Trainer {
             }
             None => {}
         }
-        let global = dp.sum(&local, "step totals: micro batches, samples, supervised and real tokens")?; // SYNC
+        // Over the data-parallel ranks: context-parallel ranks read the same micro batches.
+        let global = dp.data_sum(&local, "step totals: micro batches, samples, supervised and real tokens")?; // SYNC
         let totals =
             StepTotals { micro_batches: global[0] as usize, samples: global[1] as usize, tokens: global[2] as i64 };
         let step_tokens = global[3] as u64;
 
         let chunks = session.chunks();
         let last_chunk = *chunks.last().expect("a rank holds at least one chunk");
-        let (seed, first_mb) = (self.seed, (dp.rank * cfg.grad_accumulation) as u64);
+        let (seed, first_mb) = (self.seed, (dp.data_rank * cfg.grad_accumulation) as u64);
         let seed_micro = |j: usize| tch::manual_seed(torch_seed(seed, iteration, first_mb + j as u64));
         let objective = |logits: &Tensor, labels: &Tensor| -> anyhow::Result<Tensor> {
-            let ce = |l: &Tensor, t: &Tensor| last_chunk.language_model.token_losses(l, t, IGNORE);
-            Ok(objective(cfg.loss, &sample_losses_with(logits, labels, &ce)?, totals))
+            Ok(objective(cfg.loss, &model_sample_losses(&last_chunk.language_model, logits, labels)?, totals))
         };
         let ctx = StepContext {
             image_size: session.preset.vision.image_size,
@@ -841,7 +858,8 @@ impl Trainer {
             run.exchange_secs += outcome.exchange_secs;
             run.schedule_secs += outcome.total_secs;
         }
-        // The step loss and which parameters got gradients anywhere, in one all-reduce.
+        // The step loss and which parameters got gradients anywhere, in one all-reduce (over the
+        // replicas: context-parallel ranks each hold their part of the loss).
         let mut flags = vec![outcome.loss];
         flags.extend(opt.received().iter().map(|&g| if g { 1.0 } else { 0.0 }));
         let flags = dp.sum(&flags, "step loss and gradient presence")?; // SYNC
@@ -961,7 +979,8 @@ impl Trainer {
         let (dp, t) = (&self.dp, &self.totals);
         let secs = elapsed.as_secs_f64().max(1e-9);
         let tps = t.tokens as f64 / secs;
-        let ranks = if dp.size > 1 { format!(" over {} data-parallel ranks", dp.size) } else { String::new() };
+        let ranks =
+            if dp.data_size > 1 { format!(" over {} data-parallel ranks", dp.data_size) } else { String::new() };
         println!(
             "throughput{ranks}: {} iterations in {secs:.2} s ({:.1} ms per iteration), {} samples ({:.3} samples/s), \
              {} tokens ({tps:.1} tokens/s)",
@@ -1014,7 +1033,7 @@ impl Trainer {
             global_batch_size: self.cfg.global_batch_size as u64,
             lr: c.lr,
             loss: c.loss,
-            data_parallel_size: (dp.size > 1).then_some(dp.size),
+            data_parallel_size: (dp.data_size > 1).then_some(dp.data_size),
             // With pipeline stages each keeps its own beside its shards.
             optimizer_layout: match opt {
                 Optim::Sharded(z) if save_optim && dp.pp_size == 1 && dp.tp_size == 1 => Some(z.layout.clone()),
