@@ -370,10 +370,6 @@ fn rig_finetune_tiny_two_pipeline_stages_across_hosts_with_recomputation_and_res
     job.assert_clean(Duration::from_secs(10), true);
 }
 
-/// The seed's 78B layout through `launch`, shrunk: a model with InternViT-6B's 25 ViT heads and
-/// 8 LLM key/value heads at small width runs as TP 8 × PP 2 (16 ranks, MindSpeed's unaligned
-/// split 4,3,3,3,3,3,3,3 of the ViT heads) with one process's losses, saves one folder per
-/// (tp, pp) rank, and a second launch resumes from it.
 /// The seed's 8B recipe shape (pipeline stages, full recomputation) shrunk to the rig with
 /// context parallelism on: 2 SSH hosts × 2 ranks = 2 pipeline stages × 2 context-parallel ranks
 /// (Megatron's order: the context-parallel pair of a stage on one host, the stages across the
@@ -438,6 +434,10 @@ fn rig_finetune_tiny_context_parallel_pipeline_with_recomputation_resumes_exactl
     job.assert_clean(Duration::from_secs(10), true);
 }
 
+/// The seed's 78B layout through `launch`, shrunk: a model with InternViT-6B's 25 ViT heads and
+/// 8 LLM key/value heads at small width runs as TP 8 × PP 2 (16 ranks, MindSpeed's unaligned
+/// split 4,3,3,3,3,3,3,3 of the ViT heads) with one process's losses, saves one folder per
+/// (tp, pp) rank, and a second launch resumes from it.
 #[test]
 fn seed_78b_layout_shrunk_runs_tp8_pp2_through_the_launcher_and_resumes() {
     let dir = tempfile::Builder::new().prefix("mm-e2e-78b-").tempdir().unwrap();

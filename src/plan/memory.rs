@@ -130,7 +130,11 @@ pub fn options_that_fit(plan: &Plan, budget: f64) -> Vec<(String, f64)> {
             Knobs { pp, ..base.halve_dp(plan) },
         ));
     }
-    if base.dp % 2 == 0 {
+    // Twice the context-parallel ranks, where the plan would then accept them: the sequence
+    // splits into 2·cp chunks, and mm-engine runs megatron_cp_algo only.
+    let cp_runs = plan.template != Template::MmEngine
+        || plan.recipe.parallel.context_parallel_algo == mm_spec::layout::MM_ENGINE_CP_ALGO;
+    if base.dp % 2 == 0 && plan.recipe.train.seq_length % (4 * base.cp) == 0 && cp_runs {
         let cp = 2 * base.cp;
         singles.push((format!("--set parallel.cp={cp}"), Knobs { cp, ..base.halve_dp(plan) }));
     }

@@ -30,28 +30,17 @@
 //! Environment: BENCH_LLM_LAYERS (4), BENCH_SEQ (4096), BENCH_VOCAB (8192), BENCH_STEPS (2),
 //! BENCH_THREADS (all cores), BENCH_ONLY (a comma-separated subset of the setting names).
 
+mod common;
+
 use std::process::Command;
-use std::time::Instant;
+
+use common::{env, estimate_mib, measured_step, median, preset_2b};
 
 use mm_engine::model::recompute::Recompute;
 use mm_engine::model::{InternVL, ModelInput};
 use mm_engine::train::loss::{objective, sample_losses, LossReduction, StepTotals};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        f64::NAN
-    } else {
-        s[s.len() / 2]
-    }
-}
 
 /// The settings, by name: (granularity, method, num_layers) as the flags give them.
 fn settings(layers: usize) -> Vec<(String, Option<Recompute>)> {
@@ -67,49 +56,6 @@ fn settings(layers: usize) -> Vec<(String, Option<Recompute>)> {
     ]
 }
 
-/// The launcher's estimate of a step's peak above the model and its gradients, in MiB.
-fn estimate(layers: usize, seq: usize, vocab: usize, r: Option<Recompute>) -> f64 {
-    let mut model = mm_spec::preset("2b").expect("the 2b preset");
-    model.llm.num_hidden_layers = layers;
-    model.llm.vocab_size = vocab;
-    model.vision.num_hidden_layers = 1;
-    let chunks = [layers];
-    let input = mm_spec::memory::MemoryInput {
-        model: &model,
-        tp: 1,
-        cp: 1,
-        pp: 1,
-        dp: 1,
-        vpp: 1,
-        llm_chunks: &chunks,
-        micro_batch: 1,
-        grad_accumulation: 1,
-        seq_length: seq,
-        tiles_per_sample: 0,
-        element_bytes: 4,
-        distributed_optimizer: false,
-        sequence_parallel: false,
-        recompute: r,
-        freeze_vision: false,
-        freeze_projector: false,
-        freeze_llm: false,
-        drop_path: false,
-        vit_recompute: true,
-        cp_gathers_kv: true,
-    };
-    let s = input.estimate().peak().expect("one pipeline stage");
-    (s.activations + s.transient) / 1048576.0
-}
-
-fn status_kib(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// One setting in this process, measuring `what` (peak or time): prints one JSON line
 /// {"peak_mib": [...], "secs": [...], "loss": x}.
 fn child(name: &str, what: &str) {
@@ -118,10 +64,7 @@ fn child(name: &str, what: &str) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     tch::set_num_threads(env("BENCH_THREADS", cores) as i32);
     let recompute = settings(layers).into_iter().find(|(n, _)| n == name).expect("a known setting").1;
-    let mut preset = mm_spec::preset("2b").expect("the 2b preset");
-    preset.llm.num_hidden_layers = layers;
-    preset.llm.vocab_size = vocab;
-    preset.vision.num_hidden_layers = 1;
+    let preset = preset_2b(layers, vocab);
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     // No image in the sample: the context token id is outside the vocabulary.
@@ -135,28 +78,17 @@ fn child(name: &str, what: &str) {
     };
     let (mut peaks, mut secs, mut loss) = (Vec::new(), Vec::new(), f64::NAN);
     for i in 0..=steps {
-        let before = status_kib("VmRSS:");
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-        let t0 = Instant::now();
-        let logits = model.forward(&input, true).expect("forward");
-        let l = sample_losses(&logits, &ids);
-        drop(logits);
-        let totals = StepTotals { micro_batches: 1, samples: 1, tokens: l.counts.iter().sum() };
-        let obj = objective(LossReduction::Default, &l, totals);
-        obj.backward();
-        drop(l);
-        loss = obj.double_value(&[]);
-        drop(obj);
-        let dt = t0.elapsed().as_secs_f64();
-        let peak = status_kib("VmHWM:").saturating_sub(before);
-        for (_, v) in vs.variables() {
-            let mut g = v.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        let (peak, dt) = measured_step(&vs, || {
+            let logits = model.forward(&input, true).expect("forward");
+            let l = sample_losses(&logits, &ids);
+            drop(logits);
+            let totals = StepTotals { micro_batches: 1, samples: 1, tokens: l.counts.iter().sum() };
+            let obj = objective(LossReduction::Default, &l, totals);
+            obj.backward();
+            loss = obj.double_value(&[]);
+        });
         if i > 0 {
-            peaks.push(peak as f64 / 1024.0);
+            peaks.push(peak);
             secs.push(dt);
         }
     }
@@ -204,7 +136,7 @@ fn main() {
         let (pv, v) = (run("peak"), run("time"));
         let (peak, secs) = (median(&nums(&pv, "peak_mib")), median(&nums(&v, "secs")));
         let (p0, s0) = *base.get_or_insert((peak, secs));
-        let est = estimate(layers, seq, vocab, setting);
+        let est = estimate_mib(&preset_2b(layers, vocab), 1, seq, setting);
         println!(
             "{name:<18} {peak:>10.0} {:>8.2} {est:>13.0} {:>9.2} {secs:>9.2} {:>8.2} {:>10.6}",
             p0 / peak,

@@ -12,7 +12,7 @@ mod ranks;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use ranks::{launch, steps, text};
+use ranks::{assert_steps_close, launch, steps, text, validation_losses};
 
 const ITERS: u64 = 5;
 
@@ -45,16 +45,7 @@ fn single() -> &'static Vec<(u64, f64, f64)> {
 fn matches_single(world: usize, extra: &str) -> Vec<(u64, f64, f64)> {
     let outs = launch(world, &train_args(extra));
     let got = steps(&outs[0]);
-    assert_eq!(got.iter().map(|s| s.0).collect::<Vec<_>>(), (1..=ITERS).collect::<Vec<_>>(), "{}", text(&outs[0]));
-    let mut worst = 0f64;
-    for ((i, l, n), (_, wl, wn)) in got.iter().zip(single()) {
-        let (rl, rn) = ((l - wl).abs() / wl.abs(), (n - wn).abs() / wn.abs());
-        assert!(
-            rl <= 1e-5 && rn <= 1e-5,
-            "{extra}: iteration {i}: loss {l} vs {wl} ({rl:e}), norm {n} vs {wn} ({rn:e})"
-        );
-        worst = worst.max(rl).max(rn);
-    }
+    let worst = assert_steps_close(&format!("{extra}\n{}", text(&outs[0])), &got, single(), 1e-5);
     let log = String::from_utf8_lossy(&outs[0].stdout);
     assert!(log.contains("context parallelism: the sequence in 4 load-balanced chunks over 2 ranks"), "{log}");
     eprintln!("{world} ranks {extra}: largest relative difference {worst:e}");
@@ -93,6 +84,32 @@ fn context_parallel_ranks_with_full_and_selective_recomputation() {
         &format!("{CP2} --recompute-granularity full --recompute-method uniform --recompute-num-layers 2"),
     );
     matches_single(2, &format!("{CP2} --recompute-granularity selective"));
+}
+
+/// Micro batches of two samples (the shorter one padded), the per-sample and per-token loss
+/// reductions (their counts are the whole samples', which every context-parallel rank reads from
+/// the labels) and evaluation (each rank scores its part of the sequence): one process's losses,
+/// gradient norms and validation losses within 1e-5.
+#[test]
+fn two_sample_micro_batches_the_other_loss_reductions_and_evaluation() {
+    for reduction in ["per_sample", "per_token"] {
+        let args = |extra: &str| {
+            let mut a = train_args(&format!("--loss-reduction {reduction} --eval-interval 2 --eval-iters 3 {extra}"));
+            let at = a.iter().position(|x| x == "--micro-batch-size").unwrap() + 1;
+            a[at] = "2".into();
+            a
+        };
+        let one = launch(1, &args(""));
+        let cp = launch(2, &args(CP2));
+        let want = steps(&one[0]);
+        assert_eq!(want.len(), ITERS as usize, "{}", text(&one[0]));
+        assert_steps_close(&format!("{reduction}\n{}", text(&cp[0])), &steps(&cp[0]), &want, 1e-5);
+        let (want, got) = (validation_losses(&one[0]), validation_losses(&cp[0]));
+        assert_eq!((want.len(), got.len()), (2, 2), "{reduction}: {}", text(&cp[0]));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() / w.abs() <= 1e-5, "{reduction}: validation loss {g} vs {w}");
+        }
+    }
 }
 
 /// A save at iteration 2 resumes to the bits of the run that did not stop.

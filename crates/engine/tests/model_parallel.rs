@@ -342,13 +342,7 @@ fn exports_like_the_checkpoint(iter: &Path, work: &Path) {
 #[test]
 fn evaluation_runs_through_stages_and_slices() {
     let eval = "--eval-interval 2 --eval-iters 3";
-    let validation = |o: &Output| -> Vec<f64> {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| l.split(" validation loss at iteration ").nth(1))
-            .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
-            .collect()
-    };
+    let validation = ranks::validation_losses;
     let want = validation(&launch(1, &train_args(eval))[0]);
     assert_eq!(want.len(), 2, "two evaluations in 4 iterations");
     for (world, extra) in [(2, "--pipeline-model-parallel-size 2"), (2, "--tensor-model-parallel-size 2")] {

@@ -11,7 +11,7 @@ mod ranks;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use ranks::{launch, steps, text};
+use ranks::{assert_steps_close, launch, steps, text};
 
 const ITERS: u64 = 5;
 
@@ -46,16 +46,7 @@ fn matches_single(world: usize, extra: &str) -> f64 {
     let tolerance = if world == 1 { 0.0 } else { 1e-5 };
     let outs = launch(world, &train_args(extra));
     let got = steps(&outs[0]);
-    assert_eq!(got.iter().map(|s| s.0).collect::<Vec<_>>(), (1..=ITERS).collect::<Vec<_>>(), "{}", text(&outs[0]));
-    let mut worst = 0f64;
-    for ((i, l, n), (_, wl, wn)) in got.iter().zip(single()) {
-        let (rl, rn) = ((l - wl).abs() / wl.abs(), (n - wn).abs() / wn.abs());
-        assert!(
-            rl <= tolerance && rn <= tolerance,
-            "{extra}: iteration {i}: loss {l} vs {wl} ({rl:e}), norm {n} vs {wn} ({rn:e})"
-        );
-        worst = worst.max(rl).max(rn);
-    }
+    let worst = assert_steps_close(&format!("{extra}\n{}", text(&outs[0])), &got, single(), tolerance);
     eprintln!("{world} rank(s) {extra}: largest relative difference {worst:e}");
     worst
 }

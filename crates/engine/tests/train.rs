@@ -240,12 +240,13 @@ fn unsupported_flags_fail_with_a_clear_message() {
         .args(["train", "--data-path"])
         .arg(d.join("data/train.jsonl"))
         .args(["--lr", "0.001", "--train-iters", "2", "--context-parallel-size", "2", "--fp16"])
+        .args(["--context-parallel-algo", "ulysses_cp_algo"])
         .args(["--pipeline-model-parallel-size", "1", "--tensor-model-parallel-size", "1"])
         .output()
         .unwrap();
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("--context-parallel-size 2: mm-engine runs data, tensor (with sequence parallelism)"), "{t}");
+    assert!(t.contains("--context-parallel-algo ulysses_cp_algo: mm-engine runs data, tensor"), "{t}");
     assert!(t.contains("--fp16"), "every problem is reported at once: {t}");
     // WORLD_SIZE > 1 is data parallelism, which needs the rest of the launcher's environment.
     let o = train_cmd("--lr 0.001 --train-iters 2").env("WORLD_SIZE", "2").env_remove("RANK").output().unwrap();

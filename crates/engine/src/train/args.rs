@@ -310,7 +310,7 @@ fn parse_list(s: &str) -> Option<Vec<usize>> {
     s.split(',').map(|x| x.trim().parse().ok()).collect()
 }
 
-/// Why cp > 1 is refused.
+/// What mm-engine runs (quoted when a layout setting is refused).
 pub use mm_spec::layout::MM_ENGINE_LIMITS as LIMITS;
 
 /// Every problem [`TrainArgs::validate`] found, one per line, and whether they are all about
@@ -338,7 +338,7 @@ impl std::ops::Deref for FlagErrors {
 
 impl TrainArgs {
     /// Checks everything that does not need the model, reporting all problems at once.
-    /// `world_size` ranks: pipeline stages × data-parallel replicas.
+    /// `world_size` ranks: tensor × context × pipeline × data-parallel ranks.
     pub fn validate(&self, world_size: usize) -> Result<Resolved, FlagErrors> {
         let mut errs: Vec<String> = Vec::new();
         // Problems of the parallel layout alone (exit code 3 when they are all there is).

@@ -69,7 +69,8 @@ pub struct TrainerState {
     pub lr: f64,
     /// Loss of the last iteration (informational).
     pub loss: f64,
-    /// Data-parallel ranks of the run that saved it (informational; absent: one).
+    /// Data-parallel ranks of the run that saved it (informational; absent: one). With context
+    /// parallelism the distributed optimizer's shards are data × context (`optimizer_layout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_parallel_size: Option<usize>,
     /// The flat layout of a distributed optimizer's shards (absent: per-parameter state).

@@ -37,7 +37,8 @@ use crate::dist::groups::ParallelGroups;
 /// Default gradient bucket size (Megatron/DDP use buckets of tens of MB).
 pub const DEFAULT_BUCKET_MB: f64 = 25.0;
 
-/// This rank's place in the data-parallel, pipeline and tensor-parallel groups, and the groups.
+/// This rank's place in the data-parallel, context-parallel, pipeline and tensor-parallel
+/// groups, and the groups.
 pub struct Parallel {
     /// Rank inside the replica group (data × context parallel: the ranks that hold the same
     /// parameters), and its size.

@@ -1,5 +1,5 @@
 //! The training loop, top to bottom: lr → micro batches (forward, loss, backward) → gradient
-//! reduction over the data-parallel ranks → clip → AdamW step → log → eval → checkpoint.
+//! reduction over the replicas (data × context parallel ranks) → clip → AdamW step → log → eval → checkpoint.
 //! [`Trainer::setup`] does everything before the first step (rendezvous, model, resume state,
 //! optimizer, data), [`Trainer::step`] one optimizer step, [`Trainer::run`] the loop with its
 //! logging, evaluation, checkpoints and exit, then the summary. The flags arrive checked, as a
@@ -13,7 +13,7 @@
 //! see the samples and randomness one rank would.
 //!
 //! Output: every rank prints plain text; only global rank 0 prints `@@mm-progress` lines
-//! (throughput over the whole data-parallel group) and only DP rank 0 writes the shared
+//! (throughput over the whole data-parallel group) and only replica rank 0 (data × context) writes the shared
 //! checkpoint files.
 //!
 //! Flight recorder (`dist::flight`, the rank state file): the phase goes Rendezvous (until the
@@ -139,7 +139,8 @@ fn evaluate(
     Ok(total / iters.max(1) as f64)
 }
 
-/// The optimizer: AdamW on every rank (replicated state), or ZeRO-1 over the DP group.
+/// The optimizer: AdamW on every rank (replicated state), or ZeRO-1 over the replica group
+/// (data × context parallel).
 enum Optim {
     Replicated(AdamW),
     Sharded(ZeroAdamW),
@@ -161,7 +162,7 @@ impl Optim {
         }
     }
 
-    /// Sums the gradients over the DP group. `received`: the parameters some rank has a
+    /// Sums the gradients over the replica group (data × context parallel). `received`: the parameters some rank has a
     /// gradient for (a rank without one contributes zeros).
     fn reduce(&mut self, dp: &Parallel, received: &[bool], bucket_bytes: usize) -> Result<(), DistError> {
         match self {
@@ -607,7 +608,7 @@ impl Trainer {
 
         // Replicas start identical whatever each rank loaded or initialized.
         let all_params: Vec<Tensor> = session.named_parameters().into_iter().map(|(_, t)| t).collect();
-        dp.broadcast(&all_params, cfg.bucket_bytes, "initial parameters from data-parallel rank 0")?; // SYNC
+        dp.broadcast(&all_params, cfg.bucket_bytes, "initial parameters from replica rank 0")?; // SYNC
 
         let tag = run_tag(&dp)?; // SYNC
 

@@ -124,3 +124,33 @@ pub fn steps(o: &Output) -> Vec<(u64, f64, f64)> {
         })
         .collect()
 }
+
+/// The `lm loss` of each ` validation loss at iteration N` line a rank printed, in order.
+pub fn validation_losses(o: &Output) -> Vec<f64> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split(" validation loss at iteration ").nth(1))
+        .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Asserts that `got`'s losses and gradient norms are `want`'s, step by step, within
+/// `tolerance` relative (0: equal), naming `what` and the step that is not; returns the
+/// largest relative difference.
+pub fn assert_steps_close(what: &str, got: &[(u64, f64, f64)], want: &[(u64, f64, f64)], tolerance: f64) -> f64 {
+    assert_eq!(
+        got.iter().map(|s| s.0).collect::<Vec<_>>(),
+        want.iter().map(|s| s.0).collect::<Vec<_>>(),
+        "{what}: the iterations differ"
+    );
+    let mut worst = 0f64;
+    for ((i, l, n), (_, wl, wn)) in got.iter().zip(want) {
+        let (rl, rn) = ((l - wl).abs() / wl.abs(), (n - wn).abs() / wn.abs());
+        assert!(
+            rl <= tolerance && rn <= tolerance,
+            "{what}: iteration {i}: loss {l} vs {wl} ({rl:e}), norm {n} vs {wn} ({rn:e})"
+        );
+        worst = worst.max(rl).max(rn);
+    }
+    worst
+}

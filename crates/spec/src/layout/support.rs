@@ -4,9 +4,9 @@
 
 /// Why mm-engine cannot run a layout yet; the engine and the launcher both quote it.
 pub const MM_ENGINE_LIMITS: &str =
-    "mm-engine runs data, tensor (with sequence parallelism), context (megatron_cp_algo) and pipeline \
-     parallelism (1F1B, interleaved with a virtual pipeline) with the ViT on the first pipeline chunk; \
-     other context-parallel algorithms (Ulysses, hybrid) are not built: use the MindSpeed-MM engine for them";
+    "mm-engine runs data, tensor (with sequence parallelism), context (megatron_cp_algo only: Ulysses and \
+     hybrid are not built) and pipeline parallelism (1F1B, interleaved with a virtual pipeline) with the ViT \
+     on the first pipeline chunk; use the MindSpeed-MM engine for other layouts";
 
 /// The context-parallel algorithm mm-engine runs (Megatron's load-balanced sequence split).
 pub const MM_ENGINE_CP_ALGO: &str = "megatron_cp_algo";
