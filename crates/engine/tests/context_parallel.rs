@@ -10,7 +10,6 @@
 mod ranks;
 
 use std::path::Path;
-use std::sync::OnceLock;
 
 use ranks::{assert_steps_close, launch, steps, text, validation_losses};
 
@@ -31,13 +30,7 @@ fn train_args(extra: &str) -> Vec<String> {
 
 /// One process, the whole sequence.
 fn single() -> &'static Vec<(u64, f64, f64)> {
-    static ONE: OnceLock<Vec<(u64, f64, f64)>> = OnceLock::new();
-    ONE.get_or_init(|| {
-        let o = launch(1, &train_args(""));
-        let s = steps(&o[0]);
-        assert_eq!(s.len(), ITERS as usize, "{}", text(&o[0]));
-        s
-    })
+    ranks::single_once(&train_args(""), ITERS as usize)
 }
 
 /// Runs `world` ranks with `extra` and compares rank 0's losses and gradient norms with one

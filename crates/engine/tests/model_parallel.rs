@@ -11,7 +11,6 @@ mod ranks;
 
 use std::path::Path;
 use std::process::Output;
-use std::sync::OnceLock;
 
 use ranks::{engine, launch, steps, text};
 
@@ -29,13 +28,7 @@ fn train_args(extra: &str) -> Vec<String> {
 }
 
 fn single() -> &'static Vec<(u64, f64, f64)> {
-    static ONE: OnceLock<Vec<(u64, f64, f64)>> = OnceLock::new();
-    ONE.get_or_init(|| {
-        let o = launch(1, &train_args(""));
-        let s = steps(&o[0]);
-        assert_eq!(s.len(), 4, "{}", text(&o[0]));
-        s
-    })
+    ranks::single_once(&train_args(""), 4)
 }
 
 /// Runs `world` ranks with `extra` and compares rank 0's losses and norms with one process's.

@@ -154,3 +154,15 @@ pub fn assert_steps_close(what: &str, got: &[(u64, f64, f64)], want: &[(u64, f64
     }
     worst
 }
+
+/// One process's (iteration, loss, grad norm) of `args`, run once per test binary (the first
+/// call's arguments make it), which must report `iters` steps.
+pub fn single_once(args: &[String], iters: usize) -> &'static Vec<(u64, f64, f64)> {
+    static ONE: OnceLock<Vec<(u64, f64, f64)>> = OnceLock::new();
+    ONE.get_or_init(|| {
+        let o = launch(1, args);
+        let s = steps(&o[0]);
+        assert_eq!(s.len(), iters, "{}", text(&o[0]));
+        s
+    })
+}
