@@ -698,7 +698,11 @@ fn launch_stop_saves_at_an_agreed_iteration_and_a_relaunch_ends_on_the_same_loss
     let tracker = std::fs::read_to_string(dir.path().join("runs/tiny/save-stop/latest_checkpointed_iteration.txt"))
         .unwrap_or_else(|e| {
             let run = std::fs::canonicalize(logs.join("latest")).unwrap();
-            panic!("no tracker ({e}); stderr:\n{err}\nrank 0:\n{}", read(&run.join("localhost/rank-0.log")))
+            panic!(
+                "no tracker ({e}); stderr:\n{err}\nrank 0:\n{}\nrank 1:\n{}",
+                read(&run.join("localhost/rank-0.log")),
+                read(&run.join("localhost/rank-1.log"))
+            )
         });
     let n: u64 = tracker.trim().parse().unwrap();
     assert!((8..80).contains(&n), "stopped at {n}");

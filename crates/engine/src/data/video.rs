@@ -20,18 +20,30 @@ pub struct VideoInfo {
     pub height: u32,
 }
 
+/// How often a decoder killed by a signal is run again before its record counts as bad.
+const SIGNAL_RETRIES: usize = 3;
+
+/// Runs `cmd` to its output. A decoder killed by a signal says nothing about the file: the
+/// signal was meant for the rank's process group, which the decoder shares (the launcher's
+/// SIGTERM on `launch stop` or a preemption, which the rank answers by stopping after its
+/// step, and which must not turn a good video into a bad record): it runs again, up to
+/// [`SIGNAL_RETRIES`] times.
 fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>, String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("cannot run {what} (is ffmpeg installed?): {e}"))?;
-    if !out.status.success() {
+    use std::os::unix::process::ExitStatusExt;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut retries = 0;
+    loop {
+        let out = cmd.output().map_err(|e| format!("cannot run {what} (is ffmpeg installed?): {e}"))?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        if out.status.signal().is_some() && retries < SIGNAL_RETRIES {
+            retries += 1;
+            continue;
+        }
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(format!("{what} failed ({}): {}", out.status, err.trim().lines().last().unwrap_or("")));
     }
-    Ok(out.stdout)
 }
 
 pub fn probe(path: &Path) -> Result<VideoInfo, String> {
@@ -112,6 +124,21 @@ pub fn read_frames(path: &Path, info: VideoInfo, indices: &[usize]) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decoder_killed_by_a_signal_runs_again_and_a_failing_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("ran");
+        // Killed by SIGTERM the first time (as the rank's process group is on a stop), fine then.
+        let script = format!("if [ -e '{0}' ]; then printf ok; else touch '{0}'; kill -TERM $$; fi", mark.display());
+        assert_eq!(run(Command::new("sh").args(["-c", &script]), "decoder").unwrap(), b"ok");
+        // Killed every time: an error after the retries, naming the signal.
+        let e = run(Command::new("sh").args(["-c", "kill -TERM $$"]), "decoder").unwrap_err();
+        assert!(e.contains("decoder failed") && e.contains("SIGTERM"), "{e}");
+        // An exit code is the file's problem: no retry.
+        let e = run(Command::new("sh").args(["-c", "echo broken >&2; exit 1"]), "decoder").unwrap_err();
+        assert!(e.contains("exit status: 1") && e.contains("broken"), "{e}");
+    }
 
     #[test]
     fn indices_fall_in_the_reference_ranges() {
