@@ -49,6 +49,7 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .file("csrc/c10d_shim.cpp")
         .file("csrc/recompute.cpp")
+        .file("csrc/ring_attention.cpp")
         .file("csrc/tp_regions.cpp");
 
     if let Some(includes) = nccl_headers(&torch_dir, &lib) {

@@ -71,7 +71,8 @@ fn input<'a>(plan: &'a Plan, model: &'a ModelPreset, chunks: &'a [usize], k: Kno
         freeze_llm: t.freeze_llm,
         drop_path: t.vit_drop_path_rate.unwrap_or(model.vision.drop_path_rate) > 0.0,
         vit_recompute: plan.template == Template::MmEngine,
-        cp_gathers_kv: plan.template == Template::MmEngine,
+        // mm-engine's default exchange, as the launcher renders it, is the ring.
+        cp_gathers_kv: false,
     }
 }
 

@@ -1,5 +1,5 @@
-//! Per-rank peak memory and step time of context parallelism, CP1 against CP2, side by side in
-//! one run.
+//! Per-rank peak memory and step time of context parallelism, CP1 against CP2 with the keys and
+//! values all-gathered and around a ring, side by side in one run.
 //!
 //!   cargo bench -p mm-engine --bench context_parallel
 //!
@@ -16,8 +16,8 @@
 //! /proc/self/clear_refs) above the resident size before it, in a process that returns large
 //! blocks to the system at once (MALLOC_MMAP_THRESHOLD_); the time is the wall clock of the
 //! step. Printed per setting: the largest rank peak, its ratio to CP1, the launcher's estimate
-//! (`mm_spec::memory`, with the keys and values all-gathered) and its ratio to the peak, the
-//! median step time and its ratio to CP1, and the loss (the same for both: a check).
+//! (`mm_spec::memory`, for the same exchange) and its ratio to the peak, the median step time
+//! and its ratio to CP1, and the loss (the same for all: a check).
 //!
 //! Environment: BENCH_LLM_LAYERS (2), BENCH_SEQ (8192), BENCH_VOCAB (8192), BENCH_STEPS (1).
 
@@ -28,7 +28,7 @@ use std::process::Command;
 use common::{env, estimate_mib, measured_step, median, preset_2b};
 
 use mm_engine::dist::env::DistEnv;
-use mm_engine::model::cp::Cp;
+use mm_engine::model::cp::{Cp, KvExchange};
 use mm_engine::model::{InternVL, ModelInput};
 use mm_engine::train::loss::{model_sample_losses, objective, LossReduction, StepTotals};
 use mm_engine::train::parallel::Parallel;
@@ -48,7 +48,9 @@ fn rank() {
     let vs = VarStore::new(Device::Cpu);
     // No image in the sample: the context token id is outside the vocabulary.
     let mut model = InternVL::new(&vs.root(), &preset, vocab as i64 + 1, false);
-    model.set_context_parallel(par.cp_group().map(Cp::new).unwrap_or_else(Cp::single));
+    let exchange: KvExchange =
+        std::env::var("CP_BENCH_EXCHANGE").unwrap_or_default().parse().unwrap_or(KvExchange::Ring);
+    model.set_context_parallel(par.cp_group().map(|g| Cp::new(g, exchange)).unwrap_or_else(Cp::single));
     let ids = Tensor::randint(vocab as i64, [1, seq as i64], (Kind::Int64, Device::Cpu));
     let input = ModelInput {
         input_ids: ids.shallow_clone(),
@@ -86,18 +88,19 @@ fn main() {
          text sample of {seq} tokens; median over BENCH_STEPS steps after one warm-up, the cores shared by the ranks"
     );
     println!(
-        "{:<6} {:>15} {:>8} {:>13} {:>9} {:>9} {:>8} {:>10}",
-        "cp", "rank peak MiB", "÷ (cp1)", "estimate MiB", "est/peak", "step s", "× (cp1)", "loss"
+        "{:<16} {:>15} {:>8} {:>13} {:>9} {:>9} {:>8} {:>10}",
+        "setting", "rank peak MiB", "÷ (cp1)", "estimate MiB", "est/peak", "step s", "× (cp1)", "loss"
     );
     let exe = std::env::current_exe().expect("this bench's path");
     let model = preset_2b(layers, vocab);
     let mut base: Option<(f64, f64)> = None;
-    for cp in [1usize, 2] {
+    for (cp, exchange) in [(1usize, KvExchange::Ring), (2, KvExchange::AllGather), (2, KvExchange::Ring)] {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port();
         let children: Vec<_> = (0..cp)
             .map(|r| {
                 Command::new(&exe)
                     .env("CP_BENCH_RANK", r.to_string())
+                    .env("CP_BENCH_EXCHANGE", exchange.name())
                     .env("RANK", r.to_string())
                     .env("LOCAL_RANK", r.to_string())
                     .env("WORLD_SIZE", cp.to_string())
@@ -125,9 +128,10 @@ fn main() {
         let peak = outs.iter().map(|o| median(&nums(o, "peak_mib"))).fold(0.0, f64::max);
         let secs = outs.iter().map(|o| median(&nums(o, "secs"))).fold(0.0, f64::max);
         let (p0, s0) = *base.get_or_insert((peak, secs));
-        let est = estimate_mib(&model, cp, seq, None);
+        let est = estimate_mib(&model, cp, exchange == KvExchange::AllGather, seq, None);
+        let name = if cp == 1 { "cp 1".to_string() } else { format!("cp {cp} {}", exchange.name()) };
         println!(
-            "{cp:<6} {peak:>15.0} {:>8.2} {est:>13.0} {:>9.2} {secs:>9.2} {:>8.2} {:>10.6}",
+            "{name:<16} {peak:>15.0} {:>8.2} {est:>13.0} {:>9.2} {secs:>9.2} {:>8.2} {:>10.6}",
             p0 / peak,
             est / peak,
             secs / s0,

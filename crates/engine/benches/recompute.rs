@@ -136,7 +136,7 @@ fn main() {
         let (pv, v) = (run("peak"), run("time"));
         let (peak, secs) = (median(&nums(&pv, "peak_mib")), median(&nums(&v, "secs")));
         let (p0, s0) = *base.get_or_insert((peak, secs));
-        let est = estimate_mib(&preset_2b(layers, vocab), 1, seq, setting);
+        let est = estimate_mib(&preset_2b(layers, vocab), 1, false, seq, setting);
         println!(
             "{name:<18} {peak:>10.0} {:>8.2} {est:>13.0} {:>9.2} {secs:>9.2} {:>8.2} {:>10.6}",
             p0 / peak,

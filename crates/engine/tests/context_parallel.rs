@@ -1,8 +1,9 @@
 //! Context parallelism end to end: the built `mm-engine` as 2 and 4 processes on 127.0.0.1
 //! (Gloo over loopback) splits each sample's sequence into 2·cp load-balanced chunks and gives
 //! the single-process losses and gradient norms within 1e-5 relative over 5 iterations, alone
-//! and with tensor-parallel slices (sequence parallelism), pipeline stages, data-parallel
-//! replicas with the distributed optimizer, and recomputation; a save resumes exactly. The
+//! (CP 2 and CP 4) and with tensor-parallel slices (sequence parallelism), pipeline stages,
+//! data-parallel replicas with the distributed optimizer, and recomputation, with the keys and
+//! values around a ring (the default) or all-gathered; a save resumes exactly. The
 //! tiny model's samples have every length, so most batches are padded to a multiple of 2·cp and
 //! chunks of both real and padding tokens occur. The ViT keeps drop path (0.3 on its last
 //! layer): context-parallel ranks must draw the same masks for the same micro batch.
@@ -40,7 +41,13 @@ fn matches_single(world: usize, extra: &str) -> Vec<(u64, f64, f64)> {
     let got = steps(&outs[0]);
     let worst = assert_steps_close(&format!("{extra}\n{}", text(&outs[0])), &got, single(), 1e-5);
     let log = String::from_utf8_lossy(&outs[0].stdout);
-    assert!(log.contains("context parallelism: the sequence in 4 load-balanced chunks over 2 ranks"), "{log}");
+    let cp = if extra.contains("--context-parallel-size 4") { 4 } else { 2 };
+    let exchange = if extra.contains("all-gather") { "all-gathered" } else { "around a ring" };
+    let want = format!(
+        "the sequence in {} load-balanced chunks over {cp} ranks (megatron_cp_algo; keys and values {exchange})",
+        2 * cp
+    );
+    assert!(log.contains(&want), "{log}");
     eprintln!("{world} ranks {extra}: largest relative difference {worst:e}");
     got
 }
@@ -50,6 +57,29 @@ const CP2: &str = "--context-parallel-size 2";
 #[test]
 fn two_context_parallel_ranks() {
     matches_single(2, &format!("{CP2} --context-parallel-algo megatron_cp_algo"));
+}
+
+/// The ring in tiles of a few query rows (MM_RING_TILE_SCORES; the default tile holds the tiny
+/// model's whole block), some of them skipped where no query sees a key of the block.
+#[test]
+fn ring_blocks_in_tiles_of_query_rows() {
+    let outs = ranks::launch_with(2, &train_args(CP2), &[("MM_RING_TILE_SCORES", "4096")]);
+    assert_steps_close(&format!("tiles\n{}", text(&outs[0])), &steps(&outs[0]), single(), 1e-5);
+}
+
+/// Four ranks: each holds two of 8 chunks, and the ring takes three hops (odd and even ranks
+/// post their transfers in opposite orders).
+#[test]
+fn four_context_parallel_ranks() {
+    matches_single(4, "--context-parallel-size 4");
+}
+
+/// The all-gather exchange (every rank attends to the whole sequence's keys and values) alone
+/// and with sequence-parallel tensor slices.
+#[test]
+fn all_gathered_keys_and_values() {
+    matches_single(2, &format!("{CP2} --cp-kv-exchange all-gather"));
+    matches_single(4, &format!("{CP2} --cp-kv-exchange all-gather --tensor-model-parallel-size 2 --sequence-parallel"));
 }
 
 #[test]

@@ -29,9 +29,11 @@
 //!   and its rotated half, k likewise; the attention's own saved q, k, v (k and v repeated to
 //!   the query heads) and output, the output projection's input; the MLP's input; gate, SiLU,
 //!   up and their product. Flash attention keeps no s×s matrix.
-//! - with mm-engine's context parallelism (keys and values all-gathered) the attention also
-//!   keeps the other ranks' keys and values: e·N·(cp − 1)·2h/t (repeated to the query heads),
-//!   or e·N·(cp − 1)·2k/t with selective recomputation;
+//! - with context parallelism over a ring (Megatron's, mm-engine's default) the attention core
+//!   keeps its q, k, v and output without repeating k and v (5h/t + 4k/t in place of
+//!   7h/t + 2k/t, with or without selective recomputation); with mm-engine's all-gathered keys
+//!   and values it also keeps the other ranks' keys and values: e·N·(cp − 1)·2h/t (repeated
+//!   to the query heads), or e·N·(cp − 1)·2k/t with selective recomputation;
 //! - selective recomputation drops what the attention core keeps (its repeated k, v and its
 //!   output: 3h/t − 2k/t fewer per token) and keeps its inputs;
 //! - full recomputation keeps only each group's input (e·N·h/σ) and reruns one group at a
@@ -87,9 +89,11 @@ pub struct MemoryInput<'a> {
     /// `recompute` applies to the ViT's layers too (mm-engine's behaviour; MindSpeed-MM's
     /// model.json from the launcher sets it for the LLM only).
     pub vit_recompute: bool,
-    /// Context parallelism all-gathers the keys and values (mm-engine's): each layer's attention
-    /// keeps them for the whole sequence, not for the rank's share (Megatron's ring keeps one
-    /// remote chunk at a time).
+    /// Context parallelism all-gathers the keys and values (mm-engine's `--cp-kv-exchange
+    /// all-gather`): each layer's attention keeps them for the whole sequence. Otherwise (the
+    /// ring, Megatron's and mm-engine's default) the attention keeps its own share of q, k, v
+    /// (not repeated to the query heads), its output and log-sum-exp, with or without selective
+    /// recomputation.
     pub cp_gathers_kv: bool,
 }
 
@@ -135,7 +139,16 @@ impl MemoryInput<'_> {
             (l.hidden_size as f64, (l.num_key_value_heads * l.head_dim()) as f64, l.intermediate_size as f64);
         let (t, e) = (self.tp as f64, self.element_bytes as f64);
         let sigma = if self.sequence_parallel { t } else { 1.0 };
-        let attention = if selective { 4.0 * h / t + 4.0 * k / t } else { 7.0 * h / t + 2.0 * k / t };
+        let ring = self.cp > 1 && !self.cp_gathers_kv;
+        let attention = if ring {
+            // The ring's core keeps k and v once per kv head (2k, not 2h): nothing for selective
+            // recomputation to drop.
+            5.0 * h / t + 4.0 * k / t
+        } else if selective {
+            4.0 * h / t + 4.0 * k / t
+        } else {
+            7.0 * h / t + 2.0 * k / t
+        };
         // Gathered keys and values: the other ranks' share of the sequence too (repeated to the
         // query heads, or as the recomputed core's inputs with selective recomputation).
         let gathered = if self.cp_gathers_kv && self.cp > 1 {

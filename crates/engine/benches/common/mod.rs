@@ -57,8 +57,14 @@ pub fn measured_step(vs: &VarStore, step: impl FnOnce()) -> (f64, f64) {
 
 /// The launcher's estimate (`mm_spec::memory`) of a rank's step peak above the model and its
 /// gradients, in MiB: one text sample of `seq` tokens in fp32, `cp` context-parallel ranks
-/// (keys and values all-gathered, as mm-engine does), recomputation `r`.
-pub fn estimate_mib(model: &mm_spec::ModelPreset, cp: usize, seq: usize, r: Option<Recompute>) -> f64 {
+/// (keys and values all-gathered when `gathers_kv`, else around a ring), recomputation `r`.
+pub fn estimate_mib(
+    model: &mm_spec::ModelPreset,
+    cp: usize,
+    gathers_kv: bool,
+    seq: usize,
+    r: Option<Recompute>,
+) -> f64 {
     let chunks = [model.llm.num_hidden_layers];
     let input = mm_spec::memory::MemoryInput {
         model,
@@ -81,7 +87,7 @@ pub fn estimate_mib(model: &mm_spec::ModelPreset, cp: usize, seq: usize, r: Opti
         freeze_llm: false,
         drop_path: false,
         vit_recompute: true,
-        cp_gathers_kv: true,
+        cp_gathers_kv: gathers_kv,
     };
     let s = input.estimate().peak().expect("one pipeline stage");
     (s.activations + s.transient) / 1048576.0

@@ -84,6 +84,16 @@ extern "C" {
         n: usize,
         out: *mut RawTensor,
     ) -> *mut c_char;
+    fn mm_cp_ring_attention(
+        pg: *mut RawPg,
+        q: RawTensor,
+        k: RawTensor,
+        v: RawTensor,
+        positions: RawTensor,
+        valid: RawTensor,
+        tile_scores: i64,
+        out: *mut RawTensor,
+    ) -> *mut c_char;
     fn mm_sp_scatter_first(
         pg: *mut RawPg,
         x: RawTensor,
@@ -109,6 +119,7 @@ impl ProcessGroup {
             "reduce_from_tp_region" => Some("all_reduce"),
             "gather_from_tp_region" | "gather_from_sp_region" => Some("all_gather"),
             "reduce_scatter_to_sp_region" => Some("reduce_scatter"),
+            "ring_attention" => Some("send/recv ring"),
             _ => None,
         };
         match forward.filter(|_| self.size > 1) {
@@ -171,6 +182,36 @@ impl ProcessGroup {
     /// gradient's rows.
     pub fn reduce_scatter_to_sp_region(&self, x: &Tensor, sizes: Option<&[i64]>) -> Result<Tensor, DistError> {
         self.sized("reduce_scatter_to_sp_region", mm_sp_reduce_scatter_first, x, sizes)
+    }
+
+    /// Context parallelism's attention (csrc/ring_attention.cpp): this rank's queries `q`
+    /// [B, H, Tl, D] against every rank's keys and values, which travel around the group's ring
+    /// (`k`, `v` [B, KV, Tl, D]: this rank's), blockwise with a running log-sum-exp merge; the
+    /// backward sends the keys and values around again with their gradients. `positions`
+    /// [cp, Tl] (int64) are every rank's global token positions, `valid` [B, T] (bool) the
+    /// padded sequence's real tokens: a key is seen when it is real and not after the query.
+    /// A block is computed in tiles of query rows of at most `tile_scores` scores (above 0).
+    pub fn ring_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        positions: &Tensor,
+        valid: &Tensor,
+        tile_scores: i64,
+    ) -> Result<Tensor, DistError> {
+        self.region("ring_attention", k, |out| unsafe {
+            mm_cp_ring_attention(
+                self.raw(),
+                Self::ptr(q),
+                Self::ptr(k),
+                Self::ptr(v),
+                Self::ptr(positions),
+                Self::ptr(valid),
+                tile_scores,
+                out,
+            )
+        })
     }
 
     /// Entry to sequence parallelism (e.g. after the embedding): the forward keeps this rank's

@@ -11,12 +11,19 @@
 //! the gradient of what it dropped is zero, so the replicated parameters' gradients are partial
 //! on each rank and their sum over the data × context group is the whole gradient.
 //!
-//! Attention: each rank's queries need every earlier key. This first version all-gathers the
-//! keys and values of the group ([`Cp::gather_keys`], whose backward reduce-scatters their
-//! gradients) and masks by global position ([`Cp::mask`]); the ring exchange with a running
-//! log-sum-exp merge (Megatron's ring attention) would keep only one remote chunk at a time and
-//! overlap the transfers. Positions for RoPE, the causal mask and the loss targets all come
-//! from [`Cp::positions`], the one place that knows which chunk a rank holds.
+//! Attention: each rank's queries need every earlier key. Two exchanges ([`KvExchange`]):
+//! - ring (the default, Megatron's ring attention): the keys and values travel around the group
+//!   while each rank attends to the chunk it holds, merging blocks with a running log-sum-exp,
+//!   forward and backward (csrc/ring_attention.cpp). A rank never holds more than two remote
+//!   chunks, nor any sequence × sequence matrix beyond one block's;
+//! - all-gather: the keys and values of the whole sequence are gathered on every rank
+//!   ([`Cp::gather_keys`], whose backward reduce-scatters their gradients) and attended with
+//!   one dense mask by global position ([`Cp::mask`]). Simpler, one collective, but every rank
+//!   keeps the whole sequence's K/V for backward (`cargo bench --bench context_parallel`
+//!   measures both).
+//!
+//! Positions for RoPE, the causal mask and the loss targets all come from [`Cp::positions`],
+//! the one place that knows which chunk a rank holds.
 //!
 //! The loss: labels are shifted on the whole sequence first ([`Cp::targets`]), so a chunk's last
 //! token is scored against the next chunk's first one; each rank scores its own positions and
@@ -28,27 +35,87 @@ use tch::{Kind, Tensor};
 
 use crate::dist::c10d::{DistError, ProcessGroup};
 
+/// How the ranks' keys and values reach every query (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvExchange {
+    Ring,
+    AllGather,
+}
+
+impl std::str::FromStr for KvExchange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ring" => Ok(KvExchange::Ring),
+            "all-gather" | "all_gather" => Ok(KvExchange::AllGather),
+            other => Err(format!("{other:?}: expected ring or all-gather")),
+        }
+    }
+}
+
+impl KvExchange {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvExchange::Ring => "ring",
+            KvExchange::AllGather => "all-gather",
+        }
+    }
+}
+
+/// What attention masks its keys with: one dense mask [B, 1, Tq, Tk] (keys in the order they
+/// are attended), or for the ring every rank's positions [cp, local] and the real tokens of the
+/// padded sequence [B, T], from which each block builds its own.
+#[derive(Debug)]
+pub enum KeyMask {
+    Dense(Tensor),
+    Ring { positions: Tensor, valid: Tensor },
+}
+
+impl KeyMask {
+    /// The same tensors (no copy), for a recomputed segment to keep.
+    pub fn share(&self) -> KeyMask {
+        match self {
+            KeyMask::Dense(m) => KeyMask::Dense(m.shallow_clone()),
+            KeyMask::Ring { positions, valid } => {
+                KeyMask::Ring { positions: positions.shallow_clone(), valid: valid.shallow_clone() }
+            }
+        }
+    }
+}
+
 /// This rank's place in its context-parallel group (size 1: the whole sequence).
 #[derive(Clone)]
 pub struct Cp {
     pub rank: usize,
     pub size: usize,
+    pub exchange: KvExchange,
+    /// The most attention scores the ring computes at once (a tile of query rows against one
+    /// chunk of keys): 2^25 (128 MiB in fp32), or `MM_RING_TILE_SCORES` (tuning and tests).
+    pub tile_scores: i64,
     group: Option<Arc<ProcessGroup>>,
 }
 
+/// The ring's default tile (see [`Cp::tile_scores`]).
+pub const RING_TILE_SCORES: i64 = 1 << 25;
+
 impl std::fmt::Debug for Cp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Cp {{ rank: {}, size: {} }}", self.rank, self.size)
+        write!(f, "Cp {{ rank: {}, size: {}, {} }}", self.rank, self.size, self.exchange.name())
     }
 }
 
 impl Cp {
     pub fn single() -> Cp {
-        Cp { rank: 0, size: 1, group: None }
+        Cp { rank: 0, size: 1, exchange: KvExchange::Ring, tile_scores: RING_TILE_SCORES, group: None }
     }
 
-    pub fn new(group: Arc<ProcessGroup>) -> Cp {
-        Cp { rank: group.rank, size: group.size, group: Some(group) }
+    pub fn new(group: Arc<ProcessGroup>, exchange: KvExchange) -> Cp {
+        let tile_scores = std::env::var("MM_RING_TILE_SCORES")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(RING_TILE_SCORES);
+        Cp { rank: group.rank, size: group.size, exchange, tile_scores, group: Some(group) }
     }
 
     /// Whether the sequence is split (more than one rank).
@@ -122,7 +189,8 @@ impl Cp {
         shifted.index_select(1, &self.positions(padded, labels.device()))
     }
 
-    /// The attention mask [B, 1, local, padded] of this rank's queries against the gathered keys:
+    /// The attention mask [B, 1, local, padded] of this rank's queries against the gathered keys
+    /// (the whole sequence's causal padding mask without context parallelism):
     /// a key is seen when its global position is at or before the query's and it is not padding
     /// (`attention_mask` [B, padded], true for real tokens).
     pub fn mask(&self, attention_mask: &Tensor, padded: i64) -> Tensor {
@@ -133,6 +201,32 @@ impl Cp {
         let causal = k.unsqueeze(0).le_tensor(&q.unsqueeze(1));
         let real = attention_mask.to_kind(Kind::Bool).index_select(1, &k);
         causal.view([1, 1, q.size()[0], k.size()[0]]).logical_and(&real.view([b, 1, 1, -1]))
+    }
+
+    /// The key mask of this rank's queries for the padded sequence's real tokens
+    /// `attention_mask` [B, padded] (see [`KeyMask`]).
+    pub fn key_mask(&self, attention_mask: &Tensor, padded: i64) -> KeyMask {
+        if self.is_split() && self.exchange == KvExchange::Ring {
+            let device = attention_mask.device();
+            let all: Vec<Tensor> = (0..self.size).map(|r| self.positions_of(r, padded, device)).collect();
+            KeyMask::Ring { positions: Tensor::stack(&all, 0), valid: attention_mask.to_kind(Kind::Bool) }
+        } else {
+            KeyMask::Dense(self.mask(attention_mask, padded))
+        }
+    }
+
+    /// Ring attention of this rank's `q` [B, H, local, D] against every rank's `k`, `v`
+    /// [B, KV, local, D] (see `dist::tp`'s `ring_attention`).
+    pub fn ring_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        positions: &Tensor,
+        valid: &Tensor,
+    ) -> Result<Tensor, DistError> {
+        let g = self.group.as_deref().expect("ring attention runs on a context-parallel group");
+        g.ring_attention(q, k, v, positions, valid, self.tile_scores)
     }
 
     /// Keys or values [B, heads, local, D] → every rank's, concatenated along the sequence in
@@ -152,7 +246,7 @@ mod tests {
     use tch::Device;
 
     fn cp(rank: usize, size: usize) -> Cp {
-        Cp { rank, size, group: None }
+        Cp { rank, size, exchange: KvExchange::AllGather, tile_scores: RING_TILE_SCORES, group: None }
     }
 
     fn vec(t: &Tensor) -> Vec<i64> {

@@ -14,7 +14,7 @@ use mm_spec::LlmConfig;
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
-use super::cp::Cp;
+use super::cp::{Cp, KeyMask};
 use super::layers::{normal_init, Linear, RmsNorm};
 use super::recompute::{checkpoint1, run_layers, Recompute};
 use super::tp::{RowLinear, Tp};
@@ -123,14 +123,24 @@ impl Qwen2Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor, ForwardError> {
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &KeyMask) -> Result<Tensor, ForwardError> {
         let x = &self.tp.enter(x)?;
         let (b, t, _) = x.size3().expect("llm hidden states are [B, T, H]");
         let d = self.head_dim;
         let split = |y: Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2);
         let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
-        let k = self.cp.gather_keys(&rope.apply(&split(self.k_proj.forward(x), self.kv_heads)))?;
-        let v = self.cp.gather_keys(&split(self.v_proj.forward(x), self.kv_heads))?;
+        let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let mask = match mask {
+            // The ring's core keeps only its inputs, output and log-sum-exp: nothing for
+            // selective recomputation to drop.
+            KeyMask::Ring { positions, valid } => {
+                let out = self.cp.ring_attention(&q, &k, &v, positions, valid)?;
+                return Ok(self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * d]))?);
+            }
+            KeyMask::Dense(mask) => mask,
+        };
+        let (k, v) = (self.cp.gather_keys(&k)?, self.cp.gather_keys(&v)?);
         let rep = self.heads / self.kv_heads;
         let core = move |q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor| {
             Tensor::scaled_dot_product_attention(
@@ -173,7 +183,7 @@ impl Qwen2Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor, ForwardError> {
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &KeyMask) -> Result<Tensor, ForwardError> {
         let tp = &self.mlp.tp;
         let n1 = self.input_layernorm.forward_with(&tp.slice_weight(&self.input_layernorm.weight)?, x);
         let h = x + self.self_attn.forward(&n1, rope, mask)?;
@@ -291,9 +301,9 @@ impl Qwen2 {
         let positions = self.cp.positions(padded, device).unsqueeze(0).expand([b, -1], false);
         let rope = Rope::new(&positions, self.head_dim, self.rope_theta, hidden.kind());
         let mask = if self.cp.is_split() {
-            self.cp.mask(&attention_mask, padded)
+            self.cp.key_mask(&attention_mask, padded)
         } else {
-            causal_padding_mask(&attention_mask)
+            KeyMask::Dense(causal_padding_mask(&attention_mask))
         };
         // SAFETY: the layers belong to the model, which outlives every graph of its steps and is
         // not mutated during one.
@@ -304,7 +314,7 @@ impl Qwen2 {
                 hidden,
                 |l| l.input_layernorm.weight.requires_grad(),
                 || {
-                    let (rope, mask) = (rope.share(), mask.shallow_clone());
+                    let (rope, mask) = (rope.share(), mask.share());
                     move |layer: &Qwen2Layer, h: &Tensor| layer.forward(h, &rope, &mask)
                 },
             )

@@ -50,6 +50,11 @@ pub struct TrainArgs {
     /// runs; others are refused with the reason.
     #[arg(long)]
     pub context_parallel_algo: Option<String>,
+    /// How context parallelism's attention reaches the other ranks' keys and values: ring
+    /// (Megatron's ring attention, the default) or all-gather (the whole sequence's K/V on every
+    /// rank; simpler, more memory).
+    #[arg(long, default_value = "ring")]
+    pub cp_kv_exchange: String,
     /// LLM layers per pipeline chunk (comma list); with pp 1 a single entry, the depth.
     #[arg(long)]
     pub llm_pp_layers: Option<String>,
@@ -299,6 +304,7 @@ pub struct Resolved {
     pub global_batch_size: usize,
     pub decay: DecayStyle,
     pub loss: LossReduction,
+    pub cp_exchange: crate::model::cp::KvExchange,
     pub bf16: bool,
     /// `--llm-pp-layers` and `--vit-pp-layers` parsed, one entry per pipeline chunk.
     pub llm_pp_layers: Option<Vec<usize>>,
@@ -476,6 +482,11 @@ impl TrainArgs {
             self.lr_decay_style.parse::<DecayStyle>().map_err(|e| errs.push(format!("--lr-decay-style {e}"))).ok();
         let loss =
             self.loss_reduction.parse::<LossReduction>().map_err(|e| errs.push(format!("--loss-reduction {e}"))).ok();
+        let cp_exchange = self
+            .cp_kv_exchange
+            .parse::<crate::model::cp::KvExchange>()
+            .map_err(|e| errs.push(format!("--cp-kv-exchange {e}")))
+            .ok();
         let precision = match self.precision.as_deref() {
             None => None,
             Some(p @ ("bf16" | "fp16" | "fp32")) => Some(p),
@@ -506,6 +517,7 @@ impl TrainArgs {
             global_batch_size: gbs,
             decay: decay.unwrap_or(DecayStyle::Linear),
             loss: loss.unwrap_or(LossReduction::Default),
+            cp_exchange: cp_exchange.unwrap_or(crate::model::cp::KvExchange::Ring),
             bf16,
             llm_pp_layers,
             vit_pp_layers,

@@ -68,6 +68,8 @@ pub struct ParallelConfig {
     pub tp: usize,
     /// Context-parallel size (at least 1).
     pub cp: usize,
+    /// How context parallelism's attention exchanges keys and values.
+    pub cp_exchange: crate::model::cp::KvExchange,
     /// Pipeline stages (at least 1).
     pub pp: usize,
     /// Virtual stages per pipeline rank; None for one.
@@ -143,6 +145,7 @@ impl TrainConfig {
             parallel: ParallelConfig {
                 tp: a.tensor_model_parallel_size.max(1),
                 cp: a.context_parallel_size.max(1),
+                cp_exchange: r.cp_exchange,
                 pp: a.pipeline_model_parallel_size.max(1),
                 vpp: a.virtual_pipeline_model_parallel_size.filter(|&v| v > 1),
                 unaligned_linear: a.unaligned_linear,

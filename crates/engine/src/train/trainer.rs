@@ -52,7 +52,7 @@ use crate::data::{records, Batch, DataConfig, Dataset, Loader, LoaderConfig, Pro
 use crate::dist::c10d::{set_grad, DistError};
 use crate::dist::env::DistEnv;
 use crate::dist::flight::{self, Fault};
-use crate::model::cp::Cp;
+use crate::model::cp::{Cp, KvExchange};
 use crate::model::tp::Tp;
 use crate::rng::Rng;
 use crate::session::{configure_cpu_threads, pick_device, RankModel, Session, SessionOptions};
@@ -515,7 +515,7 @@ impl Trainer {
             }
         }
         let mut session = open_session(&cfg, &dp, load.as_deref(), device)?;
-        let cp = dp.cp_group().map(Cp::new).unwrap_or_else(Cp::single);
+        let cp = dp.cp_group().map(|g| Cp::new(g, par.cp_exchange)).unwrap_or_else(Cp::single);
         for chunk in std::iter::once(&mut session.model).chain(&mut session.more_chunks) {
             chunk.set_recompute(cfg.recompute);
             chunk.set_context_parallel(cp.clone());
@@ -540,11 +540,14 @@ impl Trainer {
         }
         if dp.cp_size > 1 && dp.global_rank == 0 {
             println!(
-                "context parallelism: the sequence in {} load-balanced chunks over {} ranks ({}; keys and values \
-                 all-gathered)",
+                "context parallelism: the sequence in {} load-balanced chunks over {} ranks ({}; keys and values {})",
                 2 * dp.cp_size,
                 dp.cp_size,
-                mm_spec::layout::MM_ENGINE_CP_ALGO
+                mm_spec::layout::MM_ENGINE_CP_ALGO,
+                match par.cp_exchange {
+                    KvExchange::Ring => "around a ring",
+                    KvExchange::AllGather => "all-gathered",
+                }
             );
         }
         if let (Some(r), 0) = (cfg.recompute, dp.global_rank) {
@@ -582,7 +585,7 @@ impl Trainer {
         // sample's activations with another's labels).
         let run = format!(
             "gbs {} mbs {} ga {ga} seq {} iters {} seed {seed} lr {} loss {:?} bf16 {} zero {} from \
-             {iteration}/{consumed}/{position} records {} tp {} cp {} pp {} vpp {:?} load {load:?} data {:?}",
+             {iteration}/{consumed}/{position} records {} tp {} cp {} {:?} pp {} vpp {:?} load {load:?} data {:?}",
             cfg.global_batch_size,
             cfg.micro_batch_size,
             cfg.seq_length,
@@ -594,6 +597,7 @@ impl Trainer {
             ds.records.len(),
             par.tp,
             par.cp,
+            par.cp_exchange,
             par.pp,
             par.vpp,
             cfg.data.pre

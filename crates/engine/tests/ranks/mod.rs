@@ -96,9 +96,15 @@ pub fn rank_cmd(rank: usize, world: usize, port: u16, timeout_s: u64, args: &[St
 
 /// Runs `world` ranks to the end; every one must succeed (the failures are reported together).
 pub fn launch(world: usize, args: &[String]) -> Vec<Output> {
+    launch_with(world, args, &[])
+}
+
+/// [`launch`] with `env` added to every rank's environment.
+pub fn launch_with(world: usize, args: &[String], env: &[(&str, &str)]) -> Vec<Output> {
     let port = free_port();
-    let children: Vec<Child> =
-        (0..world).map(|r| rank_cmd(r, world, port, 60, args).spawn().expect("spawn mm-engine")).collect();
+    let children: Vec<Child> = (0..world)
+        .map(|r| rank_cmd(r, world, port, 60, args).envs(env.iter().copied()).spawn().expect("spawn mm-engine"))
+        .collect();
     let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
     let failed: Vec<String> = outputs
         .iter()
