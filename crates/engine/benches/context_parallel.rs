@@ -11,11 +11,13 @@
 //! cores are shared out (CP1: all of them to its rank; CP2: half to each), so the step times
 //! compare the same machine.
 //!
-//! Each rank does one warm-up step of forward, loss and backward, then BENCH_STEPS measured
-//! ones: the peak is the high-water mark of resident memory during a step (reset through
-//! /proc/self/clear_refs) above the resident size before it, in a process that returns large
-//! blocks to the system at once (MALLOC_MMAP_THRESHOLD_); the time is the wall clock of the
-//! step. Printed per setting: the largest rank peak, its ratio to CP1, the launcher's estimate
+//! Each setting runs twice, as ranks that measure the peak and as ranks that measure the time
+//! (as the recompute bench does); each rank does one warm-up step of forward, loss and backward,
+//! then BENCH_STEPS measured ones. The peak is the high-water mark of resident memory during a
+//! step (reset through /proc/self/clear_refs) above the resident size before it, in processes
+//! that return large blocks to the system at once (MALLOC_MMAP_THRESHOLD_, so the resident size
+//! follows the live tensors); the time is the wall clock of the step, with the default
+//! allocator (whose reuse of freed blocks the mmap churn of the first would deny). Printed per setting: the largest rank peak, its ratio to CP1, the launcher's estimate
 //! (`mm_spec::memory`, for the same exchange) and its ratio to the peak, the median step time
 //! and its ratio to CP1, and the loss (the same for all: a check).
 //!
@@ -95,38 +97,44 @@ fn main() {
     let model = preset_2b(layers, vocab);
     let mut base: Option<(f64, f64)> = None;
     for (cp, exchange) in [(1usize, KvExchange::Ring), (2, KvExchange::AllGather), (2, KvExchange::Ring)] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port();
-        let children: Vec<_> = (0..cp)
-            .map(|r| {
-                Command::new(&exe)
-                    .env("CP_BENCH_RANK", r.to_string())
-                    .env("CP_BENCH_EXCHANGE", exchange.name())
-                    .env("RANK", r.to_string())
-                    .env("LOCAL_RANK", r.to_string())
-                    .env("WORLD_SIZE", cp.to_string())
-                    .env("LOCAL_WORLD_SIZE", cp.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .env("MALLOC_MMAP_THRESHOLD_", "65536")
-                    .stdout(std::process::Stdio::piped())
-                    .spawn()
-                    .expect("start a rank")
-            })
-            .collect();
-        let outs: Vec<serde_json::Value> = children
-            .into_iter()
-            .map(|c| {
-                let o = c.wait_with_output().expect("a rank");
-                assert!(o.status.success(), "cp {cp}: a rank failed");
-                let out = String::from_utf8_lossy(&o.stdout);
-                serde_json::from_str(out.lines().last().unwrap_or_default()).expect("rank JSON")
-            })
-            .collect();
+        let run = |what: &str| -> Vec<serde_json::Value> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port();
+            let children: Vec<_> = (0..cp)
+                .map(|r| {
+                    let mut c = Command::new(&exe);
+                    c.env("CP_BENCH_RANK", r.to_string())
+                        .env("CP_BENCH_EXCHANGE", exchange.name())
+                        .env("RANK", r.to_string())
+                        .env("LOCAL_RANK", r.to_string())
+                        .env("WORLD_SIZE", cp.to_string())
+                        .env("LOCAL_WORLD_SIZE", cp.to_string())
+                        .env("MASTER_ADDR", "127.0.0.1")
+                        .env("MASTER_PORT", port.to_string())
+                        .stdout(std::process::Stdio::piped());
+                    if what == "peak" {
+                        c.env("MALLOC_MMAP_THRESHOLD_", "65536");
+                    } else {
+                        c.env_remove("MALLOC_MMAP_THRESHOLD_");
+                    }
+                    c.spawn().expect("start a rank")
+                })
+                .collect();
+            children
+                .into_iter()
+                .map(|c| {
+                    let o = c.wait_with_output().expect("a rank");
+                    assert!(o.status.success(), "cp {cp}: a rank failed");
+                    let out = String::from_utf8_lossy(&o.stdout);
+                    serde_json::from_str(out.lines().last().unwrap_or_default()).expect("rank JSON")
+                })
+                .collect()
+        };
+        let (peaks, times) = (run("peak"), run("time"));
         let nums = |v: &serde_json::Value, k: &str| -> Vec<f64> {
             v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default()
         };
-        let peak = outs.iter().map(|o| median(&nums(o, "peak_mib"))).fold(0.0, f64::max);
-        let secs = outs.iter().map(|o| median(&nums(o, "secs"))).fold(0.0, f64::max);
+        let peak = peaks.iter().map(|o| median(&nums(o, "peak_mib"))).fold(0.0, f64::max);
+        let secs = times.iter().map(|o| median(&nums(o, "secs"))).fold(0.0, f64::max);
         let (p0, s0) = *base.get_or_insert((peak, secs));
         let est = estimate_mib(&model, cp, exchange == KvExchange::AllGather, seq, None);
         let name = if cp == 1 { "cp 1".to_string() } else { format!("cp {cp} {}", exchange.name()) };
@@ -135,7 +143,7 @@ fn main() {
             p0 / peak,
             est / peak,
             secs / s0,
-            outs[0]["loss"].as_f64().unwrap_or(f64::NAN)
+            times[0]["loss"].as_f64().unwrap_or(f64::NAN)
         );
     }
 }

@@ -105,9 +105,12 @@ at::Tensor block_mask(const at::Tensor& qpos, const at::Tensor& kpos, const at::
 at::Tensor finite_or_zero(const at::Tensor& lse) { return at::where(at::isinf(lse), at::zeros_like(lse), lse); }
 
 // Scores of q5 [B, KV, rep, Tq, D] against k [B, KV, Tk, D], fp32, masked to −∞.
+// (In place where the tensor is this function's own: a block's temporaries are the largest
+// allocations of the step.)
 at::Tensor scores(const at::Tensor& q5, const at::Tensor& k, const at::Tensor& mask, double scale) {
-  at::Tensor s = at::matmul(q5, k.to(at::kFloat).unsqueeze(2).transpose(-1, -2)) * scale;
-  return s.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  at::Tensor s = at::matmul(q5, k.to(at::kFloat).unsqueeze(2).transpose(-1, -2));
+  s.mul_(scale);
+  return s.masked_fill_(mask.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
 // Query rows per tile of a block: at most `budget` scores (the caller's; 2^25 = 128 MiB in fp32
@@ -154,7 +157,7 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
         if (!m.any().item<bool>()) continue;  // no query of the tile sees a key of the block
         at::Tensor s = scores(q5.narrow(3, at_row, len), cur.select(0, 0), m, scale);
         at::Tensor lse_b = at::logsumexp(s, -1);
-        at::Tensor o_b = at::matmul(at::exp(s - finite_or_zero(lse_b).unsqueeze(-1)), vf);
+        at::Tensor o_b = at::matmul(s.sub_(finite_or_zero(lse_b).unsqueeze(-1)).exp_(), vf);
         at::Tensor o = out.narrow(3, at_row, len), l = lse.narrow(3, at_row, len);
         at::Tensor merged = at::logaddexp(l, lse_b);
         at::Tensor base = finite_or_zero(merged);
@@ -204,9 +207,9 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
         at::Tensor m = mask.narrow(3, at_row, len);
         if (!m.any().item<bool>()) continue;
         at::Tensor q_t = q5.narrow(3, at_row, len), d_out_t = d_out.narrow(3, at_row, len);
-        at::Tensor p = at::exp(scores(q_t, cur.select(0, 0), m, scale) - base.narrow(3, at_row, len));
+        at::Tensor p = scores(q_t, cur.select(0, 0), m, scale).sub_(base.narrow(3, at_row, len)).exp_();
         acc.select(0, 1).add_(at::matmul(p.transpose(-1, -2), d_out_t).sum(2));
-        at::Tensor ds = p * (at::matmul(d_out_t, vf.transpose(-1, -2)) - row.narrow(3, at_row, len));
+        at::Tensor ds = at::matmul(d_out_t, vf.transpose(-1, -2)).sub_(row.narrow(3, at_row, len)).mul_(p);
         dq.narrow(3, at_row, len).add_(at::matmul(ds, kf) * scale);
         acc.select(0, 0).add_((at::matmul(ds.transpose(-1, -2), q_t) * scale).sum(2));
       }
