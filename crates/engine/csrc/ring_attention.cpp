@@ -4,8 +4,9 @@
 // computes the attention of its queries against the chunk it holds, merging the blocks with a
 // running log-sum-exp. Nothing of size sequence × sequence, and no more than two remote K/V
 // chunks, exist at a time; the exchange of the next chunk overlaps the current block's compute.
-// A block is computed in tiles of query rows (at most ~2^25 scores each), and a tile whose
-// queries see none of the block's keys (the causal mask's upper blocks) is skipped.
+// A block is computed in tiles of query rows (at most ~2^25 scores each, masks built per tile),
+// and a tile whose queries see none of the block's keys (the causal mask's upper blocks) is
+// skipped.
 //
 // Forward, for this rank's queries q [B, KV·rep, Tq, D] and the chunks (k, v) [B, KV, Tk, D] of
 // every rank in turn:
@@ -76,8 +77,8 @@ Exchange post(const CpGroup& g, at::Tensor& send, at::Tensor& recv, int tag) {
   const bool coalesce = g.backend->getBackendName() == "nccl";
   if (coalesce) g.backend->startCoalescing();
   std::vector<at::Tensor> s{send}, v{recv};
-  // Even ranks send first, odd ranks receive first: an order without a cycle even where the
-  // transfers of a pair serialize.
+  // Even ranks send first, odd ranks receive first (both are asynchronous: the order only
+  // matters where a pair's transfers serialize, and with an even group it has no cycle).
   if (r % 2 == 0) {
     ex.works.push_back(g.backend->send(s, next, tag));
     ex.works.push_back(g.backend->recv(v, prev, tag));
@@ -92,25 +93,33 @@ Exchange post(const CpGroup& g, at::Tensor& send, at::Tensor& recv, int tag) {
   return ex;
 }
 
-// The boolean mask [B, 1, 1, Tq, Tk] of queries at `qpos` [Tq] against keys at `kpos` [Tk]:
-// causal in global positions, and the key real (`valid` [B, T]).
-at::Tensor block_mask(const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& valid) {
+// The boolean mask [B, 1, 1, rows, Tk] of a tile's queries at `qpos` [rows] against keys at
+// `kpos` [Tk] whose realness is `real` [B, Tk]: causal in global positions, and the key real.
+at::Tensor tile_mask(const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& real) {
   at::Tensor causal = kpos.unsqueeze(0).le(qpos.unsqueeze(1));
-  at::Tensor real = valid.index_select(1, kpos);
-  const int64_t b = valid.size(0);
+  const int64_t b = real.size(0);
   return causal.view({1, 1, 1, qpos.size(0), kpos.size(0)}).logical_and(real.view({b, 1, 1, 1, kpos.size(0)}));
 }
 
 // −∞ rows (no key seen) replaced by 0, so that exp(s − lse) of their −∞ scores is 0, not NaN.
 at::Tensor finite_or_zero(const at::Tensor& lse) { return at::where(at::isinf(lse), at::zeros_like(lse), lse); }
 
-// Scores of q5 [B, KV, rep, Tq, D] against k [B, KV, Tk, D], fp32, masked to −∞.
-// (In place where the tensor is this function's own: a block's temporaries are the largest
-// allocations of the step.)
-at::Tensor scores(const at::Tensor& q5, const at::Tensor& k, const at::Tensor& mask, double scale) {
-  at::Tensor s = at::matmul(q5, k.to(at::kFloat).unsqueeze(2).transpose(-1, -2));
+// Scores [B, KV, rep, rows, Tk] of a tile's queries q_t [B, KV, rep·rows, D] (the rep query
+// heads of a kv head folded into the rows, so K is never repeated) against kf [B, KV, Tk, D]
+// (fp32), scaled and masked to −∞ by `mask` [B, 1, 1, rows, Tk]. In place where the tensor is
+// this function's own: a block's temporaries are the largest allocations of the step.
+at::Tensor scores(const at::Tensor& q_t, const at::Tensor& kf, const at::Tensor& mask, int64_t rep, double scale) {
+  at::Tensor s = at::matmul(q_t, kf.transpose(-1, -2));
   s.mul_(scale);
-  return s.masked_fill_(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  auto shape = s.sizes().vec();  // [B, KV, rep·rows, Tk]
+  at::Tensor s5 = s.view({shape[0], shape[1], rep, shape[2] / rep, shape[3]});
+  return s5.masked_fill_(mask.logical_not(), -std::numeric_limits<float>::infinity());
+}
+
+// A tile of q5-shaped [B, KV, rep, Tq, D] rows at_row..at_row+len, as [B, KV, rep·len, D].
+at::Tensor fold_rows(const at::Tensor& x5, int64_t at_row, int64_t len) {
+  at::Tensor t = x5.narrow(3, at_row, len);
+  return t.reshape({t.size(0), t.size(1), t.size(2) * len, t.size(4)});
 }
 
 // Query rows per tile of a block: at most `budget` scores (the caller's; 2^25 = 128 MiB in fp32
@@ -132,6 +141,12 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
     TORCH_CHECK(positions.dim() == 2 && positions.size(0) == n, "positions must be [cp, local] for ", n, " ranks");
     const int64_t b = q.size(0), heads = q.size(1), tq = q.size(2), d = q.size(3), kv = k.size(1);
     TORCH_CHECK(heads % kv == 0, heads, " query heads do not group over ", kv, " key/value heads");
+    TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == b && k.size(2) == tq && k.size(3) == d,
+                "ring attention: keys ", k.sizes(), " and values ", v.sizes(), " do not match the queries ", q.sizes());
+    TORCH_CHECK(positions.size(1) == tq && positions.scalar_type() == at::kLong,
+                "ring attention: positions must be int64 [cp, ", tq, "], not ", positions.sizes());
+    TORCH_CHECK(valid.dim() == 2 && valid.size(0) == b && valid.scalar_type() == at::kBool,
+                "ring attention: valid must be bool [", b, ", T], not ", valid.sizes());
     const int64_t rep = heads / kv;
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
     at::Tensor q5 = q.to(at::kFloat).view({b, kv, rep, tq, d});
@@ -148,16 +163,17 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
         next = at::empty_like(cur);
         ex = post(*g, cur, next, step);
       }
-      at::Tensor mask = block_mask(qpos, positions.select(0, src), valid);
-      at::Tensor vf = cur.select(0, 1).to(at::kFloat).unsqueeze(2);
+      at::Tensor kpos = positions.select(0, src), real = valid.index_select(1, kpos);
+      at::Tensor kf = cur.select(0, 0).to(at::kFloat), vf = cur.select(0, 1).to(at::kFloat);
       const int64_t tk = cur.size(3), rows = tile_rows(tile_scores, b, heads, tq, tk);
       for (int64_t at_row = 0; at_row < tq; at_row += rows) {
         const int64_t len = std::min(rows, tq - at_row);
-        at::Tensor m = mask.narrow(3, at_row, len);
+        at::Tensor m = tile_mask(qpos.narrow(0, at_row, len), kpos, real);
         if (!m.any().item<bool>()) continue;  // no query of the tile sees a key of the block
-        at::Tensor s = scores(q5.narrow(3, at_row, len), cur.select(0, 0), m, scale);
+        at::Tensor s = scores(fold_rows(q5, at_row, len), kf, m, rep, scale);
         at::Tensor lse_b = at::logsumexp(s, -1);
-        at::Tensor o_b = at::matmul(s.sub_(finite_or_zero(lse_b).unsqueeze(-1)).exp_(), vf);
+        at::Tensor p = s.sub_(finite_or_zero(lse_b).unsqueeze(-1)).exp_();
+        at::Tensor o_b = at::matmul(p.view({b, kv, rep * len, tk}), vf).view({b, kv, rep, len, d});
         at::Tensor o = out.narrow(3, at_row, len), l = lse.narrow(3, at_row, len);
         at::Tensor merged = at::logaddexp(l, lse_b);
         at::Tensor base = finite_or_zero(merged);
@@ -198,26 +214,37 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
     at::Tensor acc = at::zeros(cur.sizes(), cur.options().dtype(at::kFloat));
     for (int step = 0; step < n; ++step) {
       const int src = (r - step + n) % n;
-      at::Tensor mask = block_mask(qpos, positions.select(0, src), valid);
-      at::Tensor kf = cur.select(0, 0).to(at::kFloat).unsqueeze(2);
-      at::Tensor vf = cur.select(0, 1).to(at::kFloat).unsqueeze(2);
+      // The chunk itself moves on while its block is computed (it is only read); its gradients
+      // follow once the block has added to them.
+      at::Tensor next;
+      Exchange a{{}, g->timeout};
+      if (step + 1 < n) {
+        next = at::empty_like(cur);
+        a = post(*g, cur, next, 2 * step);
+      }
+      at::Tensor kpos = positions.select(0, src), real = valid.index_select(1, kpos);
+      at::Tensor kf = cur.select(0, 0).to(at::kFloat), vf = cur.select(0, 1).to(at::kFloat);
       const int64_t tk = cur.size(3), rows = tile_rows(tile_scores, b, heads, tq, tk);
       for (int64_t at_row = 0; at_row < tq; at_row += rows) {
         const int64_t len = std::min(rows, tq - at_row);
-        at::Tensor m = mask.narrow(3, at_row, len);
+        at::Tensor m = tile_mask(qpos.narrow(0, at_row, len), kpos, real);
         if (!m.any().item<bool>()) continue;
-        at::Tensor q_t = q5.narrow(3, at_row, len), d_out_t = d_out.narrow(3, at_row, len);
-        at::Tensor p = scores(q_t, cur.select(0, 0), m, scale).sub_(base.narrow(3, at_row, len)).exp_();
-        acc.select(0, 1).add_(at::matmul(p.transpose(-1, -2), d_out_t).sum(2));
-        at::Tensor ds = at::matmul(d_out_t, vf.transpose(-1, -2)).sub_(row.narrow(3, at_row, len)).mul_(p);
-        dq.narrow(3, at_row, len).add_(at::matmul(ds, kf) * scale);
-        acc.select(0, 0).add_((at::matmul(ds.transpose(-1, -2), q_t) * scale).sum(2));
+        at::Tensor q_t = fold_rows(q5, at_row, len), d_out_t = fold_rows(d_out, at_row, len);
+        at::Tensor p = scores(q_t, kf, m, rep, scale).sub_(base.narrow(3, at_row, len)).exp_();
+        at::Tensor p2 = p.view({b, kv, rep * len, tk});
+        acc.select(0, 1).add_(at::matmul(p2.transpose(-1, -2), d_out_t));
+        at::Tensor ds = at::matmul(d_out_t, vf.transpose(-1, -2))
+                            .view({b, kv, rep, len, tk})
+                            .sub_(row.narrow(3, at_row, len))
+                            .mul_(p)
+                            .view({b, kv, rep * len, tk});
+        dq.narrow(3, at_row, len).add_(at::matmul(ds, kf).mul_(scale).view({b, kv, rep, len, d}));
+        acc.select(0, 0).add_(at::matmul(ds.transpose(-1, -2), q_t).mul_(scale));
       }
       if (n == 1) break;
       // The chunk and its gradients move on; after the last block only the gradients go, home.
       if (step + 1 < n) {
-        at::Tensor next = at::empty_like(cur), next_acc = at::empty_like(acc);
-        Exchange a = post(*g, cur, next, 2 * step);
+        at::Tensor next_acc = at::empty_like(acc);
         a.wait();
         Exchange c = post(*g, acc, next_acc, 2 * step + 1);
         c.wait();
