@@ -552,6 +552,12 @@ impl Trainer {
         }
         if let (Some(r), 0) = (cfg.recompute, dp.global_rank) {
             println!("activation recomputation: {} (LLM and ViT layers)", r.describe());
+            if r.attention_core() && dp.cp_size > 1 && par.cp_exchange == KvExchange::Ring {
+                println!(
+                    "note: the LLM's ring attention keeps only its q, k, v, output and log-sum-exp, which selective \
+                     recomputation would keep too: it applies to the ViT's attention"
+                );
+            }
         }
 
         // Freezing, then the optimizer over what is left.
