@@ -1,5 +1,6 @@
 //! The training loop, top to bottom: lr → micro batches (forward, loss, backward) → gradient
-//! reduction over the replicas (data × context parallel ranks) → clip → AdamW step → log → eval → checkpoint.
+//! reduction over the replicas (data × context parallel ranks) → clip → AdamW step → log →
+//! eval → checkpoint.
 //! [`Trainer::setup`] does everything before the first step (rendezvous, model, resume state,
 //! optimizer, data), [`Trainer::step`] one optimizer step, [`Trainer::run`] the loop with its
 //! logging, evaluation, checkpoints and exit, then the summary. The flags arrive checked, as a
@@ -13,8 +14,8 @@
 //! see the samples and randomness one rank would.
 //!
 //! Output: every rank prints plain text; only global rank 0 prints `@@mm-progress` lines
-//! (throughput over the whole data-parallel group) and only replica rank 0 (data × context) writes the shared
-//! checkpoint files.
+//! (throughput over the whole data-parallel group) and only replica rank 0 (data × context)
+//! writes the shared checkpoint files.
 //!
 //! Flight recorder (`dist::flight`, the rank state file): the phase goes Rendezvous (until the
 //! groups exist) → Loading (resume point, model, optimizer, data) → Step (iteration = the
@@ -162,8 +163,8 @@ impl Optim {
         }
     }
 
-    /// Sums the gradients over the replica group (data × context parallel). `received`: the parameters some rank has a
-    /// gradient for (a rank without one contributes zeros).
+    /// Sums the gradients over the replica group (data × context parallel). `received`: the
+    /// parameters some rank has a gradient for (a rank without one contributes zeros).
     fn reduce(&mut self, dp: &Parallel, received: &[bool], bucket_bytes: usize) -> Result<(), DistError> {
         match self {
             Optim::Sharded(z) => z.reduce(dp, received),
