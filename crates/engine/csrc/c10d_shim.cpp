@@ -29,6 +29,10 @@ using mm_shim::wait_work;
 
 namespace {
 
+// shim.h's GroupRef, registered at load time of this object file, which every binary links
+// (the store and process-group functions are in it).
+const auto group_ref_class = torch::class_<mm_shim::GroupRef>("mm_engine", "GroupRef");
+
 c10d::ReduceOp to_op(int op) {
   switch (op) {
     case 1:

@@ -46,17 +46,8 @@ using torch::autograd::variable_list;
 
 namespace mm_ring {
 
-struct CpGroup : torch::CustomClassHolder {
-  c10::intrusive_ptr<c10d::Backend> backend;
-  std::chrono::milliseconds timeout;
-
-  CpGroup(c10::intrusive_ptr<c10d::Backend> b, std::chrono::milliseconds t) : backend(std::move(b)), timeout(t) {}
-  int rank() const { return backend->getRank(); }
-  int size() const { return backend->getSize(); }
-};
-
-const auto cp_group_class = torch::class_<CpGroup>("mm_engine", "CpGroup");
-
+// What the node keeps of its group (shim.h).
+using CpGroup = mm_shim::GroupRef;
 using Group = c10::intrusive_ptr<CpGroup>;
 
 // One posted exchange: `send` to the next rank, the previous rank's into `recv`.
@@ -276,8 +267,8 @@ char* mm_cp_ring_attention(mm_pg* pg, at::Tensor* q, at::Tensor* k, at::Tensor* 
                            at::Tensor* valid, int64_t tile_scores, at::Tensor** out) {
   return guarded([&] {
     TORCH_CHECK(tile_scores > 0, "ring attention: tile_scores must be above 0, not ", tile_scores);
-    auto g = c10::make_intrusive<mm_ring::CpGroup>(pg->backend, pg->timeout);
-    *out = new at::Tensor(mm_ring::RingAttention::apply(*q, *k, *v, *positions, *valid, g, tile_scores));
+    *out = new at::Tensor(
+        mm_ring::RingAttention::apply(*q, *k, *v, *positions, *valid, mm_shim::group_ref(pg), tile_scores));
   });
 }
 

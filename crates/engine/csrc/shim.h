@@ -5,6 +5,7 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
+#include <torch/custom_class.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -22,6 +23,24 @@ struct mm_pg {
 };
 
 namespace mm_shim {
+
+// What an autograd node of the shim (tp_regions.cpp, ring_attention.cpp) keeps of its group: a
+// counted reference to the c10d Backend, so a graph outlives the Rust ProcessGroup that built
+// it. It sits in AutogradContext::saved_data, a map of IValues, which can hold a C++ object
+// only as a registered custom class: c10d_shim.cpp registers it (as mm_engine.GroupRef) once,
+// at load time of an object file the linker always keeps.
+struct GroupRef : torch::CustomClassHolder {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+
+  GroupRef(c10::intrusive_ptr<c10d::Backend> b, std::chrono::milliseconds t) : backend(std::move(b)), timeout(t) {}
+  int rank() const { return backend->getRank(); }
+  int size() const { return backend->getSize(); }
+};
+
+inline c10::intrusive_ptr<GroupRef> group_ref(const mm_pg* pg) {
+  return c10::make_intrusive<GroupRef>(pg->backend, pg->timeout);
+}
 
 // A malloc'd copy the Rust side frees with mm_c10d_free_str.
 inline char* dup_str(const std::string& s) {

@@ -41,21 +41,8 @@ using torch::autograd::variable_list;
 
 namespace mm_tp {
 
-// What a node keeps of its group. It sits in AutogradContext::saved_data, a map of IValues,
-// which can hold a C++ object only as a registered custom class; hence the registration below.
-struct TpGroup : torch::CustomClassHolder {
-  c10::intrusive_ptr<c10d::Backend> backend;
-  std::chrono::milliseconds timeout;
-
-  TpGroup(c10::intrusive_ptr<c10d::Backend> b, std::chrono::milliseconds t) : backend(std::move(b)), timeout(t) {}
-  int rank() const { return backend->getRank(); }
-  int size() const { return backend->getSize(); }
-};
-
-// Runs at load time of this object file, which the linker always keeps (the extern "C"
-// functions below are in it).
-const auto tp_group_class = torch::class_<TpGroup>("mm_engine", "TpGroup");
-
+// What a node keeps of its group (shim.h).
+using TpGroup = mm_shim::GroupRef;
 using Group = c10::intrusive_ptr<TpGroup>;
 using Sizes = std::vector<int64_t>;
 
@@ -255,7 +242,7 @@ struct ReduceScatterToSpRegion : torch::autograd::Function<ReduceScatterToSpRegi
   }
 };
 
-Group group_ref(const mm_pg* pg) { return c10::make_intrusive<TpGroup>(pg->backend, pg->timeout); }
+using mm_shim::group_ref;
 
 Sizes sizes_from(const int64_t* sizes, size_t n) { return n == 0 ? Sizes{} : Sizes(sizes, sizes + n); }
 
