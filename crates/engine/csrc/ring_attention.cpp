@@ -120,6 +120,24 @@ int64_t tile_rows(int64_t budget, int64_t b, int64_t heads, int64_t tq, int64_t 
   return std::max<int64_t>(1, std::min<int64_t>(tq, budget / std::max<int64_t>(1, b * heads * tk)));
 }
 
+// Calls `tile(at_row, len, mask, kf, vf)` for each tile of query rows (at `qpos`, of the
+// sequence's real tokens `valid`) against the chunk `cur` [2, B, KV, Tk, D] whose keys sit at
+// `kpos`, with the tile's mask and the chunk's keys and values in fp32; a tile whose queries see
+// none of the keys is skipped. Forward and backward walk the same tiles through it.
+template <typename F>
+void each_visible_tile(const at::Tensor& cur, const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& valid,
+                       int64_t tile_scores, int64_t heads, F&& tile) {
+  at::Tensor real = valid.index_select(1, kpos);
+  at::Tensor kf = cur.select(0, 0).to(at::kFloat), vf = cur.select(0, 1).to(at::kFloat);
+  const int64_t tq = qpos.size(0), rows = tile_rows(tile_scores, valid.size(0), heads, tq, cur.size(3));
+  for (int64_t at_row = 0; at_row < tq; at_row += rows) {
+    const int64_t len = std::min(rows, tq - at_row);
+    at::Tensor m = tile_mask(qpos.narrow(0, at_row, len), kpos, real);
+    if (!m.any().item<bool>()) continue;
+    tile(at_row, len, m, kf, vf);
+  }
+}
+
 // K and V stacked into one buffer [2, B, KV, Tk, D], the unit that travels.
 at::Tensor stack_kv(const at::Tensor& k, const at::Tensor& v) { return at::stack({k, v}).contiguous(); }
 
@@ -154,13 +172,8 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
         next = at::empty_like(cur);
         ex = post(*g, cur, next, step);
       }
-      at::Tensor kpos = positions.select(0, src), real = valid.index_select(1, kpos);
-      at::Tensor kf = cur.select(0, 0).to(at::kFloat), vf = cur.select(0, 1).to(at::kFloat);
-      const int64_t tk = cur.size(3), rows = tile_rows(tile_scores, b, heads, tq, tk);
-      for (int64_t at_row = 0; at_row < tq; at_row += rows) {
-        const int64_t len = std::min(rows, tq - at_row);
-        at::Tensor m = tile_mask(qpos.narrow(0, at_row, len), kpos, real);
-        if (!m.any().item<bool>()) continue;  // no query of the tile sees a key of the block
+      const int64_t tk = cur.size(3);
+      auto tile = [&](int64_t at_row, int64_t len, const at::Tensor& m, const at::Tensor& kf, const at::Tensor& vf) {
         at::Tensor s = scores(fold_rows(q5, at_row, len), kf, m, rep, scale);
         at::Tensor lse_b = at::logsumexp(s, -1);
         at::Tensor p = s.sub_(finite_or_zero(lse_b).unsqueeze(-1)).exp_();
@@ -170,7 +183,8 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
         at::Tensor base = finite_or_zero(merged);
         o.copy_(o * at::exp(l - base).unsqueeze(-1) + o_b * at::exp(lse_b - base).unsqueeze(-1));
         l.copy_(merged);
-      }
+      };
+      each_visible_tile(cur, qpos, positions.select(0, src), valid, tile_scores, heads, tile);
       if (step + 1 < n) {
         ex.wait();
         cur = next;
@@ -213,13 +227,8 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
         next = at::empty_like(cur);
         a = post(*g, cur, next, 2 * step);
       }
-      at::Tensor kpos = positions.select(0, src), real = valid.index_select(1, kpos);
-      at::Tensor kf = cur.select(0, 0).to(at::kFloat), vf = cur.select(0, 1).to(at::kFloat);
-      const int64_t tk = cur.size(3), rows = tile_rows(tile_scores, b, heads, tq, tk);
-      for (int64_t at_row = 0; at_row < tq; at_row += rows) {
-        const int64_t len = std::min(rows, tq - at_row);
-        at::Tensor m = tile_mask(qpos.narrow(0, at_row, len), kpos, real);
-        if (!m.any().item<bool>()) continue;
+      const int64_t tk = cur.size(3);
+      auto tile = [&](int64_t at_row, int64_t len, const at::Tensor& m, const at::Tensor& kf, const at::Tensor& vf) {
         at::Tensor q_t = fold_rows(q5, at_row, len), d_out_t = fold_rows(d_out, at_row, len);
         at::Tensor p = scores(q_t, kf, m, rep, scale).sub_(base.narrow(3, at_row, len)).exp_();
         at::Tensor p2 = p.view({b, kv, rep * len, tk});
@@ -231,7 +240,8 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
                             .view({b, kv, rep * len, tk});
         dq.narrow(3, at_row, len).add_(at::matmul(ds, kf).mul_(scale).view({b, kv, rep, len, d}));
         acc.select(0, 0).add_(at::matmul(ds.transpose(-1, -2), q_t).mul_(scale));
-      }
+      };
+      each_visible_tile(cur, qpos, positions.select(0, src), valid, tile_scores, heads, tile);
       if (n == 1) break;
       // The chunk and its gradients move on; after the last block only the gradients go, home.
       if (step + 1 < n) {

@@ -131,15 +131,19 @@ impl Qwen2Attention {
         let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
         let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
         let v = split(self.v_proj.forward(x), self.kv_heads);
-        let mask = match mask {
+        let out = match mask {
             // The ring's core keeps only its inputs, output and log-sum-exp: nothing for
             // selective recomputation to drop.
-            KeyMask::Ring { positions, valid } => {
-                let out = self.cp.ring_attention(&q, &k, &v, positions, valid)?;
-                return Ok(self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * d]))?);
-            }
-            KeyMask::Dense(mask) => mask,
+            KeyMask::Ring { positions, valid } => self.cp.ring_attention(&q, &k, &v, positions, valid)?,
+            KeyMask::Dense(mask) => self.dense_core(q, k, v, mask)?,
         };
+        Ok(self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * d]))?)
+    }
+
+    /// Softmax(QKᵀ)V with one dense mask, after gathering the other context-parallel ranks' keys
+    /// and values (none without context parallelism); rerun in backward with selective
+    /// recomputation.
+    fn dense_core(&self, q: Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Result<Tensor, ForwardError> {
         let (k, v) = (self.cp.gather_keys(&k)?, self.cp.gather_keys(&v)?);
         let rep = self.heads / self.kv_heads;
         let core = move |q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor| {
@@ -154,14 +158,13 @@ impl Qwen2Attention {
                 false,
             )
         };
-        let out = if self.recompute_core {
+        Ok(if self.recompute_core {
             let mask = mask.shallow_clone();
             // No parameters inside: only the inputs' gradients matter.
             checkpoint1(&[&q, &k, &v], false, Box::new(move |t| Ok(vec![core(&t[0], &t[1], &t[2], &mask)])))?
         } else {
             core(&q, &k, &v, mask)
-        };
-        Ok(self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * d]))?)
+        })
     }
 }
 
