@@ -9,7 +9,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build demo test fmt lint
+.PHONY: setup build demo readme-plot test fmt lint
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,12 @@ build: setup
 demo: build
 	@test -f runs/tiny/model/config.json || ./target/release/mm-engine synth --out runs/tiny
 	PATH=$(ROOT)/target/release:$$PATH ./target/release/launch --cluster clusters/local.yaml finetune tiny
+	./target/release/launch plot --metric loss --metric tokens_per_sec --metric mfu
+	./target/release/launch logs --summary
+
+# The README's picture, from the latest run (make demo's).
+readme-plot:
+	./target/release/launch plot --metric loss --metric tokens_per_sec --metric mfu --out docs/img/demo-metrics.png
 
 fmt:
 	cargo fmt --all --check

@@ -60,6 +60,8 @@ enum Command {
     Check(CheckArgs),
     /// Print the aggregated log of the latest run (or RUN), optionally following it.
     Logs(LogsArgs),
+    /// Draw metrics of the latest run (or RUNs, overlaid) against iteration as a PNG or SVG.
+    Plot(PlotArgs),
     /// Stop the latest run (or RUN) as a preemption would: every rank finishes its step, saves
     /// a checkpoint and exits; the next `finetune` resumes from it.
     Stop(StopArgs),
@@ -84,6 +86,29 @@ struct LogsArgs {
     /// Only lines matching this regular expression.
     #[arg(long, value_name = "RE")]
     grep: Option<String>,
+    /// Where runs are (default: the cluster's log_dir with --cluster, else `logs`).
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// Print the table of the run's metrics (per attempt: iterations, loss, tokens/s, step
+    /// time, TFLOP/s, MFU) instead of its log.
+    #[arg(long, conflicts_with_all = ["follow", "rank", "host", "grep"])]
+    summary: bool,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// Run ids, run directories or metrics.jsonl files (mm-engine alone writes
+    /// <save>/metrics.jsonl); default: the latest run.
+    runs: Vec<String>,
+    /// A metric per panel (repeatable): loss, lr, grad_norm, tokens_per_sec, samples_per_sec,
+    /// step_ms, data_ms, slowest_step_ms, tflops, mfu, rss_gib, cuda_allocated_gib,
+    /// cuda_reserved_gib. Default: loss and tokens_per_sec.
+    #[arg(long, value_name = "NAME")]
+    metric: Vec<String>,
+    /// The picture: .png or .svg (default: metrics.png in the run's folder, or in the current
+    /// directory for several runs).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
     /// Where runs are (default: the cluster's log_dir with --cluster, else `logs`).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<PathBuf>,
@@ -320,6 +345,48 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let said = launch::logs::stop_run(&log_dir, args.run.as_deref(), args.wait)
                 .map_err(|e| Failure(1, format!("error: {e}")))?;
             println!("{said}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs(args) if args.summary => {
+            let log_dir = log_dir_of(&args.log_dir, &cli.cluster)?;
+            let run = launch::metrics::resolve_with_metrics(&log_dir, args.run.as_deref())
+                .and_then(|r| launch::metrics::summary(&r))
+                .map_err(|e| Failure(1, format!("error: {e}")))?;
+            print!("{run}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot(args) => {
+            let log_dir = log_dir_of(&args.log_dir, &cli.cluster)?;
+            let names: Vec<&str> = if args.metric.is_empty() {
+                vec!["loss", "tokens_per_sec"]
+            } else {
+                args.metric.iter().map(String::as_str).collect()
+            };
+            let metrics = names
+                .iter()
+                .map(|n| mm_spec::metrics::metric(n))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Failure(EXIT_CONFIG, format!("error: --metric: {e}")))?;
+            let runs = launch::plot::load_runs(&log_dir, &args.runs).map_err(|e| Failure(1, format!("error: {e}")))?;
+            let out = match (&args.out, runs.as_slice()) {
+                (Some(o), _) => o.clone(),
+                (None, [one]) => one.dir.join("metrics.png"),
+                _ => PathBuf::from("metrics.png"),
+            };
+            launch::plot::draw(&runs, &metrics, &out).map_err(|e| Failure(1, format!("error: {e}")))?;
+            let restarts: usize = runs.iter().map(|r| r.restarts().len()).sum();
+            println!(
+                "{}: {} of {} run{}{}",
+                out.display(),
+                names.join(" and "),
+                runs.len(),
+                if runs.len() == 1 { "" } else { "s" },
+                if restarts > 0 {
+                    format!(", {restarts} restart{} marked", if restarts == 1 { "" } else { "s" })
+                } else {
+                    String::new()
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Logs(args) => {

@@ -4,9 +4,11 @@
 //! (`--tee all`: every line; `--tee errors`: only warnings and errors; `--ranks 0,8`: these
 //! ranks instead of rank 0). Rank lines go to stdout as `[host rN] line`; the launcher's own
 //! lines go to stderr. On a terminal, indicatif bars show connecting, starting and training
-//! (iteration of train iters, loss, tokens/s, ETA) from the engine's `@@mm-progress` lines;
-//! otherwise plain lines, at most one per second. The progress lines themselves stay in the
-//! rank logs and never reach the console.
+//! (iteration of train iters, loss, tokens/s, MFU, ETA) from the engine's `@@mm-progress`
+//! lines; otherwise one compact `[launch] iteration …` line per logged iteration. For
+//! mm-engine the shown ranks' Megatron-style iteration lines (about 260 characters each) are
+//! folded into that bar or line; they stay in the rank logs and `--tee all` prints them. The
+//! progress lines themselves stay in the rank logs and never reach the console.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
@@ -64,7 +66,9 @@ pub struct Console {
     started: usize,
     last_iteration: Option<u64>,
     first_progress: Option<(Instant, u64)>,
-    last_plain: Option<Instant>,
+    /// Leave the engine's iteration lines out of the default console (the bar or a compact
+    /// line says the same); `--tee all` still shows them.
+    fold_iterations: bool,
     unit_ranks: HashMap<(usize, usize), Vec<usize>>,
     training: Option<TrainingSummary>,
     last_checkpoint: Option<String>,
@@ -102,12 +106,19 @@ impl Console {
             started: 0,
             last_iteration: None,
             first_progress: None,
-            last_plain: None,
+            fold_iterations: false,
             unit_ranks: HashMap::new(),
             training: None,
             last_checkpoint: None,
             stopped: None,
         }
+    }
+
+    /// Folds the iteration lines of the shown ranks into the progress bar or compact line: for
+    /// engines that send progress lines (mm-engine), whose every field the compact form shows.
+    pub fn fold_iterations(mut self, on: bool) -> Console {
+        self.fold_iterations = on;
+        self
     }
 
     /// Whether stdout is a terminal (bars) or not (plain lines).
@@ -143,9 +154,10 @@ impl Console {
     fn select(&self, rank: Option<usize>, prefix: &str, data: &[u8]) -> Vec<u8> {
         let everything =
             self.tee == Tee::All || (self.tee == Tee::Default && rank.is_some_and(|r| self.ranks.contains(&r)));
+        let fold = self.fold_iterations && self.tee == Tee::Default;
         let mut out = Vec::new();
         let mut push = |line: &[u8]| {
-            if memchr::memmem::find(line, PROGRESS_PREFIX.as_bytes()).is_some() {
+            if memchr::memmem::find(line, PROGRESS_PREFIX.as_bytes()).is_some() || (fold && is_iteration_line(line)) {
                 return;
             }
             out.extend_from_slice(prefix.as_bytes());
@@ -177,23 +189,6 @@ impl Console {
             }
         }
         out
-    }
-
-    fn progress_lines(&mut self, data: &[u8]) {
-        let finder = memchr::memmem::Finder::new(PROGRESS_PREFIX.as_bytes());
-        let mut from = 0;
-        while let Some(i) = finder.find(&data[from..]) {
-            let at = from + i;
-            let start = memchr::memrchr(b'\n', &data[..at]).map_or(0, |j| j + 1);
-            let end = memchr::memchr(b'\n', &data[at..]).map_or(data.len(), |j| at + j);
-            if let Some(Ok(ev)) = ProgressEvent::parse(&String::from_utf8_lossy(&data[start..end])) {
-                self.on_progress(&ev);
-            }
-            from = end.min(data.len());
-            if from == data.len() {
-                break;
-            }
-        }
     }
 
     /// The engine's end-of-training summary of the current attempt, if it sent one.
@@ -251,7 +246,7 @@ impl Console {
         let (t0, i0) = *self.first_progress.get_or_insert((now, p.iteration));
         if self.bars.is_some() {
             if self.bars.as_ref().is_some_and(|b| b.train.is_none()) {
-                let bar = self.bar(p.train_iters, "{spinner} train [{bar:30}] {pos}/{len} it  loss {msg}  ETA {eta}");
+                let bar = self.bar(p.train_iters, "{spinner} train [{bar:30}] {pos}/{len} it · {msg} · ETA {eta}");
                 if let Some(b) = self.bars.as_mut() {
                     b.train = bar;
                 }
@@ -259,15 +254,10 @@ impl Console {
             if let Some(bar) = self.bars.as_ref().and_then(|b| b.train.as_ref()) {
                 bar.set_length(p.train_iters);
                 bar.set_position(p.iteration);
-                bar.set_message(format!("{:.4} · {:.0} tok/s", p.loss, p.tokens_per_sec));
+                bar.set_message(compact(p));
             }
             return;
         }
-        let due = self.last_plain.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
-        if !due && p.iteration < p.train_iters {
-            return;
-        }
-        self.last_plain = Some(now);
         let done = p.iteration.saturating_sub(i0);
         let eta = if done > 0 {
             let per = now.duration_since(t0).as_secs_f64() / done as f64;
@@ -275,18 +265,57 @@ impl Console {
         } else {
             "?".into()
         };
-        self.say(&format!(
-            "[launch] iteration {}/{}  loss {:.4}  {:.0} tokens/s  ETA {eta}",
-            p.iteration, p.train_iters, p.loss, p.tokens_per_sec
-        ));
+        self.say(&format!("[launch] iteration {}/{} · {} · ETA {eta}", p.iteration, p.train_iters, compact(p)));
     }
+}
+
+/// Calls `f` with each valid progress event in `data` (whole lines of rank output).
+pub fn for_each_progress(data: &[u8], mut f: impl FnMut(&ProgressEvent)) {
+    let finder = memchr::memmem::Finder::new(PROGRESS_PREFIX.as_bytes());
+    let mut from = 0;
+    while let Some(i) = finder.find(&data[from..]) {
+        let at = from + i;
+        let start = memchr::memrchr(b'\n', &data[..at]).map_or(0, |j| j + 1);
+        let end = memchr::memchr(b'\n', &data[at..]).map_or(data.len(), |j| at + j);
+        if let Some(Ok(ev)) = ProgressEvent::parse(&String::from_utf8_lossy(&data[start..end])) {
+            f(&ev);
+        }
+        from = end.min(data.len());
+        if from == data.len() {
+            break;
+        }
+    }
+}
+
+/// The compact form of a logged iteration: what the bar shows and what a plain console
+/// prints instead of the engine's Megatron-style line.
+pub fn compact(p: &mm_spec::Progress) -> String {
+    let mut s = format!("loss {:.4} · {:.0} tok/s", p.loss, p.tokens_per_sec);
+    if let Some(m) = p.mfu {
+        s.push_str(&format!(" · MFU {:.1}%", 100.0 * m));
+    }
+    s
+}
+
+/// Megatron's per-iteration log line (` iteration  N/  M | consumed samples: …`), which
+/// mm-engine prints on every rank and MindSpeed-MM on the last.
+pub fn is_iteration_line(line: &[u8]) -> bool {
+    let t = line.trim_ascii_start();
+    let Some(rest) = t.strip_prefix(b"iteration ") else { return false };
+    let rest = rest.trim_ascii_start();
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && rest[digits..].starts_with(b"/")
 }
 
 impl Reporter for Console {
     fn event(&mut self, ev: &LaunchEvent<'_>) {
         match ev {
             LaunchEvent::Output { node, rank, data, .. } => {
-                self.progress_lines(data);
+                let mut events = Vec::new();
+                for_each_progress(data, |ev| events.push(ev.clone()));
+                for ev in &events {
+                    self.on_progress(ev);
+                }
                 let prefix = match rank {
                     Some(r) => self.prefixes.get(r).cloned().unwrap_or_else(|| format!("[? r{r}] ")),
                     None => format!("[{} node] ", self.host(*node)),
@@ -444,6 +473,19 @@ mod tests {
         let want = b"[h2 r3] WARNING: slow\n[h2 r3] RuntimeError: x\n[h2 r3] warner is not a warning word\n";
         assert_eq!(c.select(Some(3), "[h2 r3] ", data), want.to_vec());
         assert!(c.select(Some(3), "[p] ", b"warner\n").is_empty());
+    }
+
+    #[test]
+    fn iteration_lines_fold_by_default_only() {
+        let line = b" iteration        3/      40 | consumed samples:          6 | lm loss: 2.5E0\n";
+        assert!(is_iteration_line(line) && !is_iteration_line(b"iteration done\n"));
+        let data = [b"loaded x\n".as_slice(), line, b"WARNING: slow\n"].concat();
+        let folded = console(Tee::Default, vec![]).fold_iterations(true);
+        assert_eq!(folded.select(Some(0), "[p] ", &data), b"[p] loaded x\n[p] WARNING: slow\n");
+        assert_eq!(console(Tee::Default, vec![]).select(Some(0), "", &data), data);
+        assert_eq!(console(Tee::All, vec![]).fold_iterations(true).select(Some(0), "", &data), data);
+        let p = mm_spec::Progress { loss: 2.5, tokens_per_sec: 4910.6, mfu: Some(0.0312), ..Default::default() };
+        assert_eq!(compact(&p), "loss 2.5000 · 4911 tok/s · MFU 3.1%");
     }
 
     #[test]

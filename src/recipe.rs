@@ -290,6 +290,10 @@ pub struct OutputRecipe {
     pub eval_iters: u64,
     /// The seed's `--log-tps`: tokens per second in the logs and the end-of-run summary.
     pub log_tps: bool,
+    /// Megatron's `--tensorboard-dir`: event files written by the training processes on their
+    /// host (the launcher also keeps its own copy in the run folder, `logs/<run>/tensorboard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard_dir: Option<PathBuf>,
 }
 
 /// Whether `finetune MODEL` names a checkpoint folder rather than a preset: a preset name always
@@ -419,6 +423,7 @@ impl Recipe {
                 eval_interval: 5000,
                 eval_iters: 5000,
                 log_tps: true,
+                tensorboard_dir: None,
             },
         };
         let p = &mut r.parallel;

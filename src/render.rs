@@ -436,6 +436,7 @@ fn common_args(plan: &Plan) -> Vec<String> {
     kv(&mut a, "--eval-iters", o.eval_iters);
     path_arg(&mut a, "--save", &c.save);
     flag(&mut a, "--log-tps", o.log_tps);
+    path_arg(&mut a, "--tensorboard-dir", &o.tensorboard_dir);
     a
 }
 

@@ -141,7 +141,7 @@ fn readme_command_trains_on_localhost_and_a_rerun_resumes() {
     assert!(err.lines().any(|l| l.starts_with("  throughput   ") && l.ends_with(" tokens/s")), "{err}");
     // Progress lines stay in the logs; the console shows rank 0's text and plain progress.
     assert!(!out.contains("@@mm-progress"), "{out}");
-    assert!(err.contains("[launch] iteration 40/40  loss "), "{err}");
+    assert!(err.contains("[launch] iteration 40/40 · loss "), "{err}");
 
     // It trained: rank 0's losses fall, the last one is the reported final loss.
     let log0 = read(&run.join("localhost/rank-0.log"));
@@ -151,6 +151,37 @@ fn readme_command_trains_on_localhost_and_a_rerun_resumes() {
     assert_eq!(format!("{:.6E}", l[39]), format!("{final_loss:.6E}"));
     assert!(read(&run.join("localhost/rank-1.log")).contains("data-parallel rank 1 of 2"));
     assert_eq!(read(&dir.path().join("runs/tiny/save/latest_checkpointed_iteration.txt")).trim(), "40");
+
+    // The console folds rank 0's 260-character iteration lines into one compact line per
+    // logged iteration (the full lines are in the rank log).
+    assert!(log0.contains("| consumed samples:") && !out.contains("| consumed samples:"), "{out}");
+    assert_eq!(err.matches("[launch] iteration ").count(), 40, "{err}");
+    // The run folder keeps the metrics: one line per logged iteration with the log's loss,
+    // and TensorBoard's own reader finds the same values in the events.
+    let recs = mm_spec::metrics::read(&run.join("metrics.jsonl")).unwrap().records;
+    assert_eq!(
+        recs.iter().map(|r| (r.attempt, r.step.iteration)).collect::<Vec<_>>(),
+        (1..=40).map(|i| (0, i)).collect::<Vec<_>>()
+    );
+    for (r, l) in recs.iter().zip(&l) {
+        assert_eq!(format!("{:.6E}", r.step.loss), format!("{l:.6E}"));
+        assert!(
+            r.step.tflops.is_some_and(|t| t > 0.0)
+                && r.step.mfu.is_some()
+                && r.step.slowest_rank.is_some_and(|r| r < 2)
+        );
+    }
+    let tb = tensorboard_scalars(&run.join("tensorboard"));
+    let want: Vec<(i64, f64)> = recs.iter().map(|r| (r.step.iteration as i64, r.step.loss as f32 as f64)).collect();
+    assert_eq!(tb["train/loss"], want);
+    assert_eq!(tb["train/mfu"].len(), 40);
+    let o = launch_cmd(dir.path(), &["logs", "--summary"]).output().unwrap();
+    let (table, e) = text(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        table.lines().nth(2).is_some_and(|row| row.trim_start().starts_with("0 ") && row.contains("1-40")),
+        "{table}"
+    );
 
     // The same command again, asking for 6 more iterations: it resumes from iteration 40.
     let o = launch_cmd(dir.path(), &["--cluster", &cluster, "finetune", "tiny", "--set", "train.train_iters=46"])
@@ -185,6 +216,7 @@ fn sigkill_of_a_rank_restarts_from_the_checkpoint_to_the_same_final_loss() {
     let logs = dir.path().join("logs");
     let (it, clean_loss, _) = training(&logs);
     assert_eq!(it, 40);
+    let clean_run = std::fs::canonicalize(logs.join("latest")).unwrap();
 
     let mut args = base.to_vec();
     args.extend(["--set", "checkpoint.save=runs/tiny/save-faulty", "--max-restarts", "1", "--grace", "5s"]);
@@ -221,6 +253,67 @@ fn sigkill_of_a_rank_restarts_from_the_checkpoint_to_the_same_final_loss() {
     assert_eq!((it, ckpt.as_deref()), (40, Some("runs/tiny/save-faulty/iter_0000040")));
     assert_eq!(loss.to_bits(), clean_loss.to_bits(), "final loss {loss} after the restart, {clean_loss} without");
     assert!(engine_pids("save-faulty", 0).is_empty() && engine_pids("save-faulty", 1).is_empty());
+
+    // The metrics of both attempts in one file, the restart's iterations from 21 again; one
+    // TensorBoard event file per attempt.
+    let recs = mm_spec::metrics::read(&run.join("metrics.jsonl")).unwrap().records;
+    let its = |a: u32| recs.iter().filter(|r| r.attempt == a).map(|r| r.step.iteration).collect::<Vec<_>>();
+    assert_eq!(its(0), (1..=its(0).len() as u64).collect::<Vec<_>>());
+    assert!(its(0).len() >= 20 && its(0).len() <= killed_at, "{:?} vs {killed_at} logged", its(0));
+    assert_eq!(its(1), (21..=40).collect::<Vec<_>>());
+    assert_eq!(std::fs::read_dir(run.join("tensorboard")).unwrap().count(), 2);
+    plots_show_both_runs_and_the_restart(dir.path(), &clean_run, &run);
+}
+
+/// `launch plot` of the clean run and the restarted one, as PNG and SVG: checked by its
+/// properties (size, a drawn plot area, each run's colour, the restart's dashed line, the
+/// legend) since pixels differ with fonts and versions.
+fn plots_show_both_runs_and_the_restart(dir: &Path, clean: &Path, restarted: &Path) {
+    let (a, b) = (clean.to_str().unwrap(), restarted.to_str().unwrap());
+    let png = dir.join("both.png");
+    let o =
+        launch_cmd(dir, &["plot", a, b, "--metric", "loss", "--metric", "mfu", "--out"]).arg(&png).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("loss and mfu of 2 runs, 1 restart marked"), "{out}");
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (launch::plot::PANEL_SIZE.0, 2 * launch::plot::PANEL_SIZE.1));
+    let count = |c: plotters::style::RGBColor| img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
+    for i in 0..2 {
+        assert!(count(launch::plot::color(i)) > 300, "run {i}'s colour: {} pixels", count(launch::plot::color(i)));
+    }
+    let inked = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+    assert!(inked * 50 > img.pixels().len(), "the plot is almost blank: {inked} pixels drawn");
+
+    let svg_path = dir.join("both.svg");
+    let o = launch_cmd(dir, &["plot", a, b, "--out"]).arg(&svg_path).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    let svg = read(&svg_path);
+    let hex = |c: plotters::style::RGBColor| format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2);
+    let solid =
+        |i: usize| svg.matches(&format!("stroke=\"{}\" stroke-width=\"2\"", hex(launch::plot::color(i)))).count();
+    let dashed = |i: usize| svg.matches(&format!("opacity=\"0.6\" stroke=\"{}\"", hex(launch::plot::color(i)))).count();
+    // Per panel (loss, tokens/s): the clean run's line and legend mark; the restarted run's
+    // two attempts and legend mark, and its restart dashed.
+    assert_eq!((solid(0), solid(1)), (2 * 2, 2 * 3), "{svg}");
+    assert_eq!(dashed(0), 0);
+    assert!(dashed(1) > 2, "{svg}");
+    for name in [clean, restarted] {
+        let name = name.file_name().unwrap().to_str().unwrap();
+        assert_eq!(svg.matches(&format!(">\n{name}\n</text>")).count(), 2, "legend of {name}");
+    }
+}
+
+/// Every scalar series of the TensorBoard events in `dir`, as TensorBoard's reader returns them.
+fn tensorboard_scalars(dir: &Path) -> std::collections::BTreeMap<String, Vec<(i64, f64)>> {
+    let py = Path::new(REPO).join(".venv/bin/python");
+    let script = "import sys, json\n\
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
+print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()['scalars']}))\n";
+    let o = Command::new(py).args(["-c", script]).arg(dir).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// A job on the rig's 3 hosts × 2 CPU ranks running the real engine in `work`, which holds
@@ -250,7 +343,7 @@ fn rig_finetune_tiny_over_ssh_and_resume() {
     assert_eq!(f.code, 0, "stdout:\n{}\nstderr:\n{}", f.stdout, f.stderr);
     assert!(f.stderr.contains("launch: all 6 ranks on 3 hosts finished (exit 0)"), "{}", f.stderr);
     assert!(f.stderr.contains("checkpoint   runs/tiny/save/iter_0000006"), "{}", f.stderr);
-    assert!(f.stderr.contains("[launch] iteration 6/6  loss "), "{}", f.stderr);
+    assert!(f.stderr.contains("[launch] iteration 6/6 · loss "), "{}", f.stderr);
     let run = job.run_dir();
     for r in 0..6 {
         let log = job.rank_log(&run, job.host_of(r), r);
@@ -304,7 +397,7 @@ fn rig_finetune_tiny_two_pipeline_stages_across_hosts_with_recomputation_and_res
     for want in [
         "launch: all 6 ranks on 3 hosts finished (exit 0)",
         "checkpoint   runs/tiny/save/iter_0000006",
-        "[launch] iteration 6/6  loss ",
+        "[launch] iteration 6/6 · loss ",
     ] {
         assert!(f.stderr.contains(want), "the summary lacks `{want}`:\n{}", f.stderr);
     }

@@ -151,8 +151,8 @@ fn local_progress_lines() {
     let cluster = job.cluster(&[("TEST_MODE", "progress")], "");
     let f = job.run(&cluster, &["--no-checks"]);
     assert_eq!(f.code, 0, "{}", f.stderr);
-    assert!(f.stderr.contains("[launch] iteration 1/3  loss 3.5000  1000 tokens/s"), "{}", f.stderr);
-    assert!(f.stderr.contains("[launch] iteration 3/3  loss 1.5000"), "{}", f.stderr);
+    assert!(f.stderr.contains("[launch] iteration 1/3 · loss 3.5000 · 1000 tok/s · ETA"), "{}", f.stderr);
+    assert!(f.stderr.contains("[launch] iteration 3/3 · loss 1.5000"), "{}", f.stderr);
     assert_eq!(f.stderr.matches("iteration 3/3").count(), 1, "one line per iteration, whichever rank printed it");
     // Every rank sent `done`; the summary says it once, from the first.
     assert_eq!(f.stderr.matches("final loss   1.500000 (iteration 3)").count(), 1, "{}", f.stderr);

@@ -48,6 +48,7 @@ fn main() {
         .define("USE_C10D_GLOO", None)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .file("csrc/c10d_shim.cpp")
+        .file("csrc/cuda_info.cpp")
         .file("csrc/recompute.cpp")
         .file("csrc/ring_attention.cpp")
         .file("csrc/tp_regions.cpp");
@@ -62,6 +63,8 @@ fn main() {
         // which also makes CUDA visible to tch at run time.
         println!("cargo:rustc-link-arg-bins=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg-bins=-ltorch_cuda");
+        // The caching allocator's statistics (csrc/cuda_info.cpp).
+        println!("cargo:rustc-link-arg-bins=-lc10_cuda");
         println!("cargo:rustc-link-arg-bins=-Wl,--as-needed");
     }
     build.compile("mm_c10d");

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::cluster::ClusterSpec;
+use crate::cluster::{ClusterSpec, Template};
 use crate::events::{HostInfo, LaunchEvent, Reporter};
 use crate::exec::backend::Backend;
 use crate::exec::dispatch::{run_attempt, AttemptSpec, DispatchConfig};
@@ -24,6 +24,7 @@ use crate::exec::local::LocalBackend;
 use crate::exec::outcome::{Outcome, Sig};
 use crate::exec::ssh::{AgentSource, SshBackend};
 use crate::logs::{LogSink, RunDir, RunStatus};
+use crate::metrics::MetricsSink;
 use crate::plan::Plan;
 use crate::progress::{Console, Tee};
 use crate::render::{Rendered, Renderer};
@@ -47,12 +48,14 @@ pub struct JobOptions {
 /// Reporters of a job: the run directory and the console.
 struct JobReporters {
     logs: LogSink,
+    metrics: MetricsSink,
     console: Console,
 }
 
 impl Reporter for JobReporters {
     fn event(&mut self, ev: &LaunchEvent<'_>) {
         self.logs.event(ev);
+        self.metrics.event(ev);
         self.console.event(ev);
     }
     fn tick(&mut self) {
@@ -173,8 +176,10 @@ pub fn run_job(
     let hosts = hosts_of(plan);
     let logs = LogSink::new(run.clone(), plan.clone(), hosts.clone())
         .map_err(|e| format!("cannot write {}: {e}", run.launch_log().display()))?;
-    let console = Console::new(hosts.clone(), opts.tee, opts.ranks.clone(), opts.fancy);
-    let mut reporters = JobReporters { logs, console };
+    let console = Console::new(hosts.clone(), opts.tee, opts.ranks.clone(), opts.fancy)
+        .fold_iterations(plan.template == Template::MmEngine);
+    let metrics = MetricsSink::new(&run.root);
+    let mut reporters = JobReporters { logs, metrics, console };
 
     let cfg = DispatchConfig {
         grace: opts.grace,
@@ -262,7 +267,7 @@ pub fn run_job(
             if !restart {
                 reporters.flush();
                 eprint!("{text}");
-                for e in reporters.logs.errors().iter().take(5) {
+                for e in reporters.logs.errors().iter().chain(reporters.metrics.errors()).take(5) {
                     eprintln!("launch: warning: {e}");
                 }
                 return (code, headline, training);

@@ -83,8 +83,12 @@ fn resume_gives_bit_identical_losses_and_weights() {
         run_ok(train_cmd(common).arg("--load").arg(&load).arg("--save").arg(&resumed).args(["--exit-interval", "3"]));
     assert!(text(&b1).contains("exiting at iteration 3"), "{}", text(&b1));
     assert_eq!(std::fs::read_to_string(resumed.join("latest_checkpointed_iteration.txt")).unwrap(), "3");
-    let b2 = run_ok(train_cmd(common).arg("--load").arg(&resumed).arg("--save").arg(&resumed));
+    let tb = work.path().join("tb");
+    let b2 = run_ok(
+        train_cmd(common).arg("--load").arg(&resumed).arg("--save").arg(&resumed).arg("--tensorboard-dir").arg(&tb),
+    );
     let (la, lb) = (steps(&a), [steps(&b1), steps(&b2)].concat());
+    metrics_match_the_progress_lines(&resumed.join("metrics.jsonl"), &[&b1, &b2], &tb);
     assert_eq!(la.len(), 6, "{}", text(&a));
     // Memory is in the log line and the progress line.
     assert_eq!(text(&a).matches(" | memory (RSS): ").count(), 6, "{}", text(&a));
@@ -133,6 +137,53 @@ fn resume_gives_bit_identical_losses_and_weights() {
     // Resuming a finished run trains nothing; --no-load-optim is accepted on a full state.
     let again = run_ok(train_cmd(common).arg("--load").arg(&straight).arg("--no-load-optim"));
     assert!(text(&again).contains("nothing to train"), "{}", text(&again));
+}
+
+/// mm-engine alone appends every logged iteration to <save>/metrics.jsonl (a resume is the
+/// next attempt), with the values of its progress lines, and the TensorBoard events of
+/// `--tensorboard-dir` hold the same values as read by TensorBoard's own reader.
+fn metrics_match_the_progress_lines(file: &Path, runs: &[&Output], tb: &Path) {
+    let read = mm_spec::metrics::read(file).unwrap();
+    let progress: Vec<(u32, mm_spec::Progress)> = runs
+        .iter()
+        .enumerate()
+        .flat_map(|(attempt, o)| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| match ProgressEvent::parse(l)? {
+                    Ok(ProgressEvent::Step(p)) => Some((attempt as u32, p)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let got: Vec<(u32, mm_spec::Progress)> = read.records.iter().map(|r| (r.attempt, r.step.clone())).collect();
+    assert_eq!(got, progress, "{}", file.display());
+    for (_, p) in &got {
+        assert!(p.tflops.is_some_and(|t| t > 0.0) && p.mfu.is_some_and(|m| m > 0.0 && m < 1.5), "{p:?}");
+        assert_eq!(p.slowest_rank, Some(0));
+        assert!(p.data_ms.is_some() && p.mem_bytes.is_some(), "{p:?}");
+    }
+    // The second run alone wrote the events: its iterations 4..6.
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    let script = "import sys, json\n\
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
+print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()['scalars']}))\n";
+    let o = Command::new(py).args(["-c", script]).arg(tb).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let tags: std::collections::BTreeMap<String, Vec<(i64, f64)>> = serde_json::from_slice(&o.stdout).unwrap();
+    let second: Vec<&mm_spec::Progress> = got.iter().filter(|(a, _)| *a == 1).map(|(_, p)| p).collect();
+    assert_eq!(second.len(), 3);
+    for m in mm_spec::metrics::METRICS {
+        let want: Vec<(i64, f64)> =
+            second.iter().filter_map(|p| (m.get)(p).map(|v| (p.iteration as i64, v as f32 as f64))).collect();
+        if want.is_empty() {
+            assert!(!tags.contains_key(&format!("train/{}", m.name)), "{} written without a value", m.name);
+            continue;
+        }
+        assert_eq!(tags.get(&format!("train/{}", m.name)), Some(&want), "tag train/{}", m.name);
+    }
 }
 
 #[test]

@@ -14,6 +14,10 @@
 //! - [`progress`]: the machine-readable progress line the engine prints and the launcher parses.
 //! - [`flight`]: the rank state file (phase, iteration, recent collectives) the engine keeps
 //!   and the launcher's stall watchdog reads, and the diagnosis it makes of them.
+//! - [`flops`]: model FLOPs of a step (ViT, projector, LLM, attention), for TFLOP/s and MFU.
+//! - [`metrics`]: metrics.jsonl (rank 0's view of each logged iteration) and the metric names
+//!   TensorBoard, `launch plot` and `launch logs --summary` share; [`tensorboard`]: the
+//!   event-file writer behind `--tensorboard-dir`.
 //! - [`suggest`]: the one "did you mean" matcher for every tool's messages.
 //! - [`error`]: [`SpecError`], the error of the non-layout parts.
 //!
@@ -22,14 +26,17 @@
 pub mod checkpoint;
 pub mod error;
 pub mod flight;
+pub mod flops;
 pub mod hf;
 pub mod io;
 pub mod layout;
 pub mod memory;
+pub mod metrics;
 pub mod presets;
 pub mod progress;
 pub mod recompute;
 pub mod suggest;
+pub mod tensorboard;
 
 pub use checkpoint::{CheckpointError, DType, HfLayout, Iteration, LayoutRequest, Manifest, MmLayout, SplitKind};
 pub use error::SpecError;

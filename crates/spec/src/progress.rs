@@ -16,7 +16,7 @@ use crate::error::SpecError;
 pub const PROGRESS_PREFIX: &str = "@@mm-progress ";
 
 /// One logged training iteration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     pub iteration: u64,
     pub train_iters: u64,
@@ -37,6 +37,26 @@ pub struct Progress {
     #[serde(default)]
     pub mem_bytes: Option<u64>,
     pub consumed_samples: u64,
+    /// Time the printing rank waited for its micro batches, per iteration of the window.
+    #[serde(with = "lossless_opt_f64", default)]
+    pub data_ms: Option<f64>,
+    /// The rank with the longest last step, and that step's time (every rank's step time is
+    /// summed into rank 0 at each logged iteration).
+    #[serde(default)]
+    pub slowest_rank: Option<usize>,
+    #[serde(with = "lossless_opt_f64", default)]
+    pub slowest_step_ms: Option<f64>,
+    /// Model TFLOP/s per device over the window ([`crate::flops`]), and that over the
+    /// device's peak; `mfu` is None when no peak is known.
+    #[serde(with = "lossless_opt_f64", default)]
+    pub tflops: Option<f64>,
+    #[serde(with = "lossless_opt_f64", default)]
+    pub mfu: Option<f64>,
+    /// The CUDA caching allocator's allocated and reserved bytes on the printing rank's GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_allocated_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_reserved_bytes: Option<u64>,
 }
 
 /// Everything the engine reports on a progress line.
@@ -175,7 +195,7 @@ pub mod lossless_f64 {
 }
 
 /// [`lossless_f64`] for optional values; JSON null is `None`.
-mod lossless_opt_f64 {
+pub mod lossless_opt_f64 {
     use serde::de::{self, Visitor};
     use serde::{Deserializer, Serializer};
     use std::fmt;
@@ -249,6 +269,7 @@ mod tests {
             step_ms: 1234.5,
             mem_bytes: Some(61_000_000_000),
             consumed_samples: 1536,
+            ..Default::default()
         })
     }
 
@@ -405,6 +426,9 @@ mod tests {
                 step_ms: 2.5,
                 mem_bytes: mem,
                 consumed_samples: 7,
+                data_ms: grad_norm,
+                mfu: Some(lr),
+                ..Default::default()
             });
             let back = ProgressEvent::parse(&e.to_line()).unwrap().unwrap();
             let (ProgressEvent::Step(a), ProgressEvent::Step(b)) = (&e, &back) else {
@@ -417,6 +441,8 @@ mod tests {
             prop_assert_eq!(bits(a.tokens_per_sec), bits(b.tokens_per_sec));
             prop_assert_eq!(a.iteration, b.iteration);
             prop_assert_eq!(a.mem_bytes, b.mem_bytes);
+            prop_assert_eq!(a.data_ms.map(bits), b.data_ms.map(bits));
+            prop_assert_eq!(a.mfu.map(bits), b.mfu.map(bits));
         }
     }
 }

@@ -223,6 +223,19 @@ pub struct TrainArgs {
     /// Tokens per second in the log lines and the summary (always in the progress line).
     #[arg(long)]
     pub log_tps: bool,
+    /// Megatron's: write TensorBoard event files of the logged scalars here (rank 0).
+    #[arg(long, value_name = "DIR")]
+    pub tensorboard_dir: Option<PathBuf>,
+    /// Append one JSON line per logged iteration here (rank 0's view; see mm_spec::metrics).
+    /// Default when run alone: <--save>/metrics.jsonl; under launch, the launcher writes
+    /// logs/<run>/metrics.jsonl and this is off unless given.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_file: Option<PathBuf>,
+    /// The device's peak dense TFLOP/s in the training dtype, for MFU. Default: the data sheet's
+    /// for known GPUs (mm_spec::flops::PEAK_TFLOPS_BF16); on CPU a matrix product measured at
+    /// start.
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
 
     // Data.
     /// Chat template of the records (internvl2_5 is InternVL3's).
@@ -456,6 +469,12 @@ impl TrainArgs {
                 "--template {:?}: expected one of {:?}",
                 self.template,
                 crate::data::template::TEMPLATES
+            ));
+        }
+        if self.peak_tflops.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
+            errs.push(format!(
+                "--peak-tflops {}: expected a positive number of TFLOP/s",
+                self.peak_tflops.unwrap_or(0.0)
             ));
         }
         if self.log_interval == 0 {

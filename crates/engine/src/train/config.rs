@@ -57,8 +57,19 @@ pub struct TrainConfig {
     pub checkpoint: CheckpointConfig,
     pub log_interval: u64,
     pub log_tps: bool,
+    pub metrics: MetricsConfig,
     /// None: no evaluation.
     pub eval: Option<EvalConfig>,
+}
+
+/// Where rank 0 writes the logged scalars, and the peak MFU divides by.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MetricsConfig {
+    /// metrics.jsonl (None: not written).
+    pub file: Option<PathBuf>,
+    pub tensorboard_dir: Option<PathBuf>,
+    /// Peak dense TFLOP/s per device, when given.
+    pub peak_tflops: Option<f64>,
 }
 
 /// The rank layout's sizes and the pipeline split, as the flags ask for them.
@@ -138,6 +149,8 @@ impl TrainConfig {
 
     /// The config of flags `a` that [`TrainArgs::validate`] resolved to `r`.
     pub fn from_checked(a: TrainArgs, r: Resolved) -> TrainConfig {
+        let metrics_beside_saves =
+            if crate::cli::launched() { None } else { a.save.as_ref().map(|s| s.join("metrics.jsonl")) };
         TrainConfig {
             model: a.model,
             device: a.device,
@@ -199,6 +212,13 @@ impl TrainConfig {
             },
             log_interval: a.log_interval,
             log_tps: a.log_tps,
+            metrics: MetricsConfig {
+                // Run alone, the metrics stay beside the checkpoints (a resume appends to them);
+                // under launch the launcher keeps them in the run folder.
+                file: a.metrics_file.or(metrics_beside_saves),
+                tensorboard_dir: a.tensorboard_dir,
+                peak_tflops: a.peak_tflops,
+            },
             eval: (a.eval_interval > 0 && a.eval_iters > 0)
                 .then_some(EvalConfig { interval: a.eval_interval, iters: a.eval_iters }),
         }

@@ -6,6 +6,7 @@ pub mod args;
 pub mod checkpoint;
 pub mod config;
 pub mod loss;
+pub mod metrics;
 pub mod optimizer;
 pub mod parallel;
 pub mod pipeline;

@@ -42,6 +42,7 @@ use super::args::TrainArgs;
 use super::checkpoint::{self, mm_name, CkptFormat, RankDir, SaveRequest, SavedState, TrainerState};
 use super::config::{CheckpointConfig, TrainConfig};
 use super::loss::{model_sample_losses, objective, StepTotals};
+use super::metrics::{self, PeakSource};
 use super::optimizer::AdamW;
 use super::parallel::{fingerprint, Parallel};
 use super::pipeline::{self, StepContext};
@@ -286,6 +287,8 @@ pub struct StepReport {
     /// Time this rank waited for its micro batches, and the whole step's time.
     pub data_ms: f64,
     pub step_ms: f64,
+    /// Model FLOPs of the global batch (mm_spec::flops).
+    pub flops: f64,
 }
 
 /// The steps since the last log line, which it averages over.
@@ -295,12 +298,13 @@ struct LogWindow {
     tokens: u64,
     samples: u64,
     data_ms: f64,
+    flops: f64,
     start: Instant,
 }
 
 impl LogWindow {
     fn new() -> LogWindow {
-        LogWindow { loss: 0.0, iters: 0, tokens: 0, samples: 0, data_ms: 0.0, start: Instant::now() }
+        LogWindow { loss: 0.0, iters: 0, tokens: 0, samples: 0, data_ms: 0.0, flops: 0.0, start: Instant::now() }
     }
 
     fn add(&mut self, s: &StepReport) {
@@ -309,6 +313,7 @@ impl LogWindow {
         self.tokens += s.tokens;
         self.samples += s.samples;
         self.data_ms += s.data_ms;
+        self.flops += s.flops;
     }
 }
 
@@ -334,6 +339,11 @@ pub struct Trainer {
     load: Option<PathBuf>,
     counters: Counters,
     totals: RunTotals,
+    /// Model FLOPs per tile and token (TFLOP/s and MFU), and the peak per device.
+    flops: mm_spec::flops::ModelFlops,
+    peak_tflops: Option<f64>,
+    /// Rank 0's metrics.jsonl and TensorBoard events.
+    sink: metrics::Sink,
     /// Test-only fault injection (`MM_ENGINE_FAULT`).
     fault: Option<Fault>,
 }
@@ -687,6 +697,21 @@ impl Trainer {
             }
         }
         let layout = par.save_layout(&preset)?;
+        let flops = metrics::model_flops(&preset, cfg.freeze);
+        let peak = metrics::peak(&cfg.metrics, device, if cfg.bf16 { Kind::BFloat16 } else { Kind::Float });
+        let sink = if dp.global_rank == 0 {
+            match &peak {
+                Some((p, PeakSource::Flag)) => println!("MFU against --peak-tflops {p}"),
+                Some((p, PeakSource::DataSheet(name))) => println!("MFU against {p} TFLOP/s ({name}'s data sheet)"),
+                Some((p, PeakSource::Measured)) => {
+                    println!("MFU against {p:.4} TFLOP/s per rank, measured on a matrix product here (CPU)")
+                }
+                None => println!("no MFU: the device's peak is unknown; pass --peak-tflops to get one"),
+            }
+            metrics::Sink::open(&cfg.metrics)?
+        } else {
+            metrics::Sink::open(&Default::default())?
+        };
         let loader =
             if iteration < cfg.train_iters { Some(Loader::start(ds.clone(), loader_cfg, position)?) } else { None };
         Ok(Trainer {
@@ -704,6 +729,9 @@ impl Trainer {
             load,
             counters,
             totals: RunTotals::default(),
+            flops,
+            peak_tflops: peak.map(|(p, _)| p),
+            sink,
             fault: None,
         })
     }
@@ -735,7 +763,7 @@ impl Trainer {
             let stopping = (agreed > 0.0 && iteration < train_iters).then_some(agreed as i32);
             window.add(&s);
             if iteration % self.cfg.log_interval == 0 || iteration == train_iters || stopping.is_some() {
-                self.log(&s, &window);
+                self.log(&s, &window)?; // SYNC (every rank's step time)
                 window = LogWindow::new();
             }
             if let Some(signal) = stopping {
@@ -822,6 +850,7 @@ impl Trainer {
             batches.iter().map(|b| b.rows).sum::<usize>() as f64,
             batches.iter().map(supervised_tokens).sum::<i64>() as f64,
             batches.iter().map(|b| b.tokens()).sum::<usize>() as f64,
+            metrics::batches_flops(&self.flops, &batches),
         ];
         // Test-only faults, before the step's first collective and outside any collective.
         match self.fault.and_then(|f| f.at(dp.global_rank, iteration)) {
@@ -842,10 +871,11 @@ impl Trainer {
             None => {}
         }
         // Over the data-parallel ranks: context-parallel ranks read the same micro batches.
-        let global = dp.data_sum(&local, "step totals: micro batches, samples, supervised and real tokens")?; // SYNC
+        let global =
+            dp.data_sum(&local, "step totals: micro batches, samples, supervised and real tokens, model FLOPs")?; // SYNC
         let totals =
             StepTotals { micro_batches: global[0] as usize, samples: global[1] as usize, tokens: global[2] as i64 };
-        let step_tokens = global[3] as u64;
+        let (step_tokens, step_flops) = (global[3] as u64, global[4]);
 
         let chunks = session.chunks();
         let last_chunk = *chunks.last().expect("a rank holds at least one chunk");
@@ -903,16 +933,28 @@ impl Trainer {
             samples,
             data_ms,
             step_ms: step_start.elapsed().as_secs_f64() * 1e3,
+            flops: step_flops,
         })
     }
 
-    /// The log line of step `s`, averaged over `w`, and rank 0's progress line.
-    fn log(&self, s: &StepReport, w: &LogWindow) {
+    /// The log line of step `s`, averaged over `w`, and rank 0's progress line and metrics.
+    /// Every rank calls it at the same iterations: each adds its step time to one all-reduce,
+    /// so rank 0 can name the slowest rank.
+    fn log(&mut self, s: &StepReport, w: &LogWindow) -> anyhow::Result<()> {
         let (iteration, lr, grad_norm, consumed) = (s.iteration, s.lr, s.grad_norm, self.counters.consumed);
+        let dp = &self.dp;
+        let world = dp.size * dp.tp_size * dp.pp_size;
+        let mut times = vec![0.0; world];
+        times[dp.global_rank] = s.step_ms;
+        let times = dp.world_sum(&times, "every rank's step time, for the slowest rank")?; // SYNC
+        let (slowest_rank, slowest_ms) =
+            times.iter().copied().enumerate().fold((0, f64::MIN), |a, (r, t)| if t > a.1 { (r, t) } else { a });
         let secs = w.start.elapsed().as_secs_f64().max(1e-9);
         let loss = w.loss / w.iters as f64;
         let tps = w.tokens as f64 / secs;
         let sps = w.samples as f64 / secs;
+        let tflops = w.flops / secs / world as f64 / 1e12;
+        let mfu = self.peak_tflops.map(|p| tflops / p);
         let mut line = format!(
             " iteration {iteration:>8}/{:>8} | consumed samples: {consumed:>10} | elapsed time per iteration (ms): {:.1} | \
              data wait (ms): {:.1} | learning rate: {lr:.6E} | global batch size: {:>5} | lm loss: {loss:.6E} | \
@@ -928,13 +970,25 @@ impl Trainer {
                 w.tokens as f64 / w.samples.max(1) as f64
             ));
         }
+        line.push_str(&format!(" | TFLOP/s per device: {tflops:.4}"));
+        if let Some(m) = mfu {
+            line.push_str(&format!(" | MFU: {:.2}%", 100.0 * m));
+        }
         let mem = resident_bytes();
         if let Some(m) = mem {
             line.push_str(&format!(" | memory (RSS): {:.1} MiB", m as f64 / 1048576.0));
         }
+        let cuda = metrics::cuda_memory(self.session.device);
+        if let Some((a, r)) = cuda {
+            line.push_str(&format!(
+                " | CUDA allocated/reserved: {:.0}/{:.0} MiB",
+                a as f64 / 1048576.0,
+                r as f64 / 1048576.0
+            ));
+        }
         println!("{line}");
-        if self.dp.global_rank == 0 {
-            let ev = ProgressEvent::Step(Progress {
+        if dp.global_rank == 0 {
+            let p = Progress {
                 iteration,
                 train_iters: self.cfg.train_iters,
                 loss,
@@ -945,9 +999,18 @@ impl Trainer {
                 step_ms: s.step_ms,
                 mem_bytes: mem,
                 consumed_samples: consumed,
-            });
-            println!("{}", ev.to_line());
+                data_ms: Some(w.data_ms / w.iters as f64),
+                slowest_rank: Some(slowest_rank),
+                slowest_step_ms: Some(slowest_ms),
+                tflops: Some(tflops),
+                mfu,
+                cuda_allocated_bytes: cuda.map(|c| c.0),
+                cuda_reserved_bytes: cuda.map(|c| c.1),
+            };
+            self.sink.write(&p);
+            println!("{}", ProgressEvent::Step(p).to_line());
         }
+        Ok(())
     }
 
     /// The checkpoint is at or past --train-iters: says so (rank 0 with its Done line).

@@ -1,0 +1,205 @@
+//! `launch plot`: metrics against iteration as a PNG or SVG, one panel per metric, several
+//! runs overlaid with a legend, and each restart (a new attempt in the same metrics file)
+//! marked by a dashed line in the run's colour.
+
+use std::path::{Path, PathBuf};
+
+use mm_spec::metrics::{Metric, MetricsRecord};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+/// The embedded font every label is drawn with (no system fonts needed).
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+/// One run's points, as read from its metrics.jsonl.
+pub struct Series {
+    /// The legend's name: the run id, or the file's folder.
+    pub name: String,
+    /// The run folder, or the folder of the metrics file.
+    pub dir: PathBuf,
+    pub records: Vec<MetricsRecord>,
+}
+
+impl Series {
+    /// `(iteration, value)` of `m`, finite values only, one line per attempt (a restart
+    /// replays iterations from its checkpoint: its line starts over rather than joining).
+    fn segments(&self, m: &Metric) -> Vec<Vec<(f64, f64)>> {
+        let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
+        let mut attempt = None;
+        for r in &self.records {
+            if attempt != Some(r.attempt) {
+                out.push(Vec::new());
+                attempt = Some(r.attempt);
+            }
+            if let (Some(v), Some(seg)) = ((m.get)(&r.step).filter(|v| v.is_finite()), out.last_mut()) {
+                seg.push((r.step.iteration as f64, v));
+            }
+        }
+        out
+    }
+
+    /// Iterations at which a new attempt starts (restarts and resumes into the same file).
+    pub fn restarts(&self) -> Vec<f64> {
+        self.records.windows(2).filter(|w| w[1].attempt != w[0].attempt).map(|w| w[1].step.iteration as f64).collect()
+    }
+}
+
+/// The colour of series `i`: distinct, dark enough on white.
+pub fn color(i: usize) -> RGBColor {
+    const COLORS: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+        RGBColor(23, 190, 207),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+    ];
+    COLORS[i % COLORS.len()]
+}
+
+pub const PANEL_SIZE: (u32, u32) = (1000, 360);
+
+/// Draws `metrics` of `runs` into `out` (`.png` or `.svg`), one panel per metric.
+pub fn draw(runs: &[Series], metrics: &[&Metric], out: &Path) -> Result<(), String> {
+    if metrics.is_empty() {
+        return Err("no metric to plot".into());
+    }
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let size = (PANEL_SIZE.0, PANEL_SIZE.1 * metrics.len() as u32);
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let result = match ext.as_str() {
+        "png" => panels(BitMapBackend::new(out, size).into_drawing_area(), runs, metrics),
+        "svg" => panels(SVGBackend::new(out, size).into_drawing_area(), runs, metrics),
+        _ => {
+            return Err(format!(
+                "--out {}: expected a file name ending in .png or .svg (the format follows the extension)",
+                out.display()
+            ))
+        }
+    };
+    result.map_err(|e| format!("cannot draw {}: {e}", out.display()))
+}
+
+fn panels<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Series], metrics: &[&Metric]) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(err)?;
+    for (area, m) in root.split_evenly((metrics.len(), 1)).iter().zip(metrics) {
+        panel(area, runs, m).map_err(err)?;
+    }
+    root.present().map_err(err)
+}
+
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    runs: &[Series],
+    m: &Metric,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let lines: Vec<Vec<Vec<(f64, f64)>>> = runs.iter().map(|r| r.segments(m)).collect();
+    let all = lines.iter().flatten().flatten();
+    let (x0, x1) = all.clone().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (x0, x1) = if x0.is_finite() { (x0, x1.max(x0 + 1.0)) } else { (0.0, 1.0) };
+    let (y0, y1) = if y0.is_finite() { (y0, y1) } else { (0.0, 1.0) };
+    let pad = if y1 > y0 { 0.05 * (y1 - y0) } else { 0.5 * y0.abs().max(1e-12) };
+    let (y0, y1) = (y0 - pad, y1 + pad);
+
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("{} against iteration", m.label), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(72)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    let ticks = ((x1 - x0) as usize + 1).clamp(2, 12);
+    chart
+        .configure_mesh()
+        .x_labels(ticks)
+        .x_desc("iteration")
+        .y_desc(m.label)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| short(*y))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()?;
+    for (i, (run, segments)) in runs.iter().zip(&lines).enumerate() {
+        let c = color(i);
+        for x in run.restarts() {
+            chart.draw_series(DashedLineSeries::new([(x, y0), (x, y1)], 6, 4, c.mix(0.6).stroke_width(1)))?;
+        }
+        for (k, seg) in segments.iter().enumerate() {
+            let drawn = chart.draw_series(LineSeries::new(seg.iter().copied(), c.stroke_width(2)))?;
+            if k == 0 {
+                drawn
+                    .label(run.name.clone())
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
+            }
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(180, 180, 180))
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    Ok(())
+}
+
+/// An axis number in at most about six characters.
+fn short(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if !(1e-3..1e5).contains(&a) {
+        format!("{v:.1e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// Reads each run (a run id, a run folder or a metrics.jsonl file) into a series.
+pub fn load_runs(log_dir: &Path, runs: &[String]) -> Result<Vec<Series>, String> {
+    let picks: Vec<Option<&str>> =
+        if runs.is_empty() { vec![None] } else { runs.iter().map(|r| Some(r.as_str())).collect() };
+    picks
+        .into_iter()
+        .map(|r| {
+            let path: PathBuf = match r {
+                Some(r) if Path::new(r).is_file() => PathBuf::from(r),
+                r => crate::metrics::resolve_with_metrics(log_dir, r)?,
+            };
+            let (file, records) = crate::metrics::load(&path)?;
+            if records.is_empty() {
+                return Err(format!("{} has no logged iteration yet", file.display()));
+            }
+            let dir = if path.is_dir() { path.clone() } else { file.parent().unwrap_or(Path::new(".")).to_path_buf() };
+            let name =
+                dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
+            Ok(Series { name, dir, records })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_numbers_are_short() {
+        assert_eq!(short(2.5), "2.5");
+        assert_eq!(short(4910.6), "4911");
+        assert_eq!(short(1e-5), "1.0e-5");
+        assert_eq!(short(0.0), "0");
+    }
+
+    #[test]
+    fn an_unknown_extension_is_refused_before_drawing() {
+        let err = draw(&[], &[mm_spec::metrics::metric("loss").unwrap()], Path::new("x.jpg")).unwrap_err();
+        assert!(err.contains("ending in .png or .svg"), "{err}");
+    }
+}
