@@ -30,13 +30,14 @@
 #   projector (pixel shuffle → mlp1), per tile of 256 tokens:
 #       F_proj = 3 · 2 · N_proj · 256
 #   LLM, per sample of s tokens (image tokens included):
-#       F_llm  = 3 · (2 · N_llm · s + 4 · L · d · s²)
+#       F_llm  = 3 · (2 · N_llm · s + 2 · L · d · s²)
 #   N_* counts the weights of matrix products only: the ViT's blocks and patch embedding, the
 #   projector's two Linear layers, the LLM's blocks and lm_head (not the embedding table, a
-#   lookup). 4·L·d·s² is QKᵀ and AV over the full s×s matrix (PaLM's convention: no discount for
-#   the causal mask). So the familiar 6·N·tokens, applied per part to the tokens each part sees,
-#   plus attention.
-#   Model FLOP/s = tokens/s · 6·N_llm + samples/s · (12·L·d·s̄² + tiles per sample · (F_vit + F_proj)),
+#   lookup). 2·L·d·s² is QKᵀ and AV over the causal half of the s×s matrix, as mm_spec::flops
+#   counts it (the ViT's attention is bidirectional: the full 4·L_v·d_v·T_v²). So the familiar
+#   6·N·tokens, applied per part to the tokens each part sees, plus attention. The engine
+#   reports its own count (the progress lines' `tflops`); the check requires the two to agree.
+#   Model FLOP/s = tokens/s · 6·N_llm + samples/s · (6·L·d·s̄² + tiles per sample · (F_vit + F_proj)),
 #   with s̄ the mean tokens per sample (Σs² ≈ n·s̄², which undercounts the LLM attention term
 #   by about 10 % on this data; that term is ~4 % of the LLM's FLOPs) and tiles per sample the
 #   data set's mean (each image is one tile: --max-dynamic-patch 1; no video).
@@ -292,17 +293,31 @@ for name, micro, global_batch, seq, recompute in runs:
     tps = statistics.median(s["tokens_per_sec"] for s in measured)
     sps = statistics.median(s["samples_per_sec"] for s in measured)
     s_bar = tps / sps
-    llm_flops_s = tps * 6 * n_llm_mm + sps * 12 * layers * d * s_bar**2
+    # Attention over the causal half, as mm_spec::flops counts it (3 × 2·h·L² per layer).
+    llm_flops_s = tps * 6 * n_llm_mm + sps * 6 * layers * d * s_bar**2
     vis_flops_s = sps * tiles_per_sample * f_tile
     tflops = (llm_flops_s + vis_flops_s) / 1e12
     loss = steps[-1]["loss"]
     if not math.isfinite(loss):
         errors.append(f"train {name}: final loss {loss}")
+    # The engine's own numbers (metrics.jsonl's fields): its FLOP count against this script's
+    # independent one (mean tokens per sample squared stands in for the mean of squares, hence
+    # the tolerance), the peak it found for this GPU, and the caching allocator's bytes.
+    eng_tflops = statistics.median(s.get("tflops") or 0.0 for s in measured)
+    eng_mfu = [s.get("mfu") for s in measured]
+    alloc = [s.get("cuda_allocated_bytes") for s in measured]
+    if not (0.8 < eng_tflops / max(tflops, 1e-12) < 1.25):
+        errors.append(f"train {name}: the engine reports {eng_tflops:.3f} TFLOP/s, this script counts {tflops:.3f}")
+    if mode == "gpu" and (None in eng_mfu or None in alloc):
+        errors.append(f"train {name}: no MFU (peak of this GPU unknown) or no CUDA allocator bytes in the progress lines")
     run.update(params=params, device=device, precision=precision, step_ms=ms, tokens_per_sec=tps,
                samples_per_sec=sps, tokens_per_sample=s_bar, data_wait_ms=statistics.median(waits) if waits else None,
                model_tflops=tflops, mfu=tflops / peak, llm_only_tflops=llm_flops_s / 1e12,
                llm_only_mfu=llm_flops_s / 1e12 / peak, first_loss=steps[0]["loss"], final_loss=loss,
-               rss_mib=(steps[-1].get("mem_bytes") or 0) / 2**20)
+               rss_mib=(steps[-1].get("mem_bytes") or 0) / 2**20, engine_tflops=eng_tflops,
+               engine_mfu=statistics.median(m for m in eng_mfu if m is not None) if any(m is not None for m in eng_mfu) else None,
+               cuda_allocated_mib=(alloc[-1] or 0) / 2**20,
+               cuda_reserved_mib=(steps[-1].get("cuda_reserved_bytes") or 0) / 2**20)
     smi = f"{work}/smi-{name}.csv"
     if os.path.exists(smi):
         samples = []

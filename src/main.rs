@@ -101,7 +101,7 @@ struct PlotArgs {
     /// <save>/metrics.jsonl); default: the latest run.
     runs: Vec<String>,
     /// A metric per panel (repeatable): loss, lr, grad_norm, tokens_per_sec, samples_per_sec,
-    /// step_ms, data_ms, slowest_step_ms, tflops, mfu, rss_gib, cuda_allocated_gib,
+    /// step_ms, data_ms, slowest_busy_ms, tflops, mfu, rss_gib, cuda_allocated_gib,
     /// cuda_reserved_gib. Default: loss and tokens_per_sec.
     #[arg(long, value_name = "NAME")]
     metric: Vec<String>,
@@ -367,6 +367,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .map(|n| mm_spec::metrics::metric(n))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Failure(EXIT_CONFIG, format!("error: --metric: {e}")))?;
+            if let Some(bad) = args.out.as_ref().filter(|o| !launch::plot::drawable(o)) {
+                return Err(Failure(
+                    EXIT_CONFIG,
+                    format!("error: --out {}: expected a file name ending in .png or .svg", bad.display()),
+                ));
+            }
             let runs = launch::plot::load_runs(&log_dir, &args.runs).map_err(|e| Failure(1, format!("error: {e}")))?;
             let out = match (&args.out, runs.as_slice()) {
                 (Some(o), _) => o.clone(),

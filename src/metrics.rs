@@ -52,7 +52,7 @@ impl MetricsSink {
         self.last_iteration = Some(p.iteration);
         if self.writer.is_none() {
             let path = self.root.join(METRICS_FILE);
-            match MetricsWriter::open(&path, Some(self.attempt), Some(&self.root.join(TENSORBOARD_DIR))) {
+            match MetricsWriter::open(Some(&path), Some(self.attempt), Some(&self.root.join(TENSORBOARD_DIR))) {
                 Ok(w) => self.writer = Some(w),
                 Err(e) => {
                     self.errors.push(format!("cannot write {}: {e}; the run goes on without metrics", path.display()));
@@ -63,7 +63,12 @@ impl MetricsSink {
         }
         if let Some(w) = &mut self.writer {
             if let Err(e) = w.write(p) {
-                self.errors.push(format!("cannot append to {}: {e}; no more metrics", w.path().display()));
+                let (file, tb) = (self.root.join(METRICS_FILE), self.root.join(TENSORBOARD_DIR));
+                self.errors.push(format!(
+                    "cannot write the metrics to {} or {}: {e}; no more metrics",
+                    file.display(),
+                    tb.display()
+                ));
                 self.broken = true;
                 self.writer = None;
             }
@@ -101,10 +106,13 @@ pub fn load(path: &Path) -> Result<(PathBuf, Vec<MetricsRecord>), String> {
     Ok((file, read.records))
 }
 
-/// The run whose metrics to show: RUN as given, or without one the latest run that has
-/// metrics (a rerun with nothing left to train logs no iteration), said on stderr when that
-/// is not the latest.
+/// The run whose metrics to show: a metrics file or a folder holding one as given, a run id,
+/// or without RUN the latest run that has metrics (a rerun with nothing left to train logs
+/// no iteration), said on stderr when that is not the latest.
 pub fn resolve_with_metrics(log_dir: &Path, run: Option<&str>) -> Result<PathBuf, String> {
+    if let Some(p) = run.map(Path::new).filter(|p| p.is_file() || p.join(METRICS_FILE).is_file()) {
+        return Ok(p.to_path_buf());
+    }
     let latest = crate::logs::resolve_run(log_dir, run)?;
     if run.is_some() || latest.join(METRICS_FILE).exists() {
         return Ok(latest);
@@ -198,7 +206,7 @@ pub fn summary(run: &Path) -> Result<String, String> {
         last.train_iters,
         last.consumed_samples,
         last.mem_bytes.map(|m| format!(" · RSS {}", mm_spec::human_bytes(m))).unwrap_or_default(),
-        match (last.slowest_rank, last.slowest_step_ms) {
+        match (last.slowest_rank, last.slowest_busy_ms) {
             (Some(r), Some(ms)) => format!(" · slowest rank {r} ({ms:.1} ms)"),
             _ => String::new(),
         }
@@ -229,23 +237,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = MetricsSink::new(dir.path());
         sink.event(&LaunchEvent::AttemptStarting { attempt: 0, max_restarts: 1 });
-        let lines = format!("x\n{}\n{}\n{}\n", step(1, 3.0).to_line(), step(2, 2.5).to_line(), step(2, 9.0).to_line());
-        sink.event(&LaunchEvent::Output {
-            node: 0,
-            unit: 0,
-            rank: Some(0),
-            stream: crate::exec::proto::Stream::Stdout,
-            data: lines.as_bytes(),
-        });
+        let output = |sink: &mut MetricsSink, lines: String| {
+            let stream = crate::exec::proto::Stream::Stdout;
+            sink.event(&LaunchEvent::Output { node: 0, unit: 0, rank: Some(0), stream, data: lines.as_bytes() });
+        };
+        // Ordinary text is skipped, and so is an iteration that does not move forward.
+        output(
+            &mut sink,
+            format!("x\n{}\n{}\n{}\n", step(1, 3.0).to_line(), step(2, 2.5).to_line(), step(2, 9.0).to_line()),
+        );
         sink.event(&LaunchEvent::AttemptStarting { attempt: 1, max_restarts: 1 });
-        let lines = format!("{}\n", step(3, 2.0).to_line());
-        sink.event(&LaunchEvent::Output {
-            node: 0,
-            unit: 0,
-            rank: Some(0),
-            stream: crate::exec::proto::Stream::Stdout,
-            data: lines.as_bytes(),
-        });
+        output(&mut sink, format!("{}\n", step(3, 2.0).to_line()));
         let (_, recs) = load(dir.path()).unwrap();
         let got: Vec<(u32, u64, f64)> = recs.iter().map(|r| (r.attempt, r.step.iteration, r.step.loss)).collect();
         assert_eq!(got, [(0, 1, 3.0), (0, 2, 2.5), (1, 3, 2.0)]);

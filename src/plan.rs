@@ -235,6 +235,13 @@ impl Plan {
                     .into(),
             );
         }
+        if cluster.template != Template::MmEngine && recipe.output.peak_tflops.is_some() {
+            problems.push(
+                "output.peak_tflops: only mm-engine reports MFU; MindSpeed-MM prints its own throughput \
+                 (Megatron's --log-throughput); remove the setting, or use `template: mm-engine`"
+                    .into(),
+            );
+        }
         if cluster.accelerator == Accelerator::Npu && cluster.template == Template::MmEngine {
             problems.push(
                 "accelerator npu runs through MindSpeed-MM: set `template: mindspeed-mm-torchrun` (or \

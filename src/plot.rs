@@ -61,6 +61,13 @@ pub fn color(i: usize) -> RGBColor {
 
 pub const PANEL_SIZE: (u32, u32) = (1000, 360);
 
+/// Whether `out` names a format [`draw`] writes (.png or .svg).
+pub fn drawable(out: &Path) -> bool {
+    out.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png") || e.eq_ignore_ascii_case("svg"))
+}
+
 /// Draws `metrics` of `runs` into `out` (`.png` or `.svg`), one panel per metric.
 pub fn draw(runs: &[Series], metrics: &[&Metric], out: &Path) -> Result<(), String> {
     if metrics.is_empty() {
@@ -108,8 +115,14 @@ fn panel<DB: DrawingBackend>(
     let pad = if y1 > y0 { 0.05 * (y1 - y0) } else { 0.5 * y0.abs().max(1e-12) };
     let (y0, y1) = (y0 - pad, y1 + pad);
 
+    let empty = lines.iter().flatten().all(Vec::is_empty);
+    let caption = if empty {
+        format!("{}: no values in {}", m.label, if runs.len() == 1 { "this run" } else { "these runs" })
+    } else {
+        format!("{} against iteration", m.label)
+    };
     let mut chart = ChartBuilder::on(area)
-        .caption(format!("{} against iteration", m.label), ("sans-serif", 20))
+        .caption(caption, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(72)
@@ -126,11 +139,12 @@ fn panel<DB: DrawingBackend>(
         .draw()?;
     for (i, (run, segments)) in runs.iter().zip(&lines).enumerate() {
         let c = color(i);
-        for x in run.restarts() {
+        for x in run.restarts().into_iter().filter(|x| (x0..=x1).contains(x)) {
             chart.draw_series(DashedLineSeries::new([(x, y0), (x, y1)], 6, 4, c.mix(0.6).stroke_width(1)))?;
         }
         for (k, seg) in segments.iter().enumerate() {
-            let drawn = chart.draw_series(LineSeries::new(seg.iter().copied(), c.stroke_width(2)))?;
+            // Points too: a run or attempt that logged once has no line to draw.
+            let drawn = chart.draw_series(LineSeries::new(seg.iter().copied(), c.stroke_width(2)).point_size(2))?;
             if k == 0 {
                 drawn
                     .label(run.name.clone())
@@ -169,10 +183,7 @@ pub fn load_runs(log_dir: &Path, runs: &[String]) -> Result<Vec<Series>, String>
     picks
         .into_iter()
         .map(|r| {
-            let path: PathBuf = match r {
-                Some(r) if Path::new(r).is_file() => PathBuf::from(r),
-                r => crate::metrics::resolve_with_metrics(log_dir, r)?,
-            };
+            let path: PathBuf = crate::metrics::resolve_with_metrics(log_dir, r)?;
             let (file, records) = crate::metrics::load(&path)?;
             if records.is_empty() {
                 return Err(format!("{} has no logged iteration yet", file.display()));

@@ -6,7 +6,7 @@
 //! lines go to stderr. On a terminal, indicatif bars show connecting, starting and training
 //! (iteration of train iters, loss, tokens/s, MFU, ETA) from the engine's `@@mm-progress`
 //! lines; otherwise one compact `[launch] iteration …` line per logged iteration. For
-//! mm-engine the shown ranks' Megatron-style iteration lines (about 260 characters each) are
+//! mm-engine rank 0's Megatron-style iteration lines (about 260 characters each) are
 //! folded into that bar or line; they stay in the rank logs and `--tee all` prints them. The
 //! progress lines themselves stay in the rank logs and never reach the console.
 
@@ -154,7 +154,9 @@ impl Console {
     fn select(&self, rank: Option<usize>, prefix: &str, data: &[u8]) -> Vec<u8> {
         let everything =
             self.tee == Tee::All || (self.tee == Tee::Default && rank.is_some_and(|r| self.ranks.contains(&r)));
-        let fold = self.fold_iterations && self.tee == Tee::Default;
+        // Only rank 0's: its progress lines feed the bar; another rank asked for with --ranks
+        // shows its own iteration lines (its own step time and memory).
+        let fold = self.fold_iterations && self.tee == Tee::Default && rank == Some(0);
         let mut out = Vec::new();
         let mut push = |line: &[u8]| {
             if memchr::memmem::find(line, PROGRESS_PREFIX.as_bytes()).is_some() || (fold && is_iteration_line(line)) {
@@ -484,6 +486,8 @@ mod tests {
         assert_eq!(folded.select(Some(0), "[p] ", &data), b"[p] loaded x\n[p] WARNING: slow\n");
         assert_eq!(console(Tee::Default, vec![]).select(Some(0), "", &data), data);
         assert_eq!(console(Tee::All, vec![]).fold_iterations(true).select(Some(0), "", &data), data);
+        let rank_two = console(Tee::Default, vec![0, 2]).fold_iterations(true);
+        assert_eq!(rank_two.select(Some(2), "", &data), data);
         let p = mm_spec::Progress { loss: 2.5, tokens_per_sec: 4910.6, mfu: Some(0.0312), ..Default::default() };
         assert_eq!(compact(&p), "loss 2.5000 · 4911 tok/s · MFU 3.1%");
     }

@@ -292,8 +292,12 @@ pub struct OutputRecipe {
     pub log_tps: bool,
     /// Megatron's `--tensorboard-dir`: event files written by the training processes on their
     /// host (the launcher also keeps its own copy in the run folder, `logs/<run>/tensorboard`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub tensorboard_dir: Option<PathBuf>,
+    /// The device's peak dense TFLOP/s for MFU, where mm-engine does not know it (an
+    /// unlisted GPU, or a CPU figure other than its own measurement). mm-engine only.
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
 }
 
 /// Whether `finetune MODEL` names a checkpoint folder rather than a preset: a preset name always
@@ -424,6 +428,7 @@ impl Recipe {
                 eval_iters: 5000,
                 log_tps: true,
                 tensorboard_dir: None,
+                peak_tflops: None,
             },
         };
         let p = &mut r.parallel;
@@ -684,6 +689,9 @@ impl Recipe {
         }
         if !(0.0..=1.0).contains(&d.max_bad_fraction) {
             return Err(("data.max_bad_fraction".into(), format!("{} is not in [0, 1]", d.max_bad_fraction)));
+        }
+        if let Some(p) = self.output.peak_tflops.filter(|p| !(p.is_finite() && *p > 0.0)) {
+            return Err(("output.peak_tflops".into(), format!("{p} is not a positive number of TFLOP/s")));
         }
         Ok(())
     }

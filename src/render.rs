@@ -464,6 +464,9 @@ pub fn engine_args(plan: &Plan) -> Vec<String> {
     flag(&mut a, "--freeze-vision", r.train.freeze_vision);
     flag(&mut a, "--freeze-projector", r.train.freeze_projector);
     flag(&mut a, "--freeze-llm", r.train.freeze_llm);
+    if let Some(p) = r.output.peak_tflops {
+        kv(&mut a, "--peak-tflops", fnum(p));
+    }
     kv(&mut a, "--template", &r.data.template);
     kv(&mut a, "--min-dynamic-patch", r.data.min_dynamic_patch);
     kv(&mut a, "--max-dynamic-patch", r.data.max_dynamic_patch);

@@ -290,8 +290,13 @@ fn plots_show_both_runs_and_the_restart(dir: &Path, clean: &Path, restarted: &Pa
     assert!(o.status.success(), "{}", text(&o).1);
     let svg = read(&svg_path);
     let hex = |c: plotters::style::RGBColor| format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2);
-    let solid =
-        |i: usize| svg.matches(&format!("stroke=\"{}\" stroke-width=\"2\"", hex(launch::plot::color(i)))).count();
+    let solid = |i: usize| {
+        let line = format!(
+            "<polyline fill=\"none\" opacity=\"1\" stroke=\"{}\" stroke-width=\"2\"",
+            hex(launch::plot::color(i))
+        );
+        svg.matches(&line).count()
+    };
     let dashed = |i: usize| svg.matches(&format!("opacity=\"0.6\" stroke=\"{}\"", hex(launch::plot::color(i)))).count();
     // Per panel (loss, tokens/s): the clean run's line and legend mark; the restarted run's
     // two attempts and legend mark, and its restart dashed.

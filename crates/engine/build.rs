@@ -63,9 +63,10 @@ fn main() {
         // which also makes CUDA visible to tch at run time.
         println!("cargo:rustc-link-arg-bins=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg-bins=-ltorch_cuda");
-        // The caching allocator's statistics (csrc/cuda_info.cpp).
-        println!("cargo:rustc-link-arg-bins=-lc10_cuda");
         println!("cargo:rustc-link-arg-bins=-Wl,--as-needed");
+        // csrc/cuda_info.cpp (device name, caching allocator statistics) calls into c10_cuda:
+        // every target that links the library needs it, tests included.
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
     build.compile("mm_c10d");
 

@@ -177,7 +177,8 @@ fn every_rank_writes_its_state_file_with_sequence_numbers_that_agree() {
         assert!(st.collectives.iter().all(|c| c.end_ms.is_some_and(|e| e >= c.start_ms)), "{st:#?}");
         assert!(st.in_flight().is_none());
         // The loop's collectives say what they are for.
-        for what in ["step totals: micro batches, samples, supervised and real tokens", "end of training"] {
+        for what in ["step totals: micro batches, samples, supervised and real tokens, model FLOPs", "end of training"]
+        {
             assert!(st.collectives.iter().any(|c| c.what == what), "{what:?} missing: {st:#?}");
         }
         let stop = st.collectives.iter().find(|c| c.what.starts_with("stop agreement")).expect("a stop agreement");
@@ -223,7 +224,7 @@ fn a_sleeping_rank_is_named_by_the_diagnosis_and_the_run_then_completes() {
     assert!(!d.desync);
     assert!(
         d.summary.starts_with(
-            "waiting in all_reduce (step totals: micro batches, samples, supervised and real tokens) on dp[0,1]"
+            "waiting in all_reduce (step totals: micro batches, samples, supervised and real tokens, model FLOPs) on dp[0,1]"
         ),
         "{}",
         d.summary
@@ -260,7 +261,7 @@ fn a_desync_is_diagnosed_from_the_state_files_and_every_rank_fails_within_the_ti
     assert!(d.summary.starts_with("collective desync on dp[0,1,2] at #"), "{}", d.summary);
     assert!(
         d.summary.ends_with(
-            ": ranks 0,2 in all_reduce (step totals: micro batches, samples, supervised and real tokens); rank 1 in \
+            ": ranks 0,2 in all_reduce (step totals: micro batches, samples, supervised and real tokens, model FLOPs); rank 1 in \
              broadcast (fault injection)"
         ),
         "{}",

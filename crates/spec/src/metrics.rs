@@ -44,7 +44,7 @@ pub const METRICS: &[Metric] = &[
     Metric { name: "samples_per_sec", label: "samples/s", get: |p| Some(p.samples_per_sec) },
     Metric { name: "step_ms", label: "step time (ms)", get: |p| Some(p.step_ms) },
     Metric { name: "data_ms", label: "data wait (ms)", get: |p| p.data_ms },
-    Metric { name: "slowest_step_ms", label: "slowest rank's step (ms)", get: |p| p.slowest_step_ms },
+    Metric { name: "slowest_busy_ms", label: "slowest rank's busy time (ms)", get: |p| p.slowest_busy_ms },
     Metric { name: "tflops", label: "model TFLOP/s per device", get: |p| p.tflops },
     Metric { name: "mfu", label: "MFU (%)", get: |p| p.mfu.map(|m| 100.0 * m) },
     Metric { name: "rss_gib", label: "host memory, RSS (GiB)", get: |p| p.mem_bytes.map(gib) },
@@ -64,32 +64,46 @@ pub fn metric(name: &str) -> Result<&'static Metric, String> {
     })
 }
 
-/// Appends to metrics.jsonl and, when asked, to a TensorBoard directory.
+/// Appends to metrics.jsonl and/or a TensorBoard directory.
 pub struct MetricsWriter {
-    file: File,
-    path: PathBuf,
+    /// metrics.jsonl and its path, when written.
+    file: Option<(File, PathBuf)>,
     attempt: u32,
     tensorboard: Option<EventWriter>,
 }
 
 impl MetricsWriter {
-    /// Opens `path` for appending (creating it and its folder). `attempt`: None to continue
-    /// the file's numbering (one more than its last attempt).
-    pub fn open(path: &Path, attempt: Option<u32>, tensorboard: Option<&Path>) -> io::Result<MetricsWriter> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+    /// Opens `path` for appending (creating it and its folder) and a new event file in
+    /// `tensorboard`. `attempt`: None to continue the file's numbering (one more than its
+    /// last attempt). A last line cut by an interrupted writer is dropped first, so the lines
+    /// appended now stay readable.
+    pub fn open(path: Option<&Path>, attempt: Option<u32>, tensorboard: Option<&Path>) -> io::Result<MetricsWriter> {
+        let mut file = None;
+        let mut last = None;
+        if let Some(path) = path {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut f = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+            drop_cut_last_line(&mut f)?;
+            if attempt.is_none() && f.metadata()?.len() > 0 {
+                last = read(path).map_err(io::Error::other)?.records.last().map(|l| l.attempt);
+            }
+            file = Some((f, path.to_path_buf()));
         }
-        let attempt = match attempt {
-            Some(a) => a,
-            None => read(path).ok().and_then(|r| r.records.last().map(|l| l.attempt + 1)).unwrap_or(0),
-        };
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let attempt = attempt.unwrap_or_else(|| last.map_or(0, |a| a + 1));
         let tensorboard = tensorboard.map(EventWriter::create).transpose()?;
-        Ok(MetricsWriter { file, path: path.to_path_buf(), attempt, tensorboard })
+        Ok(MetricsWriter { file, attempt, tensorboard })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// metrics.jsonl, when this writer keeps one.
+    pub fn path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|(_, p)| p.as_path())
+    }
+
+    /// The attempt number its lines carry.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
     }
 
     pub fn tensorboard_file(&self) -> Option<&Path> {
@@ -99,11 +113,13 @@ impl MetricsWriter {
     /// Appends one logged iteration (and its TensorBoard event).
     pub fn write(&mut self, step: &Progress) -> io::Result<()> {
         let time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        let rec = MetricsRecord { attempt: self.attempt, time, step: step.clone() };
-        let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
-        line.push(b'\n');
-        // One write per line: appends from one writer never interleave or split a line.
-        self.file.write_all(&line)?;
+        if let Some((file, _)) = &mut self.file {
+            let rec = MetricsRecord { attempt: self.attempt, time, step: step.clone() };
+            let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
+            line.push(b'\n');
+            // One write per line: appends from one writer never interleave or split a line.
+            file.write_all(&line)?;
+        }
         if let Some(tb) = &mut self.tensorboard {
             let tags: Vec<(String, f32)> =
                 METRICS.iter().filter_map(|m| (m.get)(step).map(|v| (format!("train/{}", m.name), v as f32))).collect();
@@ -113,6 +129,29 @@ impl MetricsWriter {
         }
         Ok(())
     }
+}
+
+/// Cuts `f` after its last newline: what follows is a line an interrupted writer left
+/// unfinished (unreadable, and a bad middle line once more lines follow it).
+fn drop_cut_last_line(f: &mut File) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    let mut at = len;
+    let mut buf = [0u8; 4096];
+    while at > 0 {
+        let n = buf.len().min(at as usize);
+        f.seek(SeekFrom::Start(at - n as u64))?;
+        f.read_exact(&mut buf[..n])?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            at = at - n as u64 + i as u64 + 1;
+            break;
+        }
+        at -= n as u64;
+    }
+    if at < len {
+        f.set_len(at)?;
+    }
+    Ok(())
 }
 
 /// A metrics file as read back.
@@ -177,11 +216,11 @@ mod tests {
     fn appends_across_attempts_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m/metrics.jsonl");
-        let mut w = MetricsWriter::open(&path, None, None).unwrap();
+        let mut w = MetricsWriter::open(Some(&path), None, None).unwrap();
         w.write(&step(1, 2.0)).unwrap();
         w.write(&step(2, f64::NAN)).unwrap();
         drop(w);
-        let mut w = MetricsWriter::open(&path, None, None).unwrap();
+        let mut w = MetricsWriter::open(Some(&path), None, None).unwrap();
         w.write(&step(3, 1.5)).unwrap();
         let back = read(&path).unwrap();
         let got: Vec<(u32, u64)> = back.records.iter().map(|r| (r.attempt, r.step.iteration)).collect();
@@ -195,16 +234,26 @@ mod tests {
     fn a_cut_last_line_is_skipped_and_a_bad_middle_line_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
-        let mut w = MetricsWriter::open(&path, Some(4), None).unwrap();
+        let mut w = MetricsWriter::open(Some(&path), Some(4), None).unwrap();
         w.write(&step(1, 2.0)).unwrap();
         drop(w);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"attempt\":4,\"ti").unwrap();
         let back = read(&path).unwrap();
         assert_eq!((back.records.len(), back.cut_last_line), (1, true));
-        f.write_all(b"\n{}\n").unwrap();
+        // The next writer drops the cut line and continues the numbering after it.
+        let mut w = MetricsWriter::open(Some(&path), None, None).unwrap();
+        assert_eq!(w.attempt(), 5);
+        w.write(&step(2, 1.0)).unwrap();
+        let back = read(&path).unwrap();
+        assert_eq!(back.records.iter().map(|r| (r.attempt, r.step.iteration)).collect::<Vec<_>>(), [(4, 1), (5, 2)]);
+        f.write_all(b"{}\n").unwrap();
+        f.write_all(b"{\"attempt\":1}\n").unwrap();
         let err = read(&path).unwrap_err();
-        assert!(err.contains("metrics.jsonl:2: not a metrics record"), "{err}");
+        assert!(err.contains("metrics.jsonl:3: not a metrics record"), "{err}");
+        // A writer that would continue the numbering refuses a file it cannot read.
+        let err = MetricsWriter::open(Some(&path), None, None).err().unwrap();
+        assert!(err.to_string().contains("metrics.jsonl:3"), "{err}");
     }
 
     #[test]

@@ -40,12 +40,14 @@ pub struct Progress {
     /// Time the printing rank waited for its micro batches, per iteration of the window.
     #[serde(with = "lossless_opt_f64", default)]
     pub data_ms: Option<f64>,
-    /// The rank with the longest last step, and that step's time (every rank's step time is
-    /// summed into rank 0 at each logged iteration).
+    /// The rank that worked longest in the last step, and for how long: its step time outside
+    /// collectives and transfers (computing, loading data), which a straggler makes longest
+    /// while the others wait for it. Every rank's is summed into rank 0 at each logged
+    /// iteration.
     #[serde(default)]
     pub slowest_rank: Option<usize>,
     #[serde(with = "lossless_opt_f64", default)]
-    pub slowest_step_ms: Option<f64>,
+    pub slowest_busy_ms: Option<f64>,
     /// Model TFLOP/s per device over the window ([`crate::flops`]), and that over the
     /// device's peak; `mfu` is None when no peak is known.
     #[serde(with = "lossless_opt_f64", default)]

@@ -8,9 +8,19 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tch::Tensor;
+
+/// Wall time this process spent inside collectives and transfers called from Rust (blocking
+/// with Gloo; with NCCL only the launch, since its work runs on the stream).
+static COLLECTIVE_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// [`COLLECTIVE_NANOS`] so far: the trainer takes differences around a step to get the time a
+/// rank worked (compute, data) rather than waited for the others.
+pub fn time_in_collectives() -> Duration {
+    Duration::from_nanos(COLLECTIVE_NANOS.load(Ordering::Relaxed))
+}
 
 #[repr(C)]
 struct RawStore {
@@ -305,6 +315,14 @@ impl ProcessGroup {
         &self.name
     }
 
+    /// Runs `call` and adds its wall time to [`time_in_collectives`].
+    fn timed<T>(call: impl FnOnce() -> T) -> T {
+        let t0 = Instant::now();
+        let out = call();
+        COLLECTIVE_NANOS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
     /// Runs one collective `call` of the shim under the flight recorder: entered (the next
     /// sequence number of this group) before, left after a success; a failure keeps the entry
     /// open, so the last state shows where the rank gave up. Errors name `error_op`, plus
@@ -317,9 +335,24 @@ impl ProcessGroup {
         error_op: impl Into<String>,
         call: impl FnOnce() -> *mut c_char,
     ) -> Result<(), DistError> {
+        self.recorded_as(op, what, bytes, error_op, true, call)
+    }
+
+    /// [`ProcessGroup::recorded`]; `waiting`: whether the call's time is time spent waiting on
+    /// the others ([`time_in_collectives`]), false for calls that mostly compute (ring
+    /// attention's forward, whose transfers overlap its blocks).
+    pub(super) fn recorded_as(
+        &self,
+        op: &str,
+        what: &str,
+        bytes: u64,
+        error_op: impl Into<String>,
+        waiting: bool,
+        call: impl FnOnce() -> *mut c_char,
+    ) -> Result<(), DistError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let id = super::flight::enter(&self.name, seq, op, what, bytes);
-        let err = call();
+        let err = if waiting { Self::timed(call) } else { call() };
         if err.is_null() {
             super::flight::leave(id);
         }
@@ -352,7 +385,7 @@ impl ProcessGroup {
                 super::flight::enter(&name, seq, "send/recv", what, bytes)
             })
             .collect();
-        let err = call();
+        let err = Self::timed(call);
         if err.is_null() {
             for id in ids {
                 super::flight::leave(id);

@@ -125,7 +125,8 @@ impl ProcessGroup {
         match forward.filter(|_| self.size > 1) {
             Some(collective) => {
                 let what = format!("{op} forward");
-                self.recorded(collective, &what, nbytes(x), op, || call(&mut out)).map_err(|mut e| {
+                let waiting = op != "ring_attention";
+                self.recorded_as(collective, &what, nbytes(x), op, waiting, || call(&mut out)).map_err(|mut e| {
                     // The recorder's error op carries `what`; keep the region's name alone.
                     e.op = op.to_string();
                     e

@@ -99,34 +99,53 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn open(cfg: &MetricsConfig) -> anyhow::Result<Sink> {
+    /// Writes nothing (every rank but 0).
+    pub fn none() -> Sink {
+        Sink { writer: None }
+    }
+
+    /// Rank 0's writer. A file it cannot open or read (a full disk, a metrics file damaged by
+    /// hand) is a warning: the run trains without metrics rather than not at all.
+    pub fn open(cfg: &MetricsConfig) -> Sink {
         if cfg.file.is_none() && cfg.tensorboard_dir.is_none() {
-            return Ok(Sink { writer: None });
+            if !crate::cli::launched() {
+                println!("metrics: none written (no --save, --metrics-file or --tensorboard-dir)");
+            }
+            return Sink::none();
         }
-        // With only --tensorboard-dir the JSON lines go beside the events.
-        let file = cfg
-            .file
-            .clone()
-            .unwrap_or_else(|| cfg.tensorboard_dir.as_ref().map(|d| d.join("metrics.jsonl")).unwrap_or_default());
-        let w = MetricsWriter::open(&file, None, cfg.tensorboard_dir.as_deref()).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot write the metrics to {}{}: {e}; pass --metrics-file/--tensorboard-dir with a writable path",
-                file.display(),
-                cfg.tensorboard_dir.as_ref().map(|d| format!(" and {}", d.display())).unwrap_or_default()
-            )
-        })?;
-        println!(
-            "metrics: {}{}",
-            w.path().display(),
-            w.tensorboard_file().map(|p| format!(", TensorBoard events: {}", p.display())).unwrap_or_default()
-        );
-        Ok(Sink { writer: Some(w) })
+        let w = match MetricsWriter::open(cfg.file.as_deref(), None, cfg.tensorboard_dir.as_deref()) {
+            Ok(w) => w,
+            Err(e) => {
+                let what: Vec<String> =
+                    cfg.file.iter().chain(&cfg.tensorboard_dir).map(|p| p.display().to_string()).collect();
+                eprintln!(
+                    "warning: cannot write the metrics to {}: {e}; this run writes none (move a damaged metrics \
+                     file aside, or pass --metrics-file/--tensorboard-dir with a writable path)",
+                    what.join(" and ")
+                );
+                return Sink::none();
+            }
+        };
+        let mut said = Vec::new();
+        if let Some(p) = w.path() {
+            said.push(format!("{} (attempt {})", p.display(), w.attempt()));
+        }
+        if let Some(p) = w.tensorboard_file() {
+            said.push(format!("TensorBoard events {}", p.display()));
+        }
+        println!("metrics: {}", said.join(", "));
+        Sink { writer: Some(w) }
     }
 
     pub fn write(&mut self, p: &Progress) {
         let Some(w) = &mut self.writer else { return };
         if let Err(e) = w.write(p) {
-            eprintln!("warning: cannot append to {}: {e}; no more metrics are written in this run", w.path().display());
+            let what: Vec<String> =
+                w.path().into_iter().chain(w.tensorboard_file()).map(|p| p.display().to_string()).collect();
+            eprintln!(
+                "warning: cannot write the metrics to {}: {e}; no more metrics are written in this run",
+                what.join(" or ")
+            );
             self.writer = None;
         }
     }

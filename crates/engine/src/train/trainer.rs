@@ -287,6 +287,9 @@ pub struct StepReport {
     /// Time this rank waited for its micro batches, and the whole step's time.
     pub data_ms: f64,
     pub step_ms: f64,
+    /// The step's time outside collectives and transfers: what this rank computed and
+    /// loaded, without waiting for the others (the slowest rank has the most).
+    pub busy_ms: f64,
     /// Model FLOPs of the global batch (mm_spec::flops).
     pub flops: f64,
 }
@@ -708,9 +711,9 @@ impl Trainer {
                 }
                 None => println!("no MFU: the device's peak is unknown; pass --peak-tflops to get one"),
             }
-            metrics::Sink::open(&cfg.metrics)?
+            metrics::Sink::open(&cfg.metrics)
         } else {
-            metrics::Sink::open(&Default::default())?
+            metrics::Sink::none()
         };
         let loader =
             if iteration < cfg.train_iters { Some(Loader::start(ds.clone(), loader_cfg, position)?) } else { None };
@@ -762,9 +765,9 @@ impl Trainer {
             let agreed = self.dp.world_max(&[f64::from(local)], "stop agreement: the largest signal any rank took")?[0]; // SYNC
             let stopping = (agreed > 0.0 && iteration < train_iters).then_some(agreed as i32);
             window.add(&s);
-            if iteration % self.cfg.log_interval == 0 || iteration == train_iters || stopping.is_some() {
+            let logged = iteration % self.cfg.log_interval == 0 || iteration == train_iters || stopping.is_some();
+            if logged {
                 self.log(&s, &window)?; // SYNC (every rank's step time)
-                window = LogWindow::new();
             }
             if let Some(signal) = stopping {
                 return Err(self.stop(signal)?.into());
@@ -787,6 +790,11 @@ impl Trainer {
             if ck.exit_interval.is_some_and(|n| iteration % n == 0) && iteration < train_iters {
                 println!("exiting at iteration {iteration} (--exit-interval)");
                 break;
+            }
+            // The next window starts after this iteration's evaluation and save, so their time
+            // does not read as a slower step (tokens/s, TFLOP/s, MFU).
+            if logged {
+                window = LogWindow::new();
             }
         }
         self.loader = None;
@@ -833,7 +841,7 @@ impl Trainer {
     /// One optimizer step: this rank's micro batches, the pipeline schedule's forwards and
     /// backwards, the gradient reduction, clipping and the AdamW step.
     pub fn step(&mut self) -> anyhow::Result<StepReport> {
-        let step_start = Instant::now();
+        let (step_start, waited_before) = (Instant::now(), crate::dist::c10d::time_in_collectives());
         let (cfg, dp, session, c) = (&self.cfg, &self.dp, &self.session, &mut self.counters);
         let loader = self.loader.as_mut().context("no data to train on: the run is at --train-iters")?;
         let lr = self.schedule.lr_at(c.iteration);
@@ -933,20 +941,23 @@ impl Trainer {
             samples,
             data_ms,
             step_ms: step_start.elapsed().as_secs_f64() * 1e3,
+            busy_ms: (step_start.elapsed().saturating_sub(crate::dist::c10d::time_in_collectives() - waited_before))
+                .as_secs_f64()
+                * 1e3,
             flops: step_flops,
         })
     }
 
     /// The log line of step `s`, averaged over `w`, and rank 0's progress line and metrics.
-    /// Every rank calls it at the same iterations: each adds its step time to one all-reduce,
-    /// so rank 0 can name the slowest rank.
+    /// Every rank calls it at the same iterations: each adds its last step's busy time (outside
+    /// collectives) to one all-reduce, so rank 0 can name the slowest rank.
     fn log(&mut self, s: &StepReport, w: &LogWindow) -> anyhow::Result<()> {
         let (iteration, lr, grad_norm, consumed) = (s.iteration, s.lr, s.grad_norm, self.counters.consumed);
         let dp = &self.dp;
         let world = dp.size * dp.tp_size * dp.pp_size;
         let mut times = vec![0.0; world];
-        times[dp.global_rank] = s.step_ms;
-        let times = dp.world_sum(&times, "every rank's step time, for the slowest rank")?; // SYNC
+        times[dp.global_rank] = s.busy_ms;
+        let times = dp.world_sum(&times, "every rank's busy time, for the slowest rank")?; // SYNC
         let (slowest_rank, slowest_ms) =
             times.iter().copied().enumerate().fold((0, f64::MIN), |a, (r, t)| if t > a.1 { (r, t) } else { a });
         let secs = w.start.elapsed().as_secs_f64().max(1e-9);
@@ -1001,7 +1012,7 @@ impl Trainer {
                 consumed_samples: consumed,
                 data_ms: Some(w.data_ms / w.iters as f64),
                 slowest_rank: Some(slowest_rank),
-                slowest_step_ms: Some(slowest_ms),
+                slowest_busy_ms: Some(slowest_ms),
                 tflops: Some(tflops),
                 mfu,
                 cuda_allocated_bytes: cuda.map(|c| c.0),
