@@ -767,7 +767,7 @@ impl Trainer {
             window.add(&s);
             let logged = iteration % self.cfg.log_interval == 0 || iteration == train_iters || stopping.is_some();
             if logged {
-                self.log(&s, &window)?; // SYNC (every rank's step time)
+                self.log(&s, &window)?; // SYNC (every rank's busy time)
             }
             if let Some(signal) = stopping {
                 return Err(self.stop(signal)?.into());
