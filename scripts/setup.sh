@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh Debian 12 machine (root), idempotently:
 #   - Debian packages: libgloo-dev (c10d Gloo headers), openssh-server + iproute2 (multi-host rig),
+#     slurmctld + slurmd + munge + slurm-client (a real Slurm on the rig: scripts/slurm-rig.sh),
 #     pdsh (benchmark baseline), ffmpeg (video decoding), pkg-config/libssl-dev (ssh2 build)
 #   - a project-local venv in .venv with torch==2.11.0 (the libtorch tch 0.24 links against)
 # Each part is skipped when already present, so a warm run takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(libgloo-dev openssh-server openssh-client iproute2 pdsh ffmpeg pkg-config libssl-dev cmake)
+APT_PKGS=(libgloo-dev openssh-server openssh-client iproute2 pdsh ffmpeg pkg-config libssl-dev cmake slurmctld slurmd munge slurm-client)
 TORCH_VERSION=2.11.0
 
 missing=()

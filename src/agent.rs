@@ -340,7 +340,17 @@ impl Agent {
             }
             Ctl::Signal(sig) => {
                 self.signals += 1;
-                let reason = format!("the agent received {}; stopping its ranks", crate::exec::proto::signal_name(sig));
+                let name = crate::exec::proto::signal_name(sig);
+                // As a Slurm step, a signal is Slurm's: scancel, the time limit, preemption.
+                let slurm_step = std::env::var_os(crate::exec::local::SLURM_STEP_MARK).is_some();
+                let reason = match std::env::var("SLURM_STEP_ID") {
+                    Ok(step) if slurm_step && !step.is_empty() => format!(
+                        "Slurm sent {name} to the agent's step {}.{step} (scancel, the job's time limit or \
+                         preemption); stopping its ranks",
+                        std::env::var("SLURM_JOB_ID").unwrap_or_default()
+                    ),
+                    _ => format!("the agent received {name}; stopping its ranks"),
+                };
                 self.send(FromAgent::StoppingRanks { reason });
                 if self.signals == 1 {
                     self.begin_stop(self.grace);

@@ -22,3 +22,4 @@ pub mod render;
 pub mod report;
 pub mod signals;
 pub mod ssh;
+pub mod submit;

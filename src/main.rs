@@ -62,6 +62,9 @@ enum Command {
     Logs(LogsArgs),
     /// Draw metrics of the latest run (or RUNs, overlaid) against iteration as a PNG or SVG.
     Plot(PlotArgs),
+    /// Submit the job to Slurm (sbatch): an allocation sized from the plan, the launcher inside
+    /// it starting one agent step per node. `launch submit [sbatch options] finetune 8b …`.
+    Submit(SubmitArgs),
     /// Stop the latest run (or RUN) as a preemption would: every rank finishes its step, saves
     /// a checkpoint and exits; the next `finetune` resumes from it.
     Stop(StopArgs),
@@ -93,6 +96,47 @@ struct LogsArgs {
     /// time, TFLOP/s, MFU) instead of its log.
     #[arg(long, conflicts_with_all = ["follow", "rank", "host", "grep"])]
     summary: bool,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// sbatch --partition.
+    #[arg(long, value_name = "P")]
+    partition: Option<String>,
+    /// sbatch --time, the job's time limit (e.g. 24:00:00, 2-00:00:00).
+    #[arg(long, value_name = "T")]
+    time: Option<String>,
+    /// sbatch --account.
+    #[arg(long, value_name = "A")]
+    account: Option<String>,
+    /// sbatch --qos.
+    #[arg(long, value_name = "Q")]
+    qos: Option<String>,
+    /// Another sbatch option as sbatch spells it (repeatable): --sbatch=--mail-type=END.
+    #[arg(long = "sbatch", value_name = "OPTION", allow_hyphen_values = true)]
+    sbatch: Vec<String>,
+    /// Nodes to allocate, for a cluster file with `hosts_from: slurm` (one with `hosts:`
+    /// allocates exactly those).
+    #[arg(long, value_name = "N")]
+    nodes: Option<usize>,
+    /// How long before the time limit Slurm signals the launcher (SIGUSR1: every rank saves at
+    /// an agreed iteration and exits; a requeued job resumes there).
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    signal_before: std::time::Duration,
+    /// Print the batch script; submit nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Wait for the job to end (sbatch --wait) and exit with its exit code.
+    #[arg(long)]
+    wait: bool,
+    #[command(subcommand)]
+    what: SubmitWhat,
+}
+
+#[derive(Subcommand)]
+enum SubmitWhat {
+    /// The fine-tune the job runs (the same arguments as `launch finetune`).
+    Finetune(JobArgs),
 }
 
 #[derive(Args)]
@@ -243,14 +287,104 @@ fn load(cli_cluster: &Option<PathBuf>, job: &JobArgs) -> Result<(ClusterSpec, Re
         None => ClusterSpec::embedded_local(),
     }
     .map_err(config)?;
+    let (recipe, plan) = plan_job(&cluster, job)?;
+    Ok((cluster, recipe, plan))
+}
+
+/// The cluster's warnings, then the recipe and the plan of `job` on it.
+fn plan_job(cluster: &ClusterSpec, job: &JobArgs) -> Result<(Recipe, Plan), Failure> {
     for w in &cluster.warnings {
         eprintln!("warning: {w}");
     }
     let recipe = Recipe::resolve(&job.model, Some((&cluster.job, &cluster.origin)), job.recipe.as_deref(), &job.sets)
         .map_err(config)?;
-    let plan = Plan::build(&cluster, &recipe)
+    let plan = Plan::build(cluster, &recipe)
         .map_err(|e| Failure(if e.layout { EXIT_CHECKS } else { EXIT_CONFIG }, format!("error: {e}")))?;
-    Ok((cluster, recipe, plan))
+    Ok((recipe, plan))
+}
+
+/// `launch submit`: plans the job as `finetune` would (with `--nodes` standing in for the
+/// allocation of a `hosts_from: slurm` cluster), writes the batch script and hands it to sbatch.
+fn submit(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, Failure> {
+    let SubmitWhat::Finetune(job) = &args.what;
+    let Some(cluster_path) = &cli.cluster else {
+        return Err(Failure(EXIT_CONFIG, "error: launch submit needs --cluster FILE (a Slurm cluster file)".into()));
+    };
+    let cwd = std::env::current_dir().map_err(|e| Failure(1, format!("error: the current directory: {e}")))?;
+    let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    if let Some(n) = args.nodes {
+        if n == 0 {
+            return Err(Failure(EXIT_CONFIG, "error: --nodes 0: a job needs at least one node".into()));
+        }
+        // Planning stands in names for the nodes Slurm will pick; the job reads the real ones.
+        env.insert("SLURM_JOB_NODELIST".into(), format!("node[1-{n}]"));
+        env.remove("SLURM_NODELIST");
+    }
+    let cluster = ClusterSpec::from_file_with_env(cluster_path, &env).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("SLURM_JOB_NODELIST") {
+            Failure(
+                EXIT_CONFIG,
+                format!("error: {text}\n  hint: with `hosts_from: slurm` pass --nodes N to size the job"),
+            )
+        } else {
+            config(e)
+        }
+    })?;
+    if let (Some(n), launch::cluster::HostSource::Slurm { .. }) = (args.nodes, &cluster.host_source) {
+        debug_assert_eq!(cluster.hosts.len(), n);
+    } else if let Some(n) = args.nodes.filter(|&n| n != cluster.hosts.len()) {
+        return Err(Failure(
+            EXIT_CONFIG,
+            format!(
+                "error: --nodes {n}, but {} lists {} hosts, which the job allocates by name; drop --nodes or \
+                 use `hosts_from: slurm`",
+                cluster_path.display(),
+                cluster.hosts.len()
+            ),
+        ));
+    }
+    let (_recipe, plan) = plan_job(&cluster, job)?;
+    let renderer = Renderer::new(cli.templates.as_deref()).map_err(config)?;
+    let abs = |p: &std::path::Path| launch::submit::absolute(&cwd, p).display().to_string();
+    let mut inner = vec!["--cluster".to_string(), abs(cluster_path)];
+    if let Some(t) = &cli.templates {
+        inner.extend(["--templates".into(), abs(t)]);
+    }
+    inner.extend(["finetune".into(), job.model.clone()]);
+    if let Some(r) = &job.recipe {
+        inner.extend(["--recipe".into(), abs(r)]);
+    }
+    for s in &job.sets {
+        inner.extend(["--set".into(), s.clone()]);
+    }
+    let launch_exe = std::env::current_exe().map_err(|e| Failure(1, format!("error: the launch binary: {e}")))?;
+    let opts = launch::submit::SubmitOptions {
+        partition: args.partition.clone(),
+        time: args.time.clone(),
+        account: args.account.clone(),
+        qos: args.qos.clone(),
+        extra: args.sbatch.clone(),
+        warn_secs: args.signal_before.as_secs().max(1),
+    };
+    let sj = launch::submit::SubmitJob { launch: &launch_exe, cwd: &cwd, args: inner };
+    let script = launch::submit::script(&renderer, &plan, &cluster, &opts, &sj)
+        .map_err(|e| Failure(EXIT_CONFIG, format!("error: {e}")))?;
+    if args.dry_run {
+        print!("{script}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let log_dir = launch::submit::absolute(&cwd, &cluster.log_dir);
+    let (id, path, code) = launch::submit::submit(&script, &log_dir, &plan.model.name, args.wait)
+        .map_err(|e| Failure(1, format!("error: {e}")))?;
+    println!("submitted batch job {id} ({} nodes): {}", plan.nodes.len(), path.display());
+    println!("  job output   {}", log_dir.join(format!("slurm-{id}.out")).display());
+    println!("  run logs     launch logs -f --log-dir {}   (once the job starts)", log_dir.display());
+    if args.wait {
+        println!("job {id} ended with exit code {code}");
+        return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A signal held while the plan was made and the checks ran ends the launch here.
@@ -347,6 +481,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             println!("{said}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Submit(args) => submit(&cli, args),
         Command::Logs(args) if args.summary => {
             let log_dir = log_dir_of(&args.log_dir, &cli.cluster)?;
             let run = launch::metrics::resolve_with_metrics(&log_dir, args.run.as_deref())

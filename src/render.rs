@@ -23,6 +23,7 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("mm-engine", include_str!("../templates/mm-engine.hbs")),
     ("mindspeed-mm-torchrun", include_str!("../templates/mindspeed-mm-torchrun.hbs")),
     ("mindspeed-mm-msrun", include_str!("../templates/mindspeed-mm-msrun.hbs")),
+    ("slurm-sbatch", include_str!("../templates/slurm-sbatch.hbs")),
 ];
 
 /// Where the MindSpeed templates write the data/model JSON they generate (in the workdir).
@@ -235,6 +236,11 @@ impl Renderer {
             .map_err(|e| RenderError::Template { name: name.to_string(), message: e.to_string() })?;
         // Templates keep their block helpers on lines of their own; drop the blank lines they leave.
         Ok(out.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("\n") + "\n")
+    }
+
+    /// `launch submit`'s batch script (templates/slurm-sbatch.hbs) from its context.
+    pub fn render_sbatch(&self, ctx: &serde_json::Value) -> Result<String, RenderError> {
+        self.render("slurm-sbatch", ctx)
     }
 
     pub fn render_plan(&self, plan: &Plan, cluster: &ClusterSpec) -> Result<Rendered, RenderError> {

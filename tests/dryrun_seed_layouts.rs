@@ -454,3 +454,48 @@ fn layout_mismatch_exits_3_and_the_suggested_list_is_accepted() {
     let (code, err) = run(&["train.global_batch_size=null", "train.grad_accumulation=null"]);
     assert_eq!(code, Some(2), "{err}");
 }
+
+/// `launch submit`'s batch script for the seed's 8B on one node of 8 GPUs (clusters/slurm.yaml,
+/// `--nodes 1 --partition gpu --time 24:00:00`): one node, one task, 8 GPUs, whole node, the
+/// warning signal and requeue, and the launcher exec'd on the Slurm executor.
+#[test]
+fn seed_8b_sbatch_script_on_a_one_by_eight_gpu_partition() {
+    let env: std::collections::BTreeMap<String, String> =
+        [("SLURM_JOB_NODELIST".to_string(), "node[1-1]".to_string())].into();
+    let cluster = ClusterSpec::from_file_with_env("clusters/slurm.yaml", &env).unwrap();
+    assert_eq!(cluster.executor, launch::cluster::Executor::Slurm, "hosts_from: slurm runs agents as steps");
+    let recipe = Recipe::resolve("8b", Some((&cluster.job, &cluster.origin)), None, &[]).unwrap();
+    let plan = Plan::build(&cluster, &recipe).unwrap();
+    let opts = launch::submit::SubmitOptions {
+        partition: Some("gpu".into()),
+        time: Some("24:00:00".into()),
+        warn_secs: 120,
+        ..Default::default()
+    };
+    let args = ["--cluster", "/scratch/job/slurm.yaml", "finetune", "8b", "--set", "train.train_iters=10"];
+    let job = launch::submit::SubmitJob {
+        launch: std::path::Path::new("/opt/mm/bin/launch"),
+        cwd: std::path::Path::new("/scratch/job"),
+        args: args.iter().map(|s| s.to_string()).collect(),
+    };
+    let script = launch::submit::script(&Renderer::new(None).unwrap(), &plan, &cluster, &opts, &job).unwrap();
+    for line in [
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --exclusive",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --output=/scratch/job/logs/slurm-%j.out",
+        "exec /opt/mm/bin/launch --cluster /scratch/job/slurm.yaml finetune 8b --set train.train_iters=10",
+    ] {
+        assert!(script.lines().any(|l| l == line), "`{line}` missing:\n{script}");
+    }
+    assert!(!script.contains("--nodelist"), "hosts_from: slurm lets Slurm pick the nodes");
+    insta::assert_snapshot!("seed_8b_sbatch", script);
+
+    // A cluster not run by Slurm (this one is localhost) has no Slurm nodes to allocate: refused.
+    let (plan, _) = dry("clusters/ascend-1x8-8b.yaml", "8b", &[]);
+    let ssh = ClusterSpec::from_file("clusters/ascend-1x8-8b.yaml").unwrap();
+    let e = launch::submit::script(&Renderer::new(None).unwrap(), &plan, &ssh, &opts, &job).unwrap_err();
+    assert!(e.contains("the cluster's executor is local") && e.contains("hosts_from: slurm"), "{e}");
+}

@@ -371,6 +371,247 @@ fn rig_finetune_tiny_over_ssh_and_resume() {
     job.assert_clean(Duration::from_secs(10), true);
 }
 
+/// `salloc -N 3 launch … finetune tiny` on a real Slurm (scripts/slurm-rig.sh: slurmctld,
+/// one slurmd per rig host, munge) with `executor: slurm`: the node agents start as srun steps
+/// (each slurmd's log shows its step), the real engine trains over the three nodes, and the
+/// fan-out is timed beside SSH on the same hosts. Then `scancel` mid-run: Slurm's SIGTERM
+/// reaches every rank as the orderly stop (an agreed iteration, a committed checkpoint), the
+/// report names the cancellation, and nothing of the job is left on any node.
+#[test]
+fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_nothing() {
+    let rig = Rig::up(3);
+    let slurm_conf = rig.slurm();
+    let job = Job::new(Place::Rig(&rig));
+    let work = job.dir.path().join("work");
+    synth(&work);
+    let extra = format!("workdir: {}\n", yq(&work.display().to_string()));
+    let ssh_cluster = job.cluster_with(&engine(), &[], &extra, None);
+    let cluster = job.dir.path().join("slurm.yaml");
+    std::fs::write(&cluster, read(&ssh_cluster) + "executor: slurm\n").unwrap();
+    let salloc = |iters: &str| {
+        let mut c = Command::new("salloc");
+        // A CPU per rank (the launcher checks SLURM_JOB_CPUS_PER_NODE against its 2 per node).
+        c.args(["-N", "3", "--cpus-per-task=2", "--quiet", LAUNCH, "--cluster"])
+            .arg(&cluster)
+            .args(["finetune", "tiny", "--set", "train.global_batch_size=6", "--set"])
+            .arg(format!("train.train_iters={iters}"))
+            .env("SLURM_CONF", &slurm_conf)
+            .env("PATH", path_with_engine())
+            .current_dir(job.dir.path())
+            .stdin(Stdio::null());
+        c
+    };
+    let ready = |err: &str| line_with(err, " hosts ready in ").to_string();
+
+    let o = salloc("6").output().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("launch: all 6 ranks on 3 hosts finished (exit 0)"), "{err}");
+    let run = job.run_dir();
+    for r in 0..6 {
+        assert_eq!(losses(&job.rank_log(&run, job.host_of(r), r)).len(), 6, "rank {r}");
+    }
+    // Each node's slurmd started the agent's step (no SSH: the sshd logs stay empty of it).
+    for h in &rig.hosts {
+        let log = read(&rig.dir.path().join(format!("slurm/slurmd-{}.log", h.name)));
+        assert!(log.contains("launch task StepId="), "{}: no step launched:\n{log}", h.name);
+    }
+    let slurm_ready = ready(&err);
+    // The same hosts over SSH, for the fan-out beside it.
+    let f = job.run(&ssh_cluster, &["--agent-path", LAUNCH, "--set", "train.train_iters=1"]);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    println!("fan-out to 3 nodes: srun: {slurm_ready}; ssh: {}", ready(&f.stderr));
+
+    // scancel mid-run.
+    let child = salloc("400").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let tracker = work.join("runs/tiny/save/latest_checkpointed_iteration.txt");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&tracker).unwrap_or_default().trim().parse::<u64>().is_ok_and(|i| i >= 20) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint past iteration 20 within 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let squeue =
+        Command::new("squeue").args(["-h", "-t", "R", "-o", "%i"]).env("SLURM_CONF", &slurm_conf).output().unwrap();
+    let job_id = String::from_utf8_lossy(&squeue.stdout).trim().to_string();
+    assert!(!job_id.is_empty() && !job_id.contains('\n'), "one job in the queue: {job_id:?}");
+    let st = Command::new("scancel").arg(&job_id).env("SLURM_CONF", &slurm_conf).status().unwrap();
+    assert!(st.success());
+    let o = wait_child(child, Duration::from_secs(60));
+    let (out, err) = text(&o);
+    assert_ne!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let headline = line_with(&err, "launch: FAILED: ");
+    assert!(headline.contains("Slurm sent SIGTERM to the agent's step"), "the report names Slurm's stop:\n{err}");
+    assert!(err.contains("CANCELLED AT"), "slurmstepd's own line is in the report:\n{err}");
+    let stopped = line_with(&err, "every rank stopped at iteration ");
+    let at: u64 =
+        stopped.split("iteration ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    assert_eq!(read(&tracker).trim(), at.to_string(), "the agreed stop's checkpoint is the committed one: {stopped}");
+    rig.assert_clean(Duration::from_secs(15), true);
+
+    // `launch submit --wait` of a 2-node job (the cluster file's h1 and h2, by name): sbatch
+    // runs the launcher on the first node, it trains to the end, and `launch logs` on this
+    // machine reads the run.
+    let two = job.dir.path().join("two.yaml");
+    let h3 = format!("name: {}}}", rig.hosts[2].name);
+    let hosts_h1_h2: String = read(&cluster).lines().filter(|l| !l.contains(&h3)).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&two, hosts_h1_h2).unwrap();
+    let submit = |args: &[&str]| {
+        Command::new(LAUNCH)
+            .arg("--cluster")
+            .arg(&two)
+            .arg("submit")
+            .args(args)
+            .env("SLURM_CONF", &slurm_conf)
+            .env("PATH", path_with_engine())
+            .current_dir(job.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = submit(&["--wait", "--time", "5", "finetune", "tiny", "--set", "checkpoint.save=runs/tiny/save-sbatch"]);
+    let (out, err) = text(&o);
+    let id = out.split("submitted batch job ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or("?");
+    let job_out = std::fs::read_to_string(job.logs.join(format!("slurm-{id}.out"))).unwrap_or_default();
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}\njob output:\n{job_out}");
+    assert!(job_out.contains("launch: all 4 ranks on 2 hosts finished (exit 0)"), "{job_out}");
+    let script = read(Path::new(line_with(&out, "submitted batch job ").rsplit(": ").next().unwrap()));
+    assert!(script.contains("#SBATCH --nodelist=h1,h2") && script.contains("#SBATCH --time=5"), "{script}");
+    let o = Command::new(LAUNCH).arg("logs").arg("--log-dir").arg(&job.logs).output().unwrap();
+    let (logs, _) = text(&o);
+    assert!(
+        logs.contains("[h1 r0]") && logs.contains("[h2 r3]") && logs.contains("saved checkpoint at iteration 40"),
+        "{logs}"
+    );
+    rig.assert_clean(Duration::from_secs(15), true);
+
+    // Preemption: the batch job gets Slurm's warning signal (what `--signal=B:USR1@…` sends
+    // before the time limit; here `scancel --batch --signal=USR1`), every rank stops at an
+    // agreed iteration with a checkpoint, and the requeued job resumes there to the end.
+    let o = submit(&[
+        "finetune",
+        "tiny",
+        "--set",
+        "checkpoint.save=runs/tiny/save-requeue",
+        "--set",
+        "train.train_iters=60",
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let id = out.split("submitted batch job ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().to_string();
+    let slurm = |args: &[&str]| {
+        let o = Command::new(args[0]).args(&args[1..]).env("SLURM_CONF", &slurm_conf).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // "?" while scontrol does not answer (a busy controller): not an end state.
+    let state = || {
+        let o = Command::new("scontrol").args(["show", "job", &id]).env("SLURM_CONF", &slurm_conf).output().unwrap();
+        let show = String::from_utf8_lossy(&o.stdout).into_owned();
+        show.split("JobState=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or("?").to_string()
+    };
+    let tracker = work.join("runs/tiny/save-requeue/latest_checkpointed_iteration.txt");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&tracker).unwrap_or_default().trim().parse::<u64>().is_ok_and(|i| i >= 20) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "job {id}: no checkpoint past 20 in 120 s ({})", state());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    slurm(&["scancel", "--batch", "--signal=USR1", &id]);
+    let wait_end = |what: &str| {
+        let t0 = Instant::now();
+        while ["RUNNING", "PENDING", "COMPLETING", "REQUEUED", "CONFIGURING", "?"].contains(&state().as_str()) {
+            assert!(t0.elapsed() < Duration::from_secs(120), "job {id} still {} after 120 s ({what})", state());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_end("after the warning signal");
+    let job_out = read(&job.logs.join(format!("slurm-{id}.out")));
+    // The launcher took the signal and stopped the ranks in order (they see its SIGTERM).
+    let stopped = line_with(&job_out, "launch: interrupted by SIGUSR1: every rank stopped at iteration ");
+    let at: u64 = stopped.split("iteration ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
+    assert!((20..60).contains(&at), "{stopped}");
+    assert_eq!(read(&tracker).trim(), at.to_string());
+    slurm(&["scontrol", "requeue", &id]);
+    // Slurm holds a requeued job for a while (its begin time); let it start at once.
+    slurm(&["scontrol", "update", &format!("JobId={id}"), "StartTime=now"]);
+    let t0 = Instant::now();
+    while !["RUNNING", "COMPLETING", "COMPLETED"].contains(&state().as_str()) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the requeued job {id} is {} after 60 s", state());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_end("after the requeue");
+    let job_out = read(&job.logs.join(format!("slurm-{id}.out")));
+    assert!(job_out.contains(&format!("from iteration {at}")), "the requeued job resumes at {at}:\n{job_out}");
+    assert!(job_out.contains("launch: all 4 ranks on 2 hosts finished (exit 0)"), "{job_out}");
+    assert_eq!(read(&tracker).trim(), "60");
+    rig.assert_clean(Duration::from_secs(15), true);
+
+    // A plain `scancel` of a submitted job: Slurm signals the batch step (the launcher) and
+    // the agents' steps at once; the ranks still stop in order at an agreed, saved iteration.
+    let o = submit(&[
+        "finetune",
+        "tiny",
+        "--set",
+        "checkpoint.save=runs/tiny/save-cancel",
+        "--set",
+        "train.train_iters=400",
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let cancel_id =
+        out.split("submitted batch job ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().to_string();
+    let tracker = work.join("runs/tiny/save-cancel/latest_checkpointed_iteration.txt");
+    let t0 = Instant::now();
+    while !tracker.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "job {cancel_id}: no checkpoint in 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    slurm(&["scancel", &cancel_id]);
+    let job_file = job.logs.join(format!("slurm-{cancel_id}.out"));
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&job_file).unwrap_or_default().contains("\nall logs: ") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "job {cancel_id} did not report within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let job_out = read(&job_file);
+    let stopped = line_with(&job_out, "launch: interrupted by SIGTERM: every rank stopped at iteration ");
+    let at: u64 = stopped.split("iteration ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
+    assert_eq!(read(&tracker).trim(), at.to_string(), "{job_out}");
+    rig.assert_clean(Duration::from_secs(15), true);
+
+    // A node lost mid-run (everything in h2's namespace killed: slurmd, the step, the agent,
+    // the ranks): the launcher fails fast naming h2, and nothing is left on h1 and h3.
+    let mut lost_run = salloc("400");
+    lost_run.args(["--set", "checkpoint.save=runs/tiny/save-lost"]);
+    let child = lost_run.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let tracker = work.join("runs/tiny/save-lost/latest_checkpointed_iteration.txt");
+    let t0 = Instant::now();
+    while !tracker.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint within 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lost = Instant::now();
+    for (pid, _) in rig.processes(&rig.hosts[1]) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    let o = wait_child(child, Duration::from_secs(60));
+    let (out, err) = text(&o);
+    let took = lost.elapsed();
+    assert_ne!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let headline = line_with(&err, "launch: FAILED: ");
+    // The first failure may be a peer's (a rank on h1 or h3 whose connection to h2 closed);
+    // either way the report names h2 as lost.
+    let h2 = line_with(&err, &format!("  h2 ({})", rig.hosts[1].address));
+    assert!(h2.contains("LOST") || headline.contains("h2"), "the lost node is named:\n{err}");
+    println!("node h2 killed: the launcher exited {took:?} later: {headline} / {}", h2.trim());
+    for h in [&rig.hosts[0], &rig.hosts[2]] {
+        let t = Instant::now();
+        while !rig.leftovers(h, true).is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(15), "left on {}: {:?}", h.name, rig.leftovers(h, true));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// The same rig with pipeline parallelism across the hosts: 6 ranks = 3 data-parallel replicas ×
 /// 2 pipeline stages (the tiny model's 2 LLM layers one per stage, both ViT layers on the
 /// first), so every stage pair talks over the bridge (ranks 0-2 on h1 and h2 are stage 0, ranks

@@ -1,12 +1,12 @@
 //! Checks of the launching machine itself: the files SSH will need (known_hosts under strict
-//! host key checking, the identity files).
+//! host key checking, the identity files), for the SSH executor.
 
 use super::rules::{CheckRow, Rows, Status};
 use crate::cluster::{ClusterSpec, StrictMode};
 
 pub(crate) fn rows(cluster: &ClusterSpec) -> Vec<CheckRow> {
     let mut r = Rows::new("(launcher)");
-    if cluster.local {
+    if cluster.executor != crate::cluster::Executor::Ssh {
         return r.rows;
     }
     match &cluster.ssh.known_hosts {

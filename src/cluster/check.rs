@@ -210,9 +210,38 @@ impl Checker<'_> {
             }
         }
         let local = raw.local.unwrap_or(all_loopback);
+        let executor = match (raw.executor, local) {
+            (Some(Executor::Local), false) => {
+                let (message, hint) = if raw.local == Some(false) {
+                    ("is local, but `local: false` asks for remote hosts", "drop one of `local: false` and `executor`")
+                } else {
+                    (
+                        "is local, but the hosts are not all this machine",
+                        "list the hosts as localhost / 127.0.0.x, or use `executor: ssh` or `executor: slurm`",
+                    )
+                };
+                self.value(&keys(&["executor"]), message.into(), Some(hint.into()));
+                Executor::Local
+            }
+            (Some(e @ (Executor::Ssh | Executor::Slurm)), true) if raw.local == Some(true) => {
+                self.value(
+                    &keys(&["executor"]),
+                    format!("is {}, but `local: true` runs every rank here without it", e.name()),
+                    Some("drop one of `local: true` and `executor`".into()),
+                );
+                e
+            }
+            (Some(e), _) => e,
+            (None, true) => Executor::Local,
+            (None, false) if raw.hosts_from == Some(HostsFrom::Slurm) => Executor::Slurm,
+            (None, false) => Executor::Ssh,
+        };
+        // A Slurm step or an explicit SSH executor reaches hosts that look local too.
+        let local = executor == Executor::Local;
 
         let master = self.check_master(raw.master, &hosts, local);
-        let ssh = self.check_ssh(raw.ssh, local);
+        // Only the SSH executor opens SSH connections: its files are checked for it alone.
+        let ssh = self.check_ssh(raw.ssh, executor != Executor::Ssh);
         self.check_env(&keys(&["env"]), &raw.env);
         if raw.log_dir.as_os_str().is_empty() {
             self.value(&keys(&["log_dir"]), "is empty".into(), Some("omit it to use `logs`".into()));
@@ -232,6 +261,7 @@ impl Checker<'_> {
             master,
             ssh,
             local,
+            executor,
             workdir: raw.workdir,
             engine: raw.engine,
             log_dir: raw.log_dir,
@@ -572,7 +602,8 @@ impl Checker<'_> {
         MasterSpec { addr, port: raw.port }
     }
 
-    fn check_ssh(&mut self, mut ssh: SshSpec, local: bool) -> SshSpec {
+    /// `no_ssh`: the hosts are reached without SSH (local, Slurm steps): its files are not checked.
+    fn check_ssh(&mut self, mut ssh: SshSpec, no_ssh: bool) -> SshSpec {
         if ssh.port == 0 {
             self.value(
                 &keys(&["ssh", "port"]),
@@ -610,7 +641,7 @@ impl Checker<'_> {
                 Err(message) => self.value(&keys(&["ssh", "known_hosts"]), message, None),
             }
         }
-        if !local {
+        if !no_ssh {
             self.check_known_hosts(&ssh);
         }
         ssh
@@ -770,6 +801,26 @@ mod tests {
             "c.yaml:5:9: master.addr: `` is not an address\n  \
              hint: omit master.addr to use the first host's address"
         );
+    }
+
+    #[test]
+    fn the_executor_follows_the_hosts_and_contradictions_are_named() {
+        assert_eq!(ok(&format!("{BASE}hosts: [localhost]\n")).executor, Executor::Local);
+        let remote = format!("{BASE}hosts: [192.0.2.1]\nssh: {{strict_host_key_checking: accept-new}}\n");
+        assert_eq!(ok(&remote).executor, Executor::Ssh);
+        let slurm = ok(&format!("{remote}executor: slurm\n"));
+        assert_eq!((slurm.executor, slurm.local), (Executor::Slurm, false));
+        let env = [("SLURM_JOB_NODELIST", "n[1-2]")];
+        let from = ClusterSpec::from_str_with_env(&format!("{BASE}hosts_from: slurm\n"), Path::new("c.yaml"), &env);
+        assert_eq!(from.unwrap().executor, Executor::Slurm, "an allocation's hosts run as steps by default");
+        let ssh = format!("{BASE}hosts_from: slurm\nexecutor: ssh\n");
+        assert_eq!(ClusterSpec::from_str_with_env(&ssh, Path::new("c.yaml"), &env).unwrap().executor, Executor::Ssh);
+        let e = err(&format!("{remote}executor: local\n"));
+        assert!(e.contains("executor: is local, but the hosts are not all this machine"), "{e}");
+        let e = err(&format!("{BASE}hosts: [localhost]\nlocal: true\nexecutor: slurm\n"));
+        assert!(e.contains("is slurm, but `local: true` runs every rank here"), "{e}");
+        let e = err(&format!("{remote}executor: pbs\n"));
+        assert!(e.contains("executor") && e.contains("slurm"), "{e}");
     }
 
     #[test]

@@ -24,8 +24,8 @@ mod spec;
 
 pub use check::{is_loopback, is_valid_env_name, EnvSource, ProcessEnv};
 pub use spec::{
-    Accelerator, ClusterSpec, HostSource, HostSpec, HostsFrom, JobSpec, MasterSpec, ResolvedHost, SshSpec, StrictMode,
-    Template, EMBEDDED_LOCAL_ORIGIN, EMBEDDED_LOCAL_YAML, LAUNCHER_OWNED_ENV, MAX_DEVICES_PER_NODE,
+    Accelerator, ClusterSpec, Executor, HostSource, HostSpec, HostsFrom, JobSpec, MasterSpec, ResolvedHost, SshSpec,
+    StrictMode, Template, EMBEDDED_LOCAL_ORIGIN, EMBEDDED_LOCAL_YAML, LAUNCHER_OWNED_ENV, MAX_DEVICES_PER_NODE,
 };
 // The diagnostics kit under the names cluster users have always imported.
 pub use crate::diag::{locate_key, yaml_to_value, ConfigError, Diagnostic};

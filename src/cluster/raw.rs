@@ -34,6 +34,8 @@ pub(super) struct RawCluster {
     #[serde(default)]
     pub(super) local: Option<bool>,
     #[serde(default)]
+    pub(super) executor: Option<super::spec::Executor>,
+    #[serde(default)]
     pub(super) workdir: Option<PathBuf>,
     #[serde(default)]
     pub(super) engine: Option<PathBuf>,
@@ -148,6 +150,7 @@ fn leaf_hint(path: &[Seg]) -> Option<&'static str> {
             "mm-engine runs this project's engine; mindspeed-mm-torchrun and \
              mindspeed-mm-msrun run MindSpeed-MM's pretrain script"
         }
+        (_, "executor") => "local (a child process), ssh, or slurm (one srun step per node inside the allocation)",
         (_, "hosts_from") => {
             "only Slurm allocations are read directly; for another scheduler write its node \
              list to a DeepSpeed hostfile (`HOST slots=N` lines) and set `hostfile:`"

@@ -60,6 +60,10 @@ pub struct ClusterSpec {
     /// `local`: run every rank on this machine without SSH. Defaults to true when every host
     /// is a loopback address (localhost, 127.0.0.0/8, ::1).
     pub local: bool,
+    /// `executor`: how each host's node agent is started: a child process (local), over SSH,
+    /// or as a Slurm step (`srun`) inside the job's allocation. Defaults to local for a local
+    /// cluster, slurm with `hosts_from: slurm`, else ssh.
+    pub executor: Executor,
     /// `workdir`: directory the engine starts in on each host (default: the SSH login
     /// directory, or the current directory when local).
     pub workdir: Option<PathBuf>,
@@ -220,6 +224,31 @@ impl Template {
             Template::MmEngine => "mm-engine",
             Template::MindspeedMmTorchrun => "mindspeed-mm-torchrun",
             Template::MindspeedMmMsrun => "mindspeed-mm-msrun",
+        }
+    }
+}
+
+/// `executor:` how the launcher starts its node agent on each host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Executor {
+    /// A child process of the launcher (every host is this machine).
+    Local,
+    /// An SSH session per host (libssh2, host keys verified).
+    Ssh,
+    /// One Slurm step per host (`srun --nodes 1 --ntasks 1 --nodelist HOST`) inside the
+    /// allocation the launcher runs in: Slurm owns, signals and accounts every process, and
+    /// no SSH is needed between nodes.
+    Slurm,
+}
+
+impl Executor {
+    /// As the cluster file spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Executor::Local => "local",
+            Executor::Ssh => "ssh",
+            Executor::Slurm => "slurm",
         }
     }
 }

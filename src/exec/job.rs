@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::cluster::{ClusterSpec, Template};
+use crate::cluster::{Accelerator, ClusterSpec, Executor, Template};
 use crate::events::{HostInfo, LaunchEvent, Reporter};
 use crate::exec::backend::Backend;
 use crate::exec::dispatch::{run_attempt, AttemptSpec, DispatchConfig};
@@ -90,6 +90,9 @@ pub fn backend_for(plan: &Plan, cluster: &ClusterSpec, agent_path: Option<&str>)
         let exe = std::env::current_exe().map_err(|e| format!("cannot find the launch binary to run agents: {e}"))?;
         return Ok(Box::new(LocalBackend::new(exe)));
     }
+    if cluster.executor == Executor::Slurm {
+        return slurm_backend(plan, cluster, agent_path);
+    }
     let env = |k: &str| std::env::var(k).ok();
     let targets = plan.nodes.iter().map(|n| SshTarget::new(cluster, &n.host, &env)).collect();
     let agent = match agent_path {
@@ -97,6 +100,96 @@ pub fn backend_for(plan: &Plan, cluster: &ClusterSpec, agent_path: Option<&str>)
         None => AgentSource::upload_self().map_err(|e| format!("cannot read the launch binary to upload it: {e}"))?,
     };
     Ok(Box::new(SshBackend::start_early(targets, agent)))
+}
+
+/// Agents as Slurm steps: only inside an allocation that holds every host of the plan. The
+/// agent binary must be where the nodes see it (a shared file system; `--agent-path`).
+fn slurm_backend(plan: &Plan, cluster: &ClusterSpec, agent_path: Option<&str>) -> Result<Box<dyn Backend>, String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (nodes, cpus) = slurm_steps(plan, cluster, &env)?;
+    let agent = match agent_path {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe().map_err(|e| format!("cannot find the launch binary to run agents: {e}"))?,
+    };
+    Ok(Box::new(LocalBackend::slurm(agent, nodes, cpus)))
+}
+
+/// The Slurm node of each plan node and SLURM_CPUS_ON_NODE, after checking the allocation
+/// (`env`: the process environment) against the plan: a job, holding every host, with the
+/// devices the plan starts ranks on.
+fn slurm_steps(
+    plan: &Plan,
+    cluster: &ClusterSpec,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Vec<String>, Vec<Option<u32>>), String> {
+    let Some(job) = env("SLURM_JOB_ID") else {
+        return Err("`executor: slurm` starts the node agents as steps of a Slurm job, but SLURM_JOB_ID is not set: \
+                    run launch inside an allocation (`salloc -N <nodes> launch …`, or `launch submit`), or set \
+                    `executor: ssh`"
+            .into());
+    };
+    let nodes: Vec<String> = plan.nodes.iter().map(|n| n.host.name.clone()).collect();
+    // Each node's CPUs: SLURM_JOB_CPUS_PER_NODE (`64(x2),48`) in SLURM_JOB_NODELIST's order,
+    // else SLURM_CPUS_ON_NODE (the launcher's own node) for all.
+    let mut cpus: Vec<Option<u32>> = vec![env("SLURM_CPUS_ON_NODE").and_then(|v| v.parse().ok()); nodes.len()];
+    if let Some(list) = env("SLURM_JOB_NODELIST").or_else(|| env("SLURM_NODELIST")) {
+        let allocated = crate::hostlist::expand(&list).map_err(|e| format!("SLURM_JOB_NODELIST {list:?}: {e}"))?;
+        let missing: Vec<&str> = nodes.iter().filter(|n| !allocated.contains(n)).map(String::as_str).collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "job {job}'s allocation ({list}) does not hold {}: every host of the cluster file must be one of \
+                 its nodes (use `hosts_from: slurm`, or allocate those nodes)",
+                missing.join(", ")
+            ));
+        }
+        if let Some(per) = env("SLURM_JOB_CPUS_PER_NODE").and_then(|v| cpus_per_node(&v)) {
+            if per.len() == allocated.len() {
+                for (i, n) in nodes.iter().enumerate() {
+                    cpus[i] = allocated.iter().position(|a| a == n).map(|k| per[k]);
+                }
+            }
+        }
+    }
+    // The allocation's resources per node against the cluster file's devices per node.
+    let per_node = plan.nodes.iter().map(|n| n.ranks.len()).max().unwrap_or(0);
+    let short = |what: &str, var: &str, have: usize, fix: &str| {
+        Err(format!(
+            "job {job} has {have} {what} per node ({var}={have}), but the plan starts {per_node} ranks on a node \
+             (devices_per_node {}); {fix}",
+            cluster.devices_per_node
+        ))
+    };
+    match cluster.accelerator {
+        Accelerator::Gpu => {
+            if let Some(g) = env("SLURM_GPUS_ON_NODE").and_then(|v| v.parse::<usize>().ok()).filter(|&g| g < per_node) {
+                return short("GPUs", "SLURM_GPUS_ON_NODE", g, "allocate with --gpus-per-node=N (launch submit does)");
+            }
+        }
+        Accelerator::Cpu => {
+            for (node, c) in nodes.iter().zip(&cpus) {
+                if let Some(c) = c.map(|c| c as usize).filter(|&c| c < per_node) {
+                    let fix = format!("{node} is short; allocate more CPUs per node, or lower devices_per_node");
+                    return short("CPUs", "SLURM_JOB_CPUS_PER_NODE", c, &fix);
+                }
+            }
+        }
+        Accelerator::Npu => {}
+    }
+    Ok((nodes, cpus))
+}
+
+/// SLURM_JOB_CPUS_PER_NODE (`64(x2),48`: 64 on each of the first two nodes, 48 on the third),
+/// one count per node; None when it does not read.
+fn cpus_per_node(v: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in v.split(',') {
+        let (n, times) = match part.split_once("(x") {
+            Some((n, rest)) => (n, rest.strip_suffix(')')?.parse::<usize>().ok()?),
+            None => (part, 1),
+        };
+        out.extend(std::iter::repeat_n(n.trim().parse::<u32>().ok()?, times));
+    }
+    Some(out)
 }
 
 /// The run directory of a launch, made before the checks run, so that `launch logs -f` typed
@@ -314,4 +407,52 @@ fn write_rank_states(attempt_dir: &std::path::Path, states: &[(usize, String, cr
 pub fn own_cache_key() -> Result<String, String> {
     let exe: PathBuf = std::env::current_exe().map_err(|e| e.to_string())?;
     crate::exec::ssh::cache_key(&exe).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(yaml: &str) -> (Plan, ClusterSpec) {
+        let cluster = ClusterSpec::from_str(yaml, std::path::Path::new("c.yaml")).unwrap();
+        let recipe = crate::recipe::Recipe::resolve("tiny", Some((&cluster.job, &cluster.origin)), None, &[]).unwrap();
+        (Plan::build(&cluster, &recipe).unwrap(), cluster)
+    }
+
+    #[test]
+    fn slurm_steps_check_the_allocation_against_the_plan() {
+        let (p, c) = plan(
+            "hosts: [{address: 10.0.0.1, name: n1}, {address: 10.0.0.2, name: n2}]\nexecutor: slurm\n\
+             accelerator: cpu\ndevices_per_node: 2\nssh: {strict_host_key_checking: accept-new}\n",
+        );
+        assert_eq!(c.executor, Executor::Slurm);
+        let with = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let ok = slurm_steps(
+            &p,
+            &c,
+            &with(&[("SLURM_JOB_ID", "7"), ("SLURM_JOB_NODELIST", "n[1-3]"), ("SLURM_CPUS_ON_NODE", "4")]),
+        );
+        assert_eq!(ok.unwrap(), (vec!["n1".to_string(), "n2".to_string()], vec![Some(4), Some(4)]));
+        // Per node from SLURM_JOB_CPUS_PER_NODE, in the node list's order.
+        const VARS: &[(&str, &str)] =
+            &[("SLURM_JOB_ID", "7"), ("SLURM_JOB_NODELIST", "n[1-3]"), ("SLURM_JOB_CPUS_PER_NODE", "8,6(x2)")];
+        assert_eq!(slurm_steps(&p, &c, &with(VARS)).unwrap().1, vec![Some(8), Some(6)]);
+        const SHORT: &[(&str, &str)] =
+            &[("SLURM_JOB_ID", "7"), ("SLURM_JOB_NODELIST", "n[1-2]"), ("SLURM_JOB_CPUS_PER_NODE", "4,1")];
+        let e = slurm_steps(&p, &c, &with(SHORT)).unwrap_err();
+        assert!(e.contains("1 CPUs per node") && e.contains("n2 is short"), "{e}");
+        assert_eq!(cpus_per_node("64(x2),48"), Some(vec![64, 64, 48]));
+        assert_eq!(cpus_per_node("x"), None);
+        let e = slurm_steps(&p, &c, &with(&[])).unwrap_err();
+        assert!(e.contains("SLURM_JOB_ID is not set") && e.contains("salloc"), "{e}");
+        let e = slurm_steps(&p, &c, &with(&[("SLURM_JOB_ID", "7"), ("SLURM_JOB_NODELIST", "n[2-3]")])).unwrap_err();
+        assert!(e.contains("(n[2-3]) does not hold n1"), "{e}");
+        let e = slurm_steps(&p, &c, &with(&[("SLURM_JOB_ID", "7"), ("SLURM_CPUS_ON_NODE", "1")])).unwrap_err();
+        assert!(
+            e.contains("job 7 has 1 CPUs per node (SLURM_JOB_CPUS_PER_NODE=1), but the plan starts 2 ranks"),
+            "{e}"
+        );
+    }
 }

@@ -1,7 +1,10 @@
-//! The local backend: each node's agent is a child process (`launch agent`) of the launcher,
-//! driven with tokio::process. Used for clusters whose hosts are all this machine.
+//! The local and Slurm backends: each node's agent is a child process of the launcher, driven
+//! with tokio::process over its stdio: `launch agent` itself for clusters whose hosts are all
+//! this machine, or `srun --nodes 1 --ntasks 1 --nodelist HOST … launch agent` for a Slurm
+//! allocation, where srun relays the agent's stdio and Slurm owns the processes on the node
+//! (`scancel` reaches them, a lost node ends the step, nothing needs SSH).
 //!
-//! The agent runs in its own process group, so a Ctrl-C in the terminal reaches only the
+//! The child runs in its own process group, so a Ctrl-C in the terminal reaches only the
 //! launcher, which then stops every host the same way, local or remote.
 
 use std::path::PathBuf;
@@ -17,11 +20,47 @@ use crate::exec::proto::{strip_magic, Decoder, ExitStatus, ToAgent};
 pub struct LocalBackend {
     /// The launcher binary; started as `<agent> agent`.
     pub agent: PathBuf,
+    /// None: a child of this machine. Some: the Slurm node each node index runs on.
+    slurm: Option<SlurmSteps>,
+}
+
+/// Where and how the agents run as Slurm steps.
+#[derive(Clone)]
+struct SlurmSteps {
+    /// Slurm's node name of each node, in node order.
+    nodes: Vec<String>,
+    /// Each node's allocated CPUs: the step asks for all of them, so ranks are not confined
+    /// to one.
+    cpus: Vec<Option<u32>>,
+}
+
+/// Set in the environment of an agent started as a Slurm step: its signals are Slurm's.
+pub const SLURM_STEP_MARK: &str = "MM_LAUNCH_SLURM_STEP";
+
+/// `srun` with the options of one agent step on `node` (the command follows).
+fn srun_step(node: &str, cpus: Option<u32>) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("srun");
+    c.args(["--nodes=1", "--ntasks=1", "--kill-on-bad-exit=1", "--overlap", "--unbuffered", "--quiet"])
+        .arg(format!("--nodelist={node}"))
+        .arg("--job-name=launch-agent")
+        .env(SLURM_STEP_MARK, "1")
+        // A lost node's srun is abandoned; it must not outlive the launcher's interest in it.
+        .kill_on_drop(true);
+    if let Some(n) = cpus {
+        c.arg(format!("--cpus-per-task={n}"));
+    }
+    c
 }
 
 impl LocalBackend {
     pub fn new(agent: PathBuf) -> LocalBackend {
-        LocalBackend { agent }
+        LocalBackend { agent, slurm: None }
+    }
+
+    /// Agents as one Slurm step per node of the allocation this process runs in (`agent` must
+    /// be on a file system the nodes share).
+    pub fn slurm(agent: PathBuf, nodes: Vec<String>, cpus: Vec<Option<u32>>) -> LocalBackend {
+        LocalBackend { agent, slurm: Some(SlurmSteps { nodes, cpus }) }
     }
 }
 
@@ -37,6 +76,8 @@ struct LocalLink {
     events: EventTx,
     /// The agent's executable (what /proc names its process after).
     agent: PathBuf,
+    /// Set for agents that run as Slurm steps: (node name, CPUs on it).
+    slurm_node: Option<(String, Option<u32>)>,
 }
 
 impl Link for LocalLink {
@@ -58,8 +99,19 @@ impl Link for LocalLink {
         }
     }
 
-    /// The agent is a child of this machine: /proc says how it is.
+    /// The agent is a child of this machine: /proc says how it is. On a Slurm node another
+    /// step (overlapping the agent's) reads the node's /proc and continues a stopped agent.
     fn probe(&self, agent_pid: u32) -> bool {
+        if let Some((node, _)) = &self.slurm_node {
+            let (node, agent, events, me) =
+                (node.clone(), self.agent.display().to_string(), self.events.clone(), self.node);
+            std::thread::spawn(move || {
+                let found = probe_over_srun(&node, agent_pid, &agent, PROBE_TIMEOUT);
+                // Waits for room: a dropped answer would read as a host that never answered.
+                let _ = events.blocking_send((me, LinkEvent::Probe(found)));
+            });
+            return true;
+        }
         let stat = std::fs::read_to_string(format!("/proc/{agent_pid}/stat")).unwrap_or_default();
         let found = Probe::from_stat(&stat, &self.agent.display().to_string());
         if found == Probe::Alive('T') {
@@ -72,20 +124,98 @@ impl Link for LocalLink {
     }
 }
 
+/// How long a probe step may take: a node whose slurmd does not answer is unreachable (above
+/// Slurm's default MessageTimeout of 10 s, so a slow controller is not a lost node).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The agent's /proc state on a Slurm node, read by a step that overlaps the agent's (and
+/// that continues a stopped agent); Unreachable when the step does not run within `limit`.
+fn probe_over_srun(node: &str, agent_pid: u32, agent: &str, limit: std::time::Duration) -> Probe {
+    let spawned = std::process::Command::new("srun")
+        // The smallest step: one CPU, no GRES, a token of memory, overlapping the agent's.
+        .args(["--nodes=1", "--ntasks=1", "--overlap", "--quiet", "--job-name=launch-probe"])
+        .args(["--cpus-per-task=1", "--gres=none", "--mem-per-cpu=1M"])
+        .arg(format!("--nodelist={node}"))
+        .args(["sh", "-c", "cat /proc/$0/stat 2>/dev/null || echo gone; kill -CONT $0 2>/dev/null; true"])
+        .arg(agent_pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => return Probe::Unreachable(format!("cannot run srun to look at {node}: {e}")),
+    };
+    let start = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if start.elapsed() < limit => std::thread::sleep(std::time::Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Probe::Unreachable(format!(
+                    "a Slurm step on {node} did not run within {}s (its slurmd does not answer)",
+                    limit.as_secs()
+                ));
+            }
+        }
+    }
+    let out = child.wait_with_output();
+    let (stdout, stderr, ok) = match out {
+        Ok(o) => (
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            o.status.success(),
+        ),
+        Err(e) => (String::new(), e.to_string(), false),
+    };
+    if !ok && stdout.trim().is_empty() {
+        return Probe::Unreachable(format!("srun on {node} failed: {}", stderr.trim()));
+    }
+    Probe::from_stat(&stdout, agent)
+}
+
 impl Backend for LocalBackend {
     fn name(&self) -> &'static str {
-        "local"
+        if self.slurm.is_some() {
+            "slurm"
+        } else {
+            "local"
+        }
     }
 
     fn open(&self, node: usize, events: EventTx) -> Box<dyn Link> {
         let (tx, rx) = unbounded_channel();
-        tokio::spawn(run(self.agent.clone(), node, rx, events.clone()));
-        Box::new(LocalLink { tx: Mutex::new(Some(tx)), node, events, agent: self.agent.clone() })
+        let slurm_node = self
+            .slurm
+            .as_ref()
+            .map(|s| (s.nodes.get(node).cloned().unwrap_or_default(), s.cpus.get(node).copied().flatten()));
+        tokio::spawn(run(self.agent.clone(), slurm_node.clone(), node, rx, events.clone()));
+        Box::new(LocalLink { tx: Mutex::new(Some(tx)), node, events, agent: self.agent.clone(), slurm_node })
     }
 }
 
-async fn run(agent: PathBuf, node: usize, mut rx: tokio::sync::mpsc::UnboundedReceiver<Cmd>, events: EventTx) {
-    let spawned = tokio::process::Command::new(&agent)
+async fn run(
+    agent: PathBuf,
+    slurm_node: Option<(String, Option<u32>)>,
+    node: usize,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+    events: EventTx,
+) {
+    let mut command = match &slurm_node {
+        Some((name, cpus)) => {
+            let mut c = srun_step(name, *cpus);
+            c.arg(&agent);
+            c
+        }
+        None => {
+            let mut c = tokio::process::Command::new(&agent);
+            c.env_remove(SLURM_STEP_MARK);
+            c
+        }
+    };
+    let spawned = command
         .arg("agent")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -95,7 +225,12 @@ async fn run(agent: PathBuf, node: usize, mut rx: tokio::sync::mpsc::UnboundedRe
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let error = Some(format!("cannot start the node agent {} agent: {e}", agent.display()));
+            let error = Some(match &slurm_node {
+                Some((name, _)) => {
+                    format!("cannot start srun for the node agent on {name}: {e} (is Slurm's srun on PATH?)")
+                }
+                None => format!("cannot start the node agent {} agent: {e}", agent.display()),
+            });
             let _ = events.send((node, LinkEvent::Closed { status: None, error })).await;
             return;
         }

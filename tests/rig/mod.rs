@@ -19,6 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const RIG_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rig.sh");
+pub const SLURM_RIG_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/slurm-rig.sh");
 const LOCK_PATH: &str = "/tmp/mm-launch-rig.lock";
 
 #[derive(Debug, Clone)]
@@ -104,13 +105,33 @@ impl Rig {
             .collect()
     }
 
-    /// What runs on the host besides its sshd listener (and, if `allow_sessions`, besides
-    /// sshd session processes waiting on a dead connection).
+    /// Starts a real Slurm on the rig (scripts/slurm-rig.sh: munged and slurmctld on h1, a
+    /// slurmd on every host, all inside the namespaces, so the rig's teardown stops them) and
+    /// returns its slurm.conf (for SLURM_CONF).
+    pub fn slurm(&self) -> PathBuf {
+        let out = Command::new("bash").arg(SLURM_RIG_SCRIPT).arg("up").arg(self.dir.path()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "slurm-rig.sh up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.dir.path().join("slurm/slurm.conf")
+    }
+
+    /// What runs on the host besides its sshd listener and the Slurm daemons (and, if
+    /// `allow_sessions`, besides sshd session processes waiting on a dead connection). A
+    /// step's slurmstepd is a leftover: it outlives the step only while something of it runs.
     pub fn leftovers(&self, host: &RigHost, allow_sessions: bool) -> Vec<(u32, String)> {
         let listener = self.listener_pid(host);
+        let daemon = |cmd: &str| {
+            ["/usr/sbin/slurmd ", "/usr/sbin/slurmctld ", "slurmctld: slurmscriptd", "/usr/sbin/munged "]
+                .iter()
+                .any(|d| cmd.starts_with(d))
+        };
         self.processes(host)
             .into_iter()
-            .filter(|(p, cmd)| Some(*p) != listener && !(allow_sessions && cmd.starts_with("sshd")))
+            .filter(|(p, cmd)| Some(*p) != listener && !(allow_sessions && cmd.starts_with("sshd")) && !daemon(cmd))
             .filter(|(_, cmd)| !cmd.is_empty()) // zombies being reaped
             .collect()
     }
