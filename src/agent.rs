@@ -342,7 +342,7 @@ impl Agent {
                 self.signals += 1;
                 let name = crate::exec::proto::signal_name(sig);
                 // As a Slurm step, a signal is Slurm's: scancel, the time limit, preemption.
-                let slurm_step = std::env::var_os(crate::exec::local::SLURM_STEP_MARK).is_some();
+                let slurm_step = std::env::var_os(crate::exec::proto::SLURM_STEP_MARK).is_some();
                 let reason = match std::env::var("SLURM_STEP_ID") {
                     Ok(step) if slurm_step && !step.is_empty() => format!(
                         "Slurm sent {name} to the agent's step {}.{step} (scancel, the job's time limit or \

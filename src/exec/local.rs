@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use crate::exec::backend::{Backend, EventTx, Link, LinkEvent, Probe};
-use crate::exec::proto::{strip_magic, Decoder, ExitStatus, ToAgent};
+use crate::exec::proto::{strip_magic, Decoder, ExitStatus, ToAgent, SLURM_STEP_MARK};
 
 pub struct LocalBackend {
     /// The launcher binary; started as `<agent> agent`.
@@ -33,9 +33,6 @@ struct SlurmSteps {
     /// to one.
     cpus: Vec<Option<u32>>,
 }
-
-/// Set in the environment of an agent started as a Slurm step: its signals are Slurm's.
-pub const SLURM_STEP_MARK: &str = "MM_LAUNCH_SLURM_STEP";
 
 /// `srun` with the options of one agent step on `node` (the command follows).
 fn srun_step(node: &str, cpus: Option<u32>) -> tokio::process::Command {
