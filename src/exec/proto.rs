@@ -19,11 +19,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// First bytes an agent writes on stdout.
 /// Set in the environment of an agent started as a Slurm step (exec::local): its signals are
 /// Slurm's (scancel, the time limit, preemption), which it says when it stops its ranks.
 pub const SLURM_STEP_MARK: &str = "MM_LAUNCH_SLURM_STEP";
 
+/// First bytes an agent writes on stdout.
 pub const MAGIC: &[u8] = b"@@mm-agent 1\n";
 /// What the SSH bootstrap command prints instead when the agent binary is not on the host.
 pub const MISSING_MARKER: &[u8] = b"@@mm-agent-missing\n";
