@@ -188,9 +188,17 @@ pub fn load_runs(log_dir: &Path, runs: &[String]) -> Result<Vec<Series>, String>
             if records.is_empty() {
                 return Err(format!("{} has no logged iteration yet", file.display()));
             }
-            let dir = if path.is_dir() { path.clone() } else { file.parent().unwrap_or(Path::new(".")).to_path_buf() };
-            let name =
-                dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
+            let dir = match file.parent() {
+                _ if path.is_dir() => path.clone(),
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            // `.` has no name of its own: the legend shows the folder's.
+            let named = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+            let name = named
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| dir.display().to_string());
             Ok(Series { name, dir, records })
         })
         .collect()
