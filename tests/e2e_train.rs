@@ -531,10 +531,11 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     assert!((20..60).contains(&at), "{stopped}");
     assert_eq!(read(&tracker).trim(), at.to_string());
     slurm(&["scontrol", "requeue", &id]);
-    // Slurm holds a requeued job for a while (its begin time); let it start at once.
-    slurm(&["scontrol", "update", &format!("JobId={id}"), "StartTime=now"]);
+    // Slurm holds a requeued job for a while (its begin time); let it start in 3 s, not at
+    // once: slurmd refuses a credential of the same job issued in the second it was revoked.
+    slurm(&["scontrol", "update", &format!("JobId={id}"), "StartTime=now+3"]);
     let t0 = Instant::now();
-    while !["RUNNING", "COMPLETING", "COMPLETED"].contains(&state().as_str()) {
+    while !["RUNNING", "COMPLETING", "COMPLETED", "FAILED"].contains(&state().as_str()) {
         assert!(t0.elapsed() < Duration::from_secs(60), "the requeued job {id} is {} after 60 s", state());
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -37,7 +37,10 @@ fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>, String> {
         if out.status.success() {
             return Ok(out.stdout);
         }
-        if out.status.signal().is_some() && retries < SIGNAL_RETRIES {
+        // Killed by a signal, or ffmpeg's own exit on a signal it caught (SIGTERM, SIGINT: code
+        // 255, "received signal" at a log level we do not print): not the file's fault.
+        let interrupted = out.status.signal().is_some() || out.status.code() == Some(255);
+        if interrupted && retries < SIGNAL_RETRIES {
             retries += 1;
             continue;
         }
@@ -135,7 +138,10 @@ mod tests {
         // Killed every time: an error after the retries, naming the signal.
         let e = run(Command::new("sh").args(["-c", "kill -TERM $$"]), "decoder").unwrap_err();
         assert!(e.contains("decoder failed") && e.contains("SIGTERM"), "{e}");
-        // An exit code is the file's problem: no retry.
+        // ffmpeg's exit on a signal it caught (code 255) runs again too.
+        let script = format!("if [ -e '{0}2' ]; then printf ok; else touch '{0}2'; exit 255; fi", mark.display());
+        assert_eq!(run(Command::new("sh").args(["-c", &script]), "decoder").unwrap(), b"ok");
+        // Another exit code is the file's problem: no retry.
         let e = run(Command::new("sh").args(["-c", "echo broken >&2; exit 1"]), "decoder").unwrap_err();
         assert!(e.contains("exit status: 1") && e.contains("broken"), "{e}");
     }
