@@ -331,9 +331,8 @@ fn submit(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, Failure> {
             config(e)
         }
     })?;
-    if let (Some(n), launch::cluster::HostSource::Slurm { .. }) = (args.nodes, &cluster.host_source) {
-        debug_assert_eq!(cluster.hosts.len(), n);
-    } else if let Some(n) = args.nodes.filter(|&n| n != cluster.hosts.len()) {
+    // With `hosts_from: slurm` the stand-in list has exactly N hosts: only a `hosts:` list differs.
+    if let Some(n) = args.nodes.filter(|&n| n != cluster.hosts.len()) {
         return Err(Failure(
             EXIT_CONFIG,
             format!(
@@ -346,7 +345,8 @@ fn submit(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, Failure> {
     }
     let (_recipe, plan) = plan_job(&cluster, job)?;
     let renderer = Renderer::new(cli.templates.as_deref()).map_err(config)?;
-    let abs = |p: &std::path::Path| launch::submit::absolute(&cwd, p).display().to_string();
+    // Absolute paths for the job, which starts elsewhere and later (`join` keeps absolute ones).
+    let abs = |p: &std::path::Path| cwd.join(p).display().to_string();
     let mut inner = vec!["--cluster".to_string(), abs(cluster_path)];
     if let Some(t) = &cli.templates {
         inner.extend(["--templates".into(), abs(t)]);
@@ -374,7 +374,7 @@ fn submit(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, Failure> {
         print!("{script}");
         return Ok(ExitCode::SUCCESS);
     }
-    let log_dir = launch::submit::absolute(&cwd, &cluster.log_dir);
+    let log_dir = cwd.join(&cluster.log_dir);
     let (id, path, code) = launch::submit::submit(&script, &log_dir, &plan.model.name, args.wait)
         .map_err(|e| Failure(1, format!("error: {e}")))?;
     println!("submitted batch job {id} ({} nodes): {}", plan.nodes.len(), path.display());
@@ -502,11 +502,9 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .map(|n| mm_spec::metrics::metric(n))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Failure(EXIT_CONFIG, format!("error: --metric: {e}")))?;
-            if let Some(bad) = args.out.as_ref().filter(|o| !launch::plot::drawable(o)) {
-                return Err(Failure(
-                    EXIT_CONFIG,
-                    format!("error: --out {}: expected a file name ending in .png or .svg", bad.display()),
-                ));
+            // Before reading any run: a wrong extension is a usage error.
+            if let Some(out) = &args.out {
+                launch::plot::format_of(out).map_err(|e| Failure(EXIT_CONFIG, format!("error: {e}")))?;
             }
             let runs = launch::plot::load_runs(&log_dir, &args.runs).map_err(|e| Failure(1, format!("error: {e}")))?;
             let out = match (&args.out, runs.as_slice()) {

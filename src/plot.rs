@@ -61,11 +61,23 @@ pub fn color(i: usize) -> RGBColor {
 
 pub const PANEL_SIZE: (u32, u32) = (1000, 360);
 
-/// Whether `out` names a format [`draw`] writes (.png or .svg).
-pub fn drawable(out: &Path) -> bool {
-    out.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("png") || e.eq_ignore_ascii_case("svg"))
+/// The picture formats [`draw`] writes, chosen by the file name's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Png,
+    Svg,
+}
+
+/// The format `out` names, or the error `--out` gets for another extension.
+pub fn format_of(out: &Path) -> Result<Format, String> {
+    match out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("png") => Ok(Format::Png),
+        Some("svg") => Ok(Format::Svg),
+        _ => Err(format!(
+            "--out {}: expected a file name ending in .png or .svg (the format follows the extension)",
+            out.display()
+        )),
+    }
 }
 
 /// Draws `metrics` of `runs` into `out` (`.png` or `.svg`), one panel per metric.
@@ -75,16 +87,9 @@ pub fn draw(runs: &[Series], metrics: &[&Metric], out: &Path) -> Result<(), Stri
     }
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let size = (PANEL_SIZE.0, PANEL_SIZE.1 * metrics.len() as u32);
-    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let result = match ext.as_str() {
-        "png" => panels(BitMapBackend::new(out, size).into_drawing_area(), runs, metrics),
-        "svg" => panels(SVGBackend::new(out, size).into_drawing_area(), runs, metrics),
-        _ => {
-            return Err(format!(
-                "--out {}: expected a file name ending in .png or .svg (the format follows the extension)",
-                out.display()
-            ))
-        }
+    let result = match format_of(out)? {
+        Format::Png => panels(BitMapBackend::new(out, size).into_drawing_area(), runs, metrics),
+        Format::Svg => panels(SVGBackend::new(out, size).into_drawing_area(), runs, metrics),
     };
     result.map_err(|e| format!("cannot draw {}: {e}", out.display()))
 }

@@ -114,8 +114,8 @@ impl Console {
         }
     }
 
-    /// Folds the iteration lines of the shown ranks into the progress bar or compact line: for
-    /// engines that send progress lines (mm-engine), whose every field the compact form shows.
+    /// Folds rank 0's iteration lines into the progress bar or compact line: for engines that
+    /// send progress lines (mm-engine), whose every field the compact form shows.
     pub fn fold_iterations(mut self, on: bool) -> Console {
         self.fold_iterations = on;
         self
@@ -313,11 +313,7 @@ impl Reporter for Console {
     fn event(&mut self, ev: &LaunchEvent<'_>) {
         match ev {
             LaunchEvent::Output { node, rank, data, .. } => {
-                let mut events = Vec::new();
-                for_each_progress(data, |ev| events.push(ev.clone()));
-                for ev in &events {
-                    self.on_progress(ev);
-                }
+                for_each_progress(data, |ev| self.on_progress(ev));
                 let prefix = match rank {
                     Some(r) => self.prefixes.get(r).cloned().unwrap_or_else(|| format!("[? r{r}] ")),
                     None => format!("[{} node] ", self.host(*node)),

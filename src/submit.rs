@@ -100,7 +100,8 @@ pub fn script(
         }
         directives.push(directive_value("--sbatch", e)?);
     }
-    let log_dir = absolute(job.cwd, &cluster.log_dir);
+    // (`join` keeps an absolute log_dir as it is.)
+    let log_dir = job.cwd.join(&cluster.log_dir);
     let output = format!("{}/slurm-%j.out", directive_value("log_dir", &log_dir.display().to_string())?);
     let ctx = json!({
         "job_name": directive_value("job name", &format!("mm-{}", plan.model.name))?,
@@ -116,15 +117,6 @@ pub fn script(
         "args": job.args,
     });
     renderer.render_sbatch(&ctx).map_err(|e| e.to_string())
-}
-
-/// `p` against `cwd` unless absolute.
-pub fn absolute(cwd: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        cwd.join(p)
-    }
 }
 
 /// Writes the script under `<log_dir>/submit/` and hands it to `sbatch --parsable`; returns

@@ -265,6 +265,29 @@ fn sigkill_of_a_rank_restarts_from_the_checkpoint_to_the_same_final_loss() {
     plots_show_both_runs_and_the_restart(dir.path(), &clean_run, &run);
 }
 
+/// The job id of `launch submit`'s "submitted batch job N" line.
+fn submitted_job(out: &str) -> String {
+    let id = out.split("submitted batch job ").nth(1).and_then(|s| s.split_whitespace().next());
+    id.unwrap_or_else(|| panic!("no job id in:\n{out}")).to_string()
+}
+
+/// Waits (at most 120 s) until the checkpoint tracker names iteration `min` or later;
+/// `what` says whose checkpoint it is when it does not come.
+fn wait_checkpoint(tracker: &Path, min: u64, what: impl Fn() -> String) {
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(tracker).unwrap_or_default().trim().parse::<u64>().is_ok_and(|i| i >= min) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{}: no checkpoint at {min} or later in 120 s", what());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The line of `text` holding `needle` (which ends in "iteration ") and the iteration after it.
+fn stopped_at<'t>(text: &'t str, needle: &str) -> (&'t str, u64) {
+    let line = line_with(text, needle);
+    let digits: String = line.split(needle).nth(1).unwrap_or("").chars().take_while(char::is_ascii_digit).collect();
+    (line, digits.parse().unwrap_or_else(|_| panic!("no iteration after `{needle}` in: {line}")))
+}
+
 /// `launch plot` of the clean run and the restarted one, as PNG and SVG: checked by its
 /// properties (size, a drawn plot area, each run's colour, the restart's dashed line, the
 /// legend) since pixels differ with fonts and versions.
@@ -425,11 +448,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     // scancel mid-run.
     let child = salloc("400").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let tracker = work.join("runs/tiny/save/latest_checkpointed_iteration.txt");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&tracker).unwrap_or_default().trim().parse::<u64>().is_ok_and(|i| i >= 20) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint past iteration 20 within 120 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_checkpoint(&tracker, 20, || "salloc job".into());
     let squeue =
         Command::new("squeue").args(["-h", "-t", "R", "-o", "%i"]).env("SLURM_CONF", &slurm_conf).output().unwrap();
     let job_id = String::from_utf8_lossy(&squeue.stdout).trim().to_string();
@@ -442,9 +461,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     let headline = line_with(&err, "launch: FAILED: ");
     assert!(headline.contains("Slurm sent SIGTERM to the agent's step"), "the report names Slurm's stop:\n{err}");
     assert!(err.contains("CANCELLED AT"), "slurmstepd's own line is in the report:\n{err}");
-    let stopped = line_with(&err, "every rank stopped at iteration ");
-    let at: u64 =
-        stopped.split("iteration ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    let (stopped, at) = stopped_at(&err, "every rank stopped at iteration ");
     assert_eq!(read(&tracker).trim(), at.to_string(), "the agreed stop's checkpoint is the committed one: {stopped}");
     rig.assert_clean(Duration::from_secs(15), true);
 
@@ -470,7 +487,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     };
     let o = submit(&["--wait", "--time", "5", "finetune", "tiny", "--set", "checkpoint.save=runs/tiny/save-sbatch"]);
     let (out, err) = text(&o);
-    let id = out.split("submitted batch job ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or("?");
+    let id = submitted_job(&out);
     let job_out = std::fs::read_to_string(job.logs.join(format!("slurm-{id}.out"))).unwrap_or_default();
     assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}\njob output:\n{job_out}");
     assert!(job_out.contains("launch: all 4 ranks on 2 hosts finished (exit 0)"), "{job_out}");
@@ -497,7 +514,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     ]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
-    let id = out.split("submitted batch job ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().to_string();
+    let id = submitted_job(&out);
     let slurm = |args: &[&str]| {
         let o = Command::new(args[0]).args(&args[1..]).env("SLURM_CONF", &slurm_conf).output().unwrap();
         assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -510,11 +527,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
         show.split("JobState=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or("?").to_string()
     };
     let tracker = work.join("runs/tiny/save-requeue/latest_checkpointed_iteration.txt");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&tracker).unwrap_or_default().trim().parse::<u64>().is_ok_and(|i| i >= 20) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "job {id}: no checkpoint past 20 in 120 s ({})", state());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_checkpoint(&tracker, 20, || format!("job {id} ({})", state()));
     slurm(&["scancel", "--batch", "--signal=USR1", &id]);
     let wait_end = |what: &str| {
         let t0 = Instant::now();
@@ -526,8 +539,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     wait_end("after the warning signal");
     let job_out = read(&job.logs.join(format!("slurm-{id}.out")));
     // The launcher took the signal and stopped the ranks in order (they see its SIGTERM).
-    let stopped = line_with(&job_out, "launch: interrupted by SIGUSR1: every rank stopped at iteration ");
-    let at: u64 = stopped.split("iteration ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
+    let (stopped, at) = stopped_at(&job_out, "launch: interrupted by SIGUSR1: every rank stopped at iteration ");
     assert!((20..60).contains(&at), "{stopped}");
     assert_eq!(read(&tracker).trim(), at.to_string());
     slurm(&["scontrol", "requeue", &id]);
@@ -558,14 +570,9 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     ]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
-    let cancel_id =
-        out.split("submitted batch job ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().to_string();
+    let cancel_id = submitted_job(&out);
     let tracker = work.join("runs/tiny/save-cancel/latest_checkpointed_iteration.txt");
-    let t0 = Instant::now();
-    while !tracker.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "job {cancel_id}: no checkpoint in 120 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_checkpoint(&tracker, 1, || format!("job {cancel_id}"));
     slurm(&["scancel", &cancel_id]);
     let job_file = job.logs.join(format!("slurm-{cancel_id}.out"));
     let t0 = Instant::now();
@@ -574,8 +581,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
         std::thread::sleep(Duration::from_millis(100));
     }
     let job_out = read(&job_file);
-    let stopped = line_with(&job_out, "launch: interrupted by SIGTERM: every rank stopped at iteration ");
-    let at: u64 = stopped.split("iteration ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
+    let (_, at) = stopped_at(&job_out, "launch: interrupted by SIGTERM: every rank stopped at iteration ");
     assert_eq!(read(&tracker).trim(), at.to_string(), "{job_out}");
     rig.assert_clean(Duration::from_secs(15), true);
 
@@ -585,11 +591,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     lost_run.args(["--set", "checkpoint.save=runs/tiny/save-lost"]);
     let child = lost_run.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let tracker = work.join("runs/tiny/save-lost/latest_checkpointed_iteration.txt");
-    let t0 = Instant::now();
-    while !tracker.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint within 120 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_checkpoint(&tracker, 1, || "the run that loses h2".into());
     let lost = Instant::now();
     for (pid, _) in rig.processes(&rig.hosts[1]) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);

@@ -123,7 +123,6 @@ impl MetricsWriter {
         if let Some(tb) = &mut self.tensorboard {
             let tags: Vec<(String, f32)> =
                 METRICS.iter().filter_map(|m| (m.get)(step).map(|v| (format!("train/{}", m.name), v as f32))).collect();
-            let tags: Vec<(&str, f32)> = tags.iter().map(|(t, v)| (t.as_str(), *v)).collect();
             tb.scalars(step.iteration as i64, time, &tags)?;
             tb.flush()?;
         }

@@ -60,11 +60,11 @@ impl EventWriter {
 
     /// One event at `step` with these scalars (non-finite values are written as they are:
     /// TensorBoard shows NaN and ±inf).
-    pub fn scalars(&mut self, step: i64, wall_time: f64, values: &[(&str, f32)]) -> io::Result<()> {
+    pub fn scalars<S: AsRef<str>>(&mut self, step: i64, wall_time: f64, values: &[(S, f32)]) -> io::Result<()> {
         let mut summary = Vec::new();
         for (tag, v) in values {
             let mut value = Vec::new();
-            put_bytes(&mut value, 1, tag.as_bytes());
+            put_bytes(&mut value, 1, tag.as_ref().as_bytes());
             put_key(&mut value, 2, 5);
             value.extend_from_slice(&v.to_le_bytes());
             put_bytes(&mut summary, 1, &value);
