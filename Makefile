@@ -8,6 +8,10 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export CARGO_TERM_COLOR ?= never
+# CI builds once from a clean clone: incremental caches would only take disk (~1.3 GB).
+ifdef CI
+export CARGO_INCREMENTAL := 0
+endif
 
 .PHONY: setup build demo readme-plot test fmt lint
 

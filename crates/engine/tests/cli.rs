@@ -25,7 +25,9 @@ fn stderr(o: &Output) -> String {
 fn synth() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("mm-engine-cli-").tempdir().unwrap().keep();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mm-engine-cli");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         let o = engine().args(["synth", "--samples", "4", "--no-video", "--out"]).arg(&dir).output().unwrap();
         assert!(o.status.success(), "synth into an empty folder: {}", text(&o));
         dir

@@ -12,7 +12,7 @@ use mm_engine::tokenizer::ChatTokenizer;
 fn synth() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mm-engine-data-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mm-engine-data");
         let _ = std::fs::remove_dir_all(&dir);
         mm_engine::synth::run(mm_engine::synth::SynthArgs {
             out: dir.clone(),

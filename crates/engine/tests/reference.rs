@@ -39,7 +39,7 @@ fn workspace() -> PathBuf {
 fn reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mm-engine-reference-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mm-engine-reference");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         // The synthetic tokenizer (same as `mm-engine synth`), for the template comparison.

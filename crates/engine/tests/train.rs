@@ -31,7 +31,7 @@ fn run_ok(c: &mut Command) -> Output {
 fn synth() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mm-engine-train-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mm-engine-train");
         let _ = std::fs::remove_dir_all(&dir);
         run_ok(engine().args(["synth", "--out"]).arg(&dir).args(["--samples", "16"]));
         dir

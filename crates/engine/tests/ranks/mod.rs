@@ -15,7 +15,7 @@ use mm_spec::ProgressEvent;
 pub fn synth_once(tag: &str, extra: &[&str]) -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mm-engine-{tag}-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mm-engine-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         let o = engine().args(["synth", "--samples", "16"]).args(extra).arg("--out").arg(&dir).output().unwrap();
         assert!(o.status.success(), "{}", text(&o));
