@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use mm_spec::ProgressEvent;
+
 use crate::exec::proto::{ExitStatus, Stream};
 use crate::render::Rendered;
 
@@ -50,6 +52,15 @@ pub enum LaunchEvent<'a> {
         rank: Option<usize>,
         stream: Stream,
         data: &'a [u8],
+    },
+    /// A progress event in the `Output` just before it (a logged iteration, a checkpoint, the
+    /// end), parsed once by the dispatcher in the template's format ([`ProgressSource`]).
+    ///
+    /// [`ProgressSource`]: crate::progress::ProgressSource
+    Progress {
+        node: usize,
+        rank: Option<usize>,
+        event: &'a ProgressEvent,
     },
     /// A unit ended. `stopped`: it ended during a stop the launcher ordered.
     UnitExited {

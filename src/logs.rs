@@ -338,7 +338,8 @@ impl Reporter for LogSink {
                     plan.master_addr
                 ));
             }
-            LaunchEvent::UnitStarted { .. } => {}
+            // A progress event is in the rank logs already: the line it was parsed from.
+            LaunchEvent::UnitStarted { .. } | LaunchEvent::Progress { .. } => {}
             LaunchEvent::AllStarted { elapsed } => {
                 self.launch_line(&format!("all ranks started ({:.2}s after connecting began)", elapsed.as_secs_f64()))
             }

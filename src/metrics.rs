@@ -1,6 +1,8 @@
-//! The run's metrics: `<run>/metrics.jsonl` and `<run>/tensorboard/`, written from rank 0's
-//! progress lines as they arrive (so they are on the launcher's machine whichever host rank 0
-//! ran on), and `launch logs --summary`, the table of a run read back from them.
+//! The run's metrics: `<run>/metrics.jsonl` and `<run>/tensorboard/`, written from the
+//! iterations the ranks report (mm-engine's rank 0 in progress lines, MindSpeed-MM's last
+//! rank in Megatron's log line: [`crate::progress::ProgressSource`]) as they arrive, so they
+//! are on the launcher's machine whichever host that rank ran on; and `launch logs
+//! --summary`, the table of a run read back from them.
 //!
 //! The record format and the metric names are mm_spec::metrics's: mm-engine run alone writes
 //! the same file.
@@ -84,9 +86,7 @@ impl Reporter for MetricsSink {
                 self.writer = None;
                 self.last_iteration = None;
             }
-            LaunchEvent::Output { data, .. } => {
-                crate::progress::for_each_progress(data, |ev| self.record(ev));
-            }
+            LaunchEvent::Progress { event, .. } => self.record(event),
             _ => {}
         }
     }
@@ -97,8 +97,8 @@ pub fn load(path: &Path) -> Result<(PathBuf, Vec<MetricsRecord>), String> {
     let file = if path.is_dir() { path.join(METRICS_FILE) } else { path.to_path_buf() };
     if !file.exists() {
         return Err(format!(
-            "{} does not exist: the run logged no iteration yet, or its engine sends no progress lines \
-             (MindSpeed-MM's templates); mm-engine writes it on every logged iteration",
+            "{} does not exist: the run logged no iteration yet (mm-engine's progress lines and \
+             MindSpeed-MM's Megatron iteration lines both count)",
             file.display()
         ));
     }
@@ -217,6 +217,7 @@ pub fn summary(run: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::ProgressSource;
     use mm_spec::Progress;
 
     fn step(i: u64, loss: f64) -> ProgressEvent {
@@ -238,8 +239,9 @@ mod tests {
         let mut sink = MetricsSink::new(dir.path());
         sink.event(&LaunchEvent::AttemptStarting { attempt: 0, max_restarts: 1 });
         let output = |sink: &mut MetricsSink, lines: String| {
-            let stream = crate::exec::proto::Stream::Stdout;
-            sink.event(&LaunchEvent::Output { node: 0, unit: 0, rank: Some(0), stream, data: lines.as_bytes() });
+            ProgressSource::ProgressLines.for_each(lines.as_bytes(), |event| {
+                sink.event(&LaunchEvent::Progress { node: 0, rank: Some(0), event })
+            });
         };
         // Ordinary text is skipped, and so is an iteration that does not move forward.
         output(

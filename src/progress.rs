@@ -5,7 +5,8 @@
 //! ranks instead of rank 0). Rank lines go to stdout as `[host rN] line`; the launcher's own
 //! lines go to stderr. On a terminal, indicatif bars show connecting, starting and training
 //! (iteration of train iters, loss, tokens/s, MFU, ETA) from the engine's `@@mm-progress`
-//! lines; otherwise one compact `[launch] iteration …` line per logged iteration. For
+//! lines (MindSpeed-MM: Megatron's iteration line, [`ProgressSource`]); otherwise one compact
+//! `[launch] iteration …` line per logged iteration. For
 //! mm-engine rank 0's Megatron-style iteration lines (about 260 characters each) are
 //! folded into that bar or line; they stay in the rank logs and `--tee all` prints them. The
 //! progress lines themselves stay in the rank logs and never reach the console.
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mm_spec::progress::{ProgressEvent, PROGRESS_PREFIX};
 
+use crate::cluster::Template;
 use crate::events::{HostInfo, LaunchEvent, Reporter};
 use crate::exec::outcome::{ranks_label, StopSummary, TrainingSummary};
 
@@ -271,28 +273,61 @@ impl Console {
     }
 }
 
-/// Calls `f` with each valid progress event in `data` (whole lines of rank output).
-pub fn for_each_progress(data: &[u8], mut f: impl FnMut(&ProgressEvent)) {
-    let finder = memchr::memmem::Finder::new(PROGRESS_PREFIX.as_bytes());
-    let mut from = 0;
-    while let Some(i) = finder.find(&data[from..]) {
-        let at = from + i;
-        let start = memchr::memrchr(b'\n', &data[..at]).map_or(0, |j| j + 1);
-        let end = memchr::memchr(b'\n', &data[at..]).map_or(data.len(), |j| at + j);
-        if let Some(Ok(ev)) = ProgressEvent::parse(&String::from_utf8_lossy(&data[start..end])) {
-            f(&ev);
+/// How a template's ranks report their iterations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressSource {
+    /// mm-engine's `@@mm-progress` lines: iterations, checkpoints, stops, the end.
+    ProgressLines,
+    /// Megatron's iteration log line (MindSpeed-MM prints it on the last rank): iterations
+    /// only ([`mm_spec::megatron_log`]).
+    MegatronLog,
+}
+
+impl ProgressSource {
+    pub fn of(template: Template) -> ProgressSource {
+        match template {
+            Template::MmEngine => ProgressSource::ProgressLines,
+            Template::MindspeedMmTorchrun | Template::MindspeedMmMsrun => ProgressSource::MegatronLog,
         }
-        from = end.min(data.len());
-        if from == data.len() {
-            break;
+    }
+
+    /// Calls `f` with each progress event in `data` (whole lines of rank output).
+    pub fn for_each(self, data: &[u8], mut f: impl FnMut(&ProgressEvent)) {
+        let needle: &[u8] = match self {
+            ProgressSource::ProgressLines => PROGRESS_PREFIX.as_bytes(),
+            ProgressSource::MegatronLog => b"iteration ",
+        };
+        let parse = |line: &str| match self {
+            ProgressSource::ProgressLines => ProgressEvent::parse(line)?.ok(),
+            ProgressSource::MegatronLog => mm_spec::megatron_log::parse(line).map(ProgressEvent::Step),
+        };
+        let finder = memchr::memmem::Finder::new(needle);
+        let mut from = 0;
+        while let Some(i) = finder.find(&data[from..]) {
+            let at = from + i;
+            let start = memchr::memrchr(b'\n', &data[..at]).map_or(0, |j| j + 1);
+            let end = memchr::memchr(b'\n', &data[at..]).map_or(data.len(), |j| at + j);
+            if let Some(ev) = parse(&String::from_utf8_lossy(&data[start..end])) {
+                f(&ev);
+            }
+            from = end.min(data.len());
+            if from == data.len() {
+                break;
+            }
         }
     }
 }
 
 /// The compact form of a logged iteration: what the bar shows and what a plain console
-/// prints instead of the engine's Megatron-style line.
+/// prints instead of the engine's Megatron-style line. Throughput as tokens/s, else (a
+/// Megatron line without tokens) samples/s.
 pub fn compact(p: &mm_spec::Progress) -> String {
-    let mut s = format!("loss {:.4} · {:.0} tok/s", p.loss, p.tokens_per_sec);
+    let mut s = format!("loss {:.4}", p.loss);
+    if p.tokens_per_sec.is_finite() {
+        s.push_str(&format!(" · {:.0} tok/s", p.tokens_per_sec));
+    } else if p.samples_per_sec.is_finite() {
+        s.push_str(&format!(" · {:.2} samples/s", p.samples_per_sec));
+    }
     if let Some(m) = p.mfu {
         s.push_str(&format!(" · MFU {:.1}%", 100.0 * m));
     }
@@ -302,18 +337,14 @@ pub fn compact(p: &mm_spec::Progress) -> String {
 /// Megatron's per-iteration log line (` iteration  N/  M | consumed samples: …`), which
 /// mm-engine prints on every rank and MindSpeed-MM on the last.
 pub fn is_iteration_line(line: &[u8]) -> bool {
-    let t = line.trim_ascii_start();
-    let Some(rest) = t.strip_prefix(b"iteration ") else { return false };
-    let rest = rest.trim_ascii_start();
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    digits > 0 && rest[digits..].starts_with(b"/")
+    mm_spec::megatron_log::find(line).is_some()
 }
 
 impl Reporter for Console {
     fn event(&mut self, ev: &LaunchEvent<'_>) {
         match ev {
+            LaunchEvent::Progress { event, .. } => self.on_progress(event),
             LaunchEvent::Output { node, rank, data, .. } => {
-                for_each_progress(data, |ev| self.on_progress(ev));
                 let prefix = match rank {
                     Some(r) => self.prefixes.get(r).cloned().unwrap_or_else(|| format!("[? r{r}] ")),
                     None => format!("[{} node] ", self.host(*node)),
@@ -486,6 +517,25 @@ mod tests {
         assert_eq!(rank_two.select(Some(2), "", &data), data);
         let p = mm_spec::Progress { loss: 2.5, tokens_per_sec: 4910.6, mfu: Some(0.0312), ..Default::default() };
         assert_eq!(compact(&p), "loss 2.5000 · 4911 tok/s · MFU 3.1%");
+        let p = mm_spec::Progress { loss: 2.5, tokens_per_sec: f64::NAN, samples_per_sec: 6.4, ..Default::default() };
+        assert_eq!(compact(&p), "loss 2.5000 · 6.40 samples/s");
+    }
+
+    #[test]
+    fn each_source_reads_its_own_lines_only() {
+        let step = ProgressEvent::Step(mm_spec::Progress { iteration: 7, train_iters: 9, ..Default::default() });
+        let megatron = " [2026-12-01 04:00:00] iteration        8/       9 | consumed samples:           64 | \
+                        elapsed time per iteration (ms): 500.0 | learning rate: 1.000000E-05 | \
+                        global batch size:     8 | loss: 1.500000E+00 | loss scale: 1.0 |";
+        let data = format!("x\n{}\n{megatron}\ny", step.to_line());
+        let seen = |source: ProgressSource| {
+            let mut v = Vec::new();
+            source.for_each(data.as_bytes(), |ev| v.push((ev.iteration(), matches!(ev, ProgressEvent::Step(_)))));
+            v
+        };
+        assert_eq!(seen(ProgressSource::ProgressLines), [(7, true)]);
+        assert_eq!(seen(ProgressSource::MegatronLog), [(8, true)]);
+        assert_eq!(ProgressSource::of(Template::MindspeedMmMsrun), ProgressSource::MegatronLog);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `launch check` on a fake Ascend host: npu-smi and torchrun are small scripts on PATH
 //! (put there by the cluster's own `setup:` line), so every NPU check runs without an NPU.
-//! Each out-of-range variable of the seed's table must be caught and named.
+//! Each out-of-range variable of the seed's table must be caught and named. Last, a whole
+//! MindSpeed-MM run on that host, torchrun printing what MindSpeed-MM's last rank prints.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -241,4 +242,87 @@ fn local_cluster_counts_cores_not_omp_threads() {
         assert_eq!(cpu["status"], "ok", "{cpu:#?}");
         assert_ne!(cpu["found"], "1 cores", "{cpu:#?}");
     }
+}
+
+/// A stand-in for torchrun + MindSpeed-MM's pretrain_vlm.py: prints what MindSpeed-MM's last
+/// rank prints every `--log-interval` iterations, with the format strings of its
+/// `training_log` (mindspeed_mm/training.py), from the arguments the template passes.
+/// Iteration 4's loss is NaN, which Megatron leaves out of the line (it prints averages ≥ 0).
+const MINDSPEED_LAST_RANK: &str = r#"
+import datetime, sys
+args = sys.argv[1:]
+def val(flag, default=None):
+    return args[args.index(flag) + 1] if flag in args else default
+iters, interval = int(val("--train-iters")), int(val("--log-interval", "1"))
+gbs = int(val("--global-batch-size"))
+print("training ...", flush=True)
+for it in range(interval, iters + 1, interval):
+    loss = float("nan") if it == 4 else 2.0 / it
+    s = f" [{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
+    s += ' iteration {:8d}/{:8d} |'.format(it, iters)
+    s += ' consumed samples: {:12d} |'.format(it * gbs)
+    s += ' elapsed time per iteration (ms): {:.1f} |'.format(1000.0 * (1 + it / 10))
+    s += ' learning rate: {:.6E} |'.format(1e-5)
+    s += ' global batch size: {:5d} |'.format(gbs)
+    totals = {"tokens per sample": 2048.0} if "--log-tps" in args else {}
+    totals["loss"] = loss
+    for key, avg in totals.items():
+        if avg >= 0.0:
+            s += ' {}: {:.6E} |'.format(key, avg)
+    s += ' loss scale: {:.1f} |'.format(1.0)
+    s += ' grad norm: {:.3f} |'.format(0.5)
+    s += ' number of skipped iterations: {:3d} |'.format(0)
+    s += ' number of nan iterations: {:3d} |'.format(0 if loss == loss else 1)
+    print(s, flush=True)
+"#;
+
+/// MindSpeed-MM sends no progress lines of ours: its runs get the bar or compact lines,
+/// metrics.jsonl, the TensorBoard copy and `launch logs --summary` from Megatron's iteration
+/// line instead, with what that line does not say left empty.
+#[test]
+fn a_mindspeed_mm_run_gets_its_metrics_from_megatrons_iteration_lines() {
+    let f = fixture(8);
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
+    write_exec(&f.root.join("fakebin/torchrun"), &format!("#!{}\n{MINDSPEED_LAST_RANK}", python.display()));
+    let cluster = cluster(&f, free_port(), SEED_ENV);
+    let launch = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_launch")).current_dir(&f.root).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "launch {args:?}:\n{text}");
+        text
+    };
+    let out = launch(&["--cluster", cluster.to_str().unwrap(), "finetune", "8b", "--set", "train.train_iters=6"]);
+    // Not a terminal: one compact line per logged iteration; 128 samples of 2048 tokens in 1.1 s.
+    assert!(out.contains("[launch] iteration 1/6 · loss 2.0000 · 238313 tok/s"), "{out}");
+    assert!(out.contains("[launch] iteration 4/6 · loss NaN ·"), "{out}");
+
+    let run = f.root.join("logs/latest");
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let recs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let its: Vec<u64> = recs.iter().map(|r| r["iteration"].as_u64().unwrap()).collect();
+    assert_eq!(its, [1, 2, 3, 4, 5, 6], "{text}");
+    let r2 = &recs[1];
+    assert_eq!(
+        (r2["attempt"].as_u64(), r2["train_iters"].as_u64(), r2["consumed_samples"].as_u64()),
+        (Some(0), Some(6), Some(256))
+    );
+    assert_eq!((r2["loss"].as_f64(), r2["lr"].as_f64(), r2["grad_norm"].as_f64()), (Some(1.0), Some(1e-5), Some(0.5)));
+    assert_eq!((r2["step_ms"].as_f64(), r2["samples_per_sec"].as_f64()), (Some(1200.0), Some(128.0 / 1.2)));
+    assert_eq!(r2["tokens_per_sec"].as_f64(), Some(128.0 * 2048.0 / 1.2));
+    assert_eq!(recs[3]["loss"], "nan", "a loss Megatron left out is NaN: {text}");
+    // What the line does not carry stays unknown, not zero.
+    for key in ["tflops", "mfu", "mem_bytes", "data_ms", "slowest_rank"] {
+        assert!(r2[key].is_null(), "{key}: {r2}");
+    }
+    let events: Vec<_> = std::fs::read_dir(run.join("tensorboard")).unwrap().flatten().collect();
+    assert_eq!(events.len(), 1, "one event file for the attempt");
+
+    let summary = launch(&["logs", "--summary"]);
+    let row = summary.lines().find(|l| l.trim_start().starts_with("0 ")).unwrap_or_else(|| panic!("{summary}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // attempt, iterations, first/last/min loss, tokens/s, step ms, TFLOP/s, MFU, data ms.
+    assert_eq!(cols[..5], ["0", "1-6", "2.0000", "0.3333", "0.3333"], "{summary}");
+    assert_eq!(cols[7..], ["-", "-", "-"], "{summary}");
+    assert!(summary.contains("last: iteration 6/6 · 768 samples consumed"), "{summary}");
 }

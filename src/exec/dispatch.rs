@@ -30,6 +30,7 @@ use crate::exec::outcome::{
 };
 use crate::exec::proto::{ExitStatus, FromAgent, ToAgent, UnitSpec, PROTOCOL};
 use crate::exec::watchdog::{WatchAction, Watchdog};
+use crate::progress::ProgressSource;
 use crate::render::{is_secret_name, setup_secrets, Rendered};
 
 /// After the grace period, how long a host may take to confirm its stop before Kill.
@@ -55,6 +56,9 @@ pub struct DispatchConfig {
     pub agent_watchdog: bool,
     /// `--hang-timeout`: one stall budget for every phase instead of the phase defaults.
     pub hang_timeout: Option<Duration>,
+    /// How the ranks report progress: each `Output` is followed by the `Progress` events
+    /// parsed from it.
+    pub progress: ProgressSource,
 }
 
 /// Everything one attempt needs besides the backend.
@@ -292,12 +296,16 @@ impl Dispatcher<'_, '_, '_> {
                 let unit = unit as usize;
                 let Some(u) = self.nodes[node].report.units.get(unit) else { return };
                 let data = self.scrubber.scrub(&data);
+                let (reporters, source) = (&mut *self.reporters, self.cfg.progress);
+                let mut output = |rank: Option<usize>, data: &[u8]| {
+                    reporters.event(&LaunchEvent::Output { node, unit, rank, stream, data });
+                    source.for_each(data, |event| reporters.event(&LaunchEvent::Progress { node, rank, event }));
+                };
                 if u.ranks.len() == 1 {
-                    let rank = Some(u.ranks[0]);
-                    self.reporters.event(&LaunchEvent::Output { node, unit, rank, stream, data: &data });
+                    output(Some(u.ranks[0]), &data);
                 } else {
                     for (rank, run) in split_by_rank(&data, &u.ranks) {
-                        self.reporters.event(&LaunchEvent::Output { node, unit, rank, stream, data: run });
+                        output(rank, run);
                     }
                 }
             }
@@ -859,6 +867,9 @@ mod tests {
                 LaunchEvent::Launching { master_port, .. } => format!("launching {master_port}"),
                 LaunchEvent::HostLost { node, .. } => format!("lost {node}"),
                 LaunchEvent::AllStarted { .. } => "all started".into(),
+                LaunchEvent::Progress { node, rank, event } => {
+                    format!("progress {node} {rank:?} {}", event.iteration())
+                }
                 _ => return,
             };
             self.0.lock().unwrap().push(s);
@@ -872,6 +883,7 @@ mod tests {
             double_signal_window: Duration::from_secs(2),
             agent_watchdog: true,
             hang_timeout: None,
+            progress: ProgressSource::ProgressLines,
         }
     }
 
@@ -1058,6 +1070,54 @@ mod tests {
             ["out 0 Some(1) [default1]:b\n", "out 0 Some(0) [default0]:a <redacted>\n", "out 0 None banner\n"]
         );
         let _ = Stream::Stdout;
+    }
+
+    /// Each output run is followed by the progress events parsed from it, in the template's
+    /// format and with the run's rank; the other format's lines are plain text.
+    #[tokio::test(start_paused = true)]
+    async fn progress_follows_its_output_with_the_same_rank_in_the_templates_format() {
+        let h = hosts(1, 2);
+        let step = |i| mm_spec::ProgressEvent::Step(mm_spec::Progress { iteration: i, ..Default::default() });
+        let megatron = |i| {
+            format!(
+                " [2026-12-01 04:00:00] iteration {i:>8}/      10 | consumed samples: {:>12} | elapsed time per \
+                 iteration (ms): 900.0 | learning rate: 1.000000E-05 | global batch size:     8 | loss: 1.0E+00 |",
+                8 * i
+            )
+        };
+        let lines = vec![
+            format!("[default0]:{}", step(1).to_line()),
+            format!("[default1]:{}", megatron(2)),
+            "banner".into(),
+            megatron(3),
+            step(4).to_line(),
+        ];
+        let n = FakeNode { units: vec![FakeUnit { lines, ..exits(10, 0) }], ..Default::default() };
+        let backend = FakeBackend { nodes: vec![n], ..Default::default() };
+        // "out NODE RANK" of each output run, and each progress event whole.
+        let seen = |events: &[String]| -> Vec<String> {
+            let words = |e: &String, n| e.split_whitespace().take(n).collect::<Vec<_>>().join(" ");
+            events
+                .iter()
+                .filter_map(|e| match e.split_whitespace().next() {
+                    Some("out") => Some(words(e, 3)),
+                    Some("progress") => Some(e.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (_tx, mut rx) = no_signals();
+        let (_, events) = run(&backend, &h, &cfg(1000), false, 2, &mut rx).await;
+        assert_eq!(
+            seen(&events),
+            ["out 0 Some(0)", "progress 0 Some(0) 1", "out 0 Some(1)", "out 0 None", "progress 0 None 4"]
+        );
+        let megatron_cfg = DispatchConfig { progress: ProgressSource::MegatronLog, ..cfg(1000) };
+        let (_, events) = run(&backend, &h, &megatron_cfg, false, 2, &mut rx).await;
+        assert_eq!(
+            seen(&events),
+            ["out 0 Some(0)", "out 0 Some(1)", "progress 0 Some(1) 2", "out 0 None", "progress 0 None 3"]
+        );
     }
 
     fn rank_report(rank: usize, ticks: u64, in_flight: bool) -> crate::exec::proto::RankReport {

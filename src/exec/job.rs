@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::cluster::{Accelerator, ClusterSpec, Executor, Template};
+use crate::cluster::{Accelerator, ClusterSpec, Executor};
 use crate::events::{HostInfo, LaunchEvent, Reporter};
 use crate::exec::backend::Backend;
 use crate::exec::dispatch::{run_attempt, AttemptSpec, DispatchConfig};
@@ -26,7 +26,7 @@ use crate::exec::ssh::{AgentSource, SshBackend};
 use crate::logs::{LogSink, RunDir, RunStatus};
 use crate::metrics::MetricsSink;
 use crate::plan::Plan;
-use crate::progress::{Console, Tee};
+use crate::progress::{Console, ProgressSource, Tee};
 use crate::render::{Rendered, Renderer};
 use crate::ssh::SshTarget;
 
@@ -269,8 +269,9 @@ pub fn run_job(
     let hosts = hosts_of(plan);
     let logs = LogSink::new(run.clone(), plan.clone(), hosts.clone())
         .map_err(|e| format!("cannot write {}: {e}", run.launch_log().display()))?;
+    let progress = ProgressSource::of(plan.template);
     let console = Console::new(hosts.clone(), opts.tee, opts.ranks.clone(), opts.fancy)
-        .fold_iterations(plan.template == Template::MmEngine);
+        .fold_iterations(progress == ProgressSource::ProgressLines);
     let metrics = MetricsSink::new(&run.root);
     let mut reporters = JobReporters { logs, metrics, console };
 
@@ -281,6 +282,7 @@ pub fn run_job(
         double_signal_window: Duration::from_secs(2),
         agent_watchdog: !cluster.local,
         hang_timeout: opts.hang_timeout.or(cluster.hang_timeout),
+        progress,
     };
     let master_node = plan.nodes.iter().position(|n| n.host.address == plan.master_addr).unwrap_or(0);
 

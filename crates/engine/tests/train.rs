@@ -208,6 +208,35 @@ fn a_tiny_model_overfits_sixteen_samples() {
     println!("overfit: loss {first:.3} -> {last:.3} ({:.1}% down) in {secs:.1} s", 100.0 * (1.0 - last / first));
     assert!(last < 0.1 * first, "loss only went from {first} to {last}");
     assert!(secs < 60.0, "took {secs:.1} s");
+    megatron_lines_say_what_the_progress_lines_say(&o);
+}
+
+/// The Megatron-style iteration line, read as the launcher reads MindSpeed-MM's
+/// (mm_spec::megatron_log), gives each logged iteration's progress to its printed precision.
+fn megatron_lines_say_what_the_progress_lines_say(o: &Output) {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let (mut lines, mut progress) = (Vec::new(), Vec::new());
+    for l in out.lines() {
+        match ProgressEvent::parse(l) {
+            Some(Ok(ProgressEvent::Step(p))) => progress.push(p),
+            Some(_) => {}
+            None => lines.extend(mm_spec::megatron_log::parse(l)),
+        }
+    }
+    assert!(
+        !progress.is_empty() && lines.len() == progress.len(),
+        "{} lines, {} progress",
+        lines.len(),
+        progress.len()
+    );
+    let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1.0);
+    for (m, p) in lines.iter().zip(&progress) {
+        assert_eq!((m.iteration, m.train_iters, m.consumed_samples), (p.iteration, p.train_iters, p.consumed_samples));
+        assert!(close(m.loss, p.loss, 1e-6) && close(m.lr, p.lr, 1e-6), "{m:?}\n{p:?}");
+        assert!(close(m.grad_norm.unwrap(), p.grad_norm.unwrap(), 1e-4), "{m:?}\n{p:?}");
+        assert!(close(m.tokens_per_sec, p.tokens_per_sec, 1e-3) && close(m.samples_per_sec, p.samples_per_sec, 1e-3));
+        assert!(close(m.data_ms.unwrap(), p.data_ms.unwrap(), 0.1), "{m:?}\n{p:?}");
+    }
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //! - [`io`]: the one safetensors writer and the atomic folder/file commit (the only I/O here).
 //! - [`layout`]: the one rank layout (Megatron order tp-cp-dp-pp), process groups, placement
 //!   over nodes, pipeline layer split, tensor-parallel partitions, model-vs-layout checks.
-//! - [`progress`]: the machine-readable progress line the engine prints and the launcher parses.
+//! - [`progress`]: the machine-readable progress line the engine prints and the launcher parses;
+//!   [`megatron_log`]: Megatron's iteration log line (MindSpeed-MM's) read as the same progress.
 //! - [`flight`]: the rank state file (phase, iteration, recent collectives) the engine keeps
 //!   and the launcher's stall watchdog reads, and the diagnosis it makes of them.
 //! - [`flops`]: model FLOPs of a step (ViT, projector, LLM, attention), for TFLOP/s and MFU.
@@ -30,6 +31,7 @@ pub mod flops;
 pub mod hf;
 pub mod io;
 pub mod layout;
+pub mod megatron_log;
 pub mod memory;
 pub mod metrics;
 pub mod presets;

@@ -1,7 +1,7 @@
 //! The metrics of a run: `metrics.jsonl` and the TensorBoard scalars, from one place.
 //!
-//! Each line of `metrics.jsonl` is one logged iteration as rank 0 saw it: the fields of the
-//! engine's progress line ([`Progress`]) plus the attempt (0 first; a restart or a resume
+//! Each line of `metrics.jsonl` is one logged iteration as the reporting rank saw it (rank 0;
+//! MindSpeed-MM's last rank): the fields of the engine's progress line ([`Progress`]) plus the attempt (0 first; a restart or a resume
 //! into the same file counts up) and the wall time. The file is only ever appended to, one
 //! `write` per line, so an interrupted run leaves whole lines and at most a cut last one,
 //! which readers skip. [`METRICS`] names every plottable value once: TensorBoard tags
@@ -40,8 +40,9 @@ pub const METRICS: &[Metric] = &[
     Metric { name: "loss", label: "loss", get: |p| Some(p.loss) },
     Metric { name: "lr", label: "learning rate", get: |p| Some(p.lr) },
     Metric { name: "grad_norm", label: "gradient norm", get: |p| p.grad_norm },
-    Metric { name: "tokens_per_sec", label: "tokens/s", get: |p| Some(p.tokens_per_sec) },
-    Metric { name: "samples_per_sec", label: "samples/s", get: |p| Some(p.samples_per_sec) },
+    // NaN: not reported (Megatron's line without --log-tps), so no value rather than a NaN one.
+    Metric { name: "tokens_per_sec", label: "tokens/s", get: |p| Some(p.tokens_per_sec).filter(|v| !v.is_nan()) },
+    Metric { name: "samples_per_sec", label: "samples/s", get: |p| Some(p.samples_per_sec).filter(|v| !v.is_nan()) },
     Metric { name: "step_ms", label: "step time (ms)", get: |p| Some(p.step_ms) },
     Metric { name: "data_ms", label: "data wait (ms)", get: |p| p.data_ms },
     Metric { name: "slowest_busy_ms", label: "slowest rank's busy time (ms)", get: |p| p.slowest_busy_ms },
