@@ -1007,7 +1007,8 @@ impl Trainer {
                 grad_norm: Some(grad_norm),
                 tokens_per_sec: tps,
                 samples_per_sec: sps,
-                step_ms: s.step_ms,
+                // The window's, as on the log line and like tokens/s (not the last step's).
+                step_ms: secs * 1e3 / w.iters as f64,
                 mem_bytes: mem,
                 consumed_samples: consumed,
                 data_ms: Some(w.data_ms / w.iters as f64),

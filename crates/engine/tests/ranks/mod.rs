@@ -101,11 +101,23 @@ pub fn launch(world: usize, args: &[String]) -> Vec<Output> {
 
 /// [`launch`] with `env` added to every rank's environment.
 pub fn launch_with(world: usize, args: &[String], env: &[(&str, &str)]) -> Vec<Output> {
-    let port = free_port();
-    let children: Vec<Child> = (0..world)
-        .map(|r| rank_cmd(r, world, port, 60, args).envs(env.iter().copied()).spawn().expect("spawn mm-engine"))
-        .collect();
-    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let mut tries = 0;
+    let outputs = loop {
+        // The port is free when picked and may be taken before rank 0 binds it (tests and
+        // other jobs pick ports at the same time): a rendezvous that could not listen runs
+        // again on another port, nothing else does.
+        let port = free_port();
+        let children: Vec<Child> = (0..world)
+            .map(|r| rank_cmd(r, world, port, 60, args).envs(env.iter().copied()).spawn().expect("spawn mm-engine"))
+            .collect();
+        let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        let port_taken = String::from_utf8_lossy(&outputs[0].stderr).contains("EADDRINUSE");
+        tries += 1;
+        if !port_taken || tries == 3 {
+            break outputs;
+        }
+        eprintln!("port {port} was taken before rank 0 could listen on it; again on another port");
+    };
     let failed: Vec<String> = outputs
         .iter()
         .enumerate()
