@@ -146,7 +146,8 @@ struct PlotArgs {
     runs: Vec<String>,
     /// A metric per panel (repeatable): loss, lr, grad_norm, tokens_per_sec, samples_per_sec,
     /// step_ms, data_ms, slowest_busy_ms, tflops, mfu, rss_gib, cuda_allocated_gib,
-    /// cuda_reserved_gib. Default: loss and tokens_per_sec.
+    /// cuda_reserved_gib (metrics.jsonl's mem_bytes and cuda_*_bytes name these too).
+    /// Default: loss and tokens_per_sec.
     #[arg(long, value_name = "NAME")]
     metric: Vec<String>,
     /// The picture: .png or .svg (default: metrics.png in the run's folder, or in the current
@@ -323,9 +324,15 @@ fn submit(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, Failure> {
     let cluster = ClusterSpec::from_file_with_env(cluster_path, &env).map_err(|e| {
         let text = e.to_string();
         if text.contains("SLURM_JOB_NODELIST") {
+            // The finetune hint (run inside an allocation) is wrong here: submit makes it.
+            let text: Vec<&str> =
+                text.lines().filter(|l| !l.contains("run launch inside a Slurm allocation")).collect();
             Failure(
                 EXIT_CONFIG,
-                format!("error: {text}\n  hint: with `hosts_from: slurm` pass --nodes N to size the job"),
+                format!(
+                    "error: {}\n  hint: `launch submit` makes the allocation: pass --nodes N to size the job",
+                    text.join("\n")
+                ),
             )
         } else {
             config(e)
@@ -492,16 +499,21 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Plot(args) => {
             let log_dir = log_dir_of(&args.log_dir, &cli.cluster)?;
-            let names: Vec<&str> = if args.metric.is_empty() {
+            let asked: Vec<&str> = if args.metric.is_empty() {
                 vec!["loss", "tokens_per_sec"]
             } else {
                 args.metric.iter().map(String::as_str).collect()
             };
-            let metrics = names
-                .iter()
-                .map(|n| mm_spec::metrics::metric(n))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Failure(EXIT_CONFIG, format!("error: --metric: {e}")))?;
+            let mut metrics: Vec<&mm_spec::metrics::Metric> = Vec::new();
+            for n in asked {
+                let m =
+                    mm_spec::metrics::metric(n).map_err(|e| Failure(EXIT_CONFIG, format!("error: --metric: {e}")))?;
+                // One panel per metric, however often (or under whichever name) it was asked for.
+                if !metrics.iter().any(|k| k.name == m.name) {
+                    metrics.push(m);
+                }
+            }
+            let names: Vec<&str> = metrics.iter().map(|m| m.name).collect();
             // Before reading any run: a wrong extension is a usage error.
             if let Some(out) = &args.out {
                 launch::plot::format_of(out).map_err(|e| Failure(EXIT_CONFIG, format!("error: {e}")))?;

@@ -20,22 +20,30 @@ pub struct Series {
     pub records: Vec<MetricsRecord>,
 }
 
+/// A series' lines: `(iteration, value)` points, drawn joined.
+type Segments = Vec<Vec<(f64, f64)>>;
+
 impl Series {
     /// `(iteration, value)` of `m`, finite values only, one line per attempt (a restart
-    /// replays iterations from its checkpoint: its line starts over rather than joining).
-    fn segments(&self, m: &Metric) -> Vec<Vec<(f64, f64)>> {
-        let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
+    /// replays iterations from its checkpoint: its line starts over rather than joining),
+    /// broken where the value is NaN or infinite (a gap, not a line across it); and the
+    /// iterations of those non-finite values.
+    fn segments(&self, m: &Metric) -> (Segments, Vec<u64>) {
+        let (mut out, mut bad): (Segments, Vec<u64>) = (Vec::new(), Vec::new());
         let mut attempt = None;
         for r in &self.records {
-            if attempt != Some(r.attempt) {
+            let value = (m.get)(&r.step);
+            if attempt != Some(r.attempt) || value.is_some_and(|v| !v.is_finite()) {
                 out.push(Vec::new());
                 attempt = Some(r.attempt);
             }
-            if let (Some(v), Some(seg)) = ((m.get)(&r.step).filter(|v| v.is_finite()), out.last_mut()) {
-                seg.push((r.step.iteration as f64, v));
+            match (value, out.last_mut()) {
+                (Some(v), Some(seg)) if v.is_finite() => seg.push((r.step.iteration as f64, v)),
+                (Some(_), _) => bad.push(r.step.iteration),
+                _ => {}
             }
         }
-        out
+        (out, bad)
     }
 
     /// Iterations at which a new attempt starts (restarts and resumes into the same file).
@@ -85,6 +93,10 @@ pub fn draw(runs: &[Series], metrics: &[&Metric], out: &Path) -> Result<(), Stri
     if metrics.is_empty() {
         return Err("no metric to plot".into());
     }
+    // plotters reports a missing folder only as its backend's debug text.
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        return Err(format!("cannot write {}: the folder {} does not exist", out.display(), dir.display()));
+    }
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let size = (PANEL_SIZE.0, PANEL_SIZE.1 * metrics.len() as u32);
     let result = match format_of(out)? {
@@ -111,7 +123,7 @@ fn panel<DB: DrawingBackend>(
     runs: &[Series],
     m: &Metric,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
-    let lines: Vec<Vec<Vec<(f64, f64)>>> = runs.iter().map(|r| r.segments(m)).collect();
+    let (lines, bad): (Vec<Segments>, Vec<Vec<u64>>) = runs.iter().map(|r| r.segments(m)).unzip();
     let all = lines.iter().flatten().flatten();
     let (x0, x1) = all.clone().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (y0, y1) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
@@ -125,6 +137,11 @@ fn panel<DB: DrawingBackend>(
         format!("{}: no values in {}", m.label, if runs.len() == 1 { "this run" } else { "these runs" })
     } else {
         format!("{} against iteration", m.label)
+    };
+    let caption = match bad.iter().flatten().collect::<Vec<_>>().as_slice() {
+        [] => caption,
+        [i] => format!("{caption} (not finite at iteration {i}: a gap)"),
+        [i, .., j] => format!("{caption} ({} not finite, iterations {i}-{j}: gaps)", bad.iter().flatten().count()),
     };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 20))
@@ -222,8 +239,28 @@ mod tests {
     }
 
     #[test]
+    fn a_nan_breaks_the_line_and_is_counted() {
+        let rec = |attempt, iteration, loss| MetricsRecord {
+            attempt,
+            time: 0.0,
+            step: mm_spec::Progress { iteration, loss, ..Default::default() },
+        };
+        let records = vec![rec(0, 1, 3.0), rec(0, 2, 2.0), rec(0, 3, f64::NAN), rec(0, 4, 1.5), rec(1, 3, 2.5)];
+        let s = Series { name: "r".into(), dir: PathBuf::from("r"), records };
+        let (segments, bad) = s.segments(mm_spec::metrics::metric("loss").unwrap());
+        assert_eq!(segments, [vec![(1.0, 3.0), (2.0, 2.0)], vec![(4.0, 1.5)], vec![(3.0, 2.5)]]);
+        assert_eq!(bad, [3]);
+        // A metric the records do not carry is neither drawn nor counted as not finite.
+        let (segments, bad) = s.segments(mm_spec::metrics::metric("mfu").unwrap());
+        assert!(segments.iter().all(Vec::is_empty) && bad.is_empty());
+    }
+
+    #[test]
     fn an_unknown_extension_is_refused_before_drawing() {
-        let err = draw(&[], &[mm_spec::metrics::metric("loss").unwrap()], Path::new("x.jpg")).unwrap_err();
+        let loss = [mm_spec::metrics::metric("loss").unwrap()];
+        let err = draw(&[], &loss, Path::new("x.jpg")).unwrap_err();
         assert!(err.contains("ending in .png or .svg"), "{err}");
+        let err = draw(&[], &loss, Path::new("/nonexistent-folder/x.png")).unwrap_err();
+        assert_eq!(err, "cannot write /nonexistent-folder/x.png: the folder /nonexistent-folder does not exist");
     }
 }

@@ -240,6 +240,7 @@ fn sigkill_of_a_rank_restarts_from_the_checkpoint_to_the_same_final_loss() {
     // race, so only the kill itself and the restart are required.
     assert!(err.contains("SIGKILL"), "{err}");
     assert!(err.contains("restarting every rank (1 of 1 restarts)"), "{err}");
+    assert!(err.contains("  restarts     1: the lines above are attempt 1's"), "{err}");
 
     let run = std::fs::canonicalize(logs.join("latest")).unwrap();
     let first = read(&run.join("attempt-0/localhost/rank-0.log"));

@@ -362,6 +362,12 @@ pub fn run_job(
             if !restart {
                 reporters.flush();
                 eprint!("{text}");
+                if attempt > 0 {
+                    eprintln!(
+                        "  restarts     {attempt}: the lines above are attempt {attempt}'s; `launch logs --summary` \
+                         has every attempt"
+                    );
+                }
                 for e in reporters.logs.errors().iter().chain(reporters.metrics.errors()).take(5) {
                     eprintln!("launch: warning: {e}");
                 }

@@ -57,8 +57,17 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-/// The metric called `name`, or an error that lists them and suggests the closest.
+/// metrics.jsonl's byte fields, and the metric that plots each (in GiB).
+const FIELD_METRICS: &[(&str, &str)] = &[
+    ("mem_bytes", "rss_gib"),
+    ("cuda_allocated_bytes", "cuda_allocated_gib"),
+    ("cuda_reserved_bytes", "cuda_reserved_gib"),
+];
+
+/// The metric called `name` (or plotting the metrics.jsonl field `name`), or an error that
+/// lists them and suggests the closest.
 pub fn metric(name: &str) -> Result<&'static Metric, String> {
+    let name = FIELD_METRICS.iter().find(|(field, _)| *field == name).map_or(name, |(_, m)| m);
     METRICS.iter().find(|m| m.name == name).ok_or_else(|| {
         let names: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
         format!("unknown metric `{name}`{}: expected one of {}", crate::suggest::hint(name, &names), names.join(", "))
@@ -260,5 +269,8 @@ mod tests {
     fn unknown_metric_names_the_closest() {
         let err = metric("los").err().unwrap();
         assert!(err.contains("`loss`") && err.contains("tokens_per_sec"), "{err}");
+        // metrics.jsonl's byte fields name the metric that plots them in GiB.
+        assert_eq!(metric("mem_bytes").unwrap().name, "rss_gib");
+        assert_eq!(metric("cuda_reserved_bytes").unwrap().name, "cuda_reserved_gib");
     }
 }
