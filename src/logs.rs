@@ -626,6 +626,7 @@ pub fn show_logs(log_dir: &Path, q: &LogsQuery, out: &mut dyn Write) -> Result<(
     let mut partial: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     let io = |e: std::io::Error| format!("writing output: {e}");
+    let mut kept = 0usize;
     loop {
         let n = f.read(&mut buf).map_err(|e| format!("reading {}: {e}", path.display()))?;
         if n > 0 {
@@ -636,6 +637,7 @@ pub fn show_logs(log_dir: &Path, q: &LogsQuery, out: &mut dyn Write) -> Result<(
             };
             for line in String::from_utf8_lossy(&partial[..upto]).lines() {
                 if q.keeps(line) {
+                    kept += 1;
                     writeln!(out, "{line}").map_err(io)?;
                 }
             }
@@ -660,8 +662,16 @@ pub fn show_logs(log_dir: &Path, q: &LogsQuery, out: &mut dyn Write) -> Result<(
     if !partial.is_empty() {
         let line = String::from_utf8_lossy(&partial).into_owned();
         if q.keeps(&line) {
+            kept += 1;
             writeln!(out, "{line}").map_err(io)?;
         }
+    }
+    if let (Some(r), 0, None) = (q.rank, kept, &q.grep) {
+        // A launcher that does not tag its ranks' lines (msrun) leaves them to its host's unit.
+        eprintln!(
+            "launch: no line of rank {r} in this run; lines a multi-rank launcher did not tag with their rank \
+             are its host's (`[HOST node]`): `launch logs --host HOST`"
+        );
     }
     out.flush().map_err(io)
 }

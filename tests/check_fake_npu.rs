@@ -1,7 +1,8 @@
 //! `launch check` on a fake Ascend host: npu-smi and torchrun are small scripts on PATH
 //! (put there by the cluster's own `setup:` line), so every NPU check runs without an NPU.
 //! Each out-of-range variable of the seed's table must be caught and named. Last, a whole
-//! MindSpeed-MM run on that host, torchrun printing what MindSpeed-MM's last rank prints.
+//! MindSpeed-MM run on that host: the venv's real torchrun starting a stand-in
+//! pretrain_vlm.py whose last rank prints what MindSpeed-MM's prints.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ fn fixture_with(npu_count: usize, hbm_mb: u64) -> Fixture {
         ),
     );
     write_exec(&bin.join("torchrun"), "#!/bin/sh\nexit 0\n");
+    std::fs::create_dir_all(root.join("fake-cann")).unwrap();
     let work = root.join("work");
     for d in ["pretrained/InternVL3-8B", "raw_ckpt/InternVL3-8B", "dataset/data", "save_dir"] {
         std::fs::create_dir_all(work.join(d)).unwrap();
@@ -50,8 +52,9 @@ fn cluster(f: &Fixture, port: u16, env: &[(&str, &str)]) -> PathBuf {
         "hosts: [localhost]\naccelerator: npu\ndevices_per_node: 8\ntemplate: mindspeed-mm-torchrun\n\
          master: {{port: {port}}}\nworkdir: {work}\nsetup:\n  - export PATH={bin}:$PATH\n\
          job:\n  load: pretrained/InternVL3-8B\n  save: save_dir\n  data_path: dataset/train.jsonl\n  \
-         data_folder: dataset/data\n  tokenizer: raw_ckpt/InternVL3-8B\nenv:\n  ASCEND_TOOLKIT_HOME: /opt/fake-cann\n",
+         data_folder: dataset/data\n  tokenizer: raw_ckpt/InternVL3-8B\nenv:\n  ASCEND_TOOLKIT_HOME: {cann}\n",
         work = f.root.join("work").display(),
+        cann = f.root.join("fake-cann").display(),
         bin = f.root.join("fakebin").display()
     );
     for (k, v) in env {
@@ -222,6 +225,26 @@ fn a_host_without_npu_smi_says_so() {
     assert_eq!(r["found"], "npu-smi not found on this host");
 }
 
+/// ASCEND_TOOLKIT_HOME must name a folder on the host: set to a path that is not there, the
+/// toolkit row fails and names it (an unset one and no set_env.sh fail too).
+#[test]
+fn a_toolkit_home_that_is_not_there_fails_the_ascend_row() {
+    let f = fixture(8);
+    let (_, rows, _) = check(&cluster(&f, free_port(), SEED_ENV), &[]);
+    let want = format!("ASCEND_TOOLKIT_HOME={}", f.root.join("fake-cann").display());
+    assert_eq!(
+        (row(&rows, "ascend-env")["status"].as_str(), row(&rows, "ascend-env")["found"].as_str()),
+        (Some("ok"), Some(want.as_str()))
+    );
+    std::fs::remove_dir(f.root.join("fake-cann")).unwrap();
+    let (code, rows, _) = check(&cluster(&f, free_port(), SEED_ENV), &[]);
+    let r = row(&rows, "ascend-env");
+    assert_eq!(code, 3);
+    assert_eq!(r["status"], "fail");
+    assert!(r["found"].as_str().unwrap().starts_with(&format!("{want} is not a folder")), "{r}");
+    assert!(r["fix"].as_str().unwrap().contains("point ASCEND_TOOLKIT_HOME at the installed toolkit"), "{r}");
+}
+
 /// `make demo`'s cluster (clusters/local.yaml, OMP_NUM_THREADS=1 for its CPU ranks) through
 /// the real path (local backend, node agent, probe unit): the cpu-cores row counts the cores
 /// the ranks may use, not OMP_NUM_THREADS.
@@ -244,18 +267,22 @@ fn local_cluster_counts_cores_not_omp_threads() {
     }
 }
 
-/// A stand-in for torchrun + MindSpeed-MM's pretrain_vlm.py: prints what MindSpeed-MM's last
-/// rank prints every `--log-interval` iterations, with the format strings of its
-/// `training_log` (mindspeed_mm/training.py), from the arguments the template passes.
+/// A stand-in for MindSpeed-MM's pretrain_vlm.py, run by the real torchrun (the venv's): its
+/// last rank prints what MindSpeed-MM's last rank prints every `--log-interval` iterations,
+/// with the format strings of its `training_log` (mindspeed_mm/training.py), from the
+/// arguments the template passes; the other ranks print a line each.
 /// Iteration 4's loss is NaN, which Megatron leaves out of the line (it prints averages ≥ 0).
 const MINDSPEED_LAST_RANK: &str = r#"
-import datetime, sys
+import datetime, os, sys
 args = sys.argv[1:]
 def val(flag, default=None):
     return args[args.index(flag) + 1] if flag in args else default
 iters, interval = int(val("--train-iters")), int(val("--log-interval", "1"))
 gbs = int(val("--global-batch-size"))
-print("training ...", flush=True)
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+print(f"rank {rank} of {world}: training ...", flush=True)
+if rank != world - 1:
+    sys.exit(0)
 for it in range(interval, iters + 1, interval):
     loss = float("nan") if it == 4 else 2.0 / it
     s = f" [{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
@@ -282,9 +309,10 @@ for it in range(interval, iters + 1, interval):
 #[test]
 fn a_mindspeed_mm_run_gets_its_metrics_from_megatrons_iteration_lines() {
     let f = fixture(8);
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
-    write_exec(&f.root.join("fakebin/torchrun"), &format!("#!{}\n{MINDSPEED_LAST_RANK}", python.display()));
+    let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/torchrun");
+    assert!(torchrun.exists(), "{} is missing: run scripts/setup.sh", torchrun.display());
+    write_exec(&f.root.join("fakebin/torchrun"), &format!("#!/bin/sh\nexec {} \"$@\"\n", torchrun.display()));
+    std::fs::write(f.root.join("work/pretrain_vlm.py"), MINDSPEED_LAST_RANK).unwrap();
     let cluster = cluster(&f, free_port(), SEED_ENV);
     let launch = |args: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_launch")).current_dir(&f.root).args(args).output().unwrap();
@@ -317,6 +345,13 @@ fn a_mindspeed_mm_run_gets_its_metrics_from_megatrons_iteration_lines() {
     }
     let events: Vec<_> = std::fs::read_dir(run.join("tensorboard")).unwrap().flatten().collect();
     assert_eq!(events.len(), 1, "one event file for the attempt");
+    // torchrun's rank tags (`--tee 3`) put each rank's lines in its own log.
+    let log = |r: usize| std::fs::read_to_string(run.join(format!("localhost/rank-{r}.log"))).unwrap();
+    let last = log(7);
+    assert!(last.starts_with("[default7]:rank 7 of 8: training ..."), "{last}");
+    assert_eq!(last.lines().filter(|l| l.contains("| consumed samples:")).count(), 6, "{last}");
+    assert_eq!(log(3).trim_end(), "[default3]:rank 3 of 8: training ...");
+    assert!(launch(&["logs", "--rank", "7"]).contains("iteration        6/       6 |"));
 
     let summary = launch(&["logs", "--summary"]);
     let row = summary.lines().find(|l| l.trim_start().starts_with("0 ")).unwrap_or_else(|| panic!("{summary}"));

@@ -48,7 +48,7 @@ fn seed_8b_on_one_node_of_eight_npus() {
     assert_eq!(r.nodes[0].units.len(), 1, "torchrun starts the 8 local ranks itself");
     let s = script_of(&r, 0);
     assert!(s.contains("source /usr/local/Ascend/ascend-toolkit/set_env.sh"));
-    assert!(s.contains("exec torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 6000 pretrain_vlm.py"));
+    assert!(s.contains("exec torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 6000 --tee 3 pretrain_vlm.py"));
     for (flag, value) in [
         ("--tensor-model-parallel-size", "1"),
         ("--pipeline-model-parallel-size", "4"),
@@ -498,4 +498,21 @@ fn seed_8b_sbatch_script_on_a_one_by_eight_gpu_partition() {
     let ssh = ClusterSpec::from_file("clusters/ascend-1x8-8b.yaml").unwrap();
     let e = launch::submit::script(&Renderer::new(None).unwrap(), &plan, &ssh, &opts, &job).unwrap_err();
     assert!(e.contains("the cluster's executor is local") && e.contains("hosts_from: slurm"), "{e}");
+}
+
+/// `launch submit` without --nodes on a `hosts_from: slurm` cluster (outside an allocation):
+/// the one hint is --nodes, not "run inside an allocation", which submit itself makes.
+#[test]
+fn submit_without_nodes_asks_for_nodes() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_launch"))
+        .args(["--cluster", "clusters/slurm.yaml", "submit", "--dry-run", "finetune", "8b"])
+        .env_remove("SLURM_JOB_NODELIST")
+        .env_remove("SLURM_NODELIST")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("error: clusters/slurm.yaml:11:13: hosts_from:"), "{err}");
+    assert!(err.contains("hint: `launch submit` makes the allocation: pass --nodes N"), "{err}");
+    assert!(!err.contains("inside a Slurm allocation"), "{err}");
 }

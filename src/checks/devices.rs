@@ -85,16 +85,29 @@ pub(crate) fn rows(r: &mut Rows, accelerator: Accelerator, facts: &BTreeMap<Stri
     let get = |k: &str| fact(facts, k);
     match accelerator {
         Accelerator::Npu => {
-            if get("ascend_set_env") == Some("1") || get("env.ASCEND_TOOLKIT_HOME").is_some() {
-                r.push("ascend-env", Status::Ok, ASCEND_SET_ENV, "present", "");
-            } else {
-                r.push(
+            // The toolkit a `setup:` line sourced (ASCEND_TOOLKIT_HOME, a folder), else the
+            // default install's set_env.sh.
+            let home = get("env.ASCEND_TOOLKIT_HOME");
+            match (home, get("ascend_home_dir"), get("ascend_set_env")) {
+                (Some(h), Some("1"), _) => {
+                    r.push("ascend-env", Status::Ok, format!("ASCEND_TOOLKIT_HOME={h}"), "a folder", "")
+                }
+                (_, _, Some("1")) => r.push("ascend-env", Status::Ok, ASCEND_SET_ENV, "present", ""),
+                (Some(h), _, _) => r.push(
+                    "ascend-env",
+                    Status::Fail,
+                    format!("ASCEND_TOOLKIT_HOME={h} is not a folder, and {ASCEND_SET_ENV} is not there"),
+                    "the CANN toolkit installed",
+                    "point ASCEND_TOOLKIT_HOME at the installed toolkit, or `source <toolkit>/set_env.sh` in \
+                     `setup:` in the cluster file",
+                ),
+                _ => r.push(
                     "ascend-env",
                     Status::Fail,
                     format!("{ASCEND_SET_ENV} not found and ASCEND_TOOLKIT_HOME unset"),
                     "the CANN toolkit installed",
                     "install CANN, or add `source <toolkit>/set_env.sh` to `setup:` in the cluster file",
-                );
+                ),
             }
             device_count(r, "npu-count", "npu-smi", get("tool.npu-smi.rc"), get("tool.npu-smi.out"), npu_count, slots);
         }

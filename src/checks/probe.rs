@@ -53,6 +53,7 @@ pub fn probe_script(plan: &Plan, cluster: &ClusterSpec, target: &ProbeTarget) ->
     );
     s.push_str("emit ifaces \"$(ls /sys/class/net 2>/dev/null)\"\n");
     let _ = writeln!(s, "[ -f {ASCEND_SET_ENV} ] && emit ascend_set_env 1 || emit ascend_set_env 0");
+    s.push_str("[ -n \"${ASCEND_TOOLKIT_HOME:-}\" ] && { [ -d \"$ASCEND_TOOLKIT_HOME\" ] && emit ascend_home_dir 1 || emit ascend_home_dir 0; }\n");
     let tool = |s: &mut String, name: &str, cmd: &str| {
         let _ = writeln!(
             s,
