@@ -299,14 +299,36 @@ pub(crate) fn shape_error(
         }
         hint = hint.or_else(|| (hints.leaf)(&path).map(str::to_string));
     } else {
-        message = message.replace("invalid type: unit value", "invalid type: empty value");
-        if let Some(i) = message.find("expected struct ") {
-            message.truncate(i);
-            message.push_str("expected a map of keys");
-        }
+        message = plain_types(&message);
         hint = hint.or_else(|| (hints.leaf)(&path).map(str::to_string));
     }
     ConfigError::new(origin, message).at_opt(position).with_key(KeyPath(&path).to_string()).with_hint_opt(hint)
+}
+
+/// Serde's type error in the words of the file's author: Rust's type names (`expected usize`,
+/// `expected struct Train`, `unit value`) become what to write.
+pub(crate) fn plain_types(message: &str) -> String {
+    let mut message = message.replace("invalid type: unit value", "invalid type: empty value");
+    if let Some(i) = message.find("expected struct ") {
+        message.truncate(i);
+        message.push_str("expected a map of keys");
+    }
+    for (rust, plain) in [
+        ("usize", "a whole number, 0 or more"),
+        ("u64", "a whole number, 0 or more"),
+        ("u32", "a whole number, 0 or more"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u8", "a whole number from 0 to 255"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("f64", "a number"),
+        ("f32", "a number"),
+    ] {
+        if let Some(head) = message.strip_suffix(&format!("expected {rust}")) {
+            return format!("{head}expected {plain}");
+        }
+    }
+    message
 }
 
 /// The `x` in every `` `x` `` of serde's "expected one of `a`, `b`" lists.

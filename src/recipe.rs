@@ -587,15 +587,21 @@ impl Recipe {
         };
         // The --set that wrote the value at `path` (a key or a map above it), if any: --set
         // comes after every file, so it is the source.
-        let set_source = |path: &str| -> Option<&str> {
-            set_keys
-                .iter()
-                .rev()
-                .copied()
-                .find(|k| path == *k || path.strip_prefix(k).is_some_and(|r| r.starts_with('.')))
-        };
+        let set_source =
+            |path: &str| -> Option<&str> {
+                set_keys.iter().rev().copied().find(|k| {
+                    path == *k || path.strip_prefix(k).is_some_and(|r| r.starts_with('.') || r.starts_with('['))
+                })
+            };
         let located = |path: &[String], message: String| -> ConfigError {
-            let joined = path.join(".");
+            // `parallel.llm_pp_layers[3]`: a list index follows its key without a dot.
+            let joined = path.iter().fold(String::new(), |mut j, s| {
+                if !j.is_empty() && !s.starts_with('[') {
+                    j.push('.');
+                }
+                j.push_str(s);
+                j
+            });
             match set_source(&joined) {
                 Some(k) if k == joined => ConfigError::new(cli, message).with_key(format!("--set {k}")),
                 Some(k) => ConfigError::new(cli, format!("{joined}: {message}")).with_key(format!("--set {k}")),
@@ -608,12 +614,7 @@ impl Recipe {
         let de = serde_path_to_error::deserialize::<_, Recipe>(tree);
         let recipe = de.map_err(|e| {
             let path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
-            let mut message = e.into_inner().to_string();
-            if let Some(i) = message.find("expected struct ") {
-                message.truncate(i);
-                message.push_str("expected a map of keys");
-            }
-            located(&path, message)
+            located(&path, crate::diag::plain_types(&e.into_inner().to_string()))
         })?;
         recipe.check_values().map_err(|(key, msg)| {
             let path: Vec<String> = key.split('.').map(str::to_string).collect();
@@ -889,6 +890,11 @@ mod tests {
         // Range checks too.
         let err = set("8b", &["train.lr=-1"]).unwrap_err();
         assert_eq!(err, "<command line>: --set train.lr: learning rate -1 must be a positive number");
+        // Rust's type names and list paths in the author's words.
+        let err = set("8b", &["parallel.tp=eight"]).unwrap_err();
+        assert!(err.ends_with("expected a whole number, 0 or more"), "{err}");
+        let err = set("8b", &["parallel.llm_pp_layers=7,7,7,x"]).unwrap_err();
+        assert!(err.starts_with("<command line>: --set parallel.llm_pp_layers: parallel.llm_pp_layers[3]: "), "{err}");
     }
 
     #[test]

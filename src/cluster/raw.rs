@@ -162,7 +162,9 @@ fn leaf_hint(path: &[Seg]) -> Option<&'static str> {
             "a whole number"
         }
         (_, "hosts") => "a list of hosts: addresses (`- 192.0.2.10`) or maps (`- address: 192.0.2.10`)",
-        (_, "identity_files" | "setup") => "a list of strings",
+        (_, "identity_files") => "a list of strings",
+        // `- curl -H Authorization: Bearer x` is a map to YAML.
+        (_, "setup") => "a list of shell lines; quote a line that holds `: ` or ` #`: `- \"curl -H 'Auth: x' …\"`",
         _ => return None,
     })
 }
