@@ -2,7 +2,8 @@
 //! Reporters only consume events; they never touch processes or connections.
 //!
 //! Output arrives as chunks of whole lines of one unit's stream, already split by rank for
-//! units that host several ranks (torchrun, msrun), and with secret values scrubbed.
+//! units that host several ranks (torchrun's `[defaultN]:` tags, removed), and with secret
+//! values scrubbed.
 
 use std::time::Duration;
 
@@ -123,6 +124,11 @@ impl Reporter for Reporters {
 /// rank N) or `[rankN]:` (global rank N) prefix. `ranks`: the unit's global ranks in local
 /// order.
 pub fn line_rank(line: &[u8], ranks: &[usize]) -> Option<usize> {
+    line_tag(line, ranks).map(|(rank, _)| rank)
+}
+
+/// [`line_rank`] and the length of the tag.
+fn line_tag(line: &[u8], ranks: &[usize]) -> Option<(usize, usize)> {
     let rest = line.strip_prefix(b"[")?;
     let (is_global, digits) = if let Some(d) = rest.strip_prefix(b"default") {
         (false, d)
@@ -136,32 +142,28 @@ pub fn line_rank(line: &[u8], ranks: &[usize]) -> Option<usize> {
         return None;
     }
     let n: usize = std::str::from_utf8(&digits[..end]).ok()?.parse().ok()?;
-    if is_global {
-        ranks.contains(&n).then_some(n)
-    } else {
-        ranks.get(n).copied()
-    }
+    let rank = if is_global { ranks.contains(&n).then_some(n) } else { ranks.get(n).copied() }?;
+    Some((rank, line.len() - digits.len() + end + 2))
 }
 
 /// Splits a chunk of whole lines of a multi-rank unit into runs of consecutive lines with
-/// the same rank (None: no rank prefix), without copying.
-pub fn split_by_rank<'a>(data: &'a [u8], ranks: &[usize]) -> Vec<(Option<usize>, &'a [u8])> {
-    let mut out: Vec<(Option<usize>, &'a [u8])> = Vec::new();
-    let mut run_start = 0;
-    let mut run_rank = None;
+/// the same rank (None: no rank prefix), each line without its rank tag: the rank's log and
+/// `[host rN]` say whose it is.
+pub fn split_by_rank(data: &[u8], ranks: &[usize]) -> Vec<(Option<usize>, Vec<u8>)> {
+    let mut out: Vec<(Option<usize>, Vec<u8>)> = Vec::new();
     let mut pos = 0;
     while pos < data.len() {
         let end = memchr::memchr(b'\n', &data[pos..]).map(|i| pos + i + 1).unwrap_or(data.len());
-        let r = line_rank(&data[pos..end], ranks);
-        if pos > run_start && r != run_rank {
-            out.push((run_rank, &data[run_start..pos]));
-            run_start = pos;
+        let line = &data[pos..end];
+        let (rank, text) = match line_tag(line, ranks) {
+            Some((rank, tag)) => (Some(rank), &line[tag..]),
+            None => (None, line),
+        };
+        match out.last_mut() {
+            Some((r, run)) if *r == rank => run.extend_from_slice(text),
+            _ => out.push((rank, text.to_vec())),
         }
-        run_rank = r;
         pos = end;
-    }
-    if pos > run_start {
-        out.push((run_rank, &data[run_start..pos]));
     }
     out
 }
@@ -235,17 +237,12 @@ mod tests {
 
     #[test]
     fn chunks_split_into_rank_runs() {
-        let data = b"[default0]:a\n[default0]:b\n[default1]:c\nplain\n[default0]:d\n";
+        let data = b"[default0]:a\n[default0]:b\n[default1]:c\nplain\n[default0]:d\n[rank1]: e";
         let runs = split_by_rank(data, &[0, 1]);
         let got: Vec<(Option<usize>, &str)> = runs.iter().map(|(r, d)| (*r, std::str::from_utf8(d).unwrap())).collect();
         assert_eq!(
             got,
-            vec![
-                (Some(0), "[default0]:a\n[default0]:b\n"),
-                (Some(1), "[default1]:c\n"),
-                (None, "plain\n"),
-                (Some(0), "[default0]:d\n"),
-            ]
+            vec![(Some(0), "a\nb\n"), (Some(1), "c\n"), (None, "plain\n"), (Some(0), "d\n"), (Some(1), " e")]
         );
         assert!(split_by_rank(b"", &[0]).is_empty());
     }

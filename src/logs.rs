@@ -569,6 +569,16 @@ pub fn stop_run(log_dir: &Path, run: Option<&str>, wait: Duration) -> Result<Str
     Ok(format!("run {id} is still stopping after {}s; follow it with `launch logs -f {id}`", wait.as_secs()))
 }
 
+/// Each host of the run's plan.json and its ranks; None while it has no readable plan.
+fn plan_hosts(run: &Path) -> Option<Vec<(String, Vec<usize>)>> {
+    let plan = serde_json::from_slice::<serde_json::Value>(&std::fs::read(run.join("plan.json")).ok()?).ok()?;
+    let nodes = plan["plan"]["nodes"].as_array()?;
+    let ranks = |n: &serde_json::Value| -> Vec<usize> {
+        n["ranks"].as_array().into_iter().flatten().filter_map(|r| r.as_u64()).map(|r| r as usize).collect()
+    };
+    Some(nodes.iter().filter_map(|n| Some((n["host"]["name"].as_str()?.to_string(), ranks(n)))).collect())
+}
+
 /// `--rank` and `--host` must name a rank and a host of the run (from its plan.json): a filter
 /// that can match nothing is an error naming what exists, not an empty output. A run without
 /// a readable plan.json (still starting) is not checked.
@@ -576,19 +586,11 @@ fn check_filters(run: &Path, q: &LogsQuery) -> Result<(), String> {
     if q.rank.is_none() && q.host.is_none() {
         return Ok(());
     }
-    let Some(plan) =
-        std::fs::read(run.join("plan.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-    else {
+    let Some(nodes) = plan_hosts(run) else {
         return Ok(());
     };
-    let nodes = plan["plan"]["nodes"].as_array().cloned().unwrap_or_default();
-    let hosts: Vec<String> = nodes.iter().filter_map(|n| n["host"]["name"].as_str().map(String::from)).collect();
-    let ranks: Vec<usize> = nodes
-        .iter()
-        .flat_map(|n| n["ranks"].as_array().cloned().unwrap_or_default())
-        .filter_map(|r| r.as_u64())
-        .map(|r| r as usize)
-        .collect();
+    let hosts: Vec<String> = nodes.iter().map(|(h, _)| h.clone()).collect();
+    let ranks: Vec<usize> = nodes.iter().flat_map(|(_, r)| r.iter().copied()).collect();
     let id = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if let Some(r) = q.rank.filter(|r| !ranks.is_empty() && !ranks.contains(r)) {
         return Err(format!(
@@ -666,11 +668,13 @@ pub fn show_logs(log_dir: &Path, q: &LogsQuery, out: &mut dyn Write) -> Result<(
             writeln!(out, "{line}").map_err(io)?;
         }
     }
-    if let (Some(r), 0, None) = (q.rank, kept, &q.grep) {
+    if let (Some(r), 0, None, None) = (q.rank, kept, &q.grep, &q.host) {
         // A launcher that does not tag its ranks' lines (msrun) leaves them to its host's unit.
+        let host = plan_hosts(&run).and_then(|h| h.into_iter().find(|(_, ranks)| ranks.contains(&r)).map(|(h, _)| h));
+        let host = host.unwrap_or_else(|| "HOST".into());
         eprintln!(
-            "launch: no line of rank {r} in this run; lines a multi-rank launcher did not tag with their rank \
-             are its host's (`[HOST node]`): `launch logs --host HOST`"
+            "launch: no line of rank {r} in this run; the lines a multi-rank launcher (msrun) did not tag with \
+             their rank are its host's: `launch logs --host {host}`"
         );
     }
     out.flush().map_err(io)

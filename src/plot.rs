@@ -125,7 +125,11 @@ fn panel<DB: DrawingBackend>(
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let (lines, bad): (Vec<Segments>, Vec<Vec<u64>>) = runs.iter().map(|r| r.segments(m)).unzip();
     let all = lines.iter().flatten().flatten();
-    let (x0, x1) = all.clone().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    // The iterations of non-finite values count for the x range: a run that ends in NaN
+    // shows the gap at its end.
+    let bad: std::collections::BTreeSet<u64> = bad.into_iter().flatten().collect();
+    let xs = all.clone().map(|p| p.0).chain(bad.iter().map(|&i| i as f64));
+    let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
     let (y0, y1) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let (x0, x1) = if x0.is_finite() { (x0, x1.max(x0 + 1.0)) } else { (0.0, 1.0) };
     let (y0, y1) = if y0.is_finite() { (y0, y1) } else { (0.0, 1.0) };
@@ -138,10 +142,10 @@ fn panel<DB: DrawingBackend>(
     } else {
         format!("{} against iteration", m.label)
     };
-    let caption = match bad.iter().flatten().collect::<Vec<_>>().as_slice() {
-        [] => caption,
-        [i] => format!("{caption} (not finite at iteration {i}: a gap)"),
-        [i, .., j] => format!("{caption} ({} not finite, iterations {i}-{j}: gaps)", bad.iter().flatten().count()),
+    let caption = match (bad.first(), bad.last()) {
+        (Some(i), Some(j)) if i == j => format!("{caption} (not finite at iteration {i}: a gap)"),
+        (Some(i), Some(j)) => format!("{caption} (not finite at {} iterations in {i}-{j}: gaps)", bad.len()),
+        _ => caption,
     };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 20))

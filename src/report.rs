@@ -90,6 +90,16 @@ fn trim_blank(mut lines: Vec<String>) -> Vec<String> {
     lines
 }
 
+/// The global rank of torchrun's "Root Cause (first observed failure)" block in `node_log`
+/// (`  rank      : 3 (local_rank: 3)`), the last one if it printed several.
+fn root_cause_rank(node_log: &Path) -> Option<usize> {
+    let lines = tail_lines(node_log, 400).ok()?;
+    let at = lines.iter().rposition(|l| l.contains("Root Cause (first observed failure):"))?;
+    let line = lines[at..].iter().find(|l| l.trim_start().starts_with("rank "))?;
+    let digits: String = line.split_once(':')?.1.trim_start().chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &Path) -> Option<LogQuote> {
     let unit = f.unit.and_then(|u| node.units.get(u));
     match (&f.kind, unit) {
@@ -97,12 +107,14 @@ fn failure_log(f: &Failure, node: &NodeReport, attempt_dir: &Path, launch_log: &
             let path = if u.ranks.len() == 1 {
                 rank_log_path(attempt_dir, &node.info.name, u.ranks[0])
             } else {
-                // torchrun/msrun: the failing worker's own file, else the node's.
-                let p = unit_log_path(attempt_dir, &node.info.name);
-                if p.exists() {
-                    p
-                } else {
-                    rank_log_path(attempt_dir, &node.info.name, u.ranks[0])
+                // torchrun/msrun: the failing worker's own file (torchrun names the root
+                // cause's rank), else the node's (msrun's untagged lines, torchrun's own).
+                let node_log = unit_log_path(attempt_dir, &node.info.name);
+                let root = root_cause_rank(&node_log).filter(|r| u.ranks.contains(r));
+                match root.map(|r| rank_log_path(attempt_dir, &node.info.name, r)) {
+                    Some(p) if std::fs::metadata(&p).is_ok_and(|m| m.len() > 0) => p,
+                    _ if node_log.exists() => node_log,
+                    _ => rank_log_path(attempt_dir, &node.info.name, u.ranks[0]),
                 }
             };
             let lines = trim_blank(tail_lines(&path, TAIL_LINES).unwrap_or_default());
@@ -298,6 +310,42 @@ mod tests {
         assert!(text.contains(&format!("log: {}", log.display())));
         assert!(text.contains("h1 (10.0.0.0)  ranks 0-1  stopped (SIGTERM)"), "{text}");
         assert!(text.contains("rank 2 stopped (SIGTERM), rank 3 FAILED (exit 3)"), "{text}");
+    }
+
+    /// A torchrun unit (ranks 4-7): its report quotes the log of the rank torchrun names as
+    /// the root cause, else the node's log.
+    #[test]
+    fn a_torchrun_failure_quotes_the_root_cause_ranks_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let node_log = unit_log_path(dir.path(), "h1");
+        std::fs::create_dir_all(node_log.parent().unwrap()).unwrap();
+        std::fs::write(
+            &node_log,
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n\
+             ============================================================\n\
+             Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-01_05:00:00\n  \
+             host      : h1\n  rank      : 6 (local_rank: 2)\n  exitcode  : 1 (pid: 4242)\n",
+        )
+        .unwrap();
+        std::fs::write(rank_log_path(dir.path(), "h1", 6), "step 1\nValueError: rank six broke\n").unwrap();
+        let torchrun = UnitReport {
+            ranks: vec![4, 5, 6, 7],
+            pid: Some(7),
+            status: Some(ExitStatus::code(1)),
+            stopped: false,
+            spawn_error: None,
+        };
+        let f = Failure { node: 0, unit: Some(0), kind: FailureKind::Exit(ExitStatus::code(1)), after: Duration::ZERO };
+        let quote = |f: &Failure| {
+            let n = node("h1", vec![4, 5, 6, 7], vec![torchrun.clone()]);
+            failure_log(f, &n, dir.path(), &dir.path().join("launch.log")).unwrap()
+        };
+        let q = quote(&f);
+        assert_eq!(q.path, rank_log_path(dir.path(), "h1", 6).display().to_string());
+        assert_eq!(q.lines.last().map(String::as_str), Some("ValueError: rank six broke"));
+        // Without the worker's lines (msrun, or nothing printed): the node's log.
+        std::fs::remove_file(rank_log_path(dir.path(), "h1", 6)).unwrap();
+        assert_eq!(quote(&f).path, node_log.display().to_string());
     }
 
     #[test]

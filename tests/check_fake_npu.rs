@@ -270,10 +270,12 @@ fn local_cluster_counts_cores_not_omp_threads() {
 /// A stand-in for MindSpeed-MM's pretrain_vlm.py, run by the real torchrun (the venv's): its
 /// last rank prints what MindSpeed-MM's last rank prints every `--log-interval` iterations,
 /// with the format strings of its `training_log` (mindspeed_mm/training.py), from the
-/// arguments the template passes; the other ranks print a line each.
-/// Iteration 4's loss is NaN, which Megatron leaves out of the line (it prints averages ≥ 0).
+/// arguments the template passes; the other ranks print a line each. After iteration 1 it
+/// waits for a file `go` (made once that iteration reached metrics.jsonl: lines must pass
+/// through torchrun as they come, not when it exits). Iteration 4's loss is NaN, which
+/// Megatron leaves out of the line (it prints averages ≥ 0).
 const MINDSPEED_LAST_RANK: &str = r#"
-import datetime, os, sys
+import datetime, os, sys, time
 args = sys.argv[1:]
 def val(flag, default=None):
     return args[args.index(flag) + 1] if flag in args else default
@@ -301,6 +303,9 @@ for it in range(interval, iters + 1, interval):
     s += ' number of skipped iterations: {:3d} |'.format(0)
     s += ' number of nan iterations: {:3d} |'.format(0 if loss == loss else 1)
     print(s, flush=True)
+    deadline = time.time() + 60
+    while it == interval and not os.path.exists("go") and time.time() < deadline:
+        time.sleep(0.05)
 "#;
 
 /// MindSpeed-MM sends no progress lines of ours: its runs get the bar or compact lines,
@@ -320,7 +325,34 @@ fn a_mindspeed_mm_run_gets_its_metrics_from_megatrons_iteration_lines() {
         assert!(o.status.success(), "launch {args:?}:\n{text}");
         text
     };
-    let out = launch(&["--cluster", cluster.to_str().unwrap(), "finetune", "8b", "--set", "train.train_iters=6"]);
+    // The machine's PYTHONUNBUFFERED would hide a buffering torchrun: the template sets it.
+    let job = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .current_dir(&f.root)
+        .args(["--cluster", cluster.to_str().unwrap(), "finetune", "8b", "--set", "train.train_iters=6"])
+        .env_remove("PYTHONUNBUFFERED")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = f.root.join("logs/latest/metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&metrics).is_ok_and(|t| t.lines().count() == 1) {
+        if t0.elapsed().as_secs() >= 30 {
+            // Stop the job (the launcher stops its ranks) before failing.
+            let pid = nix::unistd::Pid::from_raw(job.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let o = job.wait_with_output().unwrap();
+            panic!(
+                "iteration 1 did not reach metrics.jsonl while the job ran:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::fs::write(f.root.join("work/go"), "").unwrap();
+    let o = job.wait_with_output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}");
     // Not a terminal: one compact line per logged iteration; 128 samples of 2048 tokens in 1.1 s.
     assert!(out.contains("[launch] iteration 1/6 · loss 2.0000 · 238313 tok/s"), "{out}");
     assert!(out.contains("[launch] iteration 4/6 · loss NaN ·"), "{out}");
@@ -345,12 +377,12 @@ fn a_mindspeed_mm_run_gets_its_metrics_from_megatrons_iteration_lines() {
     }
     let events: Vec<_> = std::fs::read_dir(run.join("tensorboard")).unwrap().flatten().collect();
     assert_eq!(events.len(), 1, "one event file for the attempt");
-    // torchrun's rank tags (`--tee 3`) put each rank's lines in its own log.
+    // torchrun's rank tags (`--tee 3`) put each rank's lines, untagged, in its own log.
     let log = |r: usize| std::fs::read_to_string(run.join(format!("localhost/rank-{r}.log"))).unwrap();
     let last = log(7);
-    assert!(last.starts_with("[default7]:rank 7 of 8: training ..."), "{last}");
+    assert!(last.starts_with("rank 7 of 8: training ..."), "{last}");
     assert_eq!(last.lines().filter(|l| l.contains("| consumed samples:")).count(), 6, "{last}");
-    assert_eq!(log(3).trim_end(), "[default3]:rank 3 of 8: training ...");
+    assert_eq!(log(3).trim_end(), "rank 3 of 8: training ...");
     assert!(launch(&["logs", "--rank", "7"]).contains("iteration        6/       6 |"));
 
     let summary = launch(&["logs", "--summary"]);

@@ -48,7 +48,7 @@ fn seed_8b_on_one_node_of_eight_npus() {
     assert_eq!(r.nodes[0].units.len(), 1, "torchrun starts the 8 local ranks itself");
     let s = script_of(&r, 0);
     assert!(s.contains("source /usr/local/Ascend/ascend-toolkit/set_env.sh"));
-    assert!(s.contains("exec torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 6000 --tee 3 pretrain_vlm.py"));
+    assert!(s.contains("exec env PYTHONUNBUFFERED=1 torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 6000 --tee 3 --log-dir launch_generated/torchrun_logs pretrain_vlm.py"));
     for (flag, value) in [
         ("--tensor-model-parallel-size", "1"),
         ("--pipeline-model-parallel-size", "4"),

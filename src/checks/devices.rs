@@ -85,18 +85,18 @@ pub(crate) fn rows(r: &mut Rows, accelerator: Accelerator, facts: &BTreeMap<Stri
     let get = |k: &str| fact(facts, k);
     match accelerator {
         Accelerator::Npu => {
-            // The toolkit a `setup:` line sourced (ASCEND_TOOLKIT_HOME, a folder), else the
-            // default install's set_env.sh.
+            // The ranks' ASCEND_TOOLKIT_HOME (the env, or a sourced set_env.sh) must be a
+            // folder; unset, the default install's set_env.sh must be there.
             let home = get("env.ASCEND_TOOLKIT_HOME");
             match (home, get("ascend_home_dir"), get("ascend_set_env")) {
                 (Some(h), Some("1"), _) => {
                     r.push("ascend-env", Status::Ok, format!("ASCEND_TOOLKIT_HOME={h}"), "a folder", "")
                 }
-                (_, _, Some("1")) => r.push("ascend-env", Status::Ok, ASCEND_SET_ENV, "present", ""),
+                (None, _, Some("1")) => r.push("ascend-env", Status::Ok, ASCEND_SET_ENV, "present", ""),
                 (Some(h), _, _) => r.push(
                     "ascend-env",
                     Status::Fail,
-                    format!("ASCEND_TOOLKIT_HOME={h} is not a folder, and {ASCEND_SET_ENV} is not there"),
+                    format!("ASCEND_TOOLKIT_HOME={h} is not a folder"),
                     "the CANN toolkit installed",
                     "point ASCEND_TOOLKIT_HOME at the installed toolkit, or `source <toolkit>/set_env.sh` in \
                      `setup:` in the cluster file",

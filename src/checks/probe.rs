@@ -29,14 +29,16 @@ pub fn probe_script(plan: &Plan, cluster: &ClusterSpec, target: &ProbeTarget) ->
     let mut s = String::new();
     s.push_str("emit() { printf '%s\\t%s\\n' \"$1\" \"$(printf '%s' \"$2\" | base64 -w0)\"; }\n");
     s.push_str("emit probe ok\n");
-    // Setup lines may fail (a missing set_env.sh): record it, keep probing.
-    for (i, line) in cluster.setup.iter().enumerate() {
-        let _ = writeln!(s, "{{ {line}\n}} >/dev/null 2>&1; emit setup.{i} $?");
-    }
+    // The ranks' order: the cluster's env first, then the setup lines (which may override
+    // it, e.g. a sourced set_env.sh).
     let mut env = cluster.env.clone();
     env.extend(target.node.host.env.clone());
     for (k, v) in &env {
         let _ = writeln!(s, "export {k}={}", shell_quote(v));
+    }
+    // Setup lines may fail (a missing set_env.sh): record it, keep probing.
+    for (i, line) in cluster.setup.iter().enumerate() {
+        let _ = writeln!(s, "{{ {line}\n}} >/dev/null 2>&1; emit setup.{i} $?");
     }
     if let Some(w) = &cluster.workdir {
         let _ = writeln!(s, "cd {} 2>/dev/null; emit workdir $?", shell_quote(&w.display().to_string()));

@@ -305,7 +305,7 @@ impl Dispatcher<'_, '_, '_> {
                     output(Some(u.ranks[0]), &data);
                 } else {
                     for (rank, run) in split_by_rank(&data, &u.ranks) {
-                        output(rank, run);
+                        output(rank, &run);
                     }
                 }
             }
@@ -1065,10 +1065,7 @@ mod tests {
         let (r, events) = run(&backend, &h, &cfg(1000), false, 2, &mut rx).await;
         assert_eq!(r.outcome, Outcome::Success);
         let outs: Vec<&String> = events.iter().filter(|e| e.starts_with("out")).collect();
-        assert_eq!(
-            outs,
-            ["out 0 Some(1) [default1]:b\n", "out 0 Some(0) [default0]:a <redacted>\n", "out 0 None banner\n"]
-        );
+        assert_eq!(outs, ["out 0 Some(1) b\n", "out 0 Some(0) a <redacted>\n", "out 0 None banner\n"]);
         let _ = Stream::Stdout;
     }
 
