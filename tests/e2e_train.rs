@@ -505,17 +505,16 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
     // Preemption: the batch job gets Slurm's warning signal (what `--signal=B:USR1@…` sends
     // before the time limit; here `scancel --batch --signal=USR1`), every rank stops at an
     // agreed iteration with a checkpoint, and the requeued job resumes there to the end.
-    let o = submit(&[
-        "finetune",
-        "tiny",
-        "--set",
-        "checkpoint.save=runs/tiny/save-requeue",
-        "--set",
-        "train.train_iters=60",
-    ]);
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
-    let id = submitted_job(&out);
+    // A queued tiny training into runs/tiny/<save>: its job id and checkpoint tracker.
+    let submit_training = |save: &str, iters: u64| {
+        let save_set = format!("checkpoint.save=runs/tiny/{save}");
+        let iters_set = format!("train.train_iters={iters}");
+        let o = submit(&["finetune", "tiny", "--set", &save_set, "--set", &iters_set]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+        (submitted_job(&out), work.join(format!("runs/tiny/{save}/latest_checkpointed_iteration.txt")))
+    };
+    let (id, tracker) = submit_training("save-requeue", 60);
     let slurm = |args: &[&str]| {
         let o = Command::new(args[0]).args(&args[1..]).env("SLURM_CONF", &slurm_conf).output().unwrap();
         assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -527,7 +526,6 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
         let show = String::from_utf8_lossy(&o.stdout).into_owned();
         show.split("JobState=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or("?").to_string()
     };
-    let tracker = work.join("runs/tiny/save-requeue/latest_checkpointed_iteration.txt");
     wait_checkpoint(&tracker, 20, || format!("job {id} ({})", state()));
     slurm(&["scancel", "--batch", "--signal=USR1", &id]);
     let wait_end = |what: &str| {
@@ -561,18 +559,7 @@ fn slurm_steps_train_on_three_nodes_and_scancel_stops_at_a_checkpoint_leaving_no
 
     // A plain `scancel` of a submitted job: Slurm signals the batch step (the launcher) and
     // the agents' steps at once; the ranks still stop in order at an agreed, saved iteration.
-    let o = submit(&[
-        "finetune",
-        "tiny",
-        "--set",
-        "checkpoint.save=runs/tiny/save-cancel",
-        "--set",
-        "train.train_iters=400",
-    ]);
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
-    let cancel_id = submitted_job(&out);
-    let tracker = work.join("runs/tiny/save-cancel/latest_checkpointed_iteration.txt");
+    let (cancel_id, tracker) = submit_training("save-cancel", 400);
     wait_checkpoint(&tracker, 1, || format!("job {cancel_id}"));
     slurm(&["scancel", &cancel_id]);
     let job_file = job.logs.join(format!("slurm-{cancel_id}.out"));
